@@ -1,0 +1,1 @@
+"""emotion2vec on Triton: export, serve, classify, load-test."""
