@@ -1,0 +1,37 @@
+"""`e2v`: the single command-line entry point. Each subsystem registers its subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `e2v` parser with every subcommand registered."""
+    from client import cli as client_cli
+    from e2v import serve
+    from export import cli as export_cli
+    from loadtest import cli as loadtest_cli
+
+    parser = argparse.ArgumentParser(
+        prog="e2v", description="emotion2vec speech emotion recognition on Triton."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (export_cli, serve, client_cli, loadtest_cli):
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `e2v`; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
