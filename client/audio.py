@@ -98,24 +98,34 @@ def _decode(path: Path) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (sample_rate, mono float32) per decoded frame of the first audio stream."""
     try:
         # "file:" stops FFmpeg from reading names such as "pipe:0" as protocols.
-        with av.open(f"file:{path}") as container:
-            if not container.streams.audio:
-                raise AudioError("no_audio", f"no audio stream in {path}")
-            stream = container.streams.audio[0]
-            for packet in container.demux(stream):
-                for frame in packet.decode():
-                    yield frame.sample_rate, _to_mono(frame)
+        container = av.open(f"file:{path}", metadata_errors="ignore")
     except av.FFmpegError as err:
         raise AudioError(
-            "decode", f"cannot decode: {path}: not an audio file or unsupported format"
+            "decode",
+            f"cannot decode: {path}: not an audio file or unsupported format ({err.strerror})",
         ) from err
+    with container:
+        if not container.streams.audio:
+            raise AudioError("no_audio", f"no audio stream in {path}")
+        stream, seconds = container.streams.audio[0], 0.0
+        try:
+            for packet in container.demux(stream):
+                for frame in packet.decode():
+                    seconds += frame.samples / frame.sample_rate
+                    yield frame.sample_rate, _to_mono(frame)
+        except av.FFmpegError as err:
+            raise AudioError(
+                "decode",
+                f"cannot decode: {path}: corrupt or truncated after {seconds:.2f} s "
+                f"({err.strerror})",
+            ) from err
 
 
 def _to_mono(frame: av.AudioFrame) -> np.ndarray:
     """Average the channels of a decoded frame into float32 samples in [-1, 1]."""
     samples = frame.to_ndarray()
     if not frame.format.is_planar:
-        samples = samples.reshape(-1, len(frame.layout.channels)).T
+        samples = samples.reshape(-1, frame.layout.nb_channels).T
     if samples.dtype == np.uint8:
         samples = (samples.astype(np.float32) - 128.0) / 128.0
     elif samples.dtype in _INT_SCALE:

@@ -1,0 +1,73 @@
+"""`e2v export` and `e2v bench export` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from e2v.contract import MODEL_NAME
+from export.repository import TARGETS, default_options
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export an emotion2vec checkpoint into a Triton model repository",
+        description="Export a checkpoint (local FunASR directory, hub name such as "
+        "iic/emotion2vec_plus_large, or synthetic:tiny|base|large) to ONNX/TorchScript "
+        "inside a Triton model repository.",
+    )
+    parser.add_argument("--model", required=True, metavar="SOURCE", help="checkpoint source")
+    parser.add_argument("--repo", type=Path, default=Path("build/model_repository"))
+    parser.add_argument("--name", default=MODEL_NAME, help="model name in the repository")
+    parser.add_argument("--target", default="cpu", help=f"one of: {', '.join(TARGETS)}")
+    parser.add_argument("--max-batch-size", type=int, help="override the target's default")
+    parser.add_argument("--instances", type=int, help="instance count (default 1)")
+    parser.add_argument("--no-parity", action="store_true", help="skip the FunASR parity check")
+    parser.set_defaults(func=run_export)
+
+    bench = subparsers.add_parser("bench", help="benchmarks that print figures")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bench_export = bench_sub.add_parser(
+        "export", help="FunASR one-at-a-time vs exported ONNX in ONNX Runtime"
+    )
+    bench_export.add_argument("--model", default="synthetic:base", metavar="SOURCE")
+    bench_export.add_argument("--repo", type=Path, help="record the figures in this model's card")
+    bench_export.add_argument("--name", default=MODEL_NAME)
+    bench_export.add_argument("--clips", type=int, default=24)
+    bench_export.add_argument("--batch-size", type=int, default=8)
+    bench_export.set_defaults(func=run_bench)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from export.exporter import ExportError, export_model
+
+    if args.target not in TARGETS:
+        print(f"error: unknown target '{args.target}'; choose one of {', '.join(TARGETS)}",
+              file=sys.stderr)
+        return 2
+    options = default_options(args.target)
+    if args.max_batch_size:
+        sizes = tuple(s for s in options.preferred_batch_sizes if s <= args.max_batch_size)
+        options = replace(options, max_batch_size=args.max_batch_size,
+                          preferred_batch_sizes=sizes or (args.max_batch_size,))
+    if args.instances:
+        options = replace(options, instance_count=args.instances)
+    try:
+        model_dir = export_model(
+            args.model, args.repo, args.name, args.target, options,
+            check_parity=not args.no_parity,
+        )
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {args.model} -> {model_dir} (target {args.target})")
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from export.bench import run_benchmark
+
+    return run_benchmark(args)

@@ -1,0 +1,140 @@
+"""`e2v export`: checkpoint in, Triton model repository entry out."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from e2v.contract import MODEL_NAME
+from export.checkpoint import CheckpointError, LoadedModel, load_model, resolve_source
+from export.formats import ONNX_EXPORTER, ONNX_OPSET, export_onnx, export_torchscript
+from export.network import BatchedEmotion2vec
+from export.repository import (
+    LABELS_FILE,
+    PYTHON_BACKEND_MODEL,
+    TARGETS,
+    ServingOptions,
+    default_options,
+    options_dict,
+    publish_model_dir,
+    render_config,
+    write_model_card,
+)
+
+
+class ExportError(Exception):
+    """Export failed; the message is one clear line. Nothing half-written is left."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("E2V_CACHE", Path.home() / ".cache" / "emotion2vec-triton"))
+
+
+def export_model(
+    source: str,
+    repo: Path,
+    name: str = MODEL_NAME,
+    target: str = "cpu",
+    options: ServingOptions | None = None,
+    cache_dir: Path | None = None,
+    check_parity: bool = True,
+) -> Path:
+    """Export `source` into `repo/name` for `target`; returns the model directory."""
+    if target not in TARGETS:
+        raise ExportError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
+    repo = _writable_repo(repo)
+    options = options or default_options(target)
+    try:
+        model_dir, synthetic = resolve_source(source, cache_dir or default_cache_dir())
+        loaded = load_model(model_dir, source=source)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from exc
+    loaded.synthetic = loaded.synthetic or synthetic
+
+    staged = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=repo))
+    try:
+        _write_model_dir(staged, loaded, name, target, options, check_parity)
+        publish_model_dir(staged, repo / name)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return repo / name
+
+
+def _writable_repo(repo: Path) -> Path:
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create repository {repo}: {exc.strerror}") from exc
+    if not os.access(repo, os.W_OK | os.X_OK):
+        raise ExportError(f"repository {repo} is not writable")
+    return repo
+
+
+def _write_model_dir(
+    model_dir: Path,
+    loaded: LoadedModel,
+    name: str,
+    target: str,
+    options: ServingOptions,
+    check_parity: bool,
+) -> None:
+    # FunASR caches ALiBi biases by size; a cached tensor would be baked into the graph.
+    loaded.model.alibi_biases.clear()
+    net = BatchedEmotion2vec(loaded.model, loaded.labels).eval()
+    version_dir = model_dir / "1"
+    version_dir.mkdir()
+    parity: dict = {}
+    if target == "torchscript":
+        export_torchscript(net, version_dir / "model.pt")
+    else:
+        onnx_path = export_onnx(net, version_dir / "model.onnx")
+        if target == "cpu":
+            shutil.copy(PYTHON_BACKEND_MODEL, version_dir / "model.py")
+        if check_parity:
+            from export.parity import onnx_parity
+
+            parity = onnx_parity(onnx_path, loaded.model_dir, loaded.labels)
+    if loaded.has_head:
+        (model_dir / LABELS_FILE).write_text("\n".join(loaded.labels) + "\n", encoding="utf-8")
+    embed_dim = int(loaded.model.cfg.get("embed_dim"))
+    metadata = {
+        "synthetic": "true" if loaded.synthetic else "false",
+        "source": loaded.source,
+        "checkpoint_sha256": loaded.checkpoint_sha256,
+    }
+    num_labels = len(loaded.labels) if loaded.has_head else None
+    config = render_config(name, target, options, num_labels, embed_dim, metadata)
+    (model_dir / "config.pbtxt").write_text(config, encoding="utf-8")
+    write_model_card(model_dir, _card(loaded, name, target, options, embed_dim, parity))
+
+
+def _card(loaded, name, target, options, embed_dim, parity) -> dict:
+    import funasr
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {
+        "name": name,
+        "target": target,
+        "synthetic": loaded.synthetic,
+        "source": loaded.source,
+        "model_dir": str(loaded.model_dir),
+        "checkpoint_sha256": loaded.checkpoint_sha256,
+        "labels": loaded.labels,
+        "embed_dim": embed_dim,
+        "exporter": ONNX_EXPORTER if target != "torchscript" else "torch.jit.trace",
+        "onnx_opset": ONNX_OPSET,
+        "versions": {
+            "funasr": funasr.__version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        },
+        "ignored_keys_count": len(loaded.ignored_keys),
+        "ignored_keys_sample": loaded.ignored_keys[:10],
+        "options": options_dict(options),
+        "parity": parity,
+    }

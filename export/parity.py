@@ -1,0 +1,70 @@
+"""Numeric parity of an exported model with FunASR's own inference, for the model card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+# Lengths chosen to hit the edge cases: just over one frame, not a multiple of the
+# 320-sample stride, and long enough to span many attention positions.
+PARITY_CLIP_SAMPLES = (401, 16_000, 40_077, 97_123)
+
+
+def parity_clips(seed: int = 0) -> list[np.ndarray]:
+    """Deterministic noisy test clips (random speech-band noise, not silence)."""
+    rng = np.random.default_rng(seed)
+    return [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in PARITY_CLIP_SAMPLES]
+
+
+def pad_batch(clips: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pad clips into WAV [B, T] and WAV_LENS [B]."""
+    lens = np.array([len(c) for c in clips], dtype=np.int64)
+    wav = np.zeros((len(clips), int(lens.max())), dtype=np.float32)
+    for row, clip in enumerate(clips):
+        wav[row, : len(clip)] = clip
+    return wav, lens
+
+
+def funasr_reference(model_dir: Path, clips: list[np.ndarray]) -> list[dict]:
+    """FunASR `AutoModel.generate`, one clip at a time: {labels, scores, feats} per clip."""
+    from funasr import AutoModel
+
+    model = AutoModel(
+        model=str(model_dir), device="cpu", disable_update=True, disable_pbar=True, disable_log=True
+    )
+    return [model.generate(clip, extract_embedding=True, disable_pbar=True)[0] for clip in clips]
+
+
+def compare(
+    reference: list[dict], labels: list[str], scores: np.ndarray | None, embedding: np.ndarray
+) -> dict[str, float]:
+    """Max |diff| of SCORES (labels FunASR reports) and EMBEDDING against the reference."""
+    kept = [i for i, label in enumerate(labels) if not label.startswith("unuse")]
+    score_diff, emb_diff = 0.0, 0.0
+    for row, ref in enumerate(reference):
+        emb_diff = max(emb_diff, float(np.abs(embedding[row] - ref["feats"]).max()))
+        if scores is not None:
+            ours = scores[row, kept]
+            score_diff = max(score_diff, float(np.abs(ours - np.asarray(ref["scores"])).max()))
+    result = {"EMBEDDING": emb_diff}
+    if scores is not None:
+        result["SCORES"] = score_diff
+    return result
+
+
+def onnx_parity(onnx_path: Path, model_dir: Path, labels: list[str]) -> dict:
+    """Batched ONNX Runtime vs FunASR one-at-a-time on `parity_clips()`."""
+    import onnxruntime as ort
+
+    clips = parity_clips()
+    wav, lens = pad_batch(clips)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(names, {"WAV": wav, "WAV_LENS": lens})))
+    diffs = compare(
+        funasr_reference(model_dir, clips), labels, outputs.get("SCORES"), outputs["EMBEDDING"]
+    )
+    return {f"onnxruntime_batched_{k}": v for k, v in diffs.items()} | {
+        "clip_samples": list(PARITY_CLIP_SAMPLES)
+    }

@@ -1,0 +1,196 @@
+"""Write a Triton model repository entry: `<repo>/<name>/{config.pbtxt, labels.txt, 1/...}`.
+
+The config is rendered from the commented templates in `model_repository/templates/`,
+so the generated file reads like documentation. A re-export replaces the model
+directory atomically: it is built beside the old one and swapped in by rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import string
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from e2v.contract import (
+    LENGTH_BUCKETS_S,
+    MIN_SAMPLES,
+    OUTPUT_EMBEDDING,
+    OUTPUT_SCORES,
+    bucket_lengths_samples,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = ROOT / "model_repository" / "templates"
+PYTHON_BACKEND_MODEL = ROOT / "model_repository" / "python_backend" / "model.py"
+LABELS_FILE = "labels.txt"
+TARGETS = ("cpu", "gpu", "tensorrt", "torchscript")
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """Batching and instance settings; defaults per target come from `default_options`."""
+
+    max_batch_size: int
+    preferred_batch_sizes: tuple[int, ...]
+    max_queue_delay_us: int
+    max_queue_size: int
+    queue_timeout_us: int
+    instance_count: int
+    intra_op_threads: int  # cpu target only; 0 = all cores
+    warmup_buckets_s: tuple[float, ...]
+
+
+def default_options(target: str) -> ServingOptions:
+    """Batching defaults. GPU: big batches, short delay; CPU: small batches (compute-bound)."""
+    if target == "cpu":
+        return ServingOptions(
+            max_batch_size=8,
+            preferred_batch_sizes=(4, 8),
+            max_queue_delay_us=10_000,
+            max_queue_size=64,
+            queue_timeout_us=30_000_000,
+            instance_count=1,
+            intra_op_threads=0,
+            warmup_buckets_s=(3.0,),
+        )
+    return ServingOptions(
+        max_batch_size=32,
+        preferred_batch_sizes=(8, 16, 32),
+        max_queue_delay_us=5_000,
+        max_queue_size=512,
+        queue_timeout_us=30_000_000,
+        instance_count=1,
+        intra_op_threads=0,
+        warmup_buckets_s=LENGTH_BUCKETS_S,
+    )
+
+
+def render_config(
+    name: str,
+    target: str,
+    options: ServingOptions,
+    num_labels: int | None,
+    embed_dim: int,
+    metadata: dict[str, str],
+) -> str:
+    """The `config.pbtxt` text for one target."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
+    backend = {"cpu": "python", "torchscript": "pytorch"}.get(target, "onnxruntime")
+    common = string.Template((TEMPLATES / "common.pbtxt").read_text())
+    specific = string.Template((TEMPLATES / f"{target}.pbtxt").read_text())
+    values = {
+        "name": name,
+        "backend": backend,
+        "max_batch_size": options.max_batch_size,
+        "outputs": _outputs(num_labels, embed_dim),
+        "preferred_batch_sizes": ", ".join(map(str, options.preferred_batch_sizes)),
+        "max_queue_delay_us": options.max_queue_delay_us,
+        "queue_timeout_us": options.queue_timeout_us,
+        "max_queue_size": options.max_queue_size,
+        "instance_count": options.instance_count,
+        "instance_kind": "KIND_CPU" if target == "cpu" else "KIND_GPU",
+        "warmup": _warmup(options.warmup_buckets_s),
+        "length_buckets": ",".join(f"{s:g}" for s in LENGTH_BUCKETS_S),
+        "intra_op_threads": options.intra_op_threads,
+        **_trt_profile(options.max_batch_size),
+        **{k: _escape(v) for k, v in metadata.items()},
+    }
+    return common.substitute(values) + "\n" + specific.substitute(values)
+
+
+def _outputs(num_labels: int | None, embed_dim: int) -> str:
+    lines = []
+    if num_labels:
+        lines.append(
+            f'  {{ name: "{OUTPUT_SCORES}", data_type: TYPE_FP32, dims: [ {num_labels} ], '
+            f'label_filename: "{LABELS_FILE}" }}'
+        )
+    lines.append(f'  {{ name: "{OUTPUT_EMBEDDING}", data_type: TYPE_FP32, dims: [ {embed_dim} ] }}')
+    return ",\n".join(lines)
+
+
+def _warmup(buckets_s: tuple[float, ...]) -> str:
+    entries = []
+    for seconds in buckets_s:
+        samples = int(seconds * 16_000)
+        entries.append(
+            f'  {{ name: "bucket_{seconds:g}s" batch_size: 1\n'
+            f'    inputs {{ key: "WAV" value: {{ data_type: TYPE_FP32 dims: [ {samples} ] '
+            "zero_data: true } }\n"
+            '    inputs { key: "WAV_LENS" value: { data_type: TYPE_INT64 dims: [ 1 ] '
+            "zero_data: true } } }"
+        )
+    return "model_warmup [\n" + ",\n".join(entries) + "\n]"
+
+
+def _trt_profile(max_batch: int) -> dict[str, str]:
+    longest = max(bucket_lengths_samples())
+    opt_batch = max(1, max_batch // 2)
+    return {
+        "trt_min_shapes": f"WAV:1x{MIN_SAMPLES},WAV_LENS:1",
+        "trt_opt_shapes": f"WAV:{opt_batch}x48000,WAV_LENS:{opt_batch}",
+        "trt_max_shapes": f"WAV:{max_batch}x{longest},WAV_LENS:{max_batch}",
+    }
+
+
+def _escape(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"')
+
+
+def publish_model_dir(staged: Path, final: Path) -> None:
+    """Replace `final` with the fully written `staged` directory (same filesystem)."""
+    if final.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, retired / final.name)
+        os.replace(staged, final)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+
+
+def write_model_card(model_dir: Path, card: dict) -> None:
+    """`model_card.json` (machine-readable) and `MODEL_CARD.md` (for people)."""
+    (model_dir / "model_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False))
+    (model_dir / "MODEL_CARD.md").write_text(_card_markdown(card))
+
+
+def _card_markdown(card: dict) -> str:
+    lines = [f"# {card['name']}: emotion2vec on Triton ({card['target']})", ""]
+    if card.get("synthetic"):
+        lines += [
+            "> **SYNTHETIC MODEL**: seeded random weights in the published layout, made for",
+            "> offline tests. Its labels are real names but its predictions are meaningless.",
+            "",
+        ]
+    lines += [
+        f"- source: `{card['source']}`",
+        f"- checkpoint sha256: `{card['checkpoint_sha256']}`",
+        f"- labels: {', '.join(card['labels']) or '(none: embeddings only)'}",
+        f"- embedding dim: {card['embed_dim']}",
+        f"- exporter: {card['exporter']}, opset {card['onnx_opset']}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in card['versions'].items())}",
+        f"- ignored checkpoint keys (pre-training only): {card['ignored_keys_count']}",
+        "",
+        "## Serving options",
+        "",
+        "```json",
+        json.dumps(card["options"], indent=2),
+        "```",
+    ]
+    if card.get("parity"):
+        lines += ["", "## Parity with FunASR `AutoModel.generate` (one clip at a time)", ""]
+        lines += ["| check | max abs diff |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.3g} |" for k, v in card["parity"].items() if isinstance(v, float)]
+        lines += ["", f"clips (samples): {card['parity'].get('clip_samples')}"]
+    if card.get("benchmark"):
+        lines += ["", "## Benchmark (`e2v bench export`)", "", "```", card["benchmark"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def options_dict(options: ServingOptions) -> dict:
+    return asdict(options)

@@ -1,0 +1,5 @@
+"""Placeholder: subcommands registered here once implemented."""
+
+
+def register(subparsers) -> None:
+    return None
