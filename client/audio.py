@@ -67,8 +67,8 @@ def check_min_length(wav: np.ndarray) -> None:
     if len(wav) < MIN_SAMPLES:
         raise AudioError(
             "too_short",
-            f"too short: {audio_duration_s(wav):.3f} s "
-            f"(< {MIN_SAMPLES / SAMPLE_RATE:.3f} s, one model frame)",
+            f"too short: {audio_duration_s(wav):.4g} s "
+            f"(< {MIN_SAMPLES / SAMPLE_RATE:g} s, one model frame)",
         )
 
 

@@ -88,8 +88,9 @@ def segment_audio(
     wav: np.ndarray, mode: SegmentMode, max_segment_s: float = MAX_SEGMENT_S
 ) -> list[Segment]:
     """Segments of `wav` (16 kHz mono) for `mode`, each MIN_SAMPLES..max_segment_s long."""
-    if not MIN_SAMPLES / SAMPLE_RATE <= max_segment_s <= MAX_SEGMENT_S:
-        raise ValueError(f"max_segment_s must be at most {MAX_SEGMENT_S:g} s")
+    low = MIN_SAMPLES / SAMPLE_RATE
+    if not low <= max_segment_s <= MAX_SEGMENT_S:
+        raise ValueError(f"max_segment_s must be between {low:g} and {MAX_SEGMENT_S:g} s")
     check_min_length(wav)
     max_samples = round(max_segment_s * SAMPLE_RATE)
     if mode.kind == "none":
@@ -159,7 +160,7 @@ def split_evenly(segment: Segment, max_samples: int) -> list[Segment]:
     length = segment.end - segment.start
     count = math.ceil(length / max_samples)
     bounds = [segment.start + (length * i) // count for i in range(count + 1)]
-    return [Segment(a, b) for a, b in zip(bounds, bounds[1:])]
+    return [Segment(bounds[i], bounds[i + 1]) for i in range(count)]
 
 
 def merge_close(segments: list[Segment], max_samples: int) -> list[Segment]:

@@ -33,6 +33,7 @@ HEALTH_LIVE_PATH = "/v2/health/live"
 SERVER_FLAGS = (
     "--model-control-mode=none",
     "--strict-readiness=true",
+    "--disable-auto-complete-config",  # serve the generated config exactly as written
     "--exit-timeout-secs=30",
     "--allow-metrics=true",
     "--allow-gpu-metrics=true",

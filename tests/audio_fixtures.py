@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import wave
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,9 +102,11 @@ def speech_like(seconds: float, sr: int = SR, seed: int = 0) -> np.ndarray:
     jitter = 3 * np.cumsum(rng.standard_normal(n)) / np.sqrt(sr)
     intonation = 1 + 0.15 * np.sin(2 * np.pi * 0.5 * t + rng.uniform(0, 2 * np.pi))
     f0 = 120 * intonation * (1 + 0.08 * np.sin(2 * np.pi * 3 * t)) + jitter
-    phase = 2 * np.pi * np.cumsum(f0) / sr
+    # float32 from here on (twice as fast); the phase is wrapped first to stay precise.
+    phase = np.mod(2 * np.pi * np.cumsum(f0) / sr, 2 * np.pi).astype(np.float32)
+    f0, formants = f0.astype(np.float32), formants.astype(np.float32)
 
-    voice = np.zeros(n)
+    voice = np.zeros(n, dtype=np.float32)
     for k in range(1, int(sr / 2 / f0.min())):
         fk = k * f0
         gain = sum(
@@ -111,9 +114,10 @@ def speech_like(seconds: float, sr: int = SR, seed: int = 0) -> np.ndarray:
             for j, bw in enumerate(_FORMANT_BANDWIDTHS)
         )
         voice += (gain + 0.02) * (fk < sr / 2 - 300) / k * np.sin(k * phase)
-    voice *= np.sin(np.pi * pos) ** 0.5 * voiced[index]
+    voice *= (np.sin(np.pi * pos) ** 0.5 * voiced[index]).astype(np.float32)
 
-    onset = np.clip(1 - pos / 0.18, 0, None) * voiced[index] * (rng.random(len(voiced)) < 0.6)[index]
+    has_consonant = (rng.random(len(voiced)) < 0.6) & voiced
+    onset = np.clip(1 - pos / 0.18, 0, None) * has_consonant[index]
     hiss = np.diff(rng.standard_normal(n), prepend=0.0)
     out = voice / (np.abs(voice).max() + 1e-9) + 0.15 * hiss * onset
     return (0.5 * out / (np.abs(out).max() + 1e-9)).astype(np.float32)
@@ -229,6 +233,25 @@ def write_random_bytes(path: Path, size: int = 4096, seed: int = 0) -> Path:
 def write_empty_file(path: Path) -> Path:
     """A zero-byte file."""
     path.write_bytes(b"")
+    return path
+
+
+def write_header_only_wav(path: Path, sr: int = SR) -> Path:
+    """A valid wav header with zero samples of data."""
+    with wave.open(str(path), "wb") as file:
+        file.setnchannels(1)
+        file.setsampwidth(2)
+        file.setframerate(sr)
+        file.writeframes(b"")
+    return path
+
+
+def write_corrupt_middle(source: Path, path: Path, size: int = 2000, seed: int = 0) -> Path:
+    """A copy of `source` with `size` random bytes written over its middle third."""
+    data = bytearray(source.read_bytes())
+    start = len(data) // 3
+    data[start : start + size] = np.random.default_rng(seed).bytes(size)
+    path.write_bytes(bytes(data))
     return path
 
 
