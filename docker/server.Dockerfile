@@ -7,9 +7,9 @@
 #
 # The model repository (written by `e2v export --repo DIR --name emotion2vec`) is either
 #   mounted at /models at run time (docker-compose volume, Kubernetes PVC) -- the default, or
-#   baked into the image:  e2v export ... --repo model_repository
+#   baked into the image:  e2v export ... --repo build/model_repository   (export's default)
 #                          docker build -f docker/server.Dockerfile \
-#                              --build-arg MODEL_REPOSITORY=model_repository .
+#                              --build-arg MODEL_REPOSITORY=build/model_repository .
 # A repository mounted at /models hides a baked one.
 #
 # Build context: the repository root. docker/server.Dockerfile.dockerignore sends only the
@@ -41,6 +41,10 @@ ENV PYTHONDONTWRITEBYTECODE=1
 
 COPY --chown=1000:1000 ${MODEL_REPOSITORY}/ /models/
 
+# The tensorrt target caches built engines in /tmp/trt-cache (trt_engine_cache_path in its
+# config.pbtxt). Owned by the server user so a volume mounted there starts out writable.
+RUN mkdir -p /tmp/trt-cache && chown 1000:1000 /tmp/trt-cache
+
 # uid/gid 1000 is the NGC image's `triton-server` user. Numeric, so that Kubernetes'
 # runAsNonRoot can verify it without an explicit runAsUser.
 USER 1000:1000
@@ -61,6 +65,7 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=10m --retries=3 \
 CMD ["tritonserver", \
      "--model-control-mode=none", \
      "--strict-readiness=true", \
+     "--disable-auto-complete-config", \
      "--exit-timeout-secs=30", \
      "--allow-metrics=true", \
      "--allow-gpu-metrics=true", \

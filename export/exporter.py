@@ -44,7 +44,7 @@ def export_model(
     """Export `source` into `repo/name` for `target`; returns the model directory."""
     if target not in TARGETS:
         raise ExportError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
-    repo = _writable_repo(repo)
+    _check_writable(repo)
     options = options or default_options(target)
     try:
         model_dir, synthetic = resolve_source(source, cache_dir or default_cache_dir())
@@ -53,6 +53,7 @@ def export_model(
         raise ExportError(str(exc)) from exc
     loaded.synthetic = loaded.synthetic or synthetic
 
+    repo.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=repo))
     try:
         _write_model_dir(staged, loaded, name, target, options, check_parity)
@@ -62,14 +63,15 @@ def export_model(
     return repo / name
 
 
-def _writable_repo(repo: Path) -> Path:
-    try:
-        repo.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(f"cannot create repository {repo}: {exc.strerror}") from exc
-    if not os.access(repo, os.W_OK | os.X_OK):
-        raise ExportError(f"repository {repo} is not writable")
-    return repo
+def _check_writable(repo: Path) -> None:
+    """Fail before any slow work when `repo` cannot be created or written."""
+    existing = repo
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ExportError(f"cannot create repository {repo}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ExportError(f"repository {repo} is not writable ({existing})")
 
 
 def _write_model_dir(

@@ -57,10 +57,22 @@ def export_onnx(net: BatchedEmotion2vec, path: Path) -> Path:
     return path
 
 
+class _TritonNamedInputs(torch.nn.Module):
+    """Forward arguments named like the Triton inputs: the PyTorch backend maps inputs
+    by argument name, and outputs (SCORES, EMBEDDING) by their order in the config."""
+
+    def __init__(self, net: BatchedEmotion2vec):
+        super().__init__()
+        self.net = net
+
+    def forward(self, WAV: torch.Tensor, WAV_LENS: torch.Tensor):  # noqa: N803
+        return self.net(WAV, WAV_LENS)
+
+
 def export_torchscript(net: BatchedEmotion2vec, path: Path) -> Path:
     """Write a traced TorchScript module (for Triton's `pytorch_libtorch` backend)."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(net, example_inputs(), check_trace=False)
+        traced = torch.jit.trace(_TritonNamedInputs(net), example_inputs(), check_trace=False)
     traced.save(str(path))
     return path

@@ -114,7 +114,7 @@ def speech_like(seconds: float, sr: int = SR, seed: int = 0) -> np.ndarray:
             for j, bw in enumerate(_FORMANT_BANDWIDTHS)
         )
         voice += (gain + 0.02) * (fk < sr / 2 - 300) / k * np.sin(k * phase)
-    voice *= (np.sin(np.pi * pos) ** 0.5 * voiced[index]).astype(np.float32)
+    voice *= (np.sin(np.pi * pos) * voiced[index]).astype(np.float32)  # syllable envelope
 
     has_consonant = (rng.random(len(voiced)) < 0.6) & voiced
     onset = np.clip(1 - pos / 0.18, 0, None) * has_consonant[index]
@@ -174,12 +174,15 @@ def write_audio(
     """
     path = Path(path)
     encoding = ENCODINGS[path.suffix]
+    codec = codec or encoding.codec
     planes = np.atleast_2d(np.asarray(wav, dtype=np.float32))
+    if codec == "vorbis" and len(planes) == 1:  # FFmpeg's native encoder is stereo-only
+        planes = np.concatenate([planes, planes])
     layout = {1: "mono", 2: "stereo"}[planes.shape[0]]
     with av.open(str(path), "w", format=encoding.container) as out:
         if video:
             picture = _add_video(out, "libvpx" if encoding.container == "webm" else "mpeg4")
-        stream = out.add_stream(codec or encoding.codec, rate=sample_rate, layout=layout)
+        stream = out.add_stream(codec, rate=sample_rate, layout=layout)
         stream.codec_context.options = dict(encoding.options)
         frame = av.AudioFrame.from_ndarray(planes, format="fltp", layout=layout)
         frame.sample_rate = sample_rate

@@ -1,0 +1,171 @@
+"""Locust users: closed-loop clients sending prepared clips to Triton or the baseline.
+
+Each user sends one clip, waits for the answer, sends the next (no think time), so the
+number of users is the concurrency. Every request fires a Locust request event named
+after its length bucket, with the clip's audio duration in `context["audio_s"]`.
+
+Importing this module imports Locust, which monkey-patches the process for gevent:
+only the load driver process (`loadtest.driver`) and `locust -f` import it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import grpc.experimental.gevent as grpc_gevent
+import numpy as np
+from locust import User, constant, task
+
+from e2v.contract import INPUT_WAV, INPUT_WAV_LENS, MODEL_NAME
+from loadtest.workload import Workload, bucket_name
+
+grpc_gevent.init_gevent()  # tritonclient.grpc blocks the gevent loop without it
+
+NETWORK_TIMEOUT_S = 300.0
+
+
+class PreparedClips:
+    """The workload as ready-to-send arrays, plus one shared clip sequence for all users."""
+
+    def __init__(self, workload: Workload):
+        self.padded = [workload.padded(i) for i in range(len(workload))]
+        self.raw = [workload.clip(i).tobytes() for i in range(len(workload))]
+        self.names = [bucket_name(int(n)) for n in workload.lengths]
+        self.audio_s = [workload.duration_s(i) for i in range(len(workload))]
+        self._sequence = itertools.count()
+        self._inputs: dict[tuple[str, int], list] = {}
+
+    def inputs(self, module, index: int) -> list:
+        """tritonclient inputs of clip `index`, serialised once and reused (read-only)."""
+        key = (module.__name__, index)
+        if key not in self._inputs:
+            self._inputs[key] = _inputs(module, *self.padded[index])
+        return self._inputs[key]
+
+    def next_index(self) -> int:
+        """Clips in workload order, round robin: every run sends the same mix."""
+        return next(self._sequence) % len(self.names)
+
+
+class ClipUser(User):
+    """Sends clips back to back and reports each one as a Locust request event."""
+
+    abstract = True
+    wait_time = constant(0)
+    request_type = "clip"
+
+    @property
+    def clips(self) -> PreparedClips:
+        return self.environment.e2v_clips
+
+    @task
+    def send_clip(self) -> None:
+        index = self.clips.next_index()
+        start = time.perf_counter()
+        length, error = 0, None
+        try:
+            length = self.send(index)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, none is fatal
+            error = exc
+        self.environment.events.request.fire(
+            request_type=self.request_type,
+            name=self.clips.names[index],
+            response_time=(time.perf_counter() - start) * 1000.0,
+            response_length=length,
+            exception=error,
+            context={"audio_s": self.clips.audio_s[index]},
+        )
+
+    def send(self, index: int) -> int:
+        """Send clip `index`; returns the response size in bytes."""
+        raise NotImplementedError
+
+
+class TritonGrpcUser(ClipUser):
+    abstract = True  # concrete once the driver or locustfile picks it
+    request_type = "grpc"
+
+    def on_start(self) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self._module = grpcclient
+        self._client = grpcclient.InferenceServerClient(self.host)
+
+    def send(self, index: int) -> int:
+        inputs = self.clips.inputs(self._module, index)
+        result = self._client.infer(MODEL_NAME, inputs, client_timeout=NETWORK_TIMEOUT_S)
+        return sum(len(raw) for raw in result.get_response().raw_output_contents)
+
+    def on_stop(self) -> None:
+        self._client.close()
+
+
+class TritonHttpUser(ClipUser):
+    abstract = True
+    request_type = "http"
+
+    def on_start(self) -> None:
+        import tritonclient.http as httpclient
+
+        self._module = httpclient
+        self._client = httpclient.InferenceServerClient(
+            self.host, connection_timeout=NETWORK_TIMEOUT_S, network_timeout=NETWORK_TIMEOUT_S
+        )
+
+    def send(self, index: int) -> int:
+        result = self._client.infer(MODEL_NAME, self.clips.inputs(self._module, index))
+        return sum(result.as_numpy(o["name"]).nbytes for o in result.get_response()["outputs"])
+
+    def on_stop(self) -> None:
+        self._client.close()
+
+
+class BaselineHttpUser(ClipUser):
+    """POSTs the unpadded clip as raw float32 PCM to `loadtest.baseline_server`."""
+
+    abstract = True
+    request_type = "baseline"
+
+    def on_start(self) -> None:
+        from geventhttpclient import HTTPClient, URL
+
+        self._client = HTTPClient.from_url(
+            URL(f"http://{self.host}/infer"), concurrency=1,
+            connection_timeout=NETWORK_TIMEOUT_S, network_timeout=NETWORK_TIMEOUT_S,
+        )
+
+    def send(self, index: int) -> int:
+        response = self._client.post(
+            "/infer", body=self.clips.raw[index],
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        body = response.read()
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {body[:200]!r}")
+        return len(body)
+
+    def on_stop(self) -> None:
+        self._client.close()
+
+
+def _inputs(module, wav: np.ndarray, lens: np.ndarray) -> list:
+    """WAV [1, T] float32 and WAV_LENS [1, 1] int64 as tritonclient inputs."""
+    wav_input = module.InferInput(INPUT_WAV, list(wav.shape), "FP32")
+    lens_input = module.InferInput(INPUT_WAV_LENS, list(lens.shape), "INT64")
+    if module.__name__.endswith("http"):
+        wav_input.set_data_from_numpy(wav, binary_data=True)
+        lens_input.set_data_from_numpy(lens, binary_data=True)
+    else:
+        wav_input.set_data_from_numpy(wav)
+        lens_input.set_data_from_numpy(lens)
+    return [wav_input, lens_input]
+
+
+USER_CLASSES = {"grpc": TritonGrpcUser, "http": TritonHttpUser, "baseline": BaselineHttpUser}
+
+
+def user_class(kind: str, host: str) -> type[ClipUser]:
+    """A concrete (non-abstract) user class of `kind` aimed at `host`."""
+    base = USER_CLASSES[kind]
+    return type(base.__name__.removesuffix("User") + "Client", (base,), {"host": host})

@@ -1,0 +1,130 @@
+"""Prepared audio for a load test: real encoded recordings, decoded and cut ONCE.
+
+A few speech-like recordings are encoded with FFmpeg (through PyAV) as telephony
+mu-law WAV, MP3 and FLAC, decoded back with `client.audio.load_audio` (the client's own
+path), then cut to the profile's clip lengths. The load generator only slices
+ready-made arrays, so what it measures is the server, not decoding.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from e2v.contract import LENGTH_BUCKETS_S, MAX_SEGMENT_S, SAMPLE_RATE, bucket_samples
+from loadtest.profiles import Profile, clip_lengths
+
+# (file name, container, codec, sample rate): a phone line, a compressed upload, a studio take.
+RECORDINGS = (
+    ("call-1.wav", "wav", "pcm_mulaw", 8_000),
+    ("call-2.mp3", "mp3", "libmp3lame", 16_000),
+    ("call-3.flac", "flac", "flac", 16_000),
+)
+RECORDING_S = MAX_SEGMENT_S + 5.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Clips of one profile: concatenated audio plus each clip's length in samples."""
+
+    profile: str
+    audio: np.ndarray  # float32, all clips back to back
+    lengths: np.ndarray  # int64 samples per clip
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def clip(self, index: int) -> np.ndarray:
+        """The unpadded clip `index` (what a user would upload)."""
+        start = int(self.lengths[:index].sum())
+        return self.audio[start : start + int(self.lengths[index])]
+
+    def padded(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """WAV [1, bucket] zero-padded to its length bucket and WAV_LENS [1, 1]."""
+        clip = self.clip(index)
+        wav = np.zeros((1, bucket_samples(len(clip))), dtype=np.float32)
+        wav[0, : len(clip)] = clip
+        return wav, np.array([[len(clip)]], dtype=np.int64)
+
+    def duration_s(self, index: int) -> float:
+        return float(self.lengths[index]) / SAMPLE_RATE
+
+    def save(self, path: Path) -> Path:
+        np.savez(path, profile=self.profile, audio=self.audio, lengths=self.lengths)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Workload:
+        with np.load(path) as data:
+            return cls(str(data["profile"]), data["audio"], data["lengths"])
+
+
+def bucket_name(num_samples: int) -> str:
+    """Locust request name of a clip: its padded length bucket, e.g. '3s'."""
+    return f"{bucket_samples(num_samples) / SAMPLE_RATE:g}s"
+
+
+def bucket_order() -> list[str]:
+    return [f"{s:g}s" for s in LENGTH_BUCKETS_S]
+
+
+def prepare_workload(profile: Profile, workdir: Path | None = None) -> Workload:
+    """Encode recordings, decode them with the client's loader and cut the profile's clips."""
+    with tempfile.TemporaryDirectory(prefix="e2v-loadtest-audio-", dir=workdir) as tmp:
+        sources = [decode(encode_recording(Path(tmp), i)) for i in range(len(RECORDINGS))]
+    rng = np.random.default_rng(profile.seed + 1)
+    clips = []
+    for i, length in enumerate(clip_lengths(profile)):
+        source = sources[i % len(sources)]
+        start = int(rng.integers(0, len(source) - length + 1))
+        clips.append(source[start : start + length])
+    lengths = np.array([len(c) for c in clips], dtype=np.int64)
+    return Workload(profile.name, np.concatenate(clips).astype(np.float32), lengths)
+
+
+def encode_recording(directory: Path, index: int) -> Path:
+    """Write recording `index` of RECORDINGS as a real encoded file."""
+    import av
+
+    name, container, codec, rate = RECORDINGS[index]
+    wav = speech_like(RECORDING_S, rate, seed=index)
+    path = directory / name
+    with av.open(str(path), "w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(wav[None, :], format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = rate, 0
+        for item in (frame, None):
+            out.mux(stream.encode(item))
+    return path
+
+
+def decode(path: Path) -> np.ndarray:
+    """16 kHz mono float32 through the client's own loader."""
+    from client.audio import load_audio
+
+    return load_audio(path)
+
+
+def speech_like(seconds: float, sample_rate: int, seed: int = 0) -> np.ndarray:
+    """Voiced, syllable-shaped harmonic signal with pauses and breath noise (not silence)."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * sample_rate)
+    t = np.arange(n) / sample_rate
+    f0 = 120 * (1 + 0.15 * np.sin(2 * np.pi * 0.4 * t)) + 2 * np.cumsum(rng.standard_normal(n)) / (
+        np.sqrt(sample_rate)
+    )
+    phase = np.mod(2 * np.pi * np.cumsum(f0) / sample_rate, 2 * np.pi)
+    top = int(sample_rate / 2 / f0.max())
+    voice = sum(np.sin(k * phase) / k for k in range(1, top))
+    edges = np.cumsum(rng.uniform(0.12, 0.35, size=int(seconds / 0.12) + 2))
+    syllable = np.searchsorted(edges, t)
+    within = (t - np.concatenate([[0.0], edges])[syllable]) / np.diff(
+        np.concatenate([[0.0], edges])
+    )[syllable]
+    voiced = rng.random(len(edges) + 1) > 0.15
+    envelope = np.sin(np.pi * np.clip(within, 0, 1)) ** 0.5 * voiced[syllable]
+    out = voice * envelope + 0.02 * rng.standard_normal(n)
+    return (0.5 * out / np.abs(out).max()).astype(np.float32)
