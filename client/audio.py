@@ -45,8 +45,9 @@ class AudioError(ValueError):
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Decode the first audio stream of `path` to mono float32 at `sample_rate`.
 
-    Raises AudioError for missing, unreadable, undecodable, silent-by-construction
-    (0 samples) or non-finite audio. Short clips are returned; see `check_min_length`.
+    Raises AudioError for a missing, unreadable, undecodable or empty (0 bytes or
+    0 samples) file and for NaN/Inf samples. Short clips are returned as they are:
+    see `check_min_length`.
     """
     path = Path(path)
     _check_file(path)
@@ -79,13 +80,13 @@ def audio_duration_s(wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
 
 def _check_file(path: Path) -> None:
     """Fail early, with a clear reason, on paths FFmpeg would report cryptically."""
-    if not path.exists():
-        raise AudioError("not_found", f"file not found: {path}")
-    if path.is_dir():
-        raise AudioError("unreadable", f"is a directory, not a file: {path}")
     try:
         with path.open("rb") as file:
             first = file.read(1)
+    except FileNotFoundError:
+        raise AudioError("not_found", f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise AudioError("unreadable", f"is a directory, not a file: {path}") from None
     except PermissionError:
         raise AudioError("unreadable", f"permission denied: {path}") from None
     except OSError as err:

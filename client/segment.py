@@ -62,6 +62,16 @@ class SegmentMode:
     kind: Literal["vad", "none", "fixed"]
     seconds: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.kind not in ("vad", "none", "fixed"):
+            raise ValueError(f"unknown segment mode {self.kind!r}")
+        low = MIN_SAMPLES / SAMPLE_RATE
+        if self.kind == "fixed" and not low <= (self.seconds or 0) <= MAX_SEGMENT_S:
+            # The comparison is also False for nan, so nan and inf are rejected too.
+            raise ValueError(
+                f"fixed window must be between {low:g} and {MAX_SEGMENT_S:g} s, got {self.seconds}"
+            )
+
     def __str__(self) -> str:
         return f"fixed:{self.seconds:g}" if self.kind == "fixed" else self.kind
 
@@ -78,9 +88,6 @@ def parse_segment_mode(text: str) -> SegmentMode:
         window = float(seconds)
     except ValueError:
         raise ValueError(f"{text!r}: SECONDS must be a number, e.g. 'fixed:3'") from None
-    low = MIN_SAMPLES / SAMPLE_RATE
-    if not low <= window <= MAX_SEGMENT_S:  # also rejects nan and inf
-        raise ValueError(f"{text!r}: SECONDS must be between {low:g} and {MAX_SEGMENT_S:g}")
     return SegmentMode("fixed", window)
 
 
@@ -88,6 +95,8 @@ def segment_audio(
     wav: np.ndarray, mode: SegmentMode, max_segment_s: float = MAX_SEGMENT_S
 ) -> list[Segment]:
     """Segments of `wav` (16 kHz mono) for `mode`, each MIN_SAMPLES..max_segment_s long."""
+    if wav.ndim != 1:
+        raise ValueError(f"expected 1-D mono audio, got shape {wav.shape}")
     low = MIN_SAMPLES / SAMPLE_RATE
     if not low <= max_segment_s <= MAX_SEGMENT_S:
         raise ValueError(f"max_segment_s must be between {low:g} and {MAX_SEGMENT_S:g} s")
@@ -122,9 +131,8 @@ def fixed_windows(num_samples: int, window: int, max_samples: int) -> list[Segme
             f"{max_samples / SAMPLE_RATE:g} s maximum"
         )
     segments = [Segment(s, min(s + window, num_samples)) for s in range(0, num_samples, window)]
-    last = segments[-1]
-    if len(segments) > 1 and last.end - last.start < MIN_SAMPLES:
-        segments.pop()
+    if len(segments) > 1 and segments[-1].end - segments[-1].start < MIN_SAMPLES:
+        last = segments.pop()
         if last.end - segments[-1].start <= max_samples:
             segments[-1] = Segment(segments[-1].start, last.end)
     return segments

@@ -106,8 +106,11 @@ def server_args(repo: Path, config: ServerConfig, backend_dir: Path | None) -> l
     args = [f"--model-repository={repo}"]
     if backend_dir is not None:
         args.append(f"--backend-directory={backend_dir}")
-    for proto, port in (("http", config.http_port), ("grpc", config.grpc_port),
-                        ("metrics", config.metrics_port)):
+    for proto, port in (
+        ("http", config.http_port),
+        ("grpc", config.grpc_port),
+        ("metrics", config.metrics_port),
+    ):
         args += [f"--{proto}-address={config.host}", f"--{proto}-port={port}"]
     return args + list(SERVER_FLAGS) + config.extra_flags
 
@@ -125,8 +128,11 @@ def check_repository(repo: Path) -> list[str]:
 
 
 def check_ports_free(config: ServerConfig) -> None:
-    for label, port in (("HTTP", config.http_port), ("gRPC", config.grpc_port),
-                        ("metrics", config.metrics_port)):
+    for label, port in (
+        ("HTTP", config.http_port),
+        ("gRPC", config.grpc_port),
+        ("metrics", config.metrics_port),
+    ):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -199,7 +205,10 @@ class TritonServer:
         check_ports_free(self.config)
         log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
-            self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
+            self.command(),
+            env=self.environment(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.wait_ready(timeout_s)
@@ -223,9 +232,14 @@ class TritonServer:
 
     def _failure_reason(self) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        reasons = [line.strip() for line in text.splitlines()
-                   if "failed to load" in line or "UNAVAILABLE" in line or "error:" in line.lower()
-                   or "address already in use" in line.lower()]
+        reasons = [
+            line.strip()
+            for line in text.splitlines()
+            if "failed to load" in line
+            or "UNAVAILABLE" in line
+            or "error:" in line.lower()
+            or "address already in use" in line.lower()
+        ]
         tail = reasons[-5:] or text.strip().splitlines()[-5:]
         code = self.process.returncode if self.process else None
         return f"tritonserver exited (code {code}):\n  " + "\n  ".join(tail)
@@ -261,15 +275,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve", help="run Triton locally on a model repository (no Docker, no GPU)"
     )
     parser.add_argument("--repo", type=Path, default=Path("build/model_repository"))
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default: loopback only; 0.0.0.0 exposes it)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: loopback only; 0.0.0.0 exposes it)",
+    )
     parser.add_argument("--http-port", type=int, default=HTTP_PORT)
     parser.add_argument("--grpc-port", type=int, default=GRPC_PORT)
     parser.add_argument("--metrics-port", type=int, default=METRICS_PORT)
-    parser.add_argument("--instances", type=int,
-                        help="model instances (default: the exported config, 1)")
-    parser.add_argument("--threads", type=int,
-                        help="ONNX Runtime threads per instance (default: all cores / instances)")
+    parser.add_argument(
+        "--instances", type=int, help="model instances (default: the exported config, 1)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="ONNX Runtime threads per instance (default: all cores / instances)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for ready")
     parser.set_defaults(func=run_serve)
 
@@ -279,8 +300,13 @@ def run_serve(args: argparse.Namespace) -> int:
     if threads is None and args.instances:
         threads = max(1, (os.cpu_count() or 1) // args.instances)
     config = ServerConfig(
-        repo=args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port, instances=args.instances, threads=threads,
+        repo=args.repo,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        instances=args.instances,
+        threads=threads,
     )
     server = TritonServer(config)
     stop_requested = []
@@ -288,7 +314,9 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         print(f"starting tritonserver on {args.repo} (log: {server.log_path}) ...", flush=True)
         server.start(args.timeout)
-        print(f"ready: HTTP {config.http_url}  gRPC {config.grpc_url}  metrics {config.metrics_url}")
+        print(
+            f"ready: HTTP {config.http_url}  gRPC {config.grpc_url}  metrics {config.metrics_url}"
+        )
         print("Ctrl-C or SIGTERM stops the server gracefully.", flush=True)
         while not stop_requested and server.process.poll() is None:
             time.sleep(0.5)

@@ -136,7 +136,8 @@ def load_model(model_dir: Path, source: str | None = None) -> LoadedModel:
     if not isinstance(config, dict) or config.get("model") != "Emotion2vec":
         found = config.get("model") if isinstance(config, dict) else type(config).__name__
         raise CheckpointError(
-            f"{config_path} describes model '{found}', not Emotion2vec: not an emotion2vec checkpoint"
+            f"{config_path} describes model '{found}', not Emotion2vec: "
+            "not an emotion2vec checkpoint"
         )
     labels = _read_labels(tokens_path) if tokens_path else []
     model = _build(config, len(labels))
@@ -224,10 +225,10 @@ def _load_strict(model: torch.nn.Module, state: dict, ckpt_path: Path) -> list[s
     needed = inference_keys(model)
     missing = [k for k in needed if k not in state]
     if missing:
-        shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
-        raise CheckpointError(
-            f"{ckpt_path} lacks {len(missing)} inference weight(s): {shown}"
+        shown = ", ".join(missing[:20]) + (
+            f", ... ({len(missing)} in all)" if len(missing) > 20 else ""
         )
+        raise CheckpointError(f"{ckpt_path} lacks {len(missing)} inference weight(s): {shown}")
     wrong = [
         f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
         for k in needed
@@ -238,6 +239,10 @@ def _load_strict(model: torch.nn.Module, state: dict, ckpt_path: Path) -> list[s
             f"{ckpt_path} does not match config.yaml (another model size or type?): "
             + "; ".join(wrong[:5])
         )
-    usable = {k: v for k, v in state.items() if k in expected and tuple(v.shape) == tuple(expected[k].shape)}
+    usable = {
+        k: v
+        for k, v in state.items()
+        if k in expected and tuple(v.shape) == tuple(expected[k].shape)
+    }
     model.load_state_dict(usable, strict=False)
     return sorted(k for k in state if k not in needed)

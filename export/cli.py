@@ -45,19 +45,28 @@ def run_export(args: argparse.Namespace) -> int:
     from export.exporter import ExportError, export_model
 
     if args.target not in TARGETS:
-        print(f"error: unknown target '{args.target}'; choose one of {', '.join(TARGETS)}",
-              file=sys.stderr)
+        print(
+            f"error: unknown target '{args.target}'; choose one of {', '.join(TARGETS)}",
+            file=sys.stderr,
+        )
         return 2
     options = default_options(args.target)
     if args.max_batch_size:
         sizes = tuple(s for s in options.preferred_batch_sizes if s <= args.max_batch_size)
-        options = replace(options, max_batch_size=args.max_batch_size,
-                          preferred_batch_sizes=sizes or (args.max_batch_size,))
+        options = replace(
+            options,
+            max_batch_size=args.max_batch_size,
+            preferred_batch_sizes=sizes or (args.max_batch_size,),
+        )
     if args.instances:
         options = replace(options, instance_count=args.instances)
     try:
         model_dir = export_model(
-            args.model, args.repo, args.name, args.target, options,
+            args.model,
+            args.repo,
+            args.name,
+            args.target,
+            options,
             check_parity=not args.no_parity,
         )
     except ExportError as exc:

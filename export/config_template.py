@@ -33,7 +33,9 @@ class ModelSize:
 
 
 SIZES = {
-    "tiny": ModelSize(embed_dim=64, num_heads=4, depth=2, prenet_depth=1, conv_dim=32, decoder_dim=32),
+    "tiny": ModelSize(
+        embed_dim=64, num_heads=4, depth=2, prenet_depth=1, conv_dim=32, decoder_dim=32
+    ),
     "base": ModelSize(
         embed_dim=768, num_heads=12, depth=8, prenet_depth=4, conv_dim=512, decoder_dim=384
     ),

@@ -30,7 +30,9 @@ def write_synthetic_model(
     directory; it is written atomically.
     """
     if variant not in VARIANTS:
-        raise ValueError(f"unknown synthetic model '{variant}'; choose one of {', '.join(VARIANTS)}")
+        raise ValueError(
+            f"unknown synthetic model '{variant}'; choose one of {', '.join(VARIANTS)}"
+        )
     size_name, _, suffix = variant.partition("-")
     with_head = suffix != "nohead"
     stamp = {"synthetic": True, "variant": variant, "seed": seed, "labels": list(labels)}
@@ -45,7 +47,9 @@ def write_synthetic_model(
     try:
         torch.save({"model": model.state_dict()}, tmp / "model.pt")
         with open(tmp / "config.yaml", "w", encoding="utf-8") as f:
-            f.write("# SYNTHETIC emotion2vec checkpoint: seeded random weights, labels meaningless\n")
+            f.write(
+                "# SYNTHETIC emotion2vec checkpoint: seeded random weights, labels meaningless\n"
+            )
             yaml.safe_dump(config, f, sort_keys=False, allow_unicode=True)
         if with_head:
             (tmp / "tokens.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")

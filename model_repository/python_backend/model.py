@@ -28,7 +28,9 @@ class TritonPythonModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
         if args.get("model_instance_kind") == "GPU":
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": args["model_instance_device_id"]}))
+            providers.insert(
+                0, ("CUDAExecutionProvider", {"device_id": args["model_instance_device_id"]})
+            )
         self.session = ort.InferenceSession(
             os.path.join(version_dir, params.get("onnx_file", "model.onnx")),
             sess_options=options,

@@ -1,0 +1,166 @@
+"""Per-file results: aggregation of segment predictions, alerts, and serialisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from client.segment import Segment
+from client.triton import ModelInfo, Prediction
+
+
+@dataclass
+class SegmentResult:
+    start_s: float
+    end_s: float
+    scores: dict[str, float]  # label -> probability (empty for embedding-only models)
+    embedding: np.ndarray
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+    def top(self) -> tuple[str | None, float | None]:
+        if not self.scores:
+            return None, None
+        label = max(self.scores, key=self.scores.get)
+        return label, self.scores[label]
+
+
+@dataclass
+class FileResult:
+    file: str
+    duration_s: float | None = None
+    emotion: str | None = None
+    confidence: float | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    segments: list[SegmentResult] = field(default_factory=list)
+    no_speech: bool = False
+    alerts: list[dict] = field(default_factory=list)
+    error: str | None = None
+    error_kind: str | None = None
+    model: str | None = None
+    synthetic: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> dict:
+        """One JSON Lines object (the `--json` contract)."""
+        data: dict = {"file": self.file}
+        if self.error is not None:
+            data |= {"error": self.error, "error_kind": self.error_kind}
+        else:
+            data |= {
+                "duration_s": _round(self.duration_s),
+                "emotion": self.emotion,
+                "confidence": _round(self.confidence),
+                "scores": {k: _round(v) for k, v in self.scores.items()},
+                "no_speech": self.no_speech,
+                "segments": [
+                    {
+                        "start_s": _round(s.start_s),
+                        "end_s": _round(s.end_s),
+                        "emotion": s.top()[0],
+                        "confidence": _round(s.top()[1]),
+                        "scores": {k: _round(v) for k, v in s.scores.items()},
+                    }
+                    for s in self.segments
+                ],
+                "alerts": self.alerts,
+            }
+        data["model"] = self.model
+        if self.synthetic:
+            data["synthetic"] = True
+            data["note"] = "synthetic model: random weights, labels meaningless"
+        return data
+
+
+def short_label(label: str) -> str:
+    """`生气/angry` -> `angry`: the English part of the published bilingual labels."""
+    return label.rsplit("/", 1)[-1]
+
+
+def segment_result(segment: Segment, prediction: Prediction, info: ModelInfo) -> SegmentResult:
+    scores = {}
+    if prediction.scores is not None:
+        scores = {
+            short_label(label): float(p)
+            for label, p in zip(info.labels, prediction.scores)
+            if not label.startswith("unuse")
+        }
+    return SegmentResult(segment.start_s, segment.end_s, scores, prediction.embedding)
+
+
+def aggregate(
+    path: str,
+    duration_s: float,
+    segments: list[SegmentResult],
+    info: ModelInfo,
+    thresholds: dict[str, float],
+) -> FileResult:
+    """Overall result: duration-weighted mean of segment probabilities."""
+    result = FileResult(
+        file=path,
+        duration_s=duration_s,
+        segments=segments,
+        model=info.name,
+        synthetic=info.synthetic,
+    )
+    if not segments:
+        result.no_speech = True
+        return result
+    if segments[0].scores:
+        weights = np.array([s.duration_s for s in segments])
+        labels = list(segments[0].scores)
+        matrix = np.array([[s.scores[label] for label in labels] for s in segments])
+        mean = (weights[:, None] * matrix).sum(0) / weights.sum()
+        result.scores = {label: float(p) for label, p in zip(labels, mean)}
+        result.emotion = labels[int(np.argmax(mean))]
+        result.confidence = float(mean.max())
+    result.alerts = alerts(segments, thresholds)
+    return result
+
+
+def alerts(segments: list[SegmentResult], thresholds: dict[str, float]) -> list[dict]:
+    """Segments whose score for a watched label reaches its threshold (peaks, not means:
+    a short angry burst in a long call must not be averaged away)."""
+    found = []
+    for label, threshold in thresholds.items():
+        hits = [s for s in segments if s.scores.get(label, 0.0) >= threshold]
+        if hits:
+            peak = max(hits, key=lambda s: s.scores[label])
+            found.append(
+                {
+                    "label": label,
+                    "threshold": threshold,
+                    "max_score": _round(peak.scores[label]),
+                    "start_s": _round(peak.start_s),
+                    "end_s": _round(peak.end_s),
+                    "segments": len(hits),
+                }
+            )
+    return found
+
+
+def parse_alerts(text: str | None) -> dict[str, float]:
+    """`angry=0.7,sad=0.8` -> {"angry": 0.7, "sad": 0.8}."""
+    if not text:
+        return {}
+    thresholds = {}
+    for item in text.split(","):
+        label, sep, value = item.partition("=")
+        try:
+            threshold = float(value)
+        except ValueError:
+            threshold = -1.0
+        if not sep or not label.strip() or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"bad --alert item {item!r}: expected LABEL=P with 0 <= P <= 1")
+        thresholds[short_label(label.strip())] = threshold
+    return thresholds
+
+
+def _round(value: float | None, digits: int = 6) -> float | None:
+    return None if value is None else round(float(value), digits)

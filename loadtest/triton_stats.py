@@ -1,0 +1,87 @@
+"""Triton's own view of a run: statistics snapshots before and after, diffed.
+
+Counters are cumulative since server start, so a run's numbers are `after - before`
+(warm-up requests sent before the first snapshot are excluded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from e2v.contract import MODEL_NAME
+
+DURATIONS = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+@dataclass
+class ModelStats:
+    """Cumulative counters of one model (all versions summed)."""
+
+    success: int = 0
+    failures: int = 0
+    inference_count: int = 0  # requests (batch rows) executed
+    execution_count: int = 0  # model executions (batches)
+    ns: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DURATIONS, 0))
+    executions_by_batch: dict[int, int] = field(default_factory=dict)
+
+    def __sub__(self, before: ModelStats) -> ModelStats:
+        batches = {
+            size: count - before.executions_by_batch.get(size, 0)
+            for size, count in self.executions_by_batch.items()
+        }
+        return ModelStats(
+            success=self.success - before.success,
+            failures=self.failures - before.failures,
+            inference_count=self.inference_count - before.inference_count,
+            execution_count=self.execution_count - before.execution_count,
+            ns={k: self.ns[k] - before.ns[k] for k in DURATIONS},
+            executions_by_batch={k: v for k, v in sorted(batches.items()) if v > 0},
+        )
+
+    @property
+    def avg_batch_size(self) -> float:
+        return self.inference_count / self.execution_count if self.execution_count else 0.0
+
+    def avg_ms(self, name: str) -> float:
+        """Mean per-request time in one stage (queue, compute_infer, ...), milliseconds."""
+        return self.ns[name] / self.success / 1e6 if self.success else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "success": self.success,
+            "failures": self.failures,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "avg_batch_size": round(self.avg_batch_size, 3),
+            "avg_ms": {k: round(self.avg_ms(k), 3) for k in DURATIONS},
+            "executions_by_batch_size": {str(k): v for k, v in self.executions_by_batch.items()},
+        }
+
+
+def snapshot(http_url: str, model: str = MODEL_NAME) -> ModelStats:
+    """Current counters of `model` from Triton's HTTP statistics endpoint."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(http_url)
+    try:
+        return parse(client.get_inference_statistics(model))
+    finally:
+        client.close()
+
+
+def parse(statistics: dict) -> ModelStats:
+    """ModelStats from Triton's statistics JSON (summed over versions)."""
+    stats = ModelStats()
+    for version in statistics.get("model_stats", []):
+        inference = version["inference_stats"]
+        stats.success += int(inference["success"]["count"])
+        stats.failures += int(inference["fail"]["count"])
+        stats.inference_count += int(version["inference_count"])
+        stats.execution_count += int(version["execution_count"])
+        for name in DURATIONS:
+            stats.ns[name] += int(inference[name]["ns"])
+        for batch in version.get("batch_stats", []):
+            size = int(batch["batch_size"])
+            count = int(batch["compute_infer"]["count"])
+            stats.executions_by_batch[size] = stats.executions_by_batch.get(size, 0) + count
+    return stats
