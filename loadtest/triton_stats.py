@@ -85,3 +85,32 @@ def parse(statistics: dict) -> ModelStats:
             count = int(batch["compute_infer"]["count"])
             stats.executions_by_batch[size] = stats.executions_by_batch.get(size, 0) + count
     return stats
+
+
+def model_config(http_url: str, model: str = MODEL_NAME) -> dict:
+    """The served model's configuration (batching, instances, parameters) as JSON."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(http_url)
+    try:
+        return client.get_model_config(model)
+    finally:
+        client.close()
+
+
+def config_summary(config: dict) -> dict:
+    """The settings a load test report needs from a model configuration."""
+    params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    batching = config.get("dynamic_batching", {})
+    groups = config.get("instance_group", [])
+    return {
+        "max_batch_size": int(config.get("max_batch_size", 0)),
+        "max_queue_delay_us": int(batching.get("max_queue_delay_microseconds", 0)),
+        "preferred_batch_size": batching.get("preferred_batch_size", []),
+        "instances": sum(int(g.get("count", 1)) for g in groups) or 1,
+        "instance_kind": groups[0].get("kind", "") if groups else "",
+        "intra_op_threads": params.get("intra_op_thread_count", ""),
+        "backend": config.get("backend", ""),
+        "synthetic": params.get("synthetic", "") == "true",
+        "source": params.get("source", ""),
+    }

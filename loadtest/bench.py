@@ -1,0 +1,180 @@
+"""One load run against one target: warm-up, statistics snapshot, driver, results.
+
+Targets are a Triton endpoint (gRPC or HTTP; local servers are started here on free
+ports) or the FunASR baseline server. The Locust driver runs as a subprocess
+(`python -m loadtest.driver`), so this process never imports gevent-patched Locust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loadtest import triton_stats
+from loadtest.baseline_server import BaselineServer, free_port
+from loadtest.metrics import Requests, Summary, ramp_steps, saturation, summarize
+from loadtest.spec import DriveSpec, Ramp
+from loadtest.triton_stats import ModelStats
+from loadtest.workload import Workload
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Target:
+    """Something to load: `user` is the driver's user kind (grpc, http or baseline)."""
+
+    label: str
+    user: str
+    url: str
+    stats_url: str | None = None  # Triton HTTP endpoint for statistics; None: no server stats
+    settings: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Load:
+    """Fixed `users` for `duration_s`, or a step `ramp` (then users/duration are unused)."""
+
+    users: int
+    duration_s: float
+    ramp: Ramp | None = None
+    html: bool = False
+
+
+@dataclass
+class RunResult:
+    target: Target
+    load: Load
+    summary: Summary  # fixed: the whole run; ramp: the saturation level
+    steps: list[Summary]  # ramp levels (empty for fixed runs)
+    server: ModelStats | None  # Triton's counters for this run (after - before)
+    locust: dict
+    out_dir: Path
+    load_average: tuple[float, float]  # 1-min load average before and after the run
+
+    def as_dict(self) -> dict:
+        return {
+            "label": self.target.label,
+            "protocol": self.target.user,
+            "url": self.target.url,
+            "settings": self.target.settings,
+            "users": self.load.users if self.load.ramp is None else None,
+            "duration_s": self.load.duration_s if self.load.ramp is None else None,
+            "ramp": self.load.ramp.__dict__ if self.load.ramp else None,
+            "summary": self.summary.as_dict(),
+            "steps": [s.as_dict() for s in self.steps],
+            "server": self.server.as_dict() if self.server else None,
+            "locust": self.locust,
+            "load_average": self.load_average,
+        }
+
+
+def run_load(target: Target, workload: Workload, workload_path: Path, load: Load,
+             out_dir: Path) -> RunResult:
+    """Warm up, snapshot Triton's counters, drive the load, snapshot again, summarise."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    warm_up(target, workload)
+    before = triton_stats.snapshot(target.stats_url) if target.stats_url else None
+    load_before = os.getloadavg()[0]
+    locust = drive(target, workload_path, load, out_dir)
+    load_after = os.getloadavg()[0]
+    server = triton_stats.snapshot(target.stats_url) - before if before else None
+    requests = Requests.read(out_dir / "requests.csv")
+    if load.ramp:
+        steps = ramp_steps(requests, load.ramp)
+        summary = saturation(steps)
+    else:
+        steps, summary = [], summarize(requests, load.users, load.duration_s)
+    result = RunResult(target, load, summary, steps, server, locust, out_dir,
+                       (round(load_before, 2), round(load_after, 2)))
+    (out_dir / "summary.json").write_text(json.dumps(result.as_dict(), indent=2))
+    return result
+
+
+def drive(target: Target, workload_path: Path, load: Load, out_dir: Path) -> dict:
+    """Run `python -m loadtest.driver` on a spec; returns its Locust totals."""
+    spec = DriveSpec(
+        url=target.url, user=target.user, workload=str(workload_path), out_dir=str(out_dir),
+        users=load.users, duration_s=load.duration_s, ramp=load.ramp, html=load.html,
+    )
+    spec_path = spec.save(out_dir / "spec.json")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
+    with open(out_dir / "driver.log", "wb") as log:
+        subprocess.run(
+            [sys.executable, "-m", "loadtest.driver", str(spec_path)], env=env, check=True,
+            stdout=log, stderr=subprocess.STDOUT, timeout=spec.load_s + spec.stop_timeout_s + 180,
+        )
+    (out_dir / "spec.json").unlink()
+    return json.loads((out_dir / "locust.json").read_text())
+
+
+def warm_up(target: Target, workload: Workload) -> None:
+    """One request per length bucket, outside the measurement (first runs are slow)."""
+    by_bucket = {workload.padded(i)[0].shape[1]: i for i in range(len(workload))}
+    for index in by_bucket.values():
+        if target.user == "baseline":
+            from loadtest.baseline_server import infer
+
+            infer(target.url, workload.clip(index))
+        else:
+            _triton_infer(target, *workload.padded(index))
+
+
+def _triton_infer(target: Target, wav, lens) -> None:
+    from e2v.contract import INPUT_WAV, INPUT_WAV_LENS, MODEL_NAME
+
+    if target.user == "grpc":
+        import tritonclient.grpc as client_module
+    else:
+        import tritonclient.http as client_module
+    client = client_module.InferenceServerClient(target.url)
+    try:
+        inputs = [client_module.InferInput(INPUT_WAV, list(wav.shape), "FP32"),
+                  client_module.InferInput(INPUT_WAV_LENS, list(lens.shape), "INT64")]
+        inputs[0].set_data_from_numpy(wav)
+        inputs[1].set_data_from_numpy(lens)
+        client.infer(MODEL_NAME, inputs)
+    finally:
+        client.close()
+
+
+def triton_target(label: str, protocol: str, url: str, stats_url: str | None) -> Target:
+    """A running Triton (local or remote), with its model settings when reachable."""
+    settings = {}
+    if stats_url:
+        settings = triton_stats.config_summary(triton_stats.model_config(stats_url))
+    return Target(label, protocol, url, stats_url, settings)
+
+
+@contextmanager
+def local_triton(repo: Path, protocol: str, instances: int | None = None,
+                 threads: int | None = None) -> Iterator[Target]:
+    """`tritonserver` on `repo` with free loopback ports; yields its Target."""
+    from e2v.serve import ServerConfig, TritonServer
+
+    config = ServerConfig(
+        repo=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+        instances=instances, threads=threads,
+    )
+    with TritonServer(config):
+        url = config.grpc_url if protocol == "grpc" else config.http_url
+        label = f"triton-{protocol}" + (f"-{instances}x{threads}" if instances else "")
+        yield triton_target(label, protocol, url, config.http_url)
+
+
+@contextmanager
+def local_baseline(model_dir: Path, device: str = "cpu",
+                   threads: int | None = None) -> Iterator[Target]:
+    """The FunASR baseline server on a free loopback port; yields its Target."""
+    threads = threads or os.cpu_count() or 1
+    with BaselineServer(model_dir, free_port(), device=device, threads=threads) as server:
+        settings = {"server": "FunASR AutoModel.generate, one request at a time",
+                    "device": device, "torch_threads": threads}
+        yield Target("baseline-funasr", "baseline", server.url, None, settings)
