@@ -9,7 +9,8 @@
 # time into /cache (mount a volume there to keep them between runs).
 #
 # Build context: the repository root. docker/export.Dockerfile.dockerignore is an allowlist
-# of what the package needs (pyproject.toml, README.md and the Python packages).
+# of what the package needs (pyproject.toml, README.md, the Python packages and the
+# exporter's templates).
 
 # Debian bookworm (glibc 2.36): nvidia-pytriton's wheel, a project dependency, needs glibc >= 2.35.
 FROM python:3.11.11-slim-bookworm
@@ -28,11 +29,13 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_
 
 WORKDIR /src
 COPY . .
-# The `hub` extra brings modelscope / huggingface-hub for hub ids such as
+# Editable install: the exporter reads its config templates and the Python-backend model
+# from the source tree (model_repository/templates, model_repository/python_backend), which
+# stays at /src. The `hub` extra brings modelscope / huggingface-hub for hub ids such as
 # iic/emotion2vec_plus_large. The constraint keeps pip from swapping the CPU torch for the
 # CUDA build from PyPI.
 RUN echo "torch==${TORCH_VERSION}" > /tmp/torch-constraint.txt \
-    && pip install --no-cache-dir --constraint /tmp/torch-constraint.txt ".[hub]" \
+    && pip install --no-cache-dir --constraint /tmp/torch-constraint.txt --editable ".[hub]" \
     && rm /tmp/torch-constraint.txt
 
 # Non-root user; uid/gid 1000 like the server image's triton-server user, so the model

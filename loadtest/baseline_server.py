@@ -34,7 +34,10 @@ def load_model(model_dir: Path, device: str, threads: int):
 
     torch.set_num_threads(threads)
     return AutoModel(
-        model=str(model_dir), device=device, disable_update=True, disable_pbar=True,
+        model=str(model_dir),
+        device=device,
+        disable_update=True,
+        disable_pbar=True,
         disable_log=True,
     )
 
@@ -53,7 +56,8 @@ class Handler(BaseHTTPRequestHandler):
         if wav.size < 400:
             return self._reply(400, {"error": f"{wav.size} samples: need >= 400 float32"})
         result = self.model.generate(wav, granularity="utterance", disable_pbar=True)[0]
-        self._reply(200, {"labels": result["labels"], "scores": np.asarray(result["scores"]).tolist()})
+        scores = np.asarray(result["scores"]).tolist()
+        self._reply(200, {"labels": result["labels"], "scores": scores})
 
     def _reply(self, status: int, payload: dict) -> None:
         data = json.dumps(payload).encode()
@@ -81,14 +85,30 @@ def serve(model_dir: Path, host: str, port: int, device: str, threads: int) -> N
 class BaselineServer:
     """`python -m loadtest.baseline_server` as a subprocess; a context manager."""
 
-    def __init__(self, model_dir: Path, port: int, device: str = "cpu", threads: int | None = None,
-                 host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        model_dir: Path,
+        port: int,
+        device: str = "cpu",
+        threads: int | None = None,
+        host: str = "127.0.0.1",
+    ):
         self.url = f"{host}:{port}"
         self.log_path = Path(tempfile.mkstemp(prefix="e2v-baseline-", suffix=".log")[1])
         self.command = [
-            sys.executable, "-m", "loadtest.baseline_server", "--model", str(model_dir),
-            "--host", host, "--port", str(port), "--device", device,
-            "--threads", str(threads or os.cpu_count() or 1),
+            sys.executable,
+            "-m",
+            "loadtest.baseline_server",
+            "--model",
+            str(model_dir),
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--device",
+            device,
+            "--threads",
+            str(threads or os.cpu_count() or 1),
         ]
         self.process: subprocess.Popen | None = None
 
@@ -125,7 +145,9 @@ class BaselineServer:
 def infer(url: str, wav: np.ndarray, timeout_s: float = 300.0) -> dict:
     """One blocking request (used for warm-up)."""
     request = urllib.request.Request(
-        f"http://{url}/infer", data=wav.astype("<f4").tobytes(), method="POST",
+        f"http://{url}/infer",
+        data=wav.astype("<f4").tobytes(),
+        method="POST",
         headers={"Content-Type": "application/octet-stream"},
     )
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -140,13 +162,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True,
-                        help="FunASR model directory or a source (synthetic:base, a hub name)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="FunASR model directory or a source (synthetic:base, a hub name)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8500)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="torch intra-op threads (default: all cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch intra-op threads (default: all cores)",
+    )
     args = parser.parse_args(argv)
     serve(resolve_model_dir(args.model), args.host, args.port, args.device, args.threads)
     return 0

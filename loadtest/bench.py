@@ -75,8 +75,9 @@ class RunResult:
         }
 
 
-def run_load(target: Target, workload: Workload, workload_path: Path, load: Load,
-             out_dir: Path) -> RunResult:
+def run_load(
+    target: Target, workload: Workload, workload_path: Path, load: Load, out_dir: Path
+) -> RunResult:
     """Warm up, snapshot Triton's counters, drive the load, snapshot again, summarise."""
     out_dir.mkdir(parents=True, exist_ok=True)
     warm_up(target, workload)
@@ -91,8 +92,16 @@ def run_load(target: Target, workload: Workload, workload_path: Path, load: Load
         summary = saturation(steps)
     else:
         steps, summary = [], summarize(requests, load.users, load.duration_s)
-    result = RunResult(target, load, summary, steps, server, locust, out_dir,
-                       (round(load_before, 2), round(load_after, 2)))
+    result = RunResult(
+        target,
+        load,
+        summary,
+        steps,
+        server,
+        locust,
+        out_dir,
+        (round(load_before, 2), round(load_after, 2)),
+    )
     (out_dir / "summary.json").write_text(json.dumps(result.as_dict(), indent=2))
     return result
 
@@ -100,16 +109,26 @@ def run_load(target: Target, workload: Workload, workload_path: Path, load: Load
 def drive(target: Target, workload_path: Path, load: Load, out_dir: Path) -> dict:
     """Run `python -m loadtest.driver` on a spec; returns its Locust totals."""
     spec = DriveSpec(
-        url=target.url, user=target.user, workload=str(workload_path), out_dir=str(out_dir),
-        users=load.users, duration_s=load.duration_s, ramp=load.ramp, html=load.html,
+        url=target.url,
+        user=target.user,
+        workload=str(workload_path),
+        out_dir=str(out_dir),
+        users=load.users,
+        duration_s=load.duration_s,
+        ramp=load.ramp,
+        html=load.html,
     )
     spec_path = spec.save(out_dir / "spec.json")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
     with open(out_dir / "driver.log", "wb") as log:
         subprocess.run(
-            [sys.executable, "-m", "loadtest.driver", str(spec_path)], env=env, check=True,
-            stdout=log, stderr=subprocess.STDOUT, timeout=spec.load_s + spec.stop_timeout_s + 180,
+            [sys.executable, "-m", "loadtest.driver", str(spec_path)],
+            env=env,
+            check=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=spec.load_s + spec.stop_timeout_s + 180,
         )
     (out_dir / "spec.json").unlink()
     return json.loads((out_dir / "locust.json").read_text())
@@ -136,8 +155,10 @@ def _triton_infer(target: Target, wav, lens) -> None:
         import tritonclient.http as client_module
     client = client_module.InferenceServerClient(target.url)
     try:
-        inputs = [client_module.InferInput(INPUT_WAV, list(wav.shape), "FP32"),
-                  client_module.InferInput(INPUT_WAV_LENS, list(lens.shape), "INT64")]
+        inputs = [
+            client_module.InferInput(INPUT_WAV, list(wav.shape), "FP32"),
+            client_module.InferInput(INPUT_WAV_LENS, list(lens.shape), "INT64"),
+        ]
         inputs[0].set_data_from_numpy(wav)
         inputs[1].set_data_from_numpy(lens)
         client.infer(MODEL_NAME, inputs)
@@ -154,14 +175,19 @@ def triton_target(label: str, protocol: str, url: str, stats_url: str | None) ->
 
 
 @contextmanager
-def local_triton(repo: Path, protocol: str, instances: int | None = None,
-                 threads: int | None = None) -> Iterator[Target]:
+def local_triton(
+    repo: Path, protocol: str, instances: int | None = None, threads: int | None = None
+) -> Iterator[Target]:
     """`tritonserver` on `repo` with free loopback ports; yields its Target."""
     from e2v.serve import ServerConfig, TritonServer
 
     config = ServerConfig(
-        repo=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-        instances=instances, threads=threads,
+        repo=repo,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        instances=instances,
+        threads=threads,
     )
     with TritonServer(config):
         url = config.grpc_url if protocol == "grpc" else config.http_url
@@ -170,11 +196,15 @@ def local_triton(repo: Path, protocol: str, instances: int | None = None,
 
 
 @contextmanager
-def local_baseline(model_dir: Path, device: str = "cpu",
-                   threads: int | None = None) -> Iterator[Target]:
+def local_baseline(
+    model_dir: Path, device: str = "cpu", threads: int | None = None
+) -> Iterator[Target]:
     """The FunASR baseline server on a free loopback port; yields its Target."""
     threads = threads or os.cpu_count() or 1
     with BaselineServer(model_dir, free_port(), device=device, threads=threads) as server:
-        settings = {"server": "FunASR AutoModel.generate, one request at a time",
-                    "device": device, "torch_threads": threads}
+        settings = {
+            "server": "FunASR AutoModel.generate, one request at a time",
+            "device": device,
+            "torch_threads": threads,
+        }
         yield Target("baseline-funasr", "baseline", server.url, None, settings)

@@ -1,5 +1,351 @@
-"""Placeholder: subcommands registered here once implemented."""
+"""`e2v loadtest`: bounded Locust load tests against Triton, with a report folder.
+
+Without `--url` a local tritonserver is started on free loopback ports for each
+`--configs` setting; `--compare` adds the FunASR baseline server and ONNX Runtime alone
+at the same concurrency, so one command gives served-vs-baseline and served-vs-bare
+numbers. Locust itself runs in a child process (see `loadtest.driver`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from e2v.contract import MODEL_NAME
+
+DEFAULT_MODEL = "synthetic:base"
 
 
-def register(subparsers) -> None:
-    return None
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "loadtest",
+        help="load-test Triton (and the FunASR baseline) with Locust; writes a report",
+        description=__doc__.splitlines()[0],
+    )
+    target = parser.add_argument_group("target")
+    target.add_argument(
+        "--url",
+        help="Triton HOST:PORT to load (loopback only); omitted: "
+        "export --model and start a local tritonserver",
+    )
+    target.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    target.add_argument(
+        "--stats-url",
+        help="Triton HTTP HOST:PORT for statistics (default: "
+        "--url for http, the port below --url for grpc, as 8000/8001)",
+    )
+    target.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"model source to serve and compare with (default {DEFAULT_MODEL})",
+    )
+    target.add_argument("--repo", type=Path, help="serve this exported repository instead")
+    target.add_argument(
+        "--target",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="export target; gpu repositories need NVIDIA's tritonserver "
+        "container: serve them there and pass --url",
+    )
+    target.add_argument(
+        "--configs",
+        help="local server settings to sweep, INSTANCESxTHREADS "
+        "comma separated, e.g. 1x2,2x1 (default: the repository's config)",
+    )
+    load = parser.add_argument_group("load")
+    load.add_argument(
+        "--profile",
+        default="call-centre",
+        help="workload profile name or JSON file (call-centre, fixed-3s, long)",
+    )
+    load.add_argument("--users", type=int, default=4, help="concurrent users (default 4)")
+    load.add_argument("--duration", type=float, default=60.0, help="seconds of load per run")
+    load.add_argument("--ramp", help="step ramp START,STEP,MAX users instead of fixed users")
+    load.add_argument(
+        "--step-duration", type=float, default=20.0, help="seconds per ramp level (default 20)"
+    )
+    compare = parser.add_argument_group("comparison")
+    compare.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run the FunASR baseline server and ONNX Runtime alone at --users",
+    )
+    compare.add_argument("--device", default="cpu", help="baseline and ORT-alone device: cpu/cuda")
+    compare.add_argument(
+        "--ort-budget",
+        type=float,
+        default=30.0,
+        help="seconds per ONNX-Runtime-alone measurement (default 30)",
+    )
+    output = parser.add_argument_group("report")
+    output.add_argument("--report", type=Path, help="report folder (default runs/loadtest/...)")
+    output.add_argument(
+        "--price-per-hour",
+        type=float,
+        help="machine price in USD/hour, for the cost per 1,000 audio hours",
+    )
+    output.add_argument("--html", action="store_true", help="also save Locust's HTML reports")
+    parser.set_defaults(func=run_loadtest)
+
+
+def run_loadtest(args: argparse.Namespace) -> int:
+    from loadtest.profiles import ProfileError, load_profile
+
+    try:
+        profile = load_profile(args.profile)
+        plan = Plan.from_args(args)
+    except (ProfileError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    report_dir = args.report or Path("runs/loadtest") / f"{profile.name}-{stamp}"
+    try:
+        path = plan.run(profile, report_dir)
+    except Exception as exc:  # noqa: BLE001 - one line for servers that fail to start etc.
+        from e2v.serve import ServeError
+
+        if not isinstance(exc, (ServeError, RuntimeError, OSError)):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"report: {path}")
+    return 0
+
+
+class Plan:
+    """What `e2v loadtest` runs, from its arguments."""
+
+    def __init__(self, args: argparse.Namespace, configs: list[tuple[int, int]], ramp):
+        self.args, self.configs, self.ramp = args, configs, ramp
+        self.config_of: dict[str, tuple[int | None, int | None]] = {}  # run label -> setting
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Plan:
+        from loadtest.spec import Ramp
+
+        if args.url and args.configs:
+            raise ValueError("--configs needs the local server: drop --url")
+        if args.target == "gpu" and not args.url:
+            raise ValueError(
+                "the local tritonserver (nvidia-pytriton wheel) has only the Python "
+                "backend: serve a --target gpu repository in NVIDIA's container and "
+                "pass --url"
+            )
+        if args.users < 1 or args.duration <= 0:
+            raise ValueError("--users must be >= 1 and --duration > 0")
+        ramp = Ramp.parse(args.ramp, args.step_duration) if args.ramp else None
+        return cls(args, parse_configs(args.configs), ramp)
+
+    def run(self, profile, report_dir: Path) -> Path:
+        from loadtest.report import Report, write_report
+        from loadtest.workload import prepare_workload
+
+        args = self.args
+        with tempfile.TemporaryDirectory(prefix="e2v-loadtest-") as tmp:
+            workdir = Path(tmp)
+            log(f"preparing the '{profile.name}' workload ({profile.clips} clips)")
+            workload = prepare_workload(profile, workdir)
+            self.workload, self.workload_path = workload, workload.save(workdir / "workload.npz")
+            self.report_dir, self.workdir = report_dir, workdir
+            runs = self.sweep()
+            report = Report(
+                command_line(args),
+                profile,
+                workload,
+                self.model_text(runs),
+                self.synthetic(runs),
+                runs,
+                price_per_hour=args.price_per_hour,
+            )
+            if args.compare:
+                report.served = self.fixed_run(max(runs, key=lambda r: r.summary.audio_s_per_s))
+                report.baseline = self.baseline_run()
+                report.ort = self.ort_runs(report.served)
+            return write_report(report, report_dir)
+
+    def load(self):
+        from loadtest.bench import Load
+
+        return Load(self.args.users, self.args.duration, self.ramp, self.args.html)
+
+    def sweep(self) -> list:
+        """One run per server setting (or the one --url server)."""
+        from loadtest.bench import run_load
+
+        runs = []
+        for instances, threads in self.configs or [(None, None)]:
+            with self.server(instances, threads) as target:
+                self.config_of[target.label] = (instances, threads)
+                log(f"{target.label}: {self.describe_load()}")
+                runs.append(
+                    run_load(
+                        target,
+                        self.workload,
+                        self.workload_path,
+                        self.load(),
+                        self.report_dir / target.label,
+                    )
+                )
+                log_result(runs[-1])
+        return runs
+
+    def fixed_run(self, best):
+        """The best setting at fixed --users (reused when the sweep was already fixed)."""
+        from loadtest.bench import Load, run_load
+
+        if best.load.ramp is None:
+            return best
+        with self.server(*self.config_of[best.target.label]) as target:
+            log(f"{target.label}: {self.args.users} users for {self.args.duration:g} s")
+            load = Load(self.args.users, self.args.duration, None, self.args.html)
+            run = run_load(
+                target,
+                self.workload,
+                self.workload_path,
+                load,
+                self.report_dir / f"{target.label}-fixed",
+            )
+        log_result(run)
+        return run
+
+    def baseline_run(self):
+        from loadtest.baseline_server import resolve_model_dir
+        from loadtest.bench import Load, local_baseline, run_load
+
+        load = Load(self.args.users, self.args.duration, None, self.args.html)
+        with local_baseline(resolve_model_dir(self.args.model), self.args.device) as target:
+            log(f"{target.label}: {self.args.users} users for {self.args.duration:g} s")
+            run = run_load(
+                target, self.workload, self.workload_path, load, self.report_dir / target.label
+            )
+        log_result(run)
+        return run
+
+    def ort_runs(self, served) -> list[dict]:
+        from loadtest.bare_ort import measure
+
+        onnx_path = self.repo() / MODEL_NAME / "1" / "model.onnx"
+        max_batch = int(served.target.settings.get("max_batch_size") or self.args.users)
+        threads = os.cpu_count() or 1
+        results = []
+        for batch in sorted({1, max(1, min(self.args.users, max_batch))}):
+            log(f"onnxruntime alone: batch {batch}, {threads} threads, {self.args.ort_budget:g} s")
+            results.append(
+                measure(
+                    onnx_path, self.workload, batch, threads, self.args.ort_budget, self.args.device
+                )
+            )
+            log(f"  {results[-1]['audio_s_per_s']:.2f} audio s/s")
+        return results
+
+    def server(self, instances: int | None, threads: int | None):
+        from loadtest.bench import local_triton, triton_target
+
+        if self.args.url:
+            return nullcontext(
+                triton_target(
+                    f"triton-{self.args.protocol}",
+                    self.args.protocol,
+                    self.args.url,
+                    stats_url(self.args),
+                )
+            )
+        return local_triton(self.repo(), self.args.protocol, instances, threads)
+
+    def repo(self) -> Path:
+        """--repo, or --model exported once into the work folder."""
+        if self.args.repo:
+            return self.args.repo
+        repo = self.workdir / "repository"
+        if not (repo / MODEL_NAME).exists():
+            from export.exporter import export_model
+
+            log(f"exporting {self.args.model} ({self.args.target})")
+            export_model(self.args.model, repo, target=self.args.target, check_parity=False)
+        return repo
+
+    def describe_load(self) -> str:
+        if self.ramp:
+            return (
+                f"ramp {self.ramp.levels[0]}..{self.ramp.levels[-1]} users, "
+                f"{self.ramp.step_s:g} s per level"
+            )
+        return f"{self.args.users} users for {self.args.duration:g} s"
+
+    def model_text(self, runs: list) -> str:
+        source = runs[0].target.settings.get("source") if runs else ""
+        return f"model `{source or self.args.model}`"
+
+    def synthetic(self, runs: list) -> bool:
+        served = runs[0].target.settings.get("synthetic") if runs else None
+        return bool(served) or (served is None and self.args.model.startswith("synthetic:"))
+
+
+def parse_configs(text: str | None) -> list[tuple[int, int]]:
+    """'1x2,2x1' -> [(1, 2), (2, 1)] (instances, ONNX Runtime threads per instance)."""
+    if not text:
+        return []
+    configs = []
+    for item in text.split(","):
+        try:
+            instances, threads = (int(v) for v in item.lower().split("x"))
+        except ValueError as exc:
+            raise ValueError(f"--configs wants INSTANCESxTHREADS items, got '{item}'") from exc
+        if instances < 1 or threads < 1:
+            raise ValueError(f"--configs {item}: instances and threads must be >= 1")
+        configs.append((instances, threads))
+    return configs
+
+
+def stats_url(args: argparse.Namespace) -> str:
+    """Triton's HTTP endpoint for statistics: explicit, the HTTP url, or gRPC port - 1."""
+    if args.stats_url or args.protocol == "http":
+        return args.stats_url or args.url
+    host, _, port = args.url.rpartition(":")
+    return f"{host}:{int(port) - 1}"
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command, reconstructed from the arguments that matter (for the report)."""
+    parts = ["e2v loadtest"]
+    for name in (
+        "url",
+        "protocol",
+        "model",
+        "repo",
+        "configs",
+        "profile",
+        "users",
+        "duration",
+        "ramp",
+        "step_duration",
+        "price_per_hour",
+        "device",
+    ):
+        value = getattr(args, name)
+        if value is not None and not (name == "device" and value == "cpu"):
+            parts.append(
+                f"--{name.replace('_', '-')} {value:g}"
+                if isinstance(value, float)
+                else f"--{name.replace('_', '-')} {value}"
+            )
+    if args.url:
+        parts = [p for p in parts if not p.startswith("--model") or args.compare]
+    return " ".join(parts + (["--compare"] if args.compare else []))
+
+
+def log(message: str) -> None:
+    print(f"[loadtest] {message}", flush=True)
+
+
+def log_result(run) -> None:
+    s = run.summary
+    log(
+        f"  {s.requests} ok, {s.failures} failed, {s.requests_per_s:.2f} req/s, "
+        f"{s.audio_s_per_s:.2f} audio s/s, p50 {s.p50_ms:.0f} ms, p95 {s.p95_ms:.0f} ms"
+    )

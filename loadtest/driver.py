@@ -10,8 +10,6 @@ Locust's CSVs (`locust_stats.csv`, `locust_stats_history.csv`, failures, excepti
 
 from __future__ import annotations
 
-from locust import events  # noqa: I001 - first import: Locust monkey-patches for gevent
-
 import csv
 import json
 import sys
@@ -19,12 +17,17 @@ import time
 from pathlib import Path
 
 import gevent
+from locust import events  # Locust monkey-patches this process for gevent on import
 from locust.env import Environment
 from locust.html import get_html_report
 from locust.log import setup_logging
 from locust.runners import STATE_STOPPED, Runner
-from locust.stats import CSV_STATS_INTERVAL_SEC, PERCENTILES_TO_REPORT, StatsCSVFileWriter
-from locust.stats import stats_history
+from locust.stats import (
+    CSV_STATS_INTERVAL_SEC,
+    PERCENTILES_TO_REPORT,
+    StatsCSVFileWriter,
+    stats_history,
+)
 
 from loadtest.shapes import FixedUsers, StepRamp
 from loadtest.spec import DriveSpec
@@ -44,15 +47,17 @@ class RequestLog:
 
     def on_request(self, name, response_time, exception=None, context=None, **_) -> None:
         runner = self.environment.runner
-        self.rows.append((
-            round(time.time() - self.start, 4),
-            round(float(response_time), 3),
-            float((context or {}).get("audio_s", 0.0)),
-            name,
-            int(exception is None),
-            runner.user_count if runner else 0,
-            "" if exception is None else str(exception).splitlines()[0][:200],
-        ))
+        self.rows.append(
+            (
+                round(time.time() - self.start, 4),
+                round(float(response_time), 3),
+                float((context or {}).get("audio_s", 0.0)),
+                name,
+                int(exception is None),
+                runner.user_count if runner else 0,
+                "" if exception is None else str(exception).splitlines()[0][:200],
+            )
+        )
 
     def write(self, path: Path) -> None:
         with open(path, "w", newline="") as file:
@@ -67,8 +72,11 @@ def run(spec: DriveSpec) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     shape = StepRamp(spec.ramp) if spec.ramp else FixedUsers(spec.users, spec.duration_s)
     env = Environment(
-        user_classes=[user_class(spec.user, spec.url)], shape_class=shape, host=spec.url,
-        stop_timeout=spec.stop_timeout_s, events=events,
+        user_classes=[user_class(spec.user, spec.url)],
+        shape_class=shape,
+        host=spec.url,
+        stop_timeout=spec.stop_timeout_s,
+        events=events,
     )
     env.e2v_clips = PreparedClips(Workload.load(Path(spec.workload)))
     log = RequestLog(env)

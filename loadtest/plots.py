@@ -19,11 +19,18 @@ def ramp_plot(results: list[RunResult], path: Path) -> Path:
         users = [s.users for s in run.steps]
         left.plot(users, [s.audio_s_per_s for s in run.steps], "o-", label=run.target.label)
         for quantile, style in (("p50", "o-"), ("p95", "s--"), ("p99", "^:")):
-            right.plot(users, [getattr(s, f"{quantile}_ms") / 1000 for s in run.steps], style,
-                       label=f"{run.target.label} {quantile}")
+            right.plot(
+                users,
+                [getattr(s, f"{quantile}_ms") / 1000 for s in run.steps],
+                style,
+                label=f"{run.target.label} {quantile}",
+            )
         left.axvline(run.summary.users, color="grey", lw=0.6, ls=":")
-    left.set(xlabel="concurrent users", ylabel="audio seconds / second",
-             title="Throughput (real-time factor)")
+    left.set(
+        xlabel="concurrent users",
+        ylabel="audio seconds / second",
+        title="Throughput (real-time factor)",
+    )
     right.set(xlabel="concurrent users", ylabel="latency (s)", title="Latency")
     for axis in (left, right):
         axis.grid(alpha=0.3)
@@ -40,18 +47,24 @@ def batch_histogram(results: list[RunResult], path: Path) -> Path:
     for k, run in enumerate(served):
         counts = [run.server.executions_by_batch.get(size, 0) for size in sizes]
         positions = [i + (k - (len(served) - 1) / 2) * width for i in range(len(sizes))]
-        axis.bar(positions, counts, width,
-                 label=f"{run.target.label} (avg {run.server.avg_batch_size:.2f})")
+        axis.bar(
+            positions,
+            counts,
+            width,
+            label=f"{run.target.label} (avg {run.server.avg_batch_size:.2f})",
+        )
     axis.set_xticks(range(len(sizes)), [str(s) for s in sizes])
-    axis.set(xlabel="batch size (requests per model execution)", ylabel="executions",
-             title="Dynamic batching: executions by batch size")
+    axis.set(
+        xlabel="batch size (requests per model execution)",
+        ylabel="executions",
+        title="Dynamic batching: executions by batch size",
+    )
     axis.grid(alpha=0.3, axis="y")
     axis.legend(fontsize=7)
     return _save(fig, path)
 
 
-def comparison_plot(rows: list[tuple[str, float, float | None, float | None]],
-                    path: Path) -> Path:
+def comparison_plot(rows: list[tuple[str, float, float | None, float | None]], path: Path) -> Path:
     """Bars of audio-s/s per system, and p50/p95 latency where measured.
 
     `rows`: (label, audio_s_per_s, p50_ms or None, p95_ms or None).

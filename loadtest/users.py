@@ -128,16 +128,19 @@ class BaselineHttpUser(ClipUser):
     request_type = "baseline"
 
     def on_start(self) -> None:
-        from geventhttpclient import HTTPClient, URL
+        from geventhttpclient import URL, HTTPClient
 
         self._client = HTTPClient.from_url(
-            URL(f"http://{self.host}/infer"), concurrency=1,
-            connection_timeout=NETWORK_TIMEOUT_S, network_timeout=NETWORK_TIMEOUT_S,
+            URL(f"http://{self.host}/infer"),
+            concurrency=1,
+            connection_timeout=NETWORK_TIMEOUT_S,
+            network_timeout=NETWORK_TIMEOUT_S,
         )
 
     def send(self, index: int) -> int:
         response = self._client.post(
-            "/infer", body=self.clips.raw[index],
+            "/infer",
+            body=self.clips.raw[index],
             headers={"Content-Type": "application/octet-stream"},
         )
         body = response.read()

@@ -31,3 +31,13 @@ def tiny_cpu_repo(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("repo-tiny-cpu")
     export_model("synthetic:tiny", repo, target="cpu", check_parity=False)
     return repo
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_cpu_repo):
+    """A real tritonserver serving synthetic:tiny (cpu target) for the whole session."""
+    from servers import start_server
+
+    server = start_server(tiny_cpu_repo)
+    yield server
+    server.stop()

@@ -1,0 +1,326 @@
+"""The report folder: markdown summary, JSON, plots, next to each run's Locust CSVs."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from e2v.contract import SAMPLE_RATE
+from loadtest import plots
+from loadtest.bench import RunResult
+from loadtest.metrics import cost_per_1000_audio_hours
+from loadtest.profiles import Profile
+from loadtest.workload import Workload, bucket_name, bucket_order
+
+SYNTHETIC_NOTE = (
+    "> **SYNTHETIC MODEL**: seeded random weights in the published architecture. Speed is\n"
+    "> representative of the real model of that size; its emotion labels are meaningless."
+)
+
+
+@dataclass
+class Report:
+    command: str
+    profile: Profile
+    workload: Workload
+    model: str  # the source or the served model's description
+    synthetic: bool
+    runs: list[RunResult]  # the sweep: one run per server configuration
+    served: RunResult | None = None  # fixed-concurrency run compared with the others
+    baseline: RunResult | None = None
+    ort: list[dict] = field(default_factory=list)
+    price_per_hour: float | None = None
+
+    @property
+    def all_runs(self) -> list[RunResult]:
+        extra = [r for r in (self.served, self.baseline) if r and r not in self.runs]
+        return self.runs + extra
+
+
+def write_report(report: Report, directory: Path) -> Path:
+    """README.md, summary.json and PNGs in `directory`; returns the markdown path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    figures = _figures(report, directory)
+    lines = [
+        *_header(report),
+        *_workload(report),
+        *_results(report),
+        *_ramps(report),
+        *_comparison(report),
+        *_server_breakdown(report),
+        "## Figures",
+        "",
+        *[f"![{name}]({name})" for name in figures],
+        "",
+        "Each run's folder holds Locust's CSVs (`locust_stats.csv`, "
+        "`locust_stats_history.csv`, failures), `requests.csv` (one row per request with "
+        "its audio seconds) and `summary.json` (with Triton's statistics). "
+        "See `loadtest/README.md` for what each number means.",
+        "",
+    ]
+    path = directory / "README.md"
+    path.write_text("\n".join(lines))
+    (directory / "summary.json").write_text(json.dumps(_summary_json(report), indent=2))
+    return path
+
+
+def _figures(report: Report, directory: Path) -> list[str]:
+    names = []
+    ramps = [r for r in report.runs if r.steps]
+    if ramps:
+        names.append(plots.ramp_plot(ramps, directory / "throughput_latency_vs_users.png").name)
+    if any(r.server and r.server.executions_by_batch for r in report.all_runs):
+        names.append(plots.batch_histogram(report.all_runs, directory / "batch_sizes.png").name)
+    rows = _comparison_rows(report)
+    if len(rows) > 1:
+        names.append(plots.comparison_plot(rows, directory / "comparison.png").name)
+    return names
+
+
+def _header(report: Report) -> list[str]:
+    lines = [f"# Load test: `{report.profile.name}` profile, {report.model}", ""]
+    if report.synthetic:
+        lines += [SYNTHETIC_NOTE, ""]
+    return lines + [
+        f"- command: `{report.command}`",
+        f"- machine: {machine_description()}",
+        f"- software: {software_versions()}",
+        "",
+    ]
+
+
+def _workload(report: Report) -> list[str]:
+    seconds = report.workload.lengths / SAMPLE_RATE
+    counts = {name: 0 for name in bucket_order()}
+    for n in report.workload.lengths:
+        counts[bucket_name(int(n))] += 1
+    mix = ", ".join(f"{k}: {v}" for k, v in counts.items() if v)
+    return [
+        "## Workload",
+        "",
+        f"{report.profile.description}",
+        "",
+        f"- {len(report.workload)} distinct clips cut from encoded recordings "
+        f"(mu-law WAV 8 kHz, MP3, FLAC) decoded by `client.audio.load_audio`; users send them "
+        "round robin, padded to their length bucket (baseline: unpadded)",
+        f"- clip length: mean {seconds.mean():.2f} s, median {np.median(seconds):.2f} s, "
+        f"min {seconds.min():.2f} s, max {seconds.max():.2f} s",
+        f"- clips per bucket: {mix}",
+        "",
+    ]
+
+
+RESULT_HEADER = (
+    "| run | settings | users | req/s | audio s/s | p50 ms | p95 ms | p99 ms | max ms "
+    "| failed | avg batch | {cost}load avg |"
+)
+
+
+def _results(report: Report) -> list[str]:
+    cost = "USD / 1000 audio h | " if report.price_per_hour else ""
+    lines = ["## Results", "", RESULT_HEADER.format(cost=cost), "|" + " --- |" * (12 + bool(cost))]
+    for run in report.all_runs:
+        s = run.summary
+        batch = f"{run.server.avg_batch_size:.2f}" if run.server else "-"
+        price = ""
+        if report.price_per_hour:
+            price = f"{cost_per_1000_audio_hours(report.price_per_hour, s.audio_s_per_s):.2f} | "
+        lines.append(
+            f"| {run.target.label}{' (ramp, saturation)' if run.steps else ''} "
+            f"| {settings_text(run)} | {s.users} | {s.requests_per_s:.2f} "
+            f"| {s.audio_s_per_s:.2f} | {s.p50_ms:.0f} | {s.p95_ms:.0f} | {s.p99_ms:.0f} "
+            f"| {s.max_ms:.0f} | {s.failures} | {batch} | {price}"
+            f"{run.load_average[0]:.1f} -> {run.load_average[1]:.1f} |"
+        )
+    note = [
+        "",
+        "audio s/s: seconds of audio answered per wall-clock second (real-time factor); "
+        "latency is end to end at the client; load avg: 1-minute load average before -> "
+        "after the run (this machine's cores are shared).",
+    ]
+    if report.price_per_hour:
+        note.append(
+            f"Cost at USD {report.price_per_hour:g}/h = price / (audio s/s) x 1000, "
+            "i.e. one machine running at that throughput around the clock."
+        )
+    return lines + note + [""]
+
+
+def _ramps(report: Report) -> list[str]:
+    lines = []
+    for run in (r for r in report.runs if r.steps):
+        lines += [
+            f"## Ramp: {run.target.label} ({settings_text(run)})",
+            "",
+            f"Step ramp, {run.load.ramp.step_s:g} s per level (first quarter of each level "
+            f"skipped). Saturation (first level within 5% of the best throughput): "
+            f"**{run.summary.users} users, {run.summary.audio_s_per_s:.2f} audio s/s**.",
+            "",
+            "| users | req/s | audio s/s | p50 ms | p95 ms | p99 ms | failed |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {s.users} | {s.requests_per_s:.2f} | {s.audio_s_per_s:.2f} | {s.p50_ms:.0f} "
+            f"| {s.p95_ms:.0f} | {s.p99_ms:.0f} | {s.failures} |"
+            for s in run.steps
+        ]
+        lines.append("")
+    return lines
+
+
+def _comparison_rows(report: Report) -> list[tuple[str, float, float | None, float | None]]:
+    rows = []
+    for run in (report.served, report.baseline):
+        if run:
+            rows.append(
+                (
+                    run.target.label,
+                    run.summary.audio_s_per_s,
+                    run.summary.p50_ms,
+                    run.summary.p95_ms,
+                )
+            )
+    rows += [
+        (f"onnxruntime alone, batch {o['batch_size']}", o["audio_s_per_s"], None, None)
+        for o in report.ort
+    ]
+    return rows
+
+
+def comparison_ratios(report: Report) -> dict[str, float]:
+    """served / baseline and served / ORT-alone ratios (what the targets are about)."""
+    ratios: dict[str, float] = {}
+    served = report.served.summary if report.served else None
+    if served and report.baseline:
+        base = report.baseline.summary
+        ratios["served_vs_baseline_audio_s_per_s"] = served.audio_s_per_s / base.audio_s_per_s
+        ratios["served_vs_baseline_p50"] = served.p50_ms / base.p50_ms
+        ratios["served_vs_baseline_p95"] = served.p95_ms / base.p95_ms
+    if served and report.ort:
+        best = max(o["audio_s_per_s"] for o in report.ort)
+        ratios["served_vs_ort_alone_audio_s_per_s"] = served.audio_s_per_s / best
+    return ratios
+
+
+def _comparison(report: Report) -> list[str]:
+    ratios = comparison_ratios(report)
+    if not ratios:
+        return []
+    lines = [
+        "## Served vs baseline vs ONNX Runtime alone",
+        "",
+        f"Equal concurrency: {report.served.summary.users} users, same clips, same driver.",
+        "",
+        "| comparison | ratio | meaning |",
+        "| --- | --- | --- |",
+    ]
+    meaning = {
+        "served_vs_baseline_audio_s_per_s": "throughput, Triton / FunASR server (> 1: Triton "
+        "serves more audio)",
+        "served_vs_baseline_p50": "median latency, Triton / FunASR (< 1: Triton answers faster)",
+        "served_vs_baseline_p95": "p95 latency, Triton / FunASR",
+        "served_vs_ort_alone_audio_s_per_s": "throughput, Triton / best bare ONNX Runtime in "
+        "one process (serving overhead; 1 = none)",
+    }
+    lines += [f"| {k} | {v:.2f}x | {meaning[k]} |" for k, v in ratios.items()]
+    if report.ort:
+        lines += [
+            "",
+            "| ONNX Runtime alone | batch | threads | clips | audio s/s |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| in-process | {o['batch_size']} | {o['threads']} | {o['clips']} "
+            f"| {o['audio_s_per_s']:.2f} |"
+            for o in report.ort
+        ]
+    return lines + [""]
+
+
+def _server_breakdown(report: Report) -> list[str]:
+    served = [r for r in report.all_runs if r.server and r.server.success]
+    if not served:
+        return []
+    lines = [
+        "## Where a request's time goes (Triton statistics, per request)",
+        "",
+        "| run | client latency mean ms | queue ms | compute (input/infer/output) ms "
+        "| rest (network, (de)serialisation, client) ms | Triton successes | client requests |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in served:
+        s, ms = run.server, run.server.avg_ms
+        compute = ms("compute_input") + ms("compute_infer") + ms("compute_output")
+        rest = run.summary.mean_ms - ms("queue") - compute
+        lines.append(
+            f"| {run.target.label} | {run.summary.mean_ms:.0f} | {ms('queue'):.0f} "
+            f"| {compute:.0f} ({ms('compute_input'):.1f}/{ms('compute_infer'):.0f}/"
+            f"{ms('compute_output'):.1f}) | {rest:.0f} | {s.success} "
+            f"| {run.locust['num_requests']} |"
+        )
+    return lines + [
+        "",
+        "compute_infer is the batch's execution time, counted once per request in it; "
+        "Triton counts all requests of the run, the client-latency mean only the ones "
+        "completed inside the load window.",
+        "",
+    ]
+
+
+def settings_text(run: RunResult) -> str:
+    s = run.target.settings
+    if "instances" in s:
+        threads = s.get("intra_op_threads") or "all"
+        return (
+            f"{s['instances']} inst x {threads} thr, max batch {s['max_batch_size']}, "
+            f"delay {s['max_queue_delay_us'] / 1000:g} ms"
+        )
+    if "torch_threads" in s:
+        return f"FunASR, {s['torch_threads']} torch threads"
+    return "-"
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}"
+
+
+def software_versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ("nvidia-pytriton", "onnxruntime", "torch", "funasr", "locust", "tritonclient")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(found) + " (Triton 2.51 from nvidia-pytriton 0.7.0)"
+
+
+def _summary_json(report: Report) -> dict:
+    return {
+        "command": report.command,
+        "profile": report.profile.name,
+        "model": report.model,
+        "synthetic": report.synthetic,
+        "machine": machine_description(),
+        "runs": [r.as_dict() for r in report.runs],
+        "served": report.served.target.label if report.served else None,
+        "baseline": report.baseline.as_dict() if report.baseline else None,
+        "ort_alone": report.ort,
+        "ratios": {k: round(v, 3) for k, v in comparison_ratios(report).items()},
+        "price_per_hour": report.price_per_hour,
+    }
