@@ -13,7 +13,6 @@ from export.formats import ONNX_EXPORTER, ONNX_OPSET, export_onnx, export_torchs
 from export.network import BatchedEmotion2vec
 from export.repository import (
     LABELS_FILE,
-    PYTHON_BACKEND_MODEL,
     TARGETS,
     ServingOptions,
     default_options,
@@ -22,6 +21,7 @@ from export.repository import (
     render_config,
     write_model_card,
 )
+from model_repository import PYTHON_BACKEND_MODEL
 
 
 class ExportError(Exception):

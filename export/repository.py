@@ -22,10 +22,8 @@ from e2v.contract import (
     OUTPUT_SCORES,
     bucket_lengths_samples,
 )
+from model_repository import TEMPLATES
 
-ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES = ROOT / "model_repository" / "templates"
-PYTHON_BACKEND_MODEL = ROOT / "model_repository" / "python_backend" / "model.py"
 LABELS_FILE = "labels.txt"
 TARGETS = ("cpu", "gpu", "tensorrt", "torchscript")
 
