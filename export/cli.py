@@ -25,6 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--target", default="cpu", help=f"one of: {', '.join(TARGETS)}")
     parser.add_argument("--max-batch-size", type=int, help="override the target's default")
     parser.add_argument("--instances", type=int, help="instance count (default 1)")
+    parser.add_argument(
+        "--intra-op-threads",
+        type=int,
+        help="cpu target: ONNX Runtime threads per instance (default 0 = all visible cores; "
+        "set it to the container's CPU limit)",
+    )
     parser.add_argument("--no-parity", action="store_true", help="skip the FunASR parity check")
     parser.set_defaults(func=run_export)
 
@@ -60,6 +66,8 @@ def run_export(args: argparse.Namespace) -> int:
         )
     if args.instances:
         options = replace(options, instance_count=args.instances)
+    if args.intra_op_threads is not None:
+        options = replace(options, intra_op_threads=args.intra_op_threads)
     try:
         model_dir = export_model(
             args.model,
