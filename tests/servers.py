@@ -22,8 +22,9 @@ def free_ports(count: int = 3) -> list[int]:
 
 def server_config(repo: Path, **overrides) -> ServerConfig:
     http, grpc, metrics = free_ports()
-    return ServerConfig(repo=repo, http_port=http, grpc_port=grpc, metrics_port=metrics,
-                        **overrides)
+    return ServerConfig(
+        repo=repo, http_port=http, grpc_port=grpc, metrics_port=metrics, **overrides
+    )
 
 
 def start_server(repo: Path, **overrides) -> TritonServer:

@@ -22,13 +22,19 @@ from e2v.serve import ServerConfig, TritonServer, find_triton, prepare_backends
 def test_manifest_server_flags_start_the_local_server(overlay, tiny_cpu_repo, tmp_path):
     flags, named = split_server_args(deploy_server_args(overlay))
     http, grpc, metrics = free_ports()
-    args = [*flags, f"--model-repository={tiny_cpu_repo}", f"--http-port={http}",
-            f"--grpc-port={grpc}", f"--metrics-port={metrics}",
-            f"--backend-directory={prepare_backends(find_triton(), tmp_path / 'backends')}"]
+    args = [
+        *flags,
+        f"--model-repository={tiny_cpu_repo}",
+        f"--http-port={http}",
+        f"--grpc-port={grpc}",
+        f"--metrics-port={metrics}",
+        f"--backend-directory={prepare_backends(find_triton(), tmp_path / 'backends')}",
+    ]
     env = TritonServer(ServerConfig(repo=tiny_cpu_repo)).environment()
     log = open(tmp_path / "triton.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([str(find_triton().binary), *args], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(find_triton().binary), *args], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + 180
         ready = False
@@ -39,8 +45,7 @@ def test_manifest_server_flags_start_the_local_server(overlay, tiny_cpu_repo, tm
             except OSError:
                 time.sleep(0.5)
         assert ready, (tmp_path / "triton.log").read_text()[-3000:]
-        assert set(named) == {"--model-repository", "--http-port", "--grpc-port",
-                              "--metrics-port"}
+        assert set(named) == {"--model-repository", "--http-port", "--grpc-port", "--metrics-port"}
     finally:
         proc.terminate()
         proc.wait(60)

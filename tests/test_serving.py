@@ -24,8 +24,12 @@ SCORES_TOL = 1e-4
 
 
 def classify(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "e2v", "classify", "--no-progress", *args],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "e2v", "classify", "--no-progress", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def json_rows(stdout: str) -> dict[str, dict]:
@@ -36,8 +40,9 @@ def json_rows(stdout: str) -> dict[str, dict]:
 def test_end_to_end_scores_equal_funasr(tiny_server, tiny_model_dir, tmp_path):
     """16 kHz mono file -> client -> Triton == FunASR AutoModel.generate on the same file."""
     path = fx.write_audio(tmp_path / "clip.wav", fx.speech_like(4.7, seed=3))
-    result = classify(str(path), "--url", tiny_server.config.grpc_url, "--json",
-                      "--segment", "none")
+    result = classify(
+        str(path), "--url", tiny_server.config.grpc_url, "--json", "--segment", "none"
+    )
     row = json_rows(result.stdout)[str(path)]
     reference = funasr_reference(tiny_model_dir, [str(path)])[0]
     ours = [row["scores"][label.rsplit("/", 1)[-1]] for label in reference["labels"]]
@@ -51,12 +56,14 @@ def test_containers_rates_and_channels(protocol, tiny_server, tmp_path):
     signal = fx.speech_like(3.0, sr=48_000, seed=1)
     files = [
         fx.write_audio(tmp_path / "a.flac", fx.speech_like(2.5, sr=16_000, seed=2)),
-        fx.write_audio(tmp_path / "b.wav", fx.speech_like(2.0, sr=8_000, seed=4), 8_000,
-                       codec="pcm_mulaw"),
+        fx.write_audio(
+            tmp_path / "b.wav", fx.speech_like(2.0, sr=8_000, seed=4), 8_000, codec="pcm_mulaw"
+        ),
         fx.write_audio(tmp_path / "c.mp3", np.stack([signal, 0.5 * signal]), 48_000),
         fx.write_audio(tmp_path / "d.m4a", fx.speech_like(3.0, sr=44_100, seed=5), 44_100),
-        fx.write_audio(tmp_path / "e.webm", fx.speech_like(3.0, sr=48_000, seed=6), 48_000,
-                       video=True),
+        fx.write_audio(
+            tmp_path / "e.webm", fx.speech_like(3.0, sr=48_000, seed=6), 48_000, video=True
+        ),
         fx.write_audio(tmp_path / "f.opus", fx.speech_like(2.0, sr=48_000, seed=7), 48_000),
     ]
     url = tiny_server.config.grpc_url if protocol == "grpc" else tiny_server.config.http_url
@@ -72,8 +79,10 @@ def test_containers_rates_and_channels(protocol, tiny_server, tmp_path):
 def test_dynamic_batching_groups_concurrent_requests(tiny_server):
     """Concurrent requests are executed in batches > 1, with unbatched results."""
     rng = np.random.default_rng(0)
-    clips = [(0.1 * rng.standard_normal(n)).astype(np.float32)
-             for n in rng.integers(20_000, 48_000, size=24)]
+    clips = [
+        (0.1 * rng.standard_normal(n)).astype(np.float32)
+        for n in rng.integers(20_000, 48_000, size=24)
+    ]
     stats_client = httpclient.InferenceServerClient(tiny_server.config.http_url)
 
     def batch_counts() -> dict[int, int]:
@@ -99,8 +108,10 @@ def test_dynamic_batching_groups_concurrent_requests(tiny_server):
 
 def make_mixed_batch(folder: Path) -> tuple[list[Path], dict[Path, str]]:
     folder.mkdir()
-    good = [fx.write_audio(folder / f"good{i}.wav", fx.speech_like(1.5 + i * 0.3, seed=i))
-            for i in range(6)]
+    good = [
+        fx.write_audio(folder / f"good{i}.wav", fx.speech_like(1.5 + i * 0.3, seed=i))
+        for i in range(6)
+    ]
     bad = {
         fx.write_random_bytes(folder / "random.wav"): "decode",
         fx.write_empty_file(folder / "empty.mp3"): "empty",
@@ -114,8 +125,15 @@ def make_mixed_batch(folder: Path) -> tuple[list[Path], dict[Path, str]]:
 def test_corrupt_files_are_reported_and_the_rest_complete(tiny_server, tmp_path):
     good, bad = make_mixed_batch(tmp_path / "batch")
     out = tmp_path / "out.csv"
-    result = classify(str(tmp_path / "batch"), str(tmp_path / "missing.wav"),
-                      "--url", tiny_server.config.grpc_url, "--csv", str(out), "--json")
+    result = classify(
+        str(tmp_path / "batch"),
+        str(tmp_path / "missing.wav"),
+        "--url",
+        tiny_server.config.grpc_url,
+        "--csv",
+        str(out),
+        "--json",
+    )
     assert result.returncode == 4, result.stderr  # file errors, no alerts
     rows = json_rows(result.stdout)
     for path in good:
@@ -132,8 +150,9 @@ def test_alert_thresholds_set_exit_code(tiny_server, tmp_path):
     path = fx.write_audio(tmp_path / "x.wav", fx.speech_like(3.0, seed=9))
     probe = json_rows(classify(str(path), "--url", tiny_server.config.grpc_url, "--json").stdout)
     top = probe[str(path)]["emotion"]
-    hit = classify(str(path), "--url", tiny_server.config.grpc_url, "--json",
-                   "--alert", f"{top}=0.01")
+    hit = classify(
+        str(path), "--url", tiny_server.config.grpc_url, "--json", "--alert", f"{top}=0.01"
+    )
     assert hit.returncode == 8 and json_rows(hit.stdout)[str(path)]["alerts"][0]["label"] == top
     miss = classify(str(path), "--url", tiny_server.config.grpc_url, "--alert", f"{top}=1.0")
     assert miss.returncode == 0
@@ -153,8 +172,15 @@ def test_embeddings_written_as_npy_and_parquet(tiny_server, tmp_path):
     files = [fx.write_audio(tmp_path / f"{i}.wav", fx.speech_like(2.0, seed=i)) for i in range(3)]
     for target in ("emb.npy", "emb.parquet"):
         out = tmp_path / target
-        result = classify(*map(str, files), "--url", tiny_server.config.grpc_url,
-                          "--embeddings", str(out), "--segment", "none")
+        result = classify(
+            *map(str, files),
+            "--url",
+            tiny_server.config.grpc_url,
+            "--embeddings",
+            str(out),
+            "--segment",
+            "none",
+        )
         assert result.returncode == 0, result.stderr
     matrix = np.load(tmp_path / "emb.npy")
     assert matrix.shape == (3, 64) and np.isfinite(matrix).all()
@@ -173,18 +199,36 @@ def test_unreachable_server_names_the_url(tmp_path):
 def test_kill_and_restart_server_mid_job_resume_loses_and_duplicates_nothing(
     tiny_cpu_repo, tmp_path
 ):
-    files = [fx.write_audio(tmp_path / f"call{i:02d}.wav", fx.speech_like(6.0, seed=i))
-             for i in range(40)]
+    files = [
+        fx.write_audio(tmp_path / f"call{i:02d}.wav", fx.speech_like(6.0, seed=i))
+        for i in range(40)
+    ]
     config = server_config(tiny_cpu_repo)
     out = tmp_path / "results.csv"
-    args = [sys.executable, "-m", "e2v", "classify", "--no-progress", *map(str, files),
-            "--url", config.grpc_url, "--csv", str(out), "--segment", "fixed:1",
-            "--concurrency", "2", "--retries", "2"]
+    args = [
+        sys.executable,
+        "-m",
+        "e2v",
+        "classify",
+        "--no-progress",
+        *map(str, files),
+        "--url",
+        config.grpc_url,
+        "--csv",
+        str(out),
+        "--segment",
+        "fixed:1",
+        "--concurrency",
+        "2",
+        "--retries",
+        "2",
+    ]
     server = TritonServer(config).start(240)
     job = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not out.exists() or
-                                           len(out.read_text().splitlines()) < 4):
+    while time.monotonic() < deadline and (
+        not out.exists() or len(out.read_text().splitlines()) < 4
+    ):
         time.sleep(0.1)
     server.kill()
     _, stderr = job.communicate(timeout=120)
@@ -228,10 +272,27 @@ def test_serve_cli_prints_endpoints_and_stops_on_sigterm(tiny_cpu_repo):
 
     http, grpc, metrics = free_ports()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "e2v", "serve", "--repo", str(tiny_cpu_repo), "--http-port",
-         str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-         "--instances", "2", "--threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "e2v",
+            "serve",
+            "--repo",
+            str(tiny_cpu_repo),
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc),
+            "--metrics-port",
+            str(metrics),
+            "--instances",
+            "2",
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     lines = []
     for line in proc.stdout:
