@@ -17,7 +17,7 @@ from client.audio import AudioError, audio_duration_s, check_min_length, load_au
 from client.results import FileResult, aggregate, segment_result
 from client.segment import SegmentMode, segment_audio
 from client.triton import InferenceError, ModelInfo, ServerUnavailable, TritonEmotionClient
-from e2v.contract import MIN_SAMPLES
+from e2v.contract import MIN_SAMPLES, SAMPLE_RATE
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,9 @@ async def _classify_one(
 ) -> FileResult:
     info = client.info
     try:
-        wav = await asyncio.to_thread(load_audio, path)
-        check_min_length(wav)
-        segments = segment_audio(
-            wav, options.segment or SegmentMode("vad"), info.max_samples / 16000
+        # Decoding and VAD are CPU work: a worker thread keeps requests flowing meanwhile.
+        wav, segments = await asyncio.to_thread(
+            _decode_and_segment, path, options.segment or SegmentMode("vad"), info.max_samples
         )
     except AudioError as exc:
         return FileResult(
@@ -117,6 +116,12 @@ async def _classify_one(
         )
     results = [segment_result(s, p, info) for s, p in zip(segments, predictions)]
     return aggregate(path, audio_duration_s(wav), results, info, options.thresholds or {})
+
+
+def _decode_and_segment(path: str, mode: SegmentMode, max_samples: int):
+    wav = load_audio(path)
+    check_min_length(wav)
+    return wav, segment_audio(wav, mode, max_samples / SAMPLE_RATE)
 
 
 AUDIO_SUFFIXES = {
