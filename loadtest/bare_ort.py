@@ -3,12 +3,13 @@
 The upper bound for serving: clips are sent in the load test's order, `batch_size` at a
 time (the requests in flight), grouped by length bucket (as the dynamic batcher groups
 them), run back to back in this process. Served throughput divided by this one is the
-serving overhead ratio.
+serving overhead ratio. Parallel sessions mirror the server's instances x threads layout.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -60,30 +61,43 @@ def measure(
     workload: Workload,
     batch_size: int,
     threads: int,
+    sessions: int = 1,
     budget_s: float = 30.0,
     device: str = "cpu",
 ) -> dict:
-    """Audio seconds per second running batches back to back for about `budget_s`.
+    """Audio seconds per second of `sessions` parallel sessions (like model instances,
+    `threads` intra-op threads each) running batches back to back for about `budget_s`.
 
-    One single-row warm-up per bucket runs first (as the server is warmed up).
+    One single-row warm-up per bucket runs first on each session, as Triton warms up.
     """
-    ort_session = session(onnx_path, threads, device)
-    for index in {int(workload.padded(i)[0].shape[1]): i for i in range(len(workload))}.values():
-        ort_session.run(None, stack(workload, [index]))
-    clips, audio_s = 0, 0.0
-    batches = in_flight_batches(workload, batch_size)
+    workers = [session(onnx_path, threads, device) for _ in range(sessions)]
+    buckets = {int(workload.padded(i)[0].shape[1]): i for i in range(len(workload))}
+    for worker, index in itertools.product(workers, buckets.values()):
+        worker.run(None, stack(workload, [index]))
+    batches, lock, done = in_flight_batches(workload, batch_size), threading.Lock(), []
     start = time.perf_counter()
-    while time.perf_counter() - start < budget_s:
-        indices = next(batches)
-        ort_session.run(None, stack(workload, indices))
-        clips += len(indices)
-        audio_s += sum(workload.duration_s(i) for i in indices)
+
+    def loop(worker) -> None:
+        while time.perf_counter() - start < budget_s:
+            with lock:
+                indices = next(batches)
+            feeds = stack(workload, indices)
+            worker.run(None, feeds)  # ONNX Runtime releases the GIL: sessions run in parallel
+            done.append(indices)
+
+    pool = [threading.Thread(target=loop, args=(w,)) for w in workers]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
     elapsed = time.perf_counter() - start
+    clips = [i for indices in done for i in indices]
     return {
         "batch_size": batch_size,
+        "sessions": sessions,
         "threads": threads,
-        "clips": clips,
+        "clips": len(clips),
         "elapsed_s": round(elapsed, 3),
-        "requests_per_s": round(clips / elapsed, 3),
-        "audio_s_per_s": round(audio_s / elapsed, 3),
+        "requests_per_s": round(len(clips) / elapsed, 3),
+        "audio_s_per_s": round(sum(workload.duration_s(i) for i in clips) / elapsed, 3),
     }

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from e2v.contract import INPUT_WAV, INPUT_WAV_LENS, MODEL_NAME
 from loadtest import triton_stats
 from loadtest.baseline_server import BaselineServer, free_port
 from loadtest.metrics import Requests, Summary, ramp_steps, saturation, summarize
@@ -51,7 +52,8 @@ class Load:
 class RunResult:
     target: Target
     load: Load
-    summary: Summary  # fixed: the whole run; ramp: the saturation level
+    summary: Summary  # fixed: the load window; ramp: the saturation level
+    overall: Summary  # every request of the run, drain included (matches Triton's counters)
     steps: list[Summary]  # ramp levels (empty for fixed runs)
     server: ModelStats | None  # Triton's counters for this run (after - before)
     locust: dict
@@ -68,6 +70,7 @@ class RunResult:
             "duration_s": self.load.duration_s if self.load.ramp is None else None,
             "ramp": self.load.ramp.__dict__ if self.load.ramp else None,
             "summary": self.summary.as_dict(),
+            "overall": self.overall.as_dict(),
             "steps": [s.as_dict() for s in self.steps],
             "server": self.server.as_dict() if self.server else None,
             "locust": self.locust,
@@ -80,28 +83,25 @@ def run_load(
 ) -> RunResult:
     """Warm up, snapshot Triton's counters, drive the load, snapshot again, summarise."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    warm_up(target, workload)
-    before = triton_stats.snapshot(target.stats_url) if target.stats_url else None
+    stats = target.stats_url
+    initial = triton_stats.snapshot(stats) if stats else None
+    warmups = warm_up(target, workload)
+    before = triton_stats.settled(stats, initial.handled + warmups) if stats else None
     load_before = os.getloadavg()[0]
     locust = drive(target, workload_path, load, out_dir)
     load_after = os.getloadavg()[0]
-    server = triton_stats.snapshot(target.stats_url) - before if before else None
+    server = None
+    if stats:
+        server = triton_stats.settled(stats, before.handled + locust["num_requests"]) - before
     requests = Requests.read(out_dir / "requests.csv")
     if load.ramp:
         steps = ramp_steps(requests, load.ramp)
         summary = saturation(steps)
     else:
         steps, summary = [], summarize(requests, load.users, load.duration_s)
-    result = RunResult(
-        target,
-        load,
-        summary,
-        steps,
-        server,
-        locust,
-        out_dir,
-        (round(load_before, 2), round(load_after, 2)),
-    )
+    overall = summarize(requests, load.users, float(requests.end_s.max(initial=0.0)) + 1e-6)
+    loadavg = (round(load_before, 2), round(load_after, 2))
+    result = RunResult(target, load, summary, overall, steps, server, locust, out_dir, loadavg)
     (out_dir / "summary.json").write_text(json.dumps(result.as_dict(), indent=2))
     return result
 
@@ -121,21 +121,30 @@ def drive(target: Target, workload_path: Path, load: Load, out_dir: Path) -> dic
     spec_path = spec.save(out_dir / "spec.json")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
+    limit_s = spec.load_s + spec.stop_timeout_s + 180
     with open(out_dir / "driver.log", "wb") as log:
-        subprocess.run(
-            [sys.executable, "-m", "loadtest.driver", str(spec_path)],
-            env=env,
-            check=True,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            timeout=spec.load_s + spec.stop_timeout_s + 180,
-        )
+        try:
+            code = subprocess.run(
+                [sys.executable, "-m", "loadtest.driver", str(spec_path)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=limit_s,
+            ).returncode
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"load driver still running after {limit_s:.0f} s") from exc
+    if code != 0:
+        tail = (out_dir / "driver.log").read_text(errors="replace").strip().splitlines()[-5:]
+        raise RuntimeError(f"load driver failed (exit {code}):\n  " + "\n  ".join(tail))
     (out_dir / "spec.json").unlink()
+    if not (out_dir / "driver.log").stat().st_size:
+        (out_dir / "driver.log").unlink()
     return json.loads((out_dir / "locust.json").read_text())
 
 
-def warm_up(target: Target, workload: Workload) -> None:
-    """One request per length bucket, outside the measurement (first runs are slow)."""
+def warm_up(target: Target, workload: Workload) -> int:
+    """One request per length bucket, outside the measurement (first runs are slow);
+    returns the number of requests sent."""
     by_bucket = {workload.padded(i)[0].shape[1]: i for i in range(len(workload))}
     for index in by_bucket.values():
         if target.user == "baseline":
@@ -144,11 +153,10 @@ def warm_up(target: Target, workload: Workload) -> None:
             infer(target.url, workload.clip(index))
         else:
             _triton_infer(target, *workload.padded(index))
+    return len(by_bucket)
 
 
 def _triton_infer(target: Target, wav, lens) -> None:
-    from e2v.contract import INPUT_WAV, INPUT_WAV_LENS, MODEL_NAME
-
     if target.user == "grpc":
         import tritonclient.grpc as client_module
     else:
@@ -167,10 +175,15 @@ def _triton_infer(target: Target, wav, lens) -> None:
 
 
 def triton_target(label: str, protocol: str, url: str, stats_url: str | None) -> Target:
-    """A running Triton (local or remote), with its model settings when reachable."""
+    """A running Triton (local or remote) and its model settings."""
     settings = {}
     if stats_url:
-        settings = triton_stats.config_summary(triton_stats.model_config(stats_url))
+        try:
+            settings = triton_stats.config_summary(triton_stats.model_config(stats_url))
+        except Exception as exc:  # noqa: BLE001 - socket errors and InferenceServerException
+            raise RuntimeError(
+                f"cannot read model '{MODEL_NAME}' from Triton at {stats_url} (HTTP): {exc}"
+            ) from exc
     return Target(label, protocol, url, stats_url, settings)
 
 

@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from e2v.contract import MODEL_NAME
+from e2v.serve import ServeError
 
 DEFAULT_MODEL = "synthetic:base"
 
@@ -30,8 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     target = parser.add_argument_group("target")
     target.add_argument(
         "--url",
-        help="Triton HOST:PORT to load (loopback only); omitted: "
-        "export --model and start a local tritonserver",
+        help="Triton HOST:PORT to load; omitted: export --model and start a local tritonserver",
     )
     target.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     target.add_argument(
@@ -106,11 +106,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
     report_dir = args.report or Path("runs/loadtest") / f"{profile.name}-{stamp}"
     try:
         path = plan.run(profile, report_dir)
-    except Exception as exc:  # noqa: BLE001 - one line for servers that fail to start etc.
-        from e2v.serve import ServeError
-
-        if not isinstance(exc, (ServeError, RuntimeError, OSError)):
-            raise
+    except (ServeError, RuntimeError, OSError) as exc:  # servers, export, driver: one message
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"report: {path}")
@@ -227,17 +223,31 @@ class Plan:
         return run
 
     def ort_runs(self, served) -> list[dict]:
+        """ORT alone in the served run's layout (instances x threads), batch 1 and --users."""
         from loadtest.bare_ort import measure
 
         onnx_path = self.repo() / MODEL_NAME / "1" / "model.onnx"
-        max_batch = int(served.target.settings.get("max_batch_size") or self.args.users)
-        threads = os.cpu_count() or 1
+        settings = served.target.settings
+        sessions = int(settings.get("instances") or 1)
+        threads = int(settings.get("intra_op_threads") or 0) or max(
+            1, (os.cpu_count() or 1) // sessions
+        )
+        max_batch = int(settings.get("max_batch_size") or self.args.users)
         results = []
         for batch in sorted({1, max(1, min(self.args.users, max_batch))}):
-            log(f"onnxruntime alone: batch {batch}, {threads} threads, {self.args.ort_budget:g} s")
+            log(
+                f"onnxruntime alone: {sessions} x {threads} threads, batch {batch}, "
+                f"{self.args.ort_budget:g} s"
+            )
             results.append(
                 measure(
-                    onnx_path, self.workload, batch, threads, self.args.ort_budget, self.args.device
+                    onnx_path,
+                    self.workload,
+                    batch,
+                    threads,
+                    sessions,
+                    self.args.ort_budget,
+                    self.args.device,
                 )
             )
             log(f"  {results[-1]['audio_s_per_s']:.2f} audio s/s")
@@ -263,10 +273,13 @@ class Plan:
             return self.args.repo
         repo = self.workdir / "repository"
         if not (repo / MODEL_NAME).exists():
-            from export.exporter import export_model
+            from export.exporter import ExportError, export_model
 
             log(f"exporting {self.args.model} ({self.args.target})")
-            export_model(self.args.model, repo, target=self.args.target, check_parity=False)
+            try:
+                export_model(self.args.model, repo, target=self.args.target, check_parity=False)
+            except ExportError as exc:
+                raise RuntimeError(f"cannot export {self.args.model}: {exc}") from exc
         return repo
 
     def describe_load(self) -> str:
@@ -328,7 +341,8 @@ def command_line(args: argparse.Namespace) -> str:
         "device",
     ):
         value = getattr(args, name)
-        if value is not None and not (name == "device" and value == "cpu"):
+        skip = (name == "device" and value == "cpu") or (name == "step_duration" and not args.ramp)
+        if value is not None and not skip:
             parts.append(
                 f"--{name.replace('_', '-')} {value:g}"
                 if isinstance(value, float)

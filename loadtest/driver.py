@@ -82,7 +82,7 @@ def run(spec: DriveSpec) -> dict:
     log = RequestLog(env)
     env.events.request.add_listener(log.on_request)
     runner = env.create_local_runner()
-    writer = StatsCSVFileWriter(env, PERCENTILES_TO_REPORT, str(out / "locust"), full_history=True)
+    writer = StatsCSVFileWriter(env, PERCENTILES_TO_REPORT, str(out / "locust"))
     background = [gevent.spawn(stats_history, runner), gevent.spawn(writer.stats_writer)]
     log.start = time.time()
     runner.start_shape()
@@ -125,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m loadtest.driver SPEC.json", file=sys.stderr)
         return 2
     setup_logging("WARNING")
-    totals = run(DriveSpec.load(Path(args[0])))
-    print(json.dumps(totals))
+    run(DriveSpec.load(Path(args[0])))
     return 0
 
 

@@ -44,7 +44,7 @@ class Summary:
     """Throughput over the load window; latency of successful requests."""
 
     users: int
-    requests: int
+    requests: int  # successful
     failures: int
     window_s: float
     requests_per_s: float
@@ -67,7 +67,7 @@ def summarize(requests: Requests, users: int, end_s: float, start_s: float = 0.0
     percentile = lambda q: float(np.percentile(ok, q)) if ok.size else float("nan")  # noqa: E731
     return Summary(
         users=users,
-        requests=int(done.ok.size),
+        requests=int(done.ok.sum()),
         failures=int((~done.ok).sum()),
         window_s=window_s,
         requests_per_s=ok.size / window_s,

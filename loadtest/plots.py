@@ -13,29 +13,38 @@ from loadtest.bench import RunResult  # noqa: E402
 
 
 def ramp_plot(results: list[RunResult], path: Path) -> Path:
-    """Throughput and p50/p95/p99 latency against concurrency, one line set per run."""
+    """Throughput and p50/p95/p99 latency against concurrency: a colour per run."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for run in results:
+    for run, color in zip(results, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         users = [s.users for s in run.steps]
-        left.plot(users, [s.audio_s_per_s for s in run.steps], "o-", label=run.target.label)
+        left.plot(
+            users, [s.audio_s_per_s for s in run.steps], "o-", color=color, label=run_label(run)
+        )
+        left.plot([run.summary.users], [run.summary.audio_s_per_s], "*", ms=14, color=color)
         for quantile, style in (("p50", "o-"), ("p95", "s--"), ("p99", "^:")):
             right.plot(
                 users,
                 [getattr(s, f"{quantile}_ms") / 1000 for s in run.steps],
                 style,
-                label=f"{run.target.label} {quantile}",
+                color=color,
+                label=f"{run_label(run)} {quantile}",
             )
-        left.axvline(run.summary.users, color="grey", lw=0.6, ls=":")
     left.set(
         xlabel="concurrent users",
         ylabel="audio seconds / second",
-        title="Throughput (real-time factor)",
+        title="Throughput (real-time factor); star: saturation",
     )
-    right.set(xlabel="concurrent users", ylabel="latency (s)", title="Latency")
+    right.set(xlabel="concurrent users", ylabel="latency (s)", title="Latency p50 / p95 / p99")
     for axis in (left, right):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
+        axis.xaxis.get_major_locator().set_params(integer=True)
+    left.set_ylim(bottom=0)
     return _save(fig, path)
+
+
+def run_label(run: RunResult) -> str:
+    return f"{run.target.label} " + ("ramp" if run.steps else f"{run.load.users} users")
 
 
 def batch_histogram(results: list[RunResult], path: Path) -> Path:
@@ -51,7 +60,7 @@ def batch_histogram(results: list[RunResult], path: Path) -> Path:
             positions,
             counts,
             width,
-            label=f"{run.target.label} (avg {run.server.avg_batch_size:.2f})",
+            label=f"{run_label(run)} (avg {run.server.avg_batch_size:.2f})",
         )
     axis.set_xticks(range(len(sizes)), [str(s) for s in sizes])
     axis.set(

@@ -89,7 +89,7 @@ def _header(report: Report) -> list[str]:
     return lines + [
         f"- command: `{report.command}`",
         f"- machine: {machine_description()}",
-        f"- software: {software_versions()}",
+        f"- software: {software_versions(report.runs)}",
         "",
     ]
 
@@ -159,7 +159,8 @@ def _ramps(report: Report) -> list[str]:
             "",
             f"Step ramp, {run.load.ramp.step_s:g} s per level (first quarter of each level "
             f"skipped). Saturation (first level within 5% of the best throughput): "
-            f"**{run.summary.users} users, {run.summary.audio_s_per_s:.2f} audio s/s**.",
+            f"**{run.summary.audio_s_per_s:.2f} audio s/s at {run.summary.users} "
+            f"user{'s' if run.summary.users > 1 else ''}**.",
             "",
             "| users | req/s | audio s/s | p50 ms | p95 ms | p99 ms | failed |",
             "| --- | --- | --- | --- | --- | --- | --- |",
@@ -185,10 +186,7 @@ def _comparison_rows(report: Report) -> list[tuple[str, float, float | None, flo
                     run.summary.p95_ms,
                 )
             )
-    rows += [
-        (f"onnxruntime alone, batch {o['batch_size']}", o["audio_s_per_s"], None, None)
-        for o in report.ort
-    ]
+    rows += [(ort_label(o), o["audio_s_per_s"], None, None) for o in report.ort]
     return rows
 
 
@@ -224,19 +222,19 @@ def _comparison(report: Report) -> list[str]:
         "serves more audio)",
         "served_vs_baseline_p50": "median latency, Triton / FunASR (< 1: Triton answers faster)",
         "served_vs_baseline_p95": "p95 latency, Triton / FunASR",
-        "served_vs_ort_alone_audio_s_per_s": "throughput, Triton / best bare ONNX Runtime in "
-        "one process (serving overhead; 1 = none)",
+        "served_vs_ort_alone_audio_s_per_s": "throughput, Triton / best ONNX Runtime alone in "
+        "the same instances x threads layout (serving overhead; 1 = none)",
     }
     lines += [f"| {k} | {v:.2f}x | {meaning[k]} |" for k, v in ratios.items()]
     if report.ort:
         lines += [
             "",
-            "| ONNX Runtime alone | batch | threads | clips | audio s/s |",
+            "| ONNX Runtime alone | sessions x threads | batch | clips | audio s/s |",
             "| --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| in-process | {o['batch_size']} | {o['threads']} | {o['clips']} "
-            f"| {o['audio_s_per_s']:.2f} |"
+            f"| in-process | {o['sessions']} x {o['threads']} | {o['batch_size']} "
+            f"| {o['clips']} | {o['audio_s_per_s']:.2f} |"
             for o in report.ort
         ]
     return lines + [""]
@@ -256,20 +254,24 @@ def _server_breakdown(report: Report) -> list[str]:
     for run in served:
         s, ms = run.server, run.server.avg_ms
         compute = ms("compute_input") + ms("compute_infer") + ms("compute_output")
-        rest = run.summary.mean_ms - ms("queue") - compute
+        rest = run.overall.mean_ms - ms("queue") - compute
         lines.append(
-            f"| {run.target.label} | {run.summary.mean_ms:.0f} | {ms('queue'):.0f} "
+            f"| {run.target.label}{' (ramp)' if run.steps else ''} | {run.overall.mean_ms:.0f} "
+            f"| {ms('queue'):.0f} "
             f"| {compute:.0f} ({ms('compute_input'):.1f}/{ms('compute_infer'):.0f}/"
             f"{ms('compute_output'):.1f}) | {rest:.0f} | {s.success} "
             f"| {run.locust['num_requests']} |"
         )
     return lines + [
         "",
-        "compute_infer is the batch's execution time, counted once per request in it; "
-        "Triton counts all requests of the run, the client-latency mean only the ones "
-        "completed inside the load window.",
+        "All requests of the run (every ramp level, and the drain after the load window) "
+        "on both sides. compute_infer is the execution time of the batch a request was in.",
         "",
     ]
+
+
+def ort_label(result: dict) -> str:
+    return f"ORT alone {result['sessions']}x{result['threads']}, batch {result['batch_size']}"
 
 
 def settings_text(run: RunResult) -> str:
@@ -297,7 +299,7 @@ def machine_description() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}"
 
 
-def software_versions() -> str:
+def software_versions(runs: list[RunResult]) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     names = ("nvidia-pytriton", "onnxruntime", "torch", "funasr", "locust", "tritonclient")
@@ -307,7 +309,8 @@ def software_versions() -> str:
             found.append(f"{name} {version(name)}")
         except PackageNotFoundError:
             continue
-    return ", ".join(found) + " (Triton 2.51 from nvidia-pytriton 0.7.0)"
+    servers = sorted({r.target.settings.get("triton_version", "") for r in runs} - {""})
+    return ", ".join([f"Triton server {v}" for v in servers] + found)
 
 
 def _summary_json(report: Report) -> dict:
@@ -317,6 +320,7 @@ def _summary_json(report: Report) -> dict:
         "model": report.model,
         "synthetic": report.synthetic,
         "machine": machine_description(),
+        "software": software_versions(report.runs),
         "runs": [r.as_dict() for r in report.runs],
         "served": report.served.target.label if report.served else None,
         "baseline": report.baseline.as_dict() if report.baseline else None,

@@ -10,6 +10,8 @@ from loadtest.spec import Ramp
 class FixedUsers(LoadTestShape):
     """`users` closed-loop users for `duration_s` seconds, all started at once."""
 
+    abstract = True  # takes arguments: Locust's locustfile loader must not instantiate it
+
     def __init__(self, users: int, duration_s: float):
         super().__init__()
         self.users, self.duration_s = users, duration_s
@@ -22,6 +24,8 @@ class FixedUsers(LoadTestShape):
 
 class StepRamp(LoadTestShape):
     """The users of `ramp.levels`, one level per `ramp.step_s` seconds, then stop."""
+
+    abstract = True
 
     def __init__(self, ramp: Ramp):
         super().__init__()

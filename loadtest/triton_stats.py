@@ -6,6 +6,7 @@ Counters are cumulative since server start, so a run's numbers are `after - befo
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from e2v.contract import MODEL_NAME
@@ -39,6 +40,11 @@ class ModelStats:
         )
 
     @property
+    def handled(self) -> int:
+        """Requests finished, successfully or not."""
+        return self.success + self.failures
+
+    @property
     def avg_batch_size(self) -> float:
         return self.inference_count / self.execution_count if self.execution_count else 0.0
 
@@ -69,6 +75,20 @@ def snapshot(http_url: str, model: str = MODEL_NAME) -> ModelStats:
         client.close()
 
 
+def settled(http_url: str, handled: int, timeout_s: float = 10.0) -> ModelStats:
+    """A snapshot once Triton has counted `handled` requests.
+
+    Triton updates its statistics just after it sends a response, so a snapshot taken the
+    moment the last answer arrives can miss that request.
+    """
+    deadline = time.monotonic() + timeout_s
+    stats = snapshot(http_url)
+    while stats.handled < handled and time.monotonic() < deadline:
+        time.sleep(0.05)
+        stats = snapshot(http_url)
+    return stats
+
+
 def parse(statistics: dict) -> ModelStats:
     """ModelStats from Triton's statistics JSON (summed over versions)."""
     stats = ModelStats()
@@ -88,12 +108,14 @@ def parse(statistics: dict) -> ModelStats:
 
 
 def model_config(http_url: str, model: str = MODEL_NAME) -> dict:
-    """The served model's configuration (batching, instances, parameters) as JSON."""
+    """The served model's configuration (batching, instances, parameters) as JSON,
+    plus the server's version under `triton_version`."""
     import tritonclient.http as httpclient
 
     client = httpclient.InferenceServerClient(http_url)
     try:
-        return client.get_model_config(model)
+        config = client.get_model_config(model)
+        return {**config, "triton_version": client.get_server_metadata().get("version", "")}
     finally:
         client.close()
 
@@ -113,4 +135,5 @@ def config_summary(config: dict) -> dict:
         "backend": config.get("backend", ""),
         "synthetic": params.get("synthetic", "") == "true",
         "source": params.get("source", ""),
+        "triton_version": config.get("triton_version", ""),
     }
