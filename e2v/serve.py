@@ -284,7 +284,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--grpc-port", type=int, default=GRPC_PORT)
     parser.add_argument("--metrics-port", type=int, default=METRICS_PORT)
     parser.add_argument(
-        "--instances", type=int, help="model instances (default: the exported config, 1)"
+        "--instances",
+        type=int,
+        help="model instances (default: one per core, up to 8: on CPU, single-threaded "
+        "instances beat one multi-threaded instance, see loadtest/reports)",
     )
     parser.add_argument(
         "--threads",
@@ -295,17 +298,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_serve)
 
 
+MAX_DEFAULT_INSTANCES = 8  # each instance holds its own copy of the weights
+
+
+def default_layout(instances: int | None, threads: int | None) -> tuple[int, int]:
+    """(instances, ONNX Runtime threads per instance) that use every core once."""
+    cores = os.cpu_count() or 1
+    if instances is None:
+        instances = max(1, min(MAX_DEFAULT_INSTANCES, cores // (threads or 1)))
+    if threads is None:
+        threads = max(1, cores // instances)
+    return instances, threads
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    threads = args.threads
-    if threads is None and args.instances:
-        threads = max(1, (os.cpu_count() or 1) // args.instances)
+    instances, threads = default_layout(args.instances, args.threads)
     config = ServerConfig(
         repo=args.repo,
         host=args.host,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
-        instances=args.instances,
+        instances=instances,
         threads=threads,
     )
     server = TritonServer(config)
