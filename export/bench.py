@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -41,8 +42,16 @@ def audio_seconds(clips: list[np.ndarray]) -> float:
 def time_funasr(model_dir: Path, clips: list[np.ndarray]) -> float:
     from funasr import AutoModel
 
+    # Importing funasr configures the root logger at INFO; keep its per-step logs quiet.
+    logging.getLogger().setLevel(logging.WARNING)
+
     model = AutoModel(
-        model=str(model_dir), device="cpu", disable_update=True, disable_pbar=True, disable_log=True
+        model=str(model_dir),
+        device="cpu",
+        disable_update=True,
+        disable_pbar=True,
+        disable_log=True,
+        log_level="WARNING",
     )
     model.generate(clips[0][:SAMPLE_RATE], disable_pbar=True)  # warm up
     start = time.perf_counter()

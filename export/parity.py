@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,16 @@ def funasr_reference(model_dir: Path, clips: list[np.ndarray]) -> list[dict]:
     """FunASR `AutoModel.generate`, one clip at a time: {labels, scores, feats} per clip."""
     from funasr import AutoModel
 
+    # Importing funasr configures the root logger at INFO; keep its per-step logs quiet.
+    logging.getLogger().setLevel(logging.WARNING)
+
     model = AutoModel(
-        model=str(model_dir), device="cpu", disable_update=True, disable_pbar=True, disable_log=True
+        model=str(model_dir),
+        device="cpu",
+        disable_update=True,
+        disable_pbar=True,
+        disable_log=True,
+        log_level="WARNING",
     )
     return [model.generate(clip, extract_embedding=True, disable_pbar=True)[0] for clip in clips]
 

@@ -39,6 +39,7 @@ def load_model(model_dir: Path, device: str, threads: int):
         disable_update=True,
         disable_pbar=True,
         disable_log=True,
+        log_level="WARNING",
     )
 
 

@@ -350,3 +350,15 @@ def test_reexport_replaces_the_model_atomically(cache_dir, tmp_path):
     assert (first.backend, second.backend) == ("onnxruntime", "python")
     assert not (repo / "emotion2vec" / "stale.txt").exists()
     assert sorted(p.name for p in repo.iterdir()) == ["emotion2vec"]  # no staging leftovers
+
+
+def test_bench_export_prints_figures_for_each_method():
+    result = run_cli("bench", "export", "--model", "synthetic:tiny", "--clips", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.rstrip().endswith("x")]
+    assert [row.split("  ")[0] for row in rows] == [
+        "FunASR AutoModel.generate, one clip at a time",
+        "ONNX Runtime, one clip at a time",
+        "ONNX Runtime, batched by bucket (<= 8)",
+    ]
+    assert rows[0].rstrip().endswith("1.00x")
