@@ -58,7 +58,7 @@ EXPOSE 8000 8001 8002
 # Exec form (no shell); Docker counts any non-zero curl exit as a failed check.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10m --retries=3 \
     CMD ["curl", "--fail", "--silent", "--show-error", "--output", "/dev/null", \
-         "http://127.0.0.1:8000/v2/health/ready"]
+         "http://127.0.0.1:8000/v2/models/emotion2vec/ready"]
 
 # The NGC entrypoint (/opt/nvidia/nvidia_entrypoint.sh) is kept: it enables CUDA forward
 # compatibility on older drivers and then execs this command.

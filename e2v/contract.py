@@ -26,6 +26,8 @@ HTTP_PORT = 8000
 GRPC_PORT = 8001
 METRICS_PORT = 8002
 HEALTH_READY_PATH = "/v2/health/ready"
+# Readiness of the served model itself: unlike the server's, it fails on an empty repository.
+MODEL_READY_PATH = f"/v2/models/{MODEL_NAME}/ready"
 HEALTH_LIVE_PATH = "/v2/health/live"
 
 # Flags every deployment passes to tritonserver (local `e2v serve`, compose, Kubernetes).

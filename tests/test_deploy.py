@@ -322,7 +322,7 @@ def test_server_dockerfile_matches_contract():
     check = _only(instructions, "HEALTHCHECK")
     probe = json.loads(check.split(" CMD ", 1)[1])
     url = urlsplit(next(a for a in probe if a.startswith("http")))
-    assert (url.port, url.path) == (contract.HTTP_PORT, contract.HEALTH_READY_PATH)
+    assert (url.port, url.path) == (contract.HTTP_PORT, contract.MODEL_READY_PATH)
 
     run = " ".join(rest for word, rest in instructions if word == "RUN")
     assert re.search(r"pip3? install .*\bonnxruntime==", run), (
@@ -371,7 +371,7 @@ def test_compose_server_matches_contract(compose: dict):
 
     probe = server["healthcheck"]["test"]
     url = urlsplit(next(a for a in probe if str(a).startswith("http")))
-    assert (url.port, url.path) == (contract.HTTP_PORT, contract.HEALTH_READY_PATH)
+    assert (url.port, url.path) == (contract.HTTP_PORT, contract.MODEL_READY_PATH)
 
     assert server["build"]["dockerfile"] == "docker/server.Dockerfile"
     assert server["shm_size"]
@@ -549,8 +549,8 @@ def test_deploy_server_args_helper():
 def test_probes_match_contract(overlay: str):
     container = _server_container(render_overlay(overlay))
     expected = {
-        "startupProbe": contract.HEALTH_READY_PATH,
-        "readinessProbe": contract.HEALTH_READY_PATH,
+        "startupProbe": contract.MODEL_READY_PATH,
+        "readinessProbe": contract.MODEL_READY_PATH,
         "livenessProbe": contract.HEALTH_LIVE_PATH,
     }
     for probe_name, path in expected.items():
