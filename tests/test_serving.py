@@ -310,3 +310,63 @@ def test_serve_cli_prints_endpoints_and_stops_on_sigterm(tiny_cpu_repo):
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0 and "stopped" in rest
+
+
+def test_queue_full_rejections_are_retried_until_served(cache_dir, tmp_path):
+    """A server with a one-slot queue rejects bursts ("Exceeds maximum queue size"); the
+    client backs off and retries until every request is answered."""
+    from dataclasses import replace
+
+    import tritonclient.grpc.aio as grpcaio
+
+    from export.exporter import export_model
+    from export.repository import default_options
+
+    options = replace(
+        default_options("cpu"),
+        max_batch_size=1,
+        preferred_batch_sizes=(1,),
+        max_queue_delay_us=0,
+        max_queue_size=1,
+    )
+    repo = tmp_path / "repo"
+    export_model(
+        "synthetic:tiny",
+        repo,
+        target="cpu",
+        options=options,
+        check_parity=False,
+        cache_dir=cache_dir,
+    )
+    server = start_server(repo, instances=1, threads=1)
+    clips = [np.full(32_000, 0.01 * (i + 1), dtype=np.float32) for i in range(16)]
+
+    async def raw_burst() -> list:
+        """The same burst without our client: no retries, so rejections surface."""
+        client = grpcaio.InferenceServerClient(server.config.grpc_url)
+
+        async def one(clip):
+            wav = grpcaio.InferInput("WAV", [1, len(clip)], "FP32")
+            wav.set_data_from_numpy(clip[None, :])
+            lens = grpcaio.InferInput("WAV_LENS", [1, 1], "INT64")
+            lens.set_data_from_numpy(np.array([[len(clip)]], dtype=np.int64))
+            return await client.infer("emotion2vec", [wav, lens])
+
+        try:
+            return await asyncio.gather(*(one(c) for c in clips), return_exceptions=True)
+        finally:
+            await client.close()
+
+    async def burst():
+        async with TritonEmotionClient(server.config.grpc_url, retries=8, backoff_s=0.05) as c:
+            return await asyncio.gather(*(c.predict(clip) for clip in clips))
+
+    try:
+        raw = asyncio.run(raw_burst())
+        predictions = asyncio.run(burst())
+    finally:
+        server.stop()
+    rejected = [r for r in raw if isinstance(r, Exception)]
+    assert rejected and all("Exceeds maximum queue size" in str(r) for r in rejected)
+    assert len(predictions) == len(clips)
+    assert all(abs(p.scores.sum() - 1) < 1e-4 for p in predictions)
