@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from e2v.contract import SAMPLE_RATE, bucket_samples
-from export.parity import pad_batch
+from export.parity import funasr_model, pad_batch
 
 
 def call_centre_clips(count: int, seed: int = 0) -> list[np.ndarray]:
@@ -40,19 +39,7 @@ def audio_seconds(clips: list[np.ndarray]) -> float:
 
 
 def time_funasr(model_dir: Path, clips: list[np.ndarray]) -> float:
-    from funasr import AutoModel
-
-    # Importing funasr configures the root logger at INFO; keep its per-step logs quiet.
-    logging.getLogger().setLevel(logging.WARNING)
-
-    model = AutoModel(
-        model=str(model_dir),
-        device="cpu",
-        disable_update=True,
-        disable_pbar=True,
-        disable_log=True,
-        log_level="WARNING",
-    )
+    model = funasr_model(model_dir)
     model.generate(clips[0][:SAMPLE_RATE], disable_pbar=True)  # warm up
     start = time.perf_counter()
     for clip in clips:

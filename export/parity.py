@@ -27,14 +27,13 @@ def pad_batch(clips: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return wav, lens
 
 
-def funasr_reference(model_dir: Path, clips: list[np.ndarray]) -> list[dict]:
-    """FunASR `AutoModel.generate`, one clip at a time: {labels, scores, feats} per clip."""
+def funasr_model(model_dir: Path):
+    """FunASR's `AutoModel` on `model_dir`, on the CPU, without update checks or log noise."""
     from funasr import AutoModel
 
     # Importing funasr configures the root logger at INFO; keep its per-step logs quiet.
     logging.getLogger().setLevel(logging.WARNING)
-
-    model = AutoModel(
+    return AutoModel(
         model=str(model_dir),
         device="cpu",
         disable_update=True,
@@ -42,6 +41,12 @@ def funasr_reference(model_dir: Path, clips: list[np.ndarray]) -> list[dict]:
         disable_log=True,
         log_level="WARNING",
     )
+
+
+def funasr_reference(model_dir: Path, clips: list) -> list[dict]:
+    """FunASR `AutoModel.generate`, one clip (array or file path) at a time:
+    {labels, scores, feats} per clip."""
+    model = funasr_model(model_dir)
     return [model.generate(clip, extract_embedding=True, disable_pbar=True)[0] for clip in clips]
 
 
