@@ -42,7 +42,8 @@ class LoadedModel:
     source: str
     synthetic: bool
     checkpoint_sha256: str
-    ignored_keys: list[str] = field(default_factory=list)
+    ignored_keys: list[str] = field(default_factory=list)  # pre-training only (decoder, EMA)
+    unexpected_keys: list[str] = field(default_factory=list)  # neither used nor pre-training
 
     @property
     def has_head(self) -> bool:
@@ -142,7 +143,7 @@ def load_model(model_dir: Path, source: str | None = None) -> LoadedModel:
     labels = _read_labels(tokens_path) if tokens_path else []
     model = _build(config, len(labels))
     state, digest = _read_state_dict(ckpt_path)
-    ignored = _load_strict(model, state, ckpt_path)
+    unused = _load_strict(model, state, ckpt_path)
     model.eval()
     return LoadedModel(
         model=model,
@@ -151,7 +152,8 @@ def load_model(model_dir: Path, source: str | None = None) -> LoadedModel:
         source=source or str(model_dir),
         synthetic=_is_synthetic_dir(model_dir),
         checkpoint_sha256=digest,
-        ignored_keys=ignored,
+        ignored_keys=[k for k in unused if PRETRAINING_ONLY.search(k)],
+        unexpected_keys=[k for k in unused if not PRETRAINING_ONLY.search(k)],
     )
 
 
@@ -220,7 +222,7 @@ def inference_keys(model: torch.nn.Module) -> list[str]:
 
 
 def _load_strict(model: torch.nn.Module, state: dict, ckpt_path: Path) -> list[str]:
-    """Load weights; refuse missing or mis-shaped inference weights. Returns ignored keys."""
+    """Load weights; refuse missing or mis-shaped inference weights. Returns unused keys."""
     expected = model.state_dict()
     needed = inference_keys(model)
     missing = [k for k in needed if k not in state]

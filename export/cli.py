@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -80,7 +81,21 @@ def run_export(args: argparse.Namespace) -> int:
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    card = json.loads((model_dir / "model_card.json").read_text())
     print(f"exported {args.model} -> {model_dir} (target {args.target})")
+    if card["ignored_keys_count"]:
+        print(
+            f"ignored {card['ignored_keys_count']} checkpoint keys used only in pre-training "
+            f"(decoder, EMA), e.g. {', '.join(card['ignored_keys_sample'][:3])}"
+        )
+    if card["unexpected_keys"]:
+        print(
+            f"warning: checkpoint keys the model does not have were ignored: "
+            f"{', '.join(card['unexpected_keys'][:5])}",
+            file=sys.stderr,
+        )
+    if card["synthetic"]:
+        print("note: SYNTHETIC model (random weights): its predictions are meaningless")
     return 0
 
 

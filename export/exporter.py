@@ -137,6 +137,7 @@ def _card(loaded, name, target, options, embed_dim, parity) -> dict:
         },
         "ignored_keys_count": len(loaded.ignored_keys),
         "ignored_keys_sample": loaded.ignored_keys[:10],
+        "unexpected_keys": loaded.unexpected_keys[:50],
         "options": options_dict(options),
         "parity": parity,
     }

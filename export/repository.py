@@ -173,6 +173,7 @@ def _card_markdown(card: dict) -> str:
         f"- exporter: {card['exporter']}, opset {card['onnx_opset']}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in card['versions'].items())}",
         f"- ignored checkpoint keys (pre-training only): {card['ignored_keys_count']}",
+        f"- unexpected checkpoint keys (ignored): {len(card.get('unexpected_keys', []))}",
         "",
         "## Serving options",
         "",

@@ -282,10 +282,12 @@ def test_pretraining_keys_are_ignored_and_reported(tiny_model_dir, tmp_path):
     model_dir = damaged_copy(tiny_model_dir, tmp_path / "with-ema")
     state = torch.load(model_dir / "model.pt", weights_only=True)["model"]
     state["_ema.blocks.0.attn.qkv.weight"] = torch.zeros(3)
+    state["some_other_head.weight"] = torch.zeros(3)
     torch.save({"model": state}, model_dir / "model.pt")
     loaded = load_model(model_dir)
     assert "_ema.blocks.0.attn.qkv.weight" in loaded.ignored_keys
     assert any(".decoder." in k for k in loaded.ignored_keys)
+    assert loaded.unexpected_keys == ["some_other_head.weight"]
 
 
 @pytest.mark.parametrize(
