@@ -16,7 +16,7 @@ import numpy as np
 from client.audio import AudioError, audio_duration_s, check_min_length, load_audio
 from client.results import FileResult, aggregate, segment_result
 from client.segment import SegmentMode, segment_audio
-from client.triton import InferenceError, ModelInfo, ServerUnavailable, TritonEmotionClient
+from client.triton import InferenceError, ServerUnavailable, TritonEmotionClient
 from e2v.contract import MIN_SAMPLES, SAMPLE_RATE
 
 
@@ -33,35 +33,33 @@ class JobOptions:
 
 async def classify_files(
     paths: Iterable[str],
+    client: TritonEmotionClient,
     options: JobOptions,
     on_result: Callable[[FileResult], None],
     on_audio: Callable[[float], None] | None = None,
-) -> ModelInfo:
-    """Classify every path, calling `on_result` once per path as it completes.
+) -> None:
+    """Classify every path with a connected `client`, calling `on_result` once per path
+    as it completes.
 
     Raises ServerUnavailable (after retries) when the server goes away: files not yet
     reported are left for a `--resume` run.
     """
-    async with TritonEmotionClient(
-        options.url, options.protocol, options.model, retries=options.retries
-    ) as client:
-        requests = asyncio.Semaphore(options.concurrency)
-        files_in_flight = asyncio.Semaphore(max(2, options.concurrency // 2))
+    requests = asyncio.Semaphore(options.concurrency)
+    files_in_flight = asyncio.Semaphore(max(2, options.concurrency // 2))
 
-        async def one(path: str) -> None:
-            async with files_in_flight:
-                result = await _classify_one(path, client, requests, options)
-            if on_audio and result.duration_s:
-                on_audio(result.duration_s)
-            on_result(result)
+    async def one(path: str) -> None:
+        async with files_in_flight:
+            result = await _classify_one(path, client, requests, options)
+        if on_audio and result.duration_s:
+            on_audio(result.duration_s)
+        on_result(result)
 
-        tasks = [asyncio.create_task(one(p)) for p in paths]
-        try:
-            await _gather_stop_on_unavailable(tasks)
-        finally:
-            for task in tasks:
-                task.cancel()
-        return client.info
+    tasks = [asyncio.create_task(one(p)) for p in paths]
+    try:
+        await _gather_stop_on_unavailable(tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def _gather_stop_on_unavailable(tasks: list[asyncio.Task]) -> None:

@@ -84,12 +84,13 @@ async def _run(args, options, files, missing) -> int:
     from client.output import EmbeddingWriter, ResultWriter
     from client.triton import ServerUnavailable, TritonEmotionClient
 
+    client = TritonEmotionClient(
+        options.url, options.protocol, options.model, retries=options.retries
+    )
     try:
-        async with TritonEmotionClient(
-            options.url, options.protocol, options.model, retries=options.retries
-        ) as probe:
-            info = probe.info
+        info = await client.connect()
     except ServerUnavailable as exc:
+        await client.close()
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     if info.synthetic:
@@ -131,7 +132,7 @@ async def _run(args, options, files, missing) -> int:
     code = 0
     try:
         if files:
-            await classify_files(files, options, on_result, on_audio)
+            await classify_files(files, client, options, on_result, on_audio)
     except ServerUnavailable as exc:
         print(
             f"\nerror: {exc}\n{writer.results} row(s) written; rerun with --resume to finish.",
@@ -139,6 +140,7 @@ async def _run(args, options, files, missing) -> int:
         )
         code = EXIT_UNAVAILABLE
     finally:
+        await client.close()
         if progress:
             progress.close()
         writer.close()

@@ -8,6 +8,7 @@ the containers and Kubernetes manifests in `docker/` and `deploy/`.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import signal
@@ -42,6 +43,7 @@ class TritonInstall:
     libs: Path
 
 
+@functools.lru_cache(maxsize=1)
 def find_triton() -> TritonInstall:
     """Locate tritonserver, the Python backend and the stub for this Python."""
     try:
@@ -66,10 +68,10 @@ def prepare_backends(install: TritonInstall, directory: Path) -> Path:
     """A backend directory with the Python backend and the stub matching this Python."""
     python_dir = directory / "python"
     if not (python_dir / "triton_python_backend_stub").exists():
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent if directory.parent.exists() else None))
-        shutil.copytree(install.python_backend, tmp / "python", dirs_exist_ok=True)
-        shutil.copy2(install.stub, tmp / "python" / "triton_python_backend_stub")
         directory.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory))  # staged beside it: rename is atomic
+        shutil.copytree(install.python_backend, tmp / "python")
+        shutil.copy2(install.stub, tmp / "python" / "triton_python_backend_stub")
         if python_dir.exists():
             shutil.rmtree(python_dir)
         os.replace(tmp / "python", python_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 from e2v.contract import MODEL_NAME
@@ -16,7 +17,6 @@ from export.repository import (
     TARGETS,
     ServingOptions,
     default_options,
-    options_dict,
     publish_model_dir,
     render_config,
     write_model_card,
@@ -138,6 +138,6 @@ def _card(loaded, name, target, options, embed_dim, parity) -> dict:
         "ignored_keys_count": len(loaded.ignored_keys),
         "ignored_keys_sample": loaded.ignored_keys[:10],
         "unexpected_keys": loaded.unexpected_keys[:50],
-        "options": options_dict(options),
+        "options": asdict(options),
         "parity": parity,
     }

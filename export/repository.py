@@ -12,7 +12,7 @@ import os
 import shutil
 import string
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from e2v.contract import (
@@ -189,7 +189,3 @@ def _card_markdown(card: dict) -> str:
     if card.get("benchmark"):
         lines += ["", "## Benchmark (`e2v bench export`)", "", "```", card["benchmark"], "```"]
     return "\n".join(lines) + "\n"
-
-
-def options_dict(options: ServingOptions) -> dict:
-    return asdict(options)
