@@ -79,6 +79,18 @@ def prepare_backends(install: TritonInstall, directory: Path) -> Path:
     return directory
 
 
+def free_ports(count: int = 3, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free TCP ports on `host` (bound together, so they cannot repeat)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 @dataclass
 class ServerConfig:
     repo: Path
@@ -89,6 +101,12 @@ class ServerConfig:
     instances: int | None = None  # override instance_group count of every model
     threads: int | None = None  # override ONNX Runtime intra-op threads (cpu target)
     extra_flags: list[str] = field(default_factory=list)
+
+    @classmethod
+    def on_free_ports(cls, repo: Path, **overrides) -> ServerConfig:
+        """A loopback config on free ports (tests, load tests)."""
+        http, grpc, metrics = free_ports(3)
+        return cls(repo=repo, http_port=http, grpc_port=grpc, metrics_port=metrics, **overrides)
 
     @property
     def http_url(self) -> str:

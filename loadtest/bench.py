@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from e2v.contract import INPUT_WAV, INPUT_WAV_LENS, MODEL_NAME
+from e2v.serve import free_ports
 from loadtest import triton_stats
-from loadtest.baseline_server import BaselineServer, free_port
+from loadtest.baseline_server import BaselineServer
 from loadtest.metrics import Requests, Summary, ramp_steps, saturation, summarize
 from loadtest.spec import DriveSpec, Ramp
 from loadtest.triton_stats import ModelStats
@@ -194,14 +195,7 @@ def local_triton(
     """`tritonserver` on `repo` with free loopback ports; yields its Target."""
     from e2v.serve import ServerConfig, TritonServer
 
-    config = ServerConfig(
-        repo=repo,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        instances=instances,
-        threads=threads,
-    )
+    config = ServerConfig.on_free_ports(repo, instances=instances, threads=threads)
     with TritonServer(config):
         url = config.grpc_url if protocol == "grpc" else config.http_url
         label = f"triton-{protocol}" + (f"-{instances}x{threads}" if instances else "")
@@ -214,7 +208,7 @@ def local_baseline(
 ) -> Iterator[Target]:
     """The FunASR baseline server on a free loopback port; yields its Target."""
     threads = threads or os.cpu_count() or 1
-    with BaselineServer(model_dir, free_port(), device=device, threads=threads) as server:
+    with BaselineServer(model_dir, free_ports(1)[0], device=device, threads=threads) as server:
         settings = {
             "server": "FunASR AutoModel.generate, one request at a time",
             "device": device,

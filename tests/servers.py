@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
-from e2v.serve import ServerConfig, TritonServer
+from e2v.serve import ServerConfig, TritonServer, free_ports
 
-
-def free_ports(count: int = 3) -> list[int]:
-    sockets = []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+__all__ = ["free_ports", "server_config", "start_server"]
 
 
 def server_config(repo: Path, **overrides) -> ServerConfig:
-    http, grpc, metrics = free_ports()
-    return ServerConfig(
-        repo=repo, http_port=http, grpc_port=grpc, metrics_port=metrics, **overrides
-    )
+    return ServerConfig.on_free_ports(repo, **overrides)
 
 
 def start_server(repo: Path, **overrides) -> TritonServer:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -162,12 +161,6 @@ def smoke_profile(tmp_path) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _triton_successes(http_url: str) -> int:
     import tritonclient.http as httpclient
 
@@ -187,12 +180,7 @@ def test_grpc_load_test_matches_triton_statistics(tiny_cpu_repo, smoke_profile, 
     from e2v.cli import main
     from e2v.serve import ServerConfig, TritonServer
 
-    config = ServerConfig(
-        repo=tiny_cpu_repo,
-        http_port=_free_port(),
-        grpc_port=_free_port(),
-        metrics_port=_free_port(),
-    )
+    config = ServerConfig.on_free_ports(tiny_cpu_repo)
     report = tmp_path / "report"
     with TritonServer(config):
         before = _triton_successes(config.http_url)
