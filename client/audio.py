@@ -1,37 +1,58 @@
-"""Load any audio or video file as 16 kHz mono float32, the model's input.
+"""Decode any audio or video file as 16 kHz mono float32, the model's input, as a stream.
 
-FFmpeg (through PyAV) demuxes and decodes every common container; channels are
-averaged to mono and soxr resamples at very high quality, because emotion2vec is
-sensitive to resampling artefacts. Unusable input raises `AudioError` with a one-line,
-human-readable reason and a machine-readable `kind`.
+FFmpeg (through PyAV) demuxes and decodes every common container; channels are averaged
+to mono and soxr resamples at very high quality, because emotion2vec is sensitive to
+resampling artefacts. Decoding streams in chunks of a few seconds, so memory does not grow
+with the file, and a duration limit stops files that decode to more than it allows.
+
+Unusable input raises `AudioError` with a one-line, human-readable reason and a
+machine-readable `kind`. Headers are not trusted: a sample rate or channel count outside
+what real recordings use is refused before anything is decoded.
 """
 
 from __future__ import annotations
 
-import itertools
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import av
 import numpy as np
 import soxr
 
+from client.names import display_name
 from e2v.contract import MIN_SAMPLES, SAMPLE_RATE
 
 ErrorKind = Literal[
     "not_found",  # no such file
-    "unreadable",  # exists but cannot be opened (permissions, a directory)
-    "decode",  # not audio, unsupported, corrupt or truncated
+    "unreadable",  # exists but cannot be opened (permissions, a directory, a FIFO or device)
+    "decode",  # not audio, unsupported, corrupt, truncated, or an implausible header
     "no_audio",  # a valid container without an audio stream (e.g. video only)
     "empty",  # zero-byte file or zero decoded samples
     "non_finite",  # NaN or Inf samples
+    "out_of_range",  # finite samples far beyond full scale (a broken float file)
     "too_short",  # shorter than one model frame
-    "too_long",  # longer than one model call allows (see client.segment)
+    "too_long",  # longer than the duration limit, or than one model call (--segment none)
 ]
+
+# Header sanity: real recordings lie between telephony's 8 kHz (some codecs: 2 kHz) and
+# 768 kHz studio rates, with at most 64 channels. A WAV claiming 1 Hz would otherwise turn a
+# few kilobytes into gigabytes of resampled audio.
+MIN_SOURCE_RATE = 2_000
+MAX_SOURCE_RATE = 768_000
+MAX_CHANNELS = 64
+# Float files hold +-1.0 at full scale. Integer PCM stored as float reaches ~3.3e4; beyond
+# 1e5 the file is broken, and values near 3e38 overflow the model's normalisation.
+MAX_ABS_SAMPLE = 1e5
+# Samples of the source rate gathered before one resampling step (about 2 s at 48 kHz).
+_CHUNK_SOURCE_SAMPLES = 1 << 17
 
 # Full scale of each integer sample type FFmpeg decodes to; float types are already +-1.
 _INT_SCALE = {np.dtype(np.int16): 2.0**15, np.dtype(np.int32): 2.0**31, np.dtype(np.int64): 2.0**63}
+
+AudioSource = str | Path | BinaryIO
 
 
 class AudioError(ValueError):
@@ -42,25 +63,42 @@ class AudioError(ValueError):
         self.kind: ErrorKind = kind
 
 
-def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode the first audio stream of `path` to mono float32 at `sample_rate`.
+def stream_audio(
+    source: AudioSource,
+    sample_rate: int = SAMPLE_RATE,
+    max_duration_s: float | None = None,
+) -> Iterator[np.ndarray]:
+    """Yield `source` as consecutive mono float32 chunks at `sample_rate`.
 
-    Raises AudioError for a missing, unreadable, undecodable or empty (0 bytes or
-    0 samples) file and for NaN/Inf samples. Short clips are returned as they are:
-    see `check_min_length`.
+    `source` is a path or a binary file object (e.g. `io.BytesIO` of an upload). Raises
+    AudioError, possibly after some chunks, for unusable input and when the decoded audio
+    exceeds `max_duration_s`.
     """
-    path = Path(path)
-    _check_file(path)
-    chunks = [
-        _resample(np.concatenate([wav for _, wav in run]), rate, sample_rate)
-        for rate, run in itertools.groupby(_decode(path), key=lambda chunk: chunk[0])
-    ]
-    wav = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
-    if wav.size == 0:
+    limit = None if max_duration_s is None else int(max_duration_s * sample_rate)
+    produced = 0
+    for chunk in _resampled(_decoded_chunks(source), sample_rate):
+        if chunk.size == 0:
+            continue
+        _check_samples(chunk)
+        produced += len(chunk)
+        if limit is not None and produced > limit:
+            raise AudioError(
+                "too_long",
+                f"too long: more than {max_duration_s:g} s of audio (the --max-duration-s limit)",
+            )
+        yield chunk
+    if produced == 0:
         raise AudioError("empty", "empty audio (0 samples)")
-    if not np.isfinite(wav).all():
-        raise AudioError("non_finite", "audio contains NaN or Inf samples")
-    return wav
+
+
+def load_audio(
+    source: AudioSource, sample_rate: int = SAMPLE_RATE, max_duration_s: float | None = None
+) -> np.ndarray:
+    """Decode the first audio stream of `source` to one mono float32 array at `sample_rate`.
+
+    Short clips are returned as they are: see `check_min_length`.
+    """
+    return np.concatenate(list(stream_audio(source, sample_rate, max_duration_s)))
 
 
 def check_min_length(wav: np.ndarray) -> None:
@@ -73,53 +111,109 @@ def check_min_length(wav: np.ndarray) -> None:
         )
 
 
-def audio_duration_s(wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
-    """Duration of `wav` in seconds."""
-    return len(wav) / sample_rate
+def audio_duration_s(wav: np.ndarray | int, sample_rate: int = SAMPLE_RATE) -> float:
+    """Duration of `wav` (or of that many samples) in seconds."""
+    return (wav if isinstance(wav, int) else len(wav)) / sample_rate
 
 
-def _check_file(path: Path) -> None:
-    """Fail early, with a clear reason, on paths FFmpeg would report cryptically."""
+def open_regular_file(path: str | Path) -> BinaryIO:
+    """Open `path` for reading only if it is a non-empty regular file.
+
+    FIFOs, devices and sockets are refused without blocking (a FIFO would hang open()
+    forever); the file is checked through the descriptor that is then read, so it cannot
+    be swapped in between.
+    """
+    name = display_name(str(path))
     try:
-        with path.open("rb") as file:
-            first = file.read(1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise AudioError("not_found", f"file not found: {path}") from None
-    except IsADirectoryError:
-        raise AudioError("unreadable", f"is a directory, not a file: {path}") from None
+        broken = os.path.islink(path)
+        reason = "broken symbolic link" if broken else "file not found"
+        raise AudioError("not_found", f"{reason}: {name}") from None
     except PermissionError:
-        raise AudioError("unreadable", f"permission denied: {path}") from None
-    except OSError as err:
-        raise AudioError("unreadable", f"cannot read {path}: {err.strerror}") from None
-    if not first:
-        raise AudioError("empty", f"empty file (0 bytes): {path}")
+        raise AudioError("unreadable", f"permission denied: {name}") from None
+    except (OSError, ValueError) as err:  # ELOOP, ENAMETOOLONG, ENXIO, embedded NUL...
+        reason = getattr(err, "strerror", None) or str(err)
+        raise AudioError("unreadable", f"cannot open {name}: {reason}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        what = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        raise AudioError("unreadable", f"is {what}: {name}")
+    if info.st_size == 0:
+        os.close(fd)
+        raise AudioError("empty", f"empty file (0 bytes): {name}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
-def _decode(path: Path) -> Iterator[tuple[int, np.ndarray]]:
+def _decoded_chunks(source: AudioSource) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (sample_rate, mono float32) chunks of about _CHUNK_SOURCE_SAMPLES each."""
+    pending: list[np.ndarray] = []
+    pending_rate, pending_len = 0, 0
+    for rate, mono in _decoded_frames(source):
+        if pending and (rate != pending_rate or pending_len >= _CHUNK_SOURCE_SAMPLES):
+            yield pending_rate, np.concatenate(pending)
+            pending, pending_len = [], 0
+        pending.append(mono)
+        pending_rate, pending_len = rate, pending_len + len(mono)
+    if pending:
+        yield pending_rate, np.concatenate(pending)
+
+
+def _decoded_frames(source: AudioSource) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (sample_rate, mono float32) per decoded frame of the first audio stream."""
+    is_path = isinstance(source, (str, Path))
+    file = open_regular_file(source) if is_path else source
+    name = display_name(str(source)) if is_path else "upload"
     try:
-        # "file:" stops FFmpeg from reading names such as "pipe:0" as protocols.
-        container = av.open(f"file:{path}", metadata_errors="ignore")
-    except av.FFmpegError as err:
-        raise AudioError(
-            "decode",
-            f"cannot decode: {path}: not an audio file or unsupported format ({err.strerror})",
-        ) from err
-    with container:
-        if not container.streams.audio:
-            raise AudioError("no_audio", f"no audio stream in {path}")
-        stream, seconds = container.streams.audio[0], 0.0
         try:
-            for packet in container.demux(stream):
-                for frame in packet.decode():
-                    seconds += frame.samples / frame.sample_rate
-                    yield frame.sample_rate, _to_mono(frame)
-        except av.FFmpegError as err:
+            container = av.open(file, metadata_errors="ignore")
+        except (av.FFmpegError, ValueError, MemoryError) as err:
             raise AudioError(
                 "decode",
-                f"cannot decode: {path}: corrupt or truncated after {seconds:.2f} s "
-                f"({err.strerror})",
+                f"cannot decode: {name}: not an audio file or unsupported format ({_reason(err)})",
             ) from err
+        with container:
+            if not container.streams.audio:
+                raise AudioError("no_audio", f"no audio stream in {name}")
+            stream, seconds = container.streams.audio[0], 0.0
+            if stream.codec_context.sample_rate:  # some containers only know it per frame
+                _check_header(stream.codec_context.sample_rate, stream.channels or 1, name)
+            try:
+                for packet in container.demux(stream):
+                    for frame in packet.decode():
+                        _check_header(frame.sample_rate, frame.layout.nb_channels, name)
+                        seconds += frame.samples / frame.sample_rate
+                        yield frame.sample_rate, _to_mono(frame)
+            except (av.FFmpegError, MemoryError) as err:
+                raise AudioError(
+                    "decode",
+                    f"cannot decode: {name}: corrupt or truncated after {seconds:.2f} s "
+                    f"({_reason(err)})",
+                ) from err
+    finally:
+        if is_path:
+            file.close()
+
+
+def _check_header(rate: int, channels: int, name: str) -> None:
+    if not MIN_SOURCE_RATE <= (rate or 0) <= MAX_SOURCE_RATE:
+        raise AudioError(
+            "decode",
+            f"cannot decode: {name}: implausible sample rate {rate} Hz "
+            f"(accepted: {MIN_SOURCE_RATE}-{MAX_SOURCE_RATE} Hz)",
+        )
+    if not 1 <= (channels or 0) <= MAX_CHANNELS:
+        raise AudioError(
+            "decode",
+            f"cannot decode: {name}: implausible channel count {channels} "
+            f"(accepted: 1-{MAX_CHANNELS})",
+        )
+
+
+def _reason(err: BaseException) -> str:
+    return getattr(err, "strerror", None) or type(err).__name__
 
 
 def _to_mono(frame: av.AudioFrame) -> np.ndarray:
@@ -134,8 +228,47 @@ def _to_mono(frame: av.AudioFrame) -> np.ndarray:
     return samples.mean(axis=0, dtype=np.float64).astype(np.float32)
 
 
-def _resample(wav: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """Resample with soxr's very-high-quality filter (no-op at the target rate)."""
-    if rate == target or wav.size == 0:
-        return wav
-    return soxr.resample(wav, rate, target, quality="VHQ").astype(np.float32, copy=False)
+def _resampled(chunks: Iterator[tuple[int, np.ndarray]], target: int) -> Iterator[np.ndarray]:
+    """Resample a stream of chunks with soxr's very-high-quality filter.
+
+    One soxr stream per run of equal source rates gives the same samples as resampling
+    the whole run at once (soxr keeps the filter state between chunks).
+    """
+    stream, rate = None, 0
+    for chunk_rate, chunk in chunks:
+        if chunk_rate == target:
+            if stream is not None:
+                yield stream.resample_chunk(np.zeros(0, np.float32), last=True)
+                stream = None
+            yield chunk
+            continue
+        if stream is None or chunk_rate != rate:
+            if stream is not None:
+                yield stream.resample_chunk(np.zeros(0, np.float32), last=True)
+            stream = soxr.ResampleStream(chunk_rate, target, 1, dtype="float32", quality="VHQ")
+            rate = chunk_rate
+        yield stream.resample_chunk(chunk)
+    if stream is not None:
+        yield stream.resample_chunk(np.zeros(0, np.float32), last=True)
+
+
+def _check_samples(chunk: np.ndarray) -> None:
+    peak = float(np.max(np.abs(chunk)))
+    if not np.isfinite(peak):
+        raise AudioError("non_finite", "audio contains NaN or Inf samples")
+    if peak > MAX_ABS_SAMPLE:
+        raise AudioError(
+            "out_of_range",
+            f"samples reach {peak:.3g}, beyond +-{MAX_ABS_SAMPLE:g} (full scale is 1.0): "
+            f"a broken float file",
+        )
+
+
+__all__ = [
+    "AudioError",
+    "audio_duration_s",
+    "check_min_length",
+    "load_audio",
+    "open_regular_file",
+    "stream_audio",
+]

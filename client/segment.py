@@ -13,14 +13,23 @@ inventing an emotion.
 
 from __future__ import annotations
 
-import functools
 import math
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
-from client.audio import AudioError, audio_duration_s, check_min_length
+from client.audio import AudioError
+from client.vad import (
+    FRAME,
+    RegionPadder,
+    SpeechTracker,
+    StreamingVad,
+    VadParams,
+    silero_model_path,
+)
 from e2v.contract import MAX_SEGMENT_S, MIN_SAMPLES, SAMPLE_RATE
 
 # Silero's recommended default; lower admits breathing and music, higher drops soft speech.
@@ -33,6 +42,17 @@ VAD_MIN_SILENCE_MS = 300
 VAD_SPEECH_PAD_MS = 100
 # Regions closer than this are one utterance: merged (while the span fits) for context.
 MERGE_GAP_S = 1.0
+# Continuous "speech" longer than this (a tone, music, a stuck line) is cut at its longest
+# pause, by Silero's own rule: it bounds the audio held per file in memory.
+VAD_MAX_SPEECH_S = 120.0
+
+VAD_PARAMS = VadParams(
+    threshold=VAD_THRESHOLD,
+    min_speech_ms=VAD_MIN_SPEECH_MS,
+    min_silence_ms=VAD_MIN_SILENCE_MS,
+    speech_pad_ms=VAD_SPEECH_PAD_MS,
+    max_speech_s=VAD_MAX_SPEECH_S,
+)
 
 
 @dataclass(frozen=True)
@@ -91,32 +111,258 @@ def parse_segment_mode(text: str) -> SegmentMode:
     return SegmentMode("fixed", window)
 
 
+def segment_stream(
+    chunks: Iterable[np.ndarray],
+    mode: SegmentMode,
+    max_segment_s: float = MAX_SEGMENT_S,
+    on_samples: Callable[[int], None] | None = None,
+) -> Iterator[tuple[Segment, np.ndarray]]:
+    """Cut a stream of 16 kHz mono chunks into (segment, samples) as soon as each is final.
+
+    Memory is bounded by the longest segment and speech region, not by the stream: audio
+    no later segment can need is released as the stream goes. `on_samples` is called with
+    each chunk's length. Raises AudioError("too_short") for a stream shorter than one
+    model frame and AudioError("too_long") in mode "none" past the maximum.
+    """
+    low = MIN_SAMPLES / SAMPLE_RATE
+    if not low <= max_segment_s <= MAX_SEGMENT_S:
+        raise ValueError(f"max_segment_s must be between {low:g} and {MAX_SEGMENT_S:g} s")
+    max_samples = round(max_segment_s * SAMPLE_RATE)
+    cutter = {"none": _WholeCutter, "fixed": _FixedCutter, "vad": _VadCutter}[mode.kind]
+    cuts = cutter(mode, max_samples)
+    buffer = _Buffer()
+    for chunk in chunks:
+        if chunk.ndim != 1:
+            raise ValueError(f"expected 1-D mono audio, got shape {chunk.shape}")
+        if not len(chunk):
+            continue
+        buffer.append(chunk)
+        if on_samples:
+            on_samples(len(chunk))
+        for segment in cuts.feed(chunk, buffer.end):
+            yield segment, buffer.take(segment.start, segment.end)
+        buffer.release(cuts.needed_from())
+    if buffer.end < MIN_SAMPLES:
+        raise AudioError(
+            "too_short",
+            f"too short: {buffer.end / SAMPLE_RATE:.4g} s "
+            f"(< {MIN_SAMPLES / SAMPLE_RATE:g} s, one model frame)",
+        )
+    for segment in cuts.finish(buffer.end):
+        yield segment, buffer.take(segment.start, segment.end)
+
+
 def segment_audio(
     wav: np.ndarray, mode: SegmentMode, max_segment_s: float = MAX_SEGMENT_S
 ) -> list[Segment]:
     """Segments of `wav` (16 kHz mono) for `mode`, each MIN_SAMPLES..max_segment_s long."""
     if wav.ndim != 1:
         raise ValueError(f"expected 1-D mono audio, got shape {wav.shape}")
-    low = MIN_SAMPLES / SAMPLE_RATE
-    if not low <= max_segment_s <= MAX_SEGMENT_S:
-        raise ValueError(f"max_segment_s must be between {low:g} and {MAX_SEGMENT_S:g} s")
-    check_min_length(wav)
-    max_samples = round(max_segment_s * SAMPLE_RATE)
-    if mode.kind == "none":
-        return _whole(wav, max_samples)
-    if mode.kind == "fixed":
-        return fixed_windows(len(wav), round(mode.seconds * SAMPLE_RATE), max_samples)
-    return _vad_segments(wav, max_samples)
+    return [segment for segment, _ in segment_stream([wav], mode, max_segment_s)]
 
 
-def _whole(wav: np.ndarray, max_samples: int) -> list[Segment]:
-    if len(wav) > max_samples:
-        raise AudioError(
-            "too_long",
-            f"too long: {audio_duration_s(wav):.1f} s exceeds the "
-            f"{max_samples / SAMPLE_RATE:g} s maximum; use --segment vad or --segment fixed:S",
+class _Buffer:
+    """The stream's samples from `start` to `end`, kept as the chunks that arrived."""
+
+    def __init__(self) -> None:
+        self.chunks: deque[np.ndarray] = deque()
+        self.start = self.end = 0
+
+    def append(self, chunk: np.ndarray) -> None:
+        self.chunks.append(chunk)
+        self.end += len(chunk)
+
+    def take(self, start: int, end: int) -> np.ndarray:
+        if start < self.start or end > self.end:
+            raise AssertionError(f"[{start}, {end}) outside [{self.start}, {self.end})")
+        out = np.empty(end - start, dtype=np.float32)
+        position, filled = self.start, 0
+        for chunk in self.chunks:
+            lo, hi = max(start, position), min(end, position + len(chunk))
+            if lo < hi:
+                out[filled : filled + hi - lo] = chunk[lo - position : hi - position]
+                filled += hi - lo
+            position += len(chunk)
+            if position >= end:
+                break
+        return out
+
+    def release(self, before: int) -> None:
+        """Drop whole chunks that end at or before sample `before`."""
+        while self.chunks and self.start + len(self.chunks[0]) <= before:
+            self.start += len(self.chunks.popleft())
+
+
+class _WholeCutter:
+    """ "none": the whole clip, up to the maximum."""
+
+    def __init__(self, mode: SegmentMode, max_samples: int) -> None:
+        self.max_samples = max_samples
+
+    def feed(self, chunk: np.ndarray, end: int) -> list[Segment]:
+        if end > self.max_samples:
+            raise AudioError(
+                "too_long",
+                f"too long: more than {self.max_samples / SAMPLE_RATE:g} s, the maximum for "
+                f"--segment none; use --segment vad or --segment fixed:S",
+            )
+        return []
+
+    def needed_from(self) -> int:
+        return 0
+
+    def finish(self, total: int) -> list[Segment]:
+        return [Segment(0, total)]
+
+
+class _FixedCutter:
+    """ "fixed:S": consecutive windows; see `fixed_windows` for the last one."""
+
+    def __init__(self, mode: SegmentMode, max_samples: int) -> None:
+        self.window = round(mode.seconds * SAMPLE_RATE)
+        self.max_samples = max_samples
+        if self.window > max_samples:
+            raise ValueError(
+                f"fixed window {mode.seconds:g} s exceeds the "
+                f"{max_samples / SAMPLE_RATE:g} s maximum"
+            )
+        self.next_start = 0
+        self.held: Segment | None = None  # the last full window: a tiny tail may join it
+
+    def feed(self, chunk: np.ndarray, end: int) -> list[Segment]:
+        out = []
+        while self.next_start + self.window <= end:
+            if self.held:
+                out.append(self.held)
+            self.held = Segment(self.next_start, self.next_start + self.window)
+            self.next_start += self.window
+        return out
+
+    def needed_from(self) -> int:
+        return self.held.start if self.held else self.next_start
+
+    def finish(self, total: int) -> list[Segment]:
+        held = [self.held] if self.held else []
+        tail = fixed_windows(total - self.next_start, self.window, self.max_samples)
+        tail = [Segment(s.start + self.next_start, s.end + self.next_start) for s in tail]
+        segments = held + [s for s in tail if s.end > s.start]
+        if len(segments) > 1 and segments[-1].end - segments[-1].start < MIN_SAMPLES:
+            last = segments.pop()
+            if last.end - segments[-1].start <= self.max_samples:
+                segments[-1] = Segment(segments[-1].start, last.end)
+        return segments
+
+
+class _VadCutter:
+    """ "vad": Silero speech regions, padded, split to the maximum, close ones merged.
+
+    A recording that fits one segment is sent whole when it has speech, so nothing is
+    emitted until the stream is longer than one segment.
+    """
+
+    def __init__(self, mode: SegmentMode, max_samples: int) -> None:
+        self.max_samples = max_samples
+        self.vad = StreamingVad()
+        self.tracker = SpeechTracker(VAD_PARAMS)
+        self.padder = RegionPadder(VAD_PARAMS.pad)
+        self.merger = _Merger(max_samples)
+        self.vad_end = 0  # samples the VAD has consumed
+        self.any_speech = False
+        self.early: list[Segment] = []  # held while the stream still fits one segment
+
+    def feed(self, chunk: np.ndarray, end: int) -> list[Segment]:
+        probs = self.vad.feed(chunk)
+        self.vad_end += len(probs) * FRAME
+        out = self._regions(self.tracker.push(probs))
+        out += self._settle()
+        return self._release_early(out, end)
+
+    def needed_from(self) -> int:
+        if self.early is not None:
+            return 0
+        floor = self._earliest_next() - VAD_PARAMS.pad
+        if self.padder.pending:
+            floor = min(floor, self.padder.pending[0])
+        return max(0, int(min(self.merger.needed_from(), floor)))
+
+    def finish(self, total: int) -> list[Segment]:
+        probs = self.vad.finish()
+        out = self._regions(self.tracker.push(probs))
+        out += self._regions(self.tracker.finish(total))
+        for start, end in self.padder.finish(total):
+            out += self._pieces(start, end)
+        out += self.merger.finish()
+        if total <= self.max_samples:
+            return [Segment(0, total)] if self.any_speech else []
+        return [s for s in self._release_early(out, total) if s.end - s.start >= MIN_SAMPLES]
+
+    def _regions(self, regions: list[tuple[int, int]]) -> list[Segment]:
+        out: list[Segment] = []
+        for start, end in regions:
+            self.any_speech = True
+            for padded in self.padder.add(start, end):
+                out += self._pieces(*padded)
+        return out
+
+    def _settle(self) -> list[Segment]:
+        out: list[Segment] = []
+        for padded in self.padder.settle(self._earliest_next()):
+            out += self._pieces(*padded)
+        pending = self.padder.pending
+        out += self.merger.settle(
+            pending[0] if pending else int(self._earliest_next() - VAD_PARAMS.pad)
         )
-    return [Segment(0, len(wav))]
+        return out
+
+    def _pieces(self, start: int, end: int) -> list[Segment]:
+        out: list[Segment] = []
+        for piece in split_evenly(Segment(start, end), self.max_samples):
+            out += self.merger.add(piece)
+        return out
+
+    def _earliest_next(self) -> int:
+        """No region found later can start (before padding) earlier than this."""
+        start = self.tracker.open_start
+        return start if start is not None else self.vad_end
+
+    def _release_early(self, out: list[Segment], end: int) -> list[Segment]:
+        if self.early is None:
+            return [s for s in out if s.end - s.start >= MIN_SAMPLES]
+        self.early += out
+        if end <= self.max_samples:
+            return []
+        early, self.early = self.early, None
+        return [s for s in early if s.end - s.start >= MIN_SAMPLES]
+
+
+class _Merger:
+    """`merge_close` over pieces that arrive one by one (holds the last one)."""
+
+    def __init__(self, max_samples: int) -> None:
+        self.max_samples = max_samples
+        self.gap = round(MERGE_GAP_S * SAMPLE_RATE)
+        self.held: Segment | None = None
+
+    def add(self, seg: Segment) -> list[Segment]:
+        prev = self.held
+        if prev and seg.start - prev.end < self.gap and seg.end - prev.start <= self.max_samples:
+            self.held = Segment(prev.start, seg.end)
+            return []
+        self.held = seg
+        return [prev] if prev else []
+
+    def settle(self, earliest_next_start: int) -> list[Segment]:
+        if self.held and earliest_next_start - self.held.end >= self.gap:
+            held, self.held = self.held, None
+            return [held]
+        return []
+
+    def needed_from(self) -> int:
+        return self.held.start if self.held else 1 << 62
+
+    def finish(self) -> list[Segment]:
+        held, self.held = self.held, None
+        return [held] if held else []
 
 
 def fixed_windows(num_samples: int, window: int, max_samples: int) -> list[Segment]:
@@ -138,27 +384,13 @@ def fixed_windows(num_samples: int, window: int, max_samples: int) -> list[Segme
     return segments
 
 
-def _vad_segments(wav: np.ndarray, max_samples: int) -> list[Segment]:
-    regions = speech_regions(wav)
-    if not regions:
-        return []
-    if len(wav) <= max_samples:  # fits one call: keep the full context, pauses included
-        return [Segment(0, len(wav))]
-    pieces = [piece for region in regions for piece in split_evenly(region, max_samples)]
-    return [s for s in merge_close(pieces, max_samples) if s.end - s.start >= MIN_SAMPLES]
-
-
 def speech_regions(wav: np.ndarray) -> list[Segment]:
-    """Speech regions found by Silero VAD (padded, pauses < VAD_MIN_SILENCE_MS bridged)."""
-    model, timestamps = _silero()
-    found = timestamps(
-        np.ascontiguousarray(wav, dtype=np.float32),
-        model,
-        threshold=VAD_THRESHOLD,
-        sampling_rate=SAMPLE_RATE,
-        min_speech_duration_ms=VAD_MIN_SPEECH_MS,
-        min_silence_duration_ms=VAD_MIN_SILENCE_MS,
-        speech_pad_ms=VAD_SPEECH_PAD_MS,
+    """Speech regions of a whole array, by Silero's own function (padded, gaps bridged)."""
+    from silero_vad.sequence_vad import SileroVADSequence, get_speech_timestamps_sequence
+
+    model = SileroVADSequence(str(silero_model_path()))
+    found = get_speech_timestamps_sequence(
+        np.ascontiguousarray(wav, dtype=np.float32), model, **VAD_PARAMS.silero_kwargs()
     )
     return [Segment(int(t["start"]), int(t["end"])) for t in found]
 
@@ -173,24 +405,6 @@ def split_evenly(segment: Segment, max_samples: int) -> list[Segment]:
 
 def merge_close(segments: list[Segment], max_samples: int) -> list[Segment]:
     """Merge neighbours less than MERGE_GAP_S apart while the merged span fits."""
-    gap = round(MERGE_GAP_S * SAMPLE_RATE)
-    merged: list[Segment] = []
-    for seg in segments:
-        prev = merged[-1] if merged else None
-        if prev and seg.start - prev.end < gap and seg.end - prev.start <= max_samples:
-            merged[-1] = Segment(prev.start, seg.end)
-        else:
-            merged.append(seg)
-    return merged
-
-
-@functools.lru_cache(maxsize=1)
-def _silero() -> tuple[Any, Any]:
-    """Silero VAD on onnxruntime, loaded once per process (the model ships in the wheel)."""
-    import silero_vad  # imports torch: deferred so "none" and "fixed" stay light
-
-    if hasattr(silero_vad, "get_speech_timestamps_sequence"):  # silero-vad >= 6.2.3
-        # Block-wise inference: same timestamps, ~3x faster, and no per-call state,
-        # so the cached model is safe to share between threads.
-        return silero_vad.load_silero_vad(sequence=True), silero_vad.get_speech_timestamps_sequence
-    return silero_vad.load_silero_vad(onnx=True), silero_vad.get_speech_timestamps
+    merger = _Merger(max_samples)
+    merged = [m for seg in segments for m in merger.add(seg)]
+    return merged + merger.finish()

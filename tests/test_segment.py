@@ -16,6 +16,7 @@ from client.segment import (
     merge_close,
     parse_segment_mode,
     segment_audio,
+    segment_stream,
     speech_regions,
     split_evenly,
 )
@@ -102,7 +103,9 @@ def test_segment_times():
 
 def test_none_is_the_whole_clip_up_to_the_maximum():
     assert segment_audio(zeros(MAX_SEGMENT_S), NONE) == [Segment(0, MAX)]
-    with pytest.raises(AudioError, match=r"31\.0 s exceeds the 30 s maximum.*--segment") as err:
+    with pytest.raises(
+        AudioError, match=r"more than 30 s, the maximum for --segment none.*--segment vad"
+    ) as err:
         segment_audio(zeros(31), NONE)
     assert err.value.kind == "too_long"
 
@@ -237,3 +240,130 @@ def test_vad_on_real_synthesized_speech(tmp_path):
     for i in range(4):
         start = len(pause) * (i + 1) + len(speech) * i
         assert covered(segments, start, start + len(speech)) > 0.95
+
+
+# ---------------------------------------------------------------------- streaming
+
+
+def random_chunks(wav: np.ndarray, seed: int, largest: int = 70_000):
+    """`wav` in chunks of random sizes, as a decoder delivers them."""
+    rng = np.random.default_rng(seed)
+    position = 0
+    while position < len(wav):
+        size = int(rng.integers(1, largest))
+        yield wav[position : position + size]
+        position += size
+
+
+@pytest.fixture(scope="module")
+def long_call() -> np.ndarray:
+    """~5 min over several VAD blocks: pauses of every length, 150 s of unbroken speech
+    (beyond VAD_MAX_SPEECH_S, so Silero's max-speech cut runs), a pause shorter than
+    2 x the padding, and speech up to the very end."""
+    pattern = [("silence", 0.7), ("speech", 6.0), ("silence", 0.15), ("speech", 4.0)]
+    pattern += [("silence", 0.25), ("speech", 0.2), ("silence", 3.0), ("speech", 150.0)]
+    pattern += [("silence", 40.0), ("speech", 9.0), ("silence", 1.2), ("speech", 30.0)]
+    pattern += [("silence", 0.5), ("speech", 12.0)]
+    return fx.bursts(pattern, seed=11)[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_streaming_vad_equals_silero_on_the_whole_array(long_call, seed):
+    """Frame probabilities, the region state machine and the padding pass, fed in random
+    chunks, give exactly Silero's own regions for the whole array."""
+    from silero_vad.sequence_vad import SileroVADSequence, get_speech_timestamps_sequence
+
+    from client.segment import VAD_PARAMS
+    from client.vad import RegionPadder, SpeechTracker, StreamingVad, silero_model_path
+
+    model = SileroVADSequence(str(silero_model_path()))
+    expected = get_speech_timestamps_sequence(long_call, model, **VAD_PARAMS.silero_kwargs())
+    vad, tracker, padder = StreamingVad(), SpeechTracker(VAD_PARAMS), RegionPadder(VAD_PARAMS.pad)
+    found, probs = [], []
+    for chunk in random_chunks(long_call, seed):
+        block = vad.feed(chunk)
+        probs.append(block)
+        for region in tracker.push(block):
+            found += padder.add(*region)
+    probs.append(vad.finish())
+    for region in tracker.push(probs[-1]) + tracker.finish(len(long_call)):
+        found += padder.add(*region)
+    found += padder.finish(len(long_call))
+    whole = model.audio_forward(long_call)
+    assert np.array_equal(np.concatenate(probs), whole)
+    assert found == [(t["start"], t["end"]) for t in expected]
+
+
+def speech_probabilities(seed: int, frames: int = 40_000) -> np.ndarray:
+    """Frame probabilities with talk spurts, dips and pauses of every length, and runs of
+    unbroken speech far beyond the maximum (so every max-speech branch of Silero runs)."""
+    rng = np.random.default_rng(seed)
+    probs, level = [], 0.0
+    while len(probs) < frames:
+        length = int(rng.choice([3, 8, 20, 60, 400, 5000]))
+        level = rng.choice([0.05, 0.3, 0.45, 0.9])
+        probs += list(np.clip(level + 0.1 * rng.standard_normal(length), 0, 1))
+    return np.array(probs[:frames], dtype=np.float32)
+
+
+@pytest.mark.parametrize("legacy_cut", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_speech_tracker_equals_silero_state_machine(seed, legacy_cut):
+    from dataclasses import replace
+
+    from silero_vad.utils_vad import get_speech_timestamps_from_probs
+
+    from client.segment import VAD_PARAMS
+    from client.vad import FRAME, RegionPadder, SpeechTracker
+
+    params = replace(VAD_PARAMS, max_speech_s=20.0, use_max_poss_sil_at_max_speech=not legacy_cut)
+    probs = speech_probabilities(seed)
+    total = len(probs) * FRAME - 123
+    kwargs = params.silero_kwargs()
+    expected = get_speech_timestamps_from_probs(probs, audio_length_samples=total, **kwargs)
+    tracker, padder, found = SpeechTracker(params), RegionPadder(params.pad), []
+    for block in np.array_split(probs, 37):
+        for region in tracker.push(block):
+            found += padder.add(*region)
+        start = tracker.open_start
+        found += padder.settle(start if start is not None else tracker.frame * FRAME)
+    for region in tracker.finish(total):
+        found += padder.add(*region)
+    found += padder.finish(total)
+    assert found == [(t["start"], t["end"]) for t in expected]
+    assert len(found) > 20
+
+
+@pytest.mark.parametrize("mode", ["vad", "fixed:3", "fixed:7.3", "none"])
+def test_segments_do_not_depend_on_chunking(long_call, mode):
+    wav = long_call if mode != "none" else long_call[: 20 * SR]
+    whole = segment_audio(wav, parse_segment_mode(mode))
+    for seed in (0, 1):
+        chunked = list(segment_stream(random_chunks(wav, seed), parse_segment_mode(mode)))
+        assert [s for s, _ in chunked] == whole
+        for segment, samples in chunked:
+            assert np.array_equal(samples, wav[segment.start : segment.end])
+    assert_well_formed(whole, len(wav))
+
+
+def test_streaming_memory_is_bounded_by_the_segment_not_the_recording():
+    """A 40-minute stream (154 MB as float32) is segmented holding a few MB at a time."""
+    import tracemalloc
+
+    piece, _ = fx.bursts([("speech", 25.0), ("silence", 5.0)])
+
+    def forty_minutes():  # the same 30 s, 80 times: the stream itself allocates nothing
+        for i in range(80):
+            yield from random_chunks(piece, seed=i, largest=40_000)
+
+    tracemalloc.start()
+    try:
+        count = 0
+        for _segment, samples in segment_stream(forty_minutes(), VAD):
+            count += 1
+            del samples
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == 80
+    assert peak < 16 * 2**20, f"peak {peak / 2**20:.1f} MB"
