@@ -1,23 +1,38 @@
 """The classification job: files -> decode -> segment -> Triton -> per-file results.
 
-Decoding runs in worker threads while requests are in flight, and results are handed to
-the writer as each file finishes, so a long batch job loses nothing when it stops.
+Each file streams: a worker thread decodes and segments it while its segments are already
+in flight, and a bounded queue between them holds memory to a few segments per file.
+Results reach the writer as each file finishes, so a long batch job loses nothing when
+it stops. Every failure that belongs to one file becomes that file's error row; only an
+unreachable server stops the job (and `--resume` finishes it).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+import concurrent.futures
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from client.audio import AudioError, audio_duration_s, check_min_length, load_audio
+from client.audio import AudioError, AudioSource, stream_audio
+from client.names import display_name, one_line
 from client.results import FileResult, aggregate, segment_result
-from client.segment import SegmentMode, segment_audio
-from client.triton import InferenceError, ServerUnavailable, TritonEmotionClient
-from e2v.contract import MIN_SAMPLES, SAMPLE_RATE
+from client.segment import Segment, SegmentMode, segment_stream
+from client.triton import (
+    InferenceError,
+    ServerError,
+    ServerUnavailable,
+    TritonEmotionClient,
+)
+from e2v.contract import MAX_DURATION_S, MIN_SAMPLES, SAMPLE_RATE
+
+# Segments decoded ahead of the requests, per file: enough to keep requests flowing.
+SEGMENTS_AHEAD = 4
 
 
 @dataclass(frozen=True)
@@ -28,7 +43,16 @@ class JobOptions:
     segment: SegmentMode | None = None  # None: VAD
     concurrency: int = 16  # requests in flight
     thresholds: dict[str, float] | None = None
-    retries: int = 6
+    retries: int = 12
+    max_duration_s: float = MAX_DURATION_S
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, not {self.concurrency}")
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, not {self.retries}")
+        if not 0 < self.max_duration_s < float("inf"):
+            raise ValueError(f"max duration must be a positive number of seconds, not {self}")
 
 
 async def classify_files(
@@ -39,27 +63,31 @@ async def classify_files(
     on_audio: Callable[[float], None] | None = None,
 ) -> None:
     """Classify every path with a connected `client`, calling `on_result` once per path
-    as it completes.
+    as it completes. `paths` is consumed lazily, so it may be a long stream.
 
     Raises ServerUnavailable (after retries) when the server goes away: files not yet
     reported are left for a `--resume` run.
     """
     requests = asyncio.Semaphore(options.concurrency)
-    files_in_flight = asyncio.Semaphore(max(2, options.concurrency // 2))
+    workers = max(2, options.concurrency // 2)
+    queue = iter(paths)
+    decoders = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="e2v-decode")
 
-    async def one(path: str) -> None:
-        async with files_in_flight:
-            result = await _classify_one(path, client, requests, options)
-        if on_audio and result.duration_s:
-            on_audio(result.duration_s)
-        on_result(result)
+    async def worker() -> None:
+        for path in queue:  # one shared iterator: each path goes to exactly one worker
+            result = await classify_source(path, client, requests, options, decoders)
+            if on_audio and result.duration_s:
+                on_audio(result.duration_s)
+            on_result(result)
 
-    tasks = [asyncio.create_task(one(p)) for p in paths]
+    tasks = [asyncio.create_task(worker()) for _ in range(workers)]
     try:
         await _gather_stop_on_unavailable(tasks)
     finally:
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        decoders.shutdown(wait=False, cancel_futures=True)
 
 
 async def _gather_stop_on_unavailable(tasks: list[asyncio.Task]) -> None:
@@ -71,55 +99,137 @@ async def _gather_stop_on_unavailable(tasks: list[asyncio.Task]) -> None:
                 raise task.exception()
 
 
-async def _classify_one(
-    path: str, client: TritonEmotionClient, requests: asyncio.Semaphore, options: JobOptions
+async def classify_source(
+    source: AudioSource,
+    client: TritonEmotionClient,
+    requests: asyncio.Semaphore,
+    options: JobOptions,
+    decoders: concurrent.futures.Executor | None = None,
+    name: str | None = None,
 ) -> FileResult:
+    """One file's result, or its error row. Only ServerUnavailable escapes."""
     info = client.info
-    try:
-        # Decoding and VAD are CPU work: a worker thread keeps requests flowing meanwhile.
-        wav, segments = await asyncio.to_thread(
-            _decode_and_segment, path, options.segment or SegmentMode("vad"), info.max_samples
+    label = name if name is not None else display_name(str(source))
+
+    def error(kind: str, message: str) -> FileResult:
+        return FileResult(
+            file=label,
+            error=one_line(message),
+            error_kind=kind,
+            model=info.name,
+            synthetic=info.synthetic,
         )
+
+    try:
+        segments, samples = await _predict_stream(source, client, requests, options, decoders)
+    except ServerUnavailable:
+        raise
     except AudioError as exc:
-        return FileResult(
-            file=path,
-            error=str(exc),
-            error_kind=getattr(exc, "kind", "audio"),
-            model=info.name,
-            synthetic=info.synthetic,
-        )
-    except ValueError as exc:  # e.g. --segment none on a clip longer than the maximum
-        return FileResult(
-            file=path,
-            error=str(exc),
-            error_kind="segment",
-            model=info.name,
-            synthetic=info.synthetic,
-        )
-    segments = [s for s in segments if s.end - s.start >= MIN_SAMPLES]
-
-    async def predict(segment):
-        async with requests:
-            return await client.predict(np.ascontiguousarray(wav[segment.start : segment.end]))
-
-    try:
-        predictions = await asyncio.gather(*(predict(s) for s in segments))
+        return error(exc.kind, str(exc))
     except InferenceError as exc:
-        return FileResult(
-            file=path,
-            error=f"server rejected the request: {exc}",
-            error_kind="inference",
-            model=info.name,
-            synthetic=info.synthetic,
-        )
-    results = [segment_result(s, p, info) for s, p in zip(segments, predictions)]
-    return aggregate(path, audio_duration_s(wav), results, info, options.thresholds or {})
+        return error("inference", f"server rejected the request: {exc}")
+    except ServerError as exc:
+        return error("server", f"server error (retried; --resume tries again): {exc}")
+    except MemoryError:
+        return error("internal", "out of memory while processing this file")
+    except Exception as exc:  # noqa: BLE001 - one file's failure must not stop the job
+        return error("internal", f"unexpected {type(exc).__name__}: {exc}")
+    results = [segment_result(s, p, info) for s, p in segments]
+    return aggregate(label, samples / SAMPLE_RATE, results, info, options.thresholds or {})
 
 
-def _decode_and_segment(path: str, mode: SegmentMode, max_samples: int):
-    wav = load_audio(path)
-    check_min_length(wav)
-    return wav, segment_audio(wav, mode, max_samples / SAMPLE_RATE)
+async def _predict_stream(source, client, requests, options, decoders):
+    """[(segment, prediction)] and the number of samples, requests sent while decoding."""
+    tasks: list[asyncio.Task] = []
+    segments: list[Segment] = []
+    producer = _SegmentProducer(source, options, client.info.max_samples)
+    try:
+        async for segment, samples in producer.run(decoders):
+            if len(samples) < MIN_SAMPLES:
+                continue
+            await requests.acquire()
+            segments.append(segment)
+            tasks.append(asyncio.create_task(_predict(client, samples, requests)))
+        predictions = await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return list(zip(segments, predictions)), producer.samples
+
+
+async def _predict(client: TritonEmotionClient, samples: np.ndarray, requests):
+    try:
+        return await client.predict(samples)
+    finally:
+        requests.release()
+
+
+class _Stopped(Exception):
+    """The consumer went away: the decoding thread stops at its next step."""
+
+
+class _SegmentProducer:
+    """Decodes and segments one source in a worker thread, feeding a bounded queue."""
+
+    def __init__(self, source: AudioSource, options: JobOptions, max_samples: int):
+        self.source = source
+        self.mode = options.segment or SegmentMode("vad")
+        self.max_segment_s = max_samples / SAMPLE_RATE
+        self.max_duration_s = options.max_duration_s
+        self.samples = 0
+        self._stop = threading.Event()
+
+    async def run(self, decoders) -> AsyncIterator[tuple[Segment, np.ndarray]]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue(SEGMENTS_AHEAD)
+        thread = loop.run_in_executor(decoders, self._produce, loop, queue)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "segment":
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    break
+        finally:
+            self._stop.set()
+            while not queue.empty():  # unblock a put in flight
+                queue.get_nowait()
+            await asyncio.gather(thread, return_exceptions=True)
+
+    def _produce(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+        try:
+            for item in segment_stream(self._chunks(), self.mode, self.max_segment_s, self._count):
+                self._put(loop, queue, ("segment", item))
+            self._put(loop, queue, ("done", None))
+        except _Stopped:
+            return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which decides
+            try:
+                self._put(loop, queue, ("error", exc))
+            except _Stopped:
+                return
+
+    def _chunks(self) -> Iterator[np.ndarray]:
+        for chunk in stream_audio(self.source, max_duration_s=self.max_duration_s):
+            if self._stop.is_set():
+                raise _Stopped
+            yield chunk
+
+    def _count(self, samples: int) -> None:
+        self.samples += samples
+
+    def _put(self, loop, queue: asyncio.Queue, item) -> None:
+        future = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+        while True:
+            try:
+                return future.result(timeout=0.2)
+            except concurrent.futures.TimeoutError:
+                if self._stop.is_set():
+                    future.cancel()
+                    raise _Stopped from None
 
 
 AUDIO_SUFFIXES = {
@@ -149,7 +259,12 @@ AUDIO_SUFFIXES = {
 
 
 def expand_paths(inputs: Iterable[str]) -> tuple[list[str], list[FileResult]]:
-    """Files, directories (recursive, audio/video suffixes) and globs -> (files, errors)."""
+    """Files, directories (recursive, audio/video suffixes) and globs -> (files, errors).
+
+    Directory walks do not follow symbolic links to directories (no loops); entries with an
+    audio suffix that are not regular files (broken links, FIFOs, devices) are kept, so
+    they get an error row instead of vanishing.
+    """
     import glob
 
     files: list[str] = []
@@ -157,16 +272,12 @@ def expand_paths(inputs: Iterable[str]) -> tuple[list[str], list[FileResult]]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(
-                str(p)
-                for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES
-            )
+            found = sorted(_walk_audio(path))
             if not found:
                 errors.append(
                     FileResult(
-                        file=item,
-                        error=f"no audio files in directory {item}",
+                        file=display_name(item),
+                        error=f"no audio files in directory {display_name(item)}",
                         error_kind="empty_directory",
                     )
                 )
@@ -174,17 +285,38 @@ def expand_paths(inputs: Iterable[str]) -> tuple[list[str], list[FileResult]]:
         elif path.exists() or path.is_symlink():
             files.append(item)
         elif glob.has_magic(item):
-            matches = sorted(p for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            matches = sorted(p for p in glob.glob(item, recursive=True) if not Path(p).is_dir())
             if not matches:
                 errors.append(
-                    FileResult(file=item, error=f"no files match {item}", error_kind="not_found")
+                    FileResult(
+                        file=display_name(item),
+                        error=f"no files match {display_name(item)}",
+                        error_kind="not_found",
+                    )
                 )
             files += matches
         else:
             errors.append(
-                FileResult(file=item, error=f"file not found: {item}", error_kind="not_found")
+                FileResult(
+                    file=display_name(item),
+                    error=f"file not found: {display_name(item)}",
+                    error_kind="not_found",
+                )
             )
     return list(dict.fromkeys(files)), errors
 
 
-__all__ = ["JobOptions", "ServerUnavailable", "classify_files", "expand_paths"]
+def _walk_audio(root: Path) -> Iterator[str]:
+    for directory, _dirs, names in os.walk(root):
+        for name in names:
+            if Path(name).suffix.lower() in AUDIO_SUFFIXES:
+                yield os.path.join(directory, name)
+
+
+__all__ = [
+    "JobOptions",
+    "ServerUnavailable",
+    "classify_files",
+    "classify_source",
+    "expand_paths",
+]

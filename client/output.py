@@ -1,19 +1,31 @@
-"""Writers for classification results: table, JSON Lines, CSV, embeddings; resume support.
+"""Writers for classification results (table, JSON Lines, CSV, embeddings) and resume.
 
-Rows are written and flushed as each file completes, so an interrupted job keeps every
-finished row and `--resume` can skip exactly those files.
+Every row is one line written by one `write()` on an append-only descriptor, as each file
+completes, so an interrupted job keeps every finished row. `--resume` reads the files
+back: a line cut short by a crash is dropped (the file is redone), a file that is not
+ours (another header, not UTF-8, a directory) is refused before any inference, and
+files whose last row is a server-side error are tried again.
+
+Embeddings go to an append-only journal (`FILE.part` + `FILE.index.csv`) while the job
+runs and become `FILE.npy` / `FILE.parquet` when it ends; a resumed job continues the
+journal, so killed jobs lose no embedding and write none twice.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 
+from client.names import csv_safe, csv_unsafe
 from client.results import FileResult
 
 CSV_FIXED = [
@@ -29,28 +41,153 @@ CSV_FIXED = [
     "model",
     "synthetic",
 ]
+INDEX_HEADER = ["row", "file", "start_s", "end_s"]
+# Rows whose error is the server's or ours, not the file's: --resume tries these again.
+RETRY_ON_RESUME = {"server", "internal"}
 
 
-def done_files(*outputs: Path | None) -> set[str]:
-    """Files already present in existing CSV / JSON Lines outputs (for --resume)."""
-    done: set[str] = set()
+class OutputError(Exception):
+    """An output that cannot be written or resumed; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What the last row of one file in a previous run says."""
+
+    error_kind: str | None
+    segments: int  # segments with an embedding (0 for errors and no speech)
+
+    @property
+    def final(self) -> bool:
+        return self.error_kind not in RETRY_ON_RESUME
+
+
+def previous_results(*outputs: Path | None, labels: list[str] | None = None) -> dict[str, Finished]:
+    """The last row per file in existing CSV / JSON Lines outputs (for --resume).
+
+    Repairs a tail cut by a crash (drops the partial line, says so on stderr) and raises
+    OutputError for a file that is not one of ours.
+    """
+    found: dict[str, Finished] = {}
     for path in outputs:
         if path is None or not path.exists():
             continue
-        if path.suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                done |= {row["file"] for row in csv.DictReader(f) if row.get("file")}
-        else:
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    done.add(json.loads(line)["file"])
-                except (ValueError, KeyError):
-                    continue  # a line cut short by a crash: that file is redone
-    return done
+        _check_writable_file(path)
+        dropped = repair_tail(path)
+        if dropped:
+            stderr(f"resume: dropped an incomplete last line ({dropped} bytes) in {path}")
+        rows = _read_csv(path, labels) if path.suffix == ".csv" else _read_jsonl(path)
+        for file, finished in rows:
+            found[file] = finished
+    return found
+
+
+def repair_tail(path: Path) -> int:
+    """Cut a partial last line (no newline) off `path`; the number of bytes dropped."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with open(path, "rb+") as f:
+        f.seek(max(0, size - 65536))
+        tail = f.read()
+        if tail.endswith(b"\n"):
+            return 0
+        cut = tail.rfind(b"\n")
+        keep = size - len(tail) + cut + 1 if cut >= 0 else 0
+        if cut < 0 and size > len(tail):
+            raise OutputError(f"{path}: last line longer than 64 KiB, not written by e2v")
+        f.truncate(keep)
+        return size - keep
+
+
+def _read_text_lines(path: Path) -> Iterator[str]:
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            yield from f
+    except UnicodeDecodeError:
+        raise OutputError(f"{path} is not UTF-8: not written by e2v classify") from None
+
+
+def _read_csv(path: Path, labels: list[str] | None) -> Iterator[tuple[str, Finished]]:
+    reader = csv.reader(_read_text_lines(path))
+    header = next(reader, None)
+    if header is None:
+        return
+    expected = csv_fields(labels) if labels is not None else None
+    if (expected and header != expected) or header[:1] != ["file"]:
+        raise OutputError(
+            f"{path} has another header ({','.join(header[:6])}...): not results of this "
+            f"model; write to a new file instead of --resume"
+        )
+    for values in reader:
+        row = dict(zip(header, values))
+        if len(values) != len(header) or not row.get("file"):
+            raise OutputError(f"{path}: malformed row {reader.line_num}; not written by e2v")
+        kind = row.get("error_kind") or None
+        segments = int(row["segments"]) if row.get("segments", "").isdigit() else 0
+        yield csv_unsafe(row["file"]), Finished(kind, segments)
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Finished]]:
+    for number, line in enumerate(_read_text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            file = row["file"]
+        except (ValueError, KeyError, TypeError):
+            raise OutputError(f"{path}: line {number} is not a result of e2v classify") from None
+        kind = row.get("error_kind")
+        yield file, Finished(kind, 0 if kind else len(row.get("segments") or []))
+
+
+def csv_fields(labels: list[str]) -> list[str]:
+    return CSV_FIXED[:4] + [f"score_{label}" for label in labels] + CSV_FIXED[4:]
+
+
+class LineFile:
+    """An append-only text file written one whole line per `write()` system call."""
+
+    def __init__(self, path: Path, append: bool):
+        _check_writable_file(path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        try:
+            self.fd = os.open(path, flags | (0 if append else os.O_TRUNC), 0o644)
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+        self.path = path
+        self.empty = os.fstat(self.fd).st_size == 0
+
+    def write(self, text: str) -> None:
+        data = text.encode("utf-8")
+        while data:
+            written = os.write(self.fd, data)
+            data = data[written:]
+        self.empty = False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _check_writable_file(path: Path) -> None:
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise OutputError(f"cannot write {path}: directory {path.parent} does not exist")
+    if path.exists() and not path.is_file():
+        raise OutputError(f"{path} is not a regular file")
+
+
+def _csv_line(values: list) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow(values)
+    return buffer.getvalue()
 
 
 class ResultWriter:
-    """Fan one FileResult out to every requested output, flushing each row."""
+    """Fan one FileResult out to every requested output, one whole line each."""
 
     def __init__(
         self,
@@ -64,59 +201,49 @@ class ResultWriter:
         self.labels = labels
         self.json_stream = json_stream
         self.table = table
-        mode = "a" if append else "w"
-        self._jsonl = open(jsonl_path, mode, encoding="utf-8") if jsonl_path else None  # noqa: SIM115
-        self._csv_file = None
-        self._csv = None
-        if csv_path:
-            write_header = not (append and csv_path.exists() and csv_path.stat().st_size > 0)
-            self._csv_file = open(csv_path, mode, newline="", encoding="utf-8")  # noqa: SIM115
-            self._csv = csv.DictWriter(
-                self._csv_file, fieldnames=self.csv_fields(), extrasaction="ignore"
-            )
-            if write_header:
-                self._csv.writeheader()
+        self._jsonl = LineFile(jsonl_path, append) if jsonl_path else None
+        self._csv = LineFile(csv_path, append) if csv_path else None
+        if self._csv is not None and self._csv.empty:
+            self._csv.write(_csv_line(csv_fields(labels)))
         self.results = 0
         if table:
             print(f"{'file':<48} {'dur_s':>7} {'emotion':<12} {'conf':>6}  note", flush=True)
 
     def csv_fields(self) -> list[str]:
-        return CSV_FIXED[:4] + [f"score_{label}" for label in self.labels] + CSV_FIXED[4:]
+        return csv_fields(self.labels)
 
     def write(self, result: FileResult) -> None:
         self.results += 1
-        data = result.to_json()
-        line = json.dumps(data, ensure_ascii=False)
+        line = json.dumps(result.to_json(), ensure_ascii=False, allow_nan=False)
         if self.json_stream is not None:
             print(line, file=self.json_stream, flush=True)
         if self._jsonl is not None:
             self._jsonl.write(line + "\n")
-            self._jsonl.flush()
         if self._csv is not None:
-            self._csv.writerow(self._csv_row(result))
-            self._csv_file.flush()
+            row = self._csv_row(result)
+            self._csv.write(_csv_line([row[field] for field in self.csv_fields()]))
         if self.table:
             print(_table_row(result), flush=True)
 
     def _csv_row(self, result: FileResult) -> dict:
         row = {
-            "file": result.file,
+            "file": csv_safe(result.file),
             "duration_s": _fmt(result.duration_s),
             "emotion": result.emotion or "",
             "confidence": _fmt(result.confidence),
             "no_speech": int(result.no_speech) if result.ok else "",
             "segments": len(result.segments) if result.ok else "",
             "alert": ";".join(f"{a['label']}>={a['threshold']}" for a in result.alerts),
-            "error": result.error or "",
+            "error": csv_safe(result.error or ""),
             "error_kind": result.error_kind or "",
-            "model": result.model or "",
+            "model": csv_safe(result.model or ""),
             "synthetic": int(result.synthetic),
         }
         row |= {f"score_{label}": _fmt(result.scores.get(label)) for label in self.labels}
         return row
 
     def close(self) -> None:
-        for f in (self._jsonl, self._csv_file):
+        for f in (self._jsonl, self._csv):
             if f is not None:
                 f.close()
 
@@ -140,60 +267,180 @@ def _fmt(value: float | None) -> str:
 
 
 class EmbeddingWriter:
-    """Utterance (segment) embeddings to .npy (+ .index.csv) or .parquet, at job end."""
+    """Segment embeddings: a journal while the job runs, `.npy` or `.parquet` at the end.
 
-    def __init__(self, path: Path):
+    The journal is `FILE.part` (float32 rows) plus `FILE.index.csv` (row, file, start_s,
+    end_s). A file's vectors are written before its index lines, and its index lines in
+    one write, so after a crash the index says exactly which files are complete.
+    """
+
+    def __init__(self, path: Path, dim: int, resume: bool = False):
         if path.suffix not in (".npy", ".parquet"):
-            raise ValueError(f"--embeddings must end in .npy or .parquet, not {path.name}")
-        self.path = path
-        self.rows: list[tuple[str, float, float]] = []
-        self.vectors: list[np.ndarray] = []
+            raise OutputError(f"--embeddings must end in .npy or .parquet, not {path.name}")
+        _check_writable_file(path)
+        self.path, self.dim = path, dim
+        self.part = path.with_name(path.name + ".part")
+        self.index_path = path.with_suffix(".index.csv")
+        self.row_bytes = 4 * dim
+        self.counts: dict[str, int] = {}  # file -> rows in the journal
+        if resume:
+            self._recover()
+        else:
+            for stale in (self.part, self.index_path):
+                stale.unlink(missing_ok=True)
+        self.rows = sum(self.counts.values())
+        self._data = LineFile(self.part, append=True)
+        self._index = LineFile(self.index_path, append=True)
+        if self._index.empty:
+            self._index.write(_csv_line(INDEX_HEADER))
+
+    def has(self, file: str) -> bool:
+        return file in self.counts
+
+    def drop_incomplete_last(self, expected: dict[str, Finished]) -> None:
+        """Forget the last file of the journal when it holds fewer rows than its result
+        row has segments (a crash cut its index lines short); it is then redone."""
+        if not self.counts:
+            return
+        last = next(reversed(self.counts))
+        finished = expected.get(last)
+        if finished is None or self.counts[last] == finished.segments:
+            return
+        self._data.close()
+        self._index.close()
+        keep = self.rows - self.counts.pop(last)
+        os.truncate(self.part, keep * self.row_bytes)
+        lines = self.index_path.read_bytes().splitlines(keepends=True)
+        self.index_path.write_bytes(b"".join(lines[: keep + 1]))
+        self.rows = keep
+        self._data = LineFile(self.part, append=True)
+        self._index = LineFile(self.index_path, append=True)
 
     def add(self, result: FileResult) -> None:
-        for segment in result.segments:
-            self.rows.append((result.file, segment.start_s, segment.end_s))
-            self.vectors.append(np.asarray(segment.embedding, dtype=np.float32))
-
-    def close(self, append: bool = False) -> None:
-        if not self.vectors:
+        if not result.segments or result.file in self.counts:
             return
-        matrix = np.stack(self.vectors)
+        matrix = np.stack([np.asarray(s.embedding, dtype=np.float32) for s in result.segments])
+        if matrix.shape[1] != self.dim:
+            raise OutputError(f"embedding width {matrix.shape[1]} != {self.dim}")
+        os.write(self._data.fd, matrix.tobytes())
+        lines = "".join(
+            _csv_line([self.rows + i, csv_safe(result.file), f"{s.start_s:.3f}", f"{s.end_s:.3f}"])
+            for i, s in enumerate(result.segments)
+        )
+        self._index.write(lines)
+        self.rows += len(result.segments)
+        self.counts[result.file] = len(result.segments)
+
+    def close(self) -> None:
+        """Turn the journal into the final file (atomically) and remove it."""
+        self._data.close()
+        self._index.close()
+        vectors = self._journal()
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
         if self.path.suffix == ".npy":
-            self._write_npy(matrix, append)
+            out = np.lib.format.open_memmap(temporary, "w+", np.float32, vectors.shape)
+            out[:] = vectors
+            out.flush()
+            del out
         else:
-            self._write_parquet(matrix, append)
+            self._write_parquet(vectors, temporary)
+        os.replace(temporary, self.path)
+        self.part.unlink(missing_ok=True)
 
-    def _write_npy(self, matrix: np.ndarray, append: bool) -> None:
-        index = self.path.with_suffix(".index.csv")
-        if append and self.path.exists():
-            matrix = np.concatenate([np.load(self.path), matrix])
-        np.save(self.path, matrix)
-        new_index = not (append and index.exists())
-        with open(index, "w" if new_index else "a", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            if new_index:
-                writer.writerow(["row", "file", "start_s", "end_s"])
-            start = len(matrix) - len(self.rows)
-            for offset, (file, s, e) in enumerate(self.rows):
-                writer.writerow([start + offset, file, f"{s:.3f}", f"{e:.3f}"])
+    def _journal(self) -> np.ndarray:
+        if self.rows == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.memmap(self.part, np.float32, "r", shape=(self.rows, self.dim))
 
-    def _write_parquet(self, matrix: np.ndarray, append: bool) -> None:
+    def _recover(self) -> None:
+        """Continue a previous run: its journal, or its final file turned back into one."""
+        index = _read_index(self.index_path)
+        if not self.part.exists() and self.path.exists():
+            self._journal_from_final(len(index))
+        data_rows = self.part.stat().st_size // self.row_bytes if self.part.exists() else 0
+        if self.part.exists() and self.part.stat().st_size % self.row_bytes and not index:
+            raise OutputError(f"{self.part} does not hold {self.dim}-wide float32 rows")
+        if data_rows < len(index):
+            raise OutputError(
+                f"{self.part} holds {data_rows} vectors but {self.index_path} lists "
+                f"{len(index)}; delete both to start the embeddings over"
+            )
+        if self.part.exists():
+            os.truncate(self.part, len(index) * self.row_bytes)  # vectors of a cut-off file
+        for row, (number, file) in enumerate(index):
+            if number != row:
+                raise OutputError(f"{self.index_path}: row {row} is numbered {number}")
+            self.counts[file] = self.counts.get(file, 0) + 1
+
+    def _journal_from_final(self, indexed: int) -> None:
+        if self.path.suffix == ".npy":
+            try:
+                final = np.load(self.path, mmap_mode="r")
+            except (ValueError, OSError) as exc:
+                raise OutputError(f"{self.path} is not a NumPy file: {exc}") from None
+        else:
+            final = _read_parquet_vectors(self.path)
+        if final.ndim != 2 or final.shape[1] != self.dim or final.dtype != np.float32:
+            raise OutputError(
+                f"{self.path} holds {final.dtype} vectors of shape {final.shape[1:]}, the "
+                f"model's are float32 of width {self.dim}: another model's embeddings"
+            )
+        if len(final) != indexed:
+            raise OutputError(f"{self.path} has {len(final)} rows, its index {indexed}")
+        with open(self.part, "wb") as f:
+            for start in range(0, len(final), 4096):
+                f.write(np.ascontiguousarray(final[start : start + 4096]).tobytes())
+
+    def _write_parquet(self, vectors: np.ndarray, path: Path) -> None:
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError as exc:
-            raise RuntimeError("writing .parquet needs pyarrow: pip install pyarrow") from exc
+            raise OutputError("writing .parquet needs pyarrow: pip install pyarrow") from exc
+        index = _read_index_rows(self.index_path)
         table = pa.table(
             {
-                "file": [r[0] for r in self.rows],
-                "start_s": [r[1] for r in self.rows],
-                "end_s": [r[2] for r in self.rows],
-                "embedding": list(matrix),
+                "file": [r[1] for r in index],
+                "start_s": [float(r[2]) for r in index],
+                "end_s": [float(r[3]) for r in index],
+                "embedding": pa.FixedSizeListArray.from_arrays(
+                    pa.array(np.asarray(vectors).reshape(-1)), self.dim
+                ),
             }
         )
-        if append and self.path.exists():
-            table = pa.concat_tables([pq.read_table(self.path), table])
-        pq.write_table(table, self.path)
+        pq.write_table(table, path)
+
+
+def _read_index_rows(path: Path) -> list[list[str]]:
+    if not path.exists():
+        return []
+    repair_tail(path)
+    rows = list(csv.reader(_read_text_lines(path)))
+    if rows and rows[0] != INDEX_HEADER:
+        raise OutputError(f"{path} is not an embeddings index (header {rows[0][:4]})")
+    body = rows[1:]
+    if any(len(r) != len(INDEX_HEADER) or not r[0].isdigit() for r in body):
+        raise OutputError(f"{path}: malformed rows; not written by e2v classify")
+    return [[r[0], csv_unsafe(r[1]), r[2], r[3]] for r in body]
+
+
+def _read_index(path: Path) -> list[tuple[int, str]]:
+    return [(int(r[0]), r[1]) for r in _read_index_rows(path)]
+
+
+def _read_parquet_vectors(path: Path) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    try:
+        column = pq.read_table(path, columns=["embedding"]).column("embedding")
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
+        raise OutputError(f"{path} is not an embeddings parquet file: {exc}") from None
+    values = column.combine_chunks()
+    width = values.type.list_size if hasattr(values.type, "list_size") else None
+    flat = np.asarray(values.flatten(), dtype=np.float32)
+    if width is None:
+        width = len(flat) // max(1, len(values))
+    return flat.reshape(len(values), width)
 
 
 def stderr(message: str) -> None:

@@ -145,6 +145,20 @@ def alerts(segments: list[SegmentResult], thresholds: dict[str, float]) -> list[
     return found
 
 
+def resolve_alerts(thresholds: dict[str, float], labels: list[str]) -> dict[str, float]:
+    """Map each --alert label onto the model's (case-insensitive, either form of a bilingual
+    label); an unknown label is an error, never a silently disabled alert."""
+    known = {short_label(label).lower(): short_label(label) for label in labels}
+    known |= {label.lower(): short_label(label) for label in labels}
+    resolved = {}
+    for label, threshold in thresholds.items():
+        if label.lower() not in known:
+            choices = ", ".join(sorted(set(known.values())))
+            raise ValueError(f"--alert label {label!r} is not one of the model's: {choices}")
+        resolved[known[label.lower()]] = threshold
+    return resolved
+
+
 def parse_alerts(text: str | None) -> dict[str, float]:
     """`angry=0.7,sad=0.8` -> {"angry": 0.7, "sad": 0.8}."""
     if not text:

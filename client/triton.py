@@ -22,11 +22,29 @@ from e2v.contract import (
     SAMPLE_RATE,
 )
 
-# Triton says these when it is overloaded or restarting: worth a retry after a pause.
+# How each failure is handled, by its gRPC status or HTTP code (tritonclient reports both).
+# Transient: overload, restart or rollout (a model unloaded by a graceful stop answers
+# NOT_FOUND until the new server is up). Retried with backoff; never a file's final error.
+TRANSIENT_STATUSES = {
+    "StatusCode.UNAVAILABLE",
+    "StatusCode.NOT_FOUND",
+    "StatusCode.DEADLINE_EXCEEDED",
+    "StatusCode.RESOURCE_EXHAUSTED",
+    "StatusCode.ABORTED",
+    "StatusCode.CANCELLED",
+    "404",
+    "408",
+    "429",
+    "502",
+    "503",
+    "504",
+}
+# The request itself is wrong (the server's input checks): final, reported in the file's row.
+REJECTED_STATUSES = {"StatusCode.INVALID_ARGUMENT", "StatusCode.OUT_OF_RANGE", "400", "413"}
+# Without a status (connection-level errors), these words mean the same as transient.
 TRANSIENT_MARKERS = (
     "unavailable",
-    "queue",
-    "exceeds maximum",
+    "exceeds maximum queue size",
     "connection",
     "connect",
     "timeout",
@@ -38,9 +56,12 @@ TRANSIENT_MARKERS = (
     "socket",
     "broken pipe",
     "server disconnected",
-    "503",
-    "502",
 )
+# Anything else (INTERNAL, UNKNOWN, 500...) is the server's fault: retried this many times,
+# then the file's row says error_kind "server", and --resume tries the file again.
+SERVER_ERROR_RETRIES = 2
+# Backoff doubles from backoff_s up to this, so the default retries span a server restart.
+MAX_BACKOFF_S = 5.0
 
 
 class ServerUnavailable(Exception):
@@ -49,6 +70,11 @@ class ServerUnavailable(Exception):
 
 class InferenceError(Exception):
     """The server rejected this input; it is reported in the file's row."""
+
+
+class ServerError(Exception):
+    """The server failed on this request (after retries); reported in the file's row and
+    retried by --resume."""
 
 
 @dataclass(frozen=True)
@@ -84,12 +110,14 @@ class TritonEmotionClient:
         url: str = "localhost:8001",
         protocol: str = "grpc",
         model: str = MODEL_NAME,
-        retries: int = 6,
+        retries: int = 12,
         backoff_s: float = 0.5,
         timeout_s: float = 120.0,
     ):
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, not {retries}")
         self.url, self.protocol, self.model = url, protocol, model
         self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
         if protocol == "grpc":
@@ -113,19 +141,25 @@ class TritonEmotionClient:
     async def connect(self) -> ModelInfo:
         """Check the server and model are ready; read labels, buckets and the synthetic flag."""
         try:
-            ready = await self._with_retries(lambda: self._client.is_model_ready(self.model))
+            await self._with_retries(self._ready)
+            if self.protocol == "grpc":
+                response = await self._client.get_model_config(self.model, as_json=True)
+                config = response["config"]
+            else:
+                config = await self._client.get_model_config(self.model)
+            self.info = await self._model_info(config)
         except ServerUnavailable:
             raise
-        except Exception as exc:  # noqa: BLE001
-            raise ServerUnavailable(self._unreachable(exc)) from exc
-        if not ready:
-            raise ServerUnavailable(f"model '{self.model}' is not ready on {self.url}")
-        if self.protocol == "grpc":
-            config = (await self._client.get_model_config(self.model, as_json=True))["config"]
-        else:
-            config = await self._client.get_model_config(self.model)
-        self.info = await self._model_info(config)
+        except Exception as exc:  # noqa: BLE001 - a foreign server answers in many ways
+            raise ServerUnavailable(
+                f"{self.url} ({self.protocol}) does not answer like Triton serving "
+                f"'{self.model}': {_message(exc)}. Is it Triton's {self.protocol} port?"
+            ) from exc
         return self.info
+
+    async def _ready(self) -> None:
+        if not await self._client.is_model_ready(self.model):
+            raise _NotReady(f"model '{self.model}' is not ready on {self.url}")
 
     async def _model_info(self, config: dict) -> ModelInfo:
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
@@ -170,7 +204,11 @@ class TritonEmotionClient:
             lambda: self._infer(wav, np.array([[len(segment)]], dtype=np.int64), names)
         )
         scores = result.as_numpy(OUTPUT_SCORES)[0] if self.info.labels else None
-        return Prediction(scores=scores, embedding=result.as_numpy(OUTPUT_EMBEDDING)[0])
+        embedding = result.as_numpy(OUTPUT_EMBEDDING)[0]
+        for name, values in ((OUTPUT_SCORES, scores), (OUTPUT_EMBEDDING, embedding)):
+            if values is not None and not np.isfinite(values).all():
+                raise ServerError(f"the server returned non-finite {name}")
+        return Prediction(scores=scores, embedding=embedding)
 
     async def _infer(
         self, wav: np.ndarray, lens: np.ndarray, names: list[str], class_count: int = 0
@@ -187,16 +225,23 @@ class TritonEmotionClient:
         return await self._client.infer(self.model, inputs, outputs=outputs, **kwargs)
 
     async def _with_retries(self, call):
-        """Retry transient failures (queue full, restart, connection) with jittered backoff."""
+        """Retry transient failures (queue full, restart, rollout, connection) with jittered
+        backoff, and server-side failures a few times; input rejections at once."""
+        server_errors = 0
         for attempt in range(self.retries + 1):
             try:
                 return await call()
             except Exception as exc:  # noqa: BLE001 - tritonclient raises several types
-                if not _is_transient(exc):
+                kind = failure_kind(exc)
+                if kind == "rejected":
                     raise InferenceError(_message(exc)) from exc
-                if attempt == self.retries:
+                if kind == "server":
+                    server_errors += 1
+                    if server_errors > SERVER_ERROR_RETRIES:
+                        raise ServerError(_message(exc)) from exc
+                elif attempt == self.retries:
                     raise ServerUnavailable(self._unreachable(exc)) from exc
-                delay = self.backoff_s * (2**attempt)
+                delay = min(MAX_BACKOFF_S, self.backoff_s * (2**attempt))
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
         raise AssertionError("unreachable")
 
@@ -207,11 +252,23 @@ class TritonEmotionClient:
         )
 
 
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (ConnectionError, TimeoutError, OSError, asyncio.TimeoutError)):
-        return True
+class _NotReady(Exception):
+    """The model is not ready yet (loading, or unloading in a rollout): transient."""
+
+
+def failure_kind(exc: BaseException) -> str:
+    """ "transient", "rejected" (the input's fault) or "server" for a failed call."""
+    if isinstance(exc, (_NotReady, ConnectionError, TimeoutError, OSError)):
+        return "transient"
+    status = exc.status() if callable(getattr(exc, "status", None)) else None
+    if status in TRANSIENT_STATUSES:
+        return "transient"
+    if status in REJECTED_STATUSES:
+        return "rejected"
     text = _message(exc).lower()
-    return any(marker in text for marker in TRANSIENT_MARKERS)
+    if any(marker in text for marker in TRANSIENT_MARKERS):
+        return "transient"
+    return "server"
 
 
 def _message(exc: BaseException) -> str:

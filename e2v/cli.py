@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+
+EXIT_INTERNAL = 1  # documented in README: a bug, never a bad input
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +34,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `e2v classify ... --json | head`
+        sys.stderr.close()
+        return 0
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, documented exit code 1
+        if os.environ.get("E2V_DEBUG"):
+            raise
+        print(
+            f"internal error: {type(exc).__name__}: {exc} "
+            "(a bug: please report it; E2V_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ SAMPLE_RATE = 16_000
 MIN_SAMPLES = 400  # receptive field of the conv feature encoder: one frame
 FRAME_STRIDE = 320  # samples per output frame (50 frames/s)
 MAX_SEGMENT_S = 30.0  # attention is quadratic: longer audio is segmented by the client
+# Longest recording a client accepts (e2v classify --max-duration-s, the gateway's limit).
+MAX_DURATION_S = 7200.0
 
 # Clips are padded up to the next bucket so the dynamic batcher can group them.
 LENGTH_BUCKETS_S = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0)
