@@ -169,7 +169,7 @@ def _decoded_frames(source: AudioSource) -> Iterator[tuple[int, np.ndarray]]:
     try:
         try:
             container = av.open(file, metadata_errors="ignore")
-        except (av.FFmpegError, ValueError, MemoryError) as err:
+        except (av.FFmpegError, MemoryError) as err:
             raise AudioError(
                 "decode",
                 f"cannot decode: {name}: not an audio file or unsupported format ({_reason(err)})",
@@ -178,6 +178,8 @@ def _decoded_frames(source: AudioSource) -> Iterator[tuple[int, np.ndarray]]:
             if not container.streams.audio:
                 raise AudioError("no_audio", f"no audio stream in {name}")
             stream, seconds = container.streams.audio[0], 0.0
+            if stream.codec_context is None:
+                raise AudioError("decode", f"cannot decode: {name}: unsupported audio codec")
             if stream.codec_context.sample_rate:  # some containers only know it per frame
                 _check_header(stream.codec_context.sample_rate, stream.channels or 1, name)
             try:
