@@ -366,7 +366,7 @@ def test_graceful_server_restart_during_a_job_loses_and_duplicates_nothing(tiny_
 # ------------------------------------------------------------------- failures per file
 
 
-def test_any_failure_inside_one_file_is_that_files_row(tiny_server):
+def test_any_failure_inside_one_file_is_that_files_row(tiny_server, tmp_path):
     """Memory exhaustion mid-file and an unexpected exception become rows; the client
     keeps working for the next file."""
     import asyncio
@@ -381,9 +381,7 @@ def test_any_failure_inside_one_file_is_that_files_row(tiny_server):
                 raise MemoryError("std::bad_alloc")
             return super().read(size)
 
-    good = fx.write_audio(Path("/dev/shm") / "e2v-test-good.wav", fx.speech_like(3.0, seed=1))
-    data = good.read_bytes()
-    good.unlink()
+    data = fx.write_audio(tmp_path / "good.wav", fx.speech_like(3.0, seed=1)).read_bytes()
 
     async def run():
         async with TritonEmotionClient(tiny_server.config.grpc_url) as client:
