@@ -29,6 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--model", default=MODEL_NAME, help="model name on the server")
     parser.add_argument("--segment", default="vad", help="vad | fixed:SECONDS | none")
+    parser.add_argument(
+        "--aggregate",
+        choices=("mean", "vote"),
+        default="mean",
+        help="per-file label: duration-weighted mean of segment scores, or majority vote "
+        "of segments (ties: higher mean score)",
+    )
     parser.add_argument("--json", action="store_true", help="JSON Lines on stdout")
     parser.add_argument("--jsonl", type=Path, metavar="FILE", help="JSON Lines into FILE")
     parser.add_argument("--csv", type=Path, metavar="FILE", help="one row per file into FILE")
@@ -98,7 +105,7 @@ async def _run(args, options, files, missing) -> int:
             "note: the served model is SYNTHETIC (random weights): labels are meaningless",
             file=sys.stderr,
         )
-    from client.results import short_label
+    from client.results import by_vote, short_label
 
     labels = [short_label(label) for label in info.labels if not label.startswith("unuse")]
     writer = ResultWriter(
@@ -114,6 +121,8 @@ async def _run(args, options, files, missing) -> int:
     progress = _progress(len(files), args.no_progress)
 
     def on_result(result) -> None:
+        if args.aggregate == "vote":
+            result = by_vote(result)
         writer.write(result)
         if embeddings:
             embeddings.add(result)
