@@ -586,14 +586,15 @@ def test_label_folders_end_to_end(tiny_server, labelled, tmp_path):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("", "the manifest is empty"),
-        ("path,label\n", "the manifest has no rows"),
-        ("path,emotion\nclip.wav,angry\n", "no 'label' column"),
+        (b"", "the manifest is empty"),
+        (b"path,label\n", "the manifest has no rows"),
+        (b"path,emotion\nclip.wav,angry\n", "no 'label' column"),
+        (b"path,label\nclip.wav,w\xfctend\n", "not UTF-8"),
     ],
 )
 def test_unusable_manifest_exits_2_before_connecting(tmp_path, content, message):
     manifest = tmp_path / "m.csv"
-    manifest.write_text(content, encoding="utf-8")
+    manifest.write_bytes(content)
     port = free_ports(1)[0]
     result = e2v("evaluate", str(manifest), "--url", f"127.0.0.1:{port}", timeout=60)
     assert result.returncode == 2 and message in result.stderr
@@ -610,6 +611,11 @@ def test_bad_arguments_exit_2(tiny_server, labelled):
         (("--segment", "fixed:0"), "fixed window"),
         (("--bootstrap", "-1"), "--bootstrap must be"),
     ]
+    unknown = write_manifest(
+        labelled["root"] / "unknown.csv", [["path", "label"], ["clips/a0.wav", "frustrated"]]
+    )
+    result = e2v("evaluate", str(unknown), "--url", url, timeout=120)
+    assert result.returncode == 2 and "none of the data's labels (frustrated)" in result.stderr
     for options, message in cases:
         result = e2v("evaluate", manifest, "--url", url, *options, timeout=120)
         assert result.returncode == 2, (options, result.stderr)

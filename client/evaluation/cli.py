@@ -113,9 +113,9 @@ async def _run(args, dataset, methods, mapping, group_by) -> int:
 def _check_labels(dataset, matcher) -> None:
     from client.evaluation.labels import LabelError
 
-    usable = [item for item in dataset.items if item.usable]
-    unknown = sorted({item.label for item in usable if matcher(item.label) is None})
-    if usable and len(unknown) == len({item.label for item in usable}):
+    labelled = [item for item in dataset.items if item.error is None]
+    unknown = sorted({item.label for item in labelled if matcher(item.label) is None})
+    if labelled and len(unknown) == len({item.label for item in labelled}):
         raise LabelError(
             f"none of the data's labels ({', '.join(unknown[:10])}) is one of the model's "
             f"({', '.join(matcher.labels)}); use --map SRC=DST,..."

@@ -282,15 +282,19 @@ def _per_class(evaluation: Evaluation, metrics: dict) -> list[str]:
 
 
 def _confusion(evaluation: Evaluation, metrics: dict) -> list[str]:
-    labels, counts = metrics["confusion"]["labels"], metrics["confusion"]["counts"]
+    matrix = metrics["confusion"]
+    labels = matrix["labels"]
     lines = [
-        f"## Confusion matrix (`{evaluation.primary.name}`; rows: true, columns: predicted)",
+        f"## Confusion matrix (`{evaluation.primary.name}`)",
+        "",
+        "Rows: true label, columns: predicted; count (share of the row).",
         "",
         "| true \\ predicted | " + " | ".join(labels) + " |",
         "| --- |" + " ---: |" * len(labels),
     ]
-    for label, row in zip(labels, counts):
-        lines.append(f"| {label} | " + " | ".join(str(c) for c in row) + " |")
+    for label, counts, shares in zip(labels, matrix["counts"], matrix["normalized"]):
+        cells = [f"{c} ({s:.0%})" if c else "0" for c, s in zip(counts, shares)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "![confusion matrix](confusion_matrix.png)", ""]
     return lines
 

@@ -118,6 +118,8 @@ async def evaluate(
                 by_method[method.name] = {p: by_vote(r) if vote else r for p, r in found.items()}
     rows = _rows(dataset, matcher, methods, by_method)
     scored = [row for row in rows if row.scored]
+    if resamples:
+        log(f"bootstrap: {resamples} resamples of {len(scored)} scored row(s) per method")
     metrics = {m.name: _score(scored, m, matcher.labels, resamples, seed) for m in methods}
     groups = None
     if group_by is not None:
