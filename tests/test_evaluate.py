@@ -96,11 +96,15 @@ def test_csv_manifest_bom_crlf_extra_columns_and_row_problems(tmp_path):
             ["clips/a.wav", "", "s1"],
             ["./clips/a.wav", "happy", "s3"],
             ["", "", ""],  # blank line: skipped
+            ["clips/b.wav", "", "s1"],
+            ["clips/b.wav", "sad", "s1"],  # the first usable row of b.wav
         ],
     )
+    fx.write_audio(tmp_path / "clips" / "b.wav", fx.tone(0.5))
     data = read_labelled(manifest)  # the FIFO row must not block
     assert data.kind == "csv" and data.columns == ["path", "label", "speaker"]
-    first, missing, pipe, no_path, no_label, again = data.items
+    first, missing, pipe, no_path, no_label, again, b_empty, b_good = data.items
+    assert b_empty.error == "empty label cell" and b_good.usable and b_good.row == 8
     assert first.row == 1 and first.label == "Angry" and first.usable
     assert first.path == str(tmp_path / "clips" / "a.wav") and first.fields["speaker"] == "s1"
     assert missing.error_kind == "not_found" and "missing.wav" in missing.error

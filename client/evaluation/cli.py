@@ -38,10 +38,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="segmentations to compare, comma-separated: vad | fixed:SECONDS | none "
         "(the first is the report's main one)",
     )
-    parser.add_argument("--aggregate", choices=("mean", "vote", "both"), default="both")
+    parser.add_argument(
+        "--aggregate",
+        choices=("mean", "vote", "both"),
+        default="both",
+        help="file label from segments: duration-weighted mean, majority vote, or both",
+    )
     parser.add_argument("--map", metavar="SRC=DST,...", help="rename data labels, anger=angry")
     parser.add_argument("--group-by", metavar="COLUMN", help="metrics per value of a column")
-    parser.add_argument("--report", type=Path, metavar="DIR", help="write the report here")
+    parser.add_argument(
+        "--report", type=Path, metavar="DIR", help="write the report here (else: summary only)"
+    )
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
@@ -148,7 +155,10 @@ def summary(evaluation) -> str:
     lines = []
     if evaluation.info.synthetic:
         lines.append("SYNTHETIC MODEL (random weights): every number and label is meaningless")
-    lines.append(f"{'method':<16} {'files':>5}  {'WA':<22} {'UA':<22} {'macro F1':<22}")
+    if evaluation.metrics[evaluation.primary.name] is None:
+        lines.append("no row could be scored")
+    else:
+        lines.append(f"{'method':<16} {'files':>5}  {'WA':<22} {'UA':<22} {'macro F1':<22}")
     for method in evaluation.methods:
         m = evaluation.metrics[method.name]
         if m is None:

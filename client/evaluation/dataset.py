@@ -212,14 +212,15 @@ def file_problem(path: str | Path) -> tuple[str | None, str | None]:
 
 
 def _mark_duplicates(items: list[LabelledItem]) -> list[LabelledItem]:
-    """Later rows naming a file already listed point at its first row."""
+    """Later rows naming a file already listed point at its first usable row (a first row
+    with, say, an empty label does not hide a good one further down)."""
     first: dict[str, LabelledItem] = {}
     marked = []
     for item in items:
         key = os.path.normcase(os.path.abspath(item.path)) if item.path else None
-        if key is not None and key in first:
+        if key in first:
             item = replace(item, duplicate_of=first[key].row)
-        elif key is not None:
+        elif key is not None and item.error is None:
             first[key] = item
         marked.append(item)
     return marked

@@ -118,7 +118,7 @@ async def evaluate(
                 by_method[method.name] = {p: by_vote(r) if vote else r for p, r in found.items()}
     rows = _rows(dataset, matcher, methods, by_method)
     scored = [row for row in rows if row.scored]
-    if resamples:
+    if resamples and scored:
         log(f"bootstrap: {resamples} resamples of {len(scored)} scored row(s) per method")
     metrics = {m.name: _score(scored, m, matcher.labels, resamples, seed) for m in methods}
     groups = None
