@@ -31,6 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--model", default=MODEL_NAME, help="model name on the server")
     parser.add_argument("--segment", default="vad", help="vad | fixed:SECONDS | none")
+    parser.add_argument(
+        "--aggregate",
+        choices=("mean", "vote"),
+        default="mean",
+        help="per-file label: duration-weighted mean of segment scores, or majority vote "
+        "of segments (ties: higher mean score)",
+    )
     parser.add_argument("--json", action="store_true", help="JSON Lines on stdout")
     parser.add_argument("--jsonl", type=Path, metavar="FILE", help="JSON Lines into FILE")
     parser.add_argument("--csv", type=Path, metavar="FILE", help="one row per file into FILE")
@@ -89,7 +96,7 @@ def run_classify(args: argparse.Namespace) -> int:
 async def _run(args, options, files, missing) -> int:
     from client.classify import classify_files
     from client.output import EmbeddingWriter, OutputError, ResultWriter, previous_results
-    from client.results import resolve_alerts, short_label
+    from client.results import by_vote, resolve_alerts, short_label
     from client.triton import ServerUnavailable, TritonEmotionClient
 
     client = TritonEmotionClient(
@@ -139,6 +146,8 @@ async def _run(args, options, files, missing) -> int:
     progress = _progress(len(files), args.no_progress)
 
     def on_result(result) -> None:
+        if args.aggregate == "vote":
+            result = by_vote(result)
         if result.file not in embeddings_only:
             writer.write(result)
             status["errors"] += not result.ok

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -22,10 +22,7 @@ class SegmentResult:
         return self.end_s - self.start_s
 
     def top(self) -> tuple[str | None, float | None]:
-        if not self.scores:
-            return None, None
-        label = max(self.scores, key=self.scores.get)
-        return label, self.scores[label]
+        return _best(self.scores)
 
 
 @dataclass
@@ -42,6 +39,7 @@ class FileResult:
     error_kind: str | None = None
     model: str | None = None
     synthetic: bool = False
+    votes: dict[str, int] | None = None  # set by `by_vote`: segments won per label
 
     @property
     def ok(self) -> bool:
@@ -71,6 +69,8 @@ class FileResult:
                 ],
                 "alerts": self.alerts,
             }
+            if self.votes is not None:
+                data["votes"] = self.votes
         data["model"] = self.model
         if self.synthetic:
             data["synthetic"] = True
@@ -81,6 +81,11 @@ class FileResult:
 def short_label(label: str) -> str:
     """`生气/angry` -> `angry`: the English part of the published bilingual labels."""
     return label.rsplit("/", 1)[-1]
+
+
+def predictable(label: str) -> bool:
+    """Whether a label may be an answer: `unuse*` placeholders and `<unk>` never are."""
+    return not (label.startswith("unuse") or label == "<unk>")
 
 
 def segment_result(segment: Segment, prediction: Prediction, info: ModelInfo) -> SegmentResult:
@@ -118,10 +123,37 @@ def aggregate(
         matrix = np.array([[s.scores[label] for label in labels] for s in segments])
         mean = (weights[:, None] * matrix).sum(0) / weights.sum()
         result.scores = {label: float(p) for label, p in zip(labels, mean)}
-        result.emotion = labels[int(np.argmax(mean))]
-        result.confidence = float(mean.max())
+        result.emotion, result.confidence = _best(result.scores)
     result.alerts = alerts(segments, thresholds)
     return result
+
+
+def by_vote(result: FileResult) -> FileResult:
+    """The file's label by majority vote of its segments' top labels (the old web app's
+    rule); ties go to the higher mean score. `confidence` stays the voted label's mean
+    score, so thresholds mean the same thing for both aggregations."""
+    if not result.ok or not result.scores:
+        return result
+    votes: dict[str, int] = {}
+    for segment in result.segments:
+        label = segment.top()[0]
+        if label is not None:
+            votes[label] = votes.get(label, 0) + 1
+    if not votes:
+        return result
+    most = max(votes.values())
+    tied = [label for label in result.scores if votes.get(label) == most]
+    emotion = max(tied, key=result.scores.get)
+    ordered = {label: votes[label] for label in result.scores if label in votes}
+    return replace(result, emotion=emotion, confidence=result.scores[emotion], votes=ordered)
+
+
+def _best(scores: dict[str, float]) -> tuple[str | None, float | None]:
+    candidates = [label for label in scores if predictable(label)]
+    if not candidates:
+        return None, None
+    label = max(candidates, key=scores.get)
+    return label, scores[label]
 
 
 def alerts(segments: list[SegmentResult], thresholds: dict[str, float]) -> list[dict]:

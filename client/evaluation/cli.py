@@ -1,0 +1,189 @@
+"""`e2v evaluate DATA`: accuracy, thresholds and aggregation on your own labelled recordings.
+
+DATA is a CSV or JSON Lines manifest with `path,label` columns (paths relative to the
+manifest; other columns such as `speaker` are kept), or a folder with one sub-folder per
+label. Labels match the model's case-insensitively (`angry`, `生气/angry`); `--map`
+renames others. Every (segmentation, aggregation) pair given is scored on the same files:
+the default compares the whole file (VAD, mean) with 3-second windows (vote and mean).
+
+Exit status, as `e2v classify`: 0 all good; 2 bad arguments or an unusable data set;
+3 server unreachable; 4 some files failed (each is listed in the report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from client.cli import EXIT_FILE_ERRORS, EXIT_UNAVAILABLE, EXIT_USAGE
+from e2v.contract import GRPC_PORT, MODEL_NAME
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="accuracy on labelled recordings: WA/UA/F1, thresholds, calibration, aggregation",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("data", metavar="DATA", help="manifest (.csv/.jsonl) or label folders")
+    parser.add_argument("--url", default=f"localhost:{GRPC_PORT}", help="Triton HOST:PORT")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--model", default=MODEL_NAME, help="model name on the server")
+    parser.add_argument(
+        "--segment",
+        default="vad,fixed:3",
+        help="segmentations to compare, comma-separated: vad | fixed:SECONDS | none "
+        "(the first is the report's main one)",
+    )
+    parser.add_argument(
+        "--aggregate",
+        choices=("mean", "vote", "both"),
+        default="both",
+        help="file label from segments: duration-weighted mean, majority vote, or both",
+    )
+    parser.add_argument("--map", metavar="SRC=DST,...", help="rename data labels, anger=angry")
+    parser.add_argument("--group-by", metavar="COLUMN", help="metrics per value of a column")
+    parser.add_argument(
+        "--report", type=Path, metavar="DIR", help="write the report here (else: summary only)"
+    )
+    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    parser.add_argument("--retries", type=int, default=6, help="retries on transient errors")
+    parser.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from client.evaluation.dataset import DatasetError, read_labelled
+    from client.evaluation.labels import parse_map
+    from client.evaluation.run import parse_methods
+
+    try:
+        methods = parse_methods(args.segment, args.aggregate)
+        mapping = parse_map(args.map)
+        if not 0 <= args.bootstrap <= 100_000:
+            raise ValueError("--bootstrap must be between 0 and 100000")
+        if args.report is not None and args.report.exists() and not args.report.is_dir():
+            raise ValueError(f"--report {args.report} exists and is not a directory")
+        dataset = read_labelled(args.data)
+        group_by = args.group_by.strip().lower() if args.group_by else None
+        if group_by is not None and group_by not in dataset.columns:
+            raise ValueError(
+                f"--group-by {args.group_by!r}: no such column (columns: "
+                f"{', '.join(dataset.columns)})"
+            )
+    except (ValueError, DatasetError) as exc:
+        return _usage_error(exc)
+    for warning in dataset.warnings:
+        _say(f"warning: {warning}")
+    return asyncio.run(_run(args, dataset, methods, mapping, group_by))
+
+
+async def _run(args, dataset, methods, mapping, group_by) -> int:
+    from client.classify import JobOptions
+    from client.evaluation.labels import LabelError, LabelMatcher
+    from client.evaluation.run import evaluate
+    from client.triton import ServerUnavailable, TritonEmotionClient
+
+    options = JobOptions(
+        url=args.url,
+        protocol=args.protocol,
+        model=args.model,
+        concurrency=max(1, args.concurrency),
+        retries=args.retries,
+    )
+    client = TritonEmotionClient(args.url, args.protocol, args.model, retries=args.retries)
+    try:
+        info = await client.connect()
+        if info.synthetic:
+            _say("note: the served model is SYNTHETIC (random weights): results are meaningless")
+        if not info.labels:
+            raise LabelError(f"model '{info.name}' has no classifier head (embeddings only)")
+        matcher = LabelMatcher(info.labels, mapping)
+        _check_labels(dataset, matcher)
+        evaluation = await evaluate(
+            dataset, client, matcher, methods, options, group_by, args.bootstrap, args.seed, _say
+        )
+    except ServerUnavailable as exc:
+        _say(f"error: {exc}\nno report written")
+        return EXIT_UNAVAILABLE
+    except LabelError as exc:
+        return _usage_error(exc)
+    finally:
+        await client.close()
+    return _finish(evaluation, args.report)
+
+
+def _check_labels(dataset, matcher) -> None:
+    from client.evaluation.labels import LabelError
+
+    labelled = [item for item in dataset.items if item.error is None]
+    unknown = sorted({item.label for item in labelled if matcher(item.label) is None})
+    if labelled and len(unknown) == len({item.label for item in labelled}):
+        raise LabelError(
+            f"none of the data's labels ({', '.join(unknown[:10])}) is one of the model's "
+            f"({', '.join(matcher.labels)}); use --map SRC=DST,..."
+        )
+    if unknown:
+        _say(
+            f"warning: labels the model lacks, left out of the metrics: {', '.join(unknown)} "
+            "(--map SRC=DST renames them)"
+        )
+
+
+def _finish(evaluation, report_dir: Path | None) -> int:
+    from client.evaluation.report import write_report
+
+    print(summary(evaluation), flush=True)
+    if report_dir is not None:
+        write_report(evaluation, report_dir)
+        _say(f"report: {report_dir / 'report.md'}")
+    failed = evaluation.failed
+    for row in failed[:20]:
+        _say(f"failed: row {row.item.row}: {row.error}")
+    if len(failed) > 20:
+        _say(f"... and {len(failed) - 20} more failed rows (see predictions.csv)")
+    return EXIT_FILE_ERRORS if failed else 0
+
+
+def summary(evaluation) -> str:
+    """The comparison table as plain text, for the terminal."""
+    rows = evaluation.rows
+    lines = []
+    if evaluation.info.synthetic:
+        lines.append("SYNTHETIC MODEL (random weights): every number and label is meaningless")
+    if evaluation.metrics[evaluation.primary.name] is None:
+        lines.append("no row could be scored")
+    else:
+        lines.append(f"{'method':<16} {'files':>5}  {'WA':<22} {'UA':<22} {'macro F1':<22}")
+    for method in evaluation.methods:
+        m = evaluation.metrics[method.name]
+        if m is None:
+            continue
+        cells = [_ci(m[k]) for k in ("wa", "ua", "macro_f1")]
+        lines.append(f"{method.name:<16} {m['files']:>5}  " + " ".join(f"{c:<22}" for c in cells))
+    scored = sum(row.scored for row in rows)
+    excluded = sum(row.excluded is not None for row in rows)
+    lines.append(
+        f"{len(rows)} rows: {scored} scored, {len(evaluation.failed)} failed, {excluded} left out"
+    )
+    return "\n".join(lines)
+
+
+def _ci(metric: dict) -> str:
+    text = f"{metric['value'] * 100:.1f}%"
+    if metric["ci"] is not None:
+        text += f" [{metric['ci'][0] * 100:.1f}, {metric['ci'][1] * 100:.1f}]"
+    return text
+
+
+def _usage_error(exc: Exception) -> int:
+    _say(f"error: {exc}")
+    return EXIT_USAGE
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
