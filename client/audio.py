@@ -35,6 +35,7 @@ ErrorKind = Literal[
     "out_of_range",  # finite samples far beyond full scale (a broken float file)
     "too_short",  # shorter than one model frame
     "too_long",  # longer than the duration limit, or than one model call (--segment none)
+    "storage",  # object storage or network failed (credentials, bucket, connection)
 ]
 
 # Header sanity: real recordings lie between telephony's 8 kHz (some codecs: 2 kHz) and
@@ -54,6 +55,32 @@ _INT_SCALE = {np.dtype(np.int16): 2.0**15, np.dtype(np.int32): 2.0**31, np.dtype
 
 AudioSource = str | Path | BinaryIO
 
+# Names that directory walks pick up: audio containers and video containers with audio.
+AUDIO_SUFFIXES = {
+    ".wav",
+    ".flac",
+    ".mp3",
+    ".ogg",
+    ".opus",
+    ".m4a",
+    ".aac",
+    ".webm",
+    ".mp4",
+    ".mkv",
+    ".mka",
+    ".wma",
+    ".amr",
+    ".aiff",
+    ".aif",
+    ".au",
+    ".caf",
+    ".3gp",
+    ".mov",
+    ".oga",
+    ".spx",
+    ".gsm",
+}
+
 
 class AudioError(ValueError):
     """Audio that cannot be used; `str(err)` is the reason, `err.kind` its category."""
@@ -67,16 +94,17 @@ def stream_audio(
     source: AudioSource,
     sample_rate: int = SAMPLE_RATE,
     max_duration_s: float | None = None,
+    name: str | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield `source` as consecutive mono float32 chunks at `sample_rate`.
 
-    `source` is a path or a binary file object (e.g. `io.BytesIO` of an upload). Raises
-    AudioError, possibly after some chunks, for unusable input and when the decoded audio
-    exceeds `max_duration_s`.
+    `source` is a path or a binary file object (e.g. `io.BytesIO` of an upload, an
+    object in storage; `name` names it in messages). Raises AudioError, possibly after
+    some chunks, for unusable input and when the decoded audio exceeds `max_duration_s`.
     """
     limit = None if max_duration_s is None else int(max_duration_s * sample_rate)
     produced = 0
-    for chunk in _resampled(_decoded_chunks(source), sample_rate):
+    for chunk in _resampled(_decoded_chunks(source, name), sample_rate):
         if chunk.size == 0:
             continue
         _check_samples(chunk)
@@ -147,11 +175,11 @@ def open_regular_file(path: str | Path) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
-def _decoded_chunks(source: AudioSource) -> Iterator[tuple[int, np.ndarray]]:
+def _decoded_chunks(source: AudioSource, name: str | None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (sample_rate, mono float32) chunks of about _CHUNK_SOURCE_SAMPLES each."""
     pending: list[np.ndarray] = []
     pending_rate, pending_len = 0, 0
-    for rate, mono in _decoded_frames(source):
+    for rate, mono in _decoded_frames(source, name):
         if pending and (rate != pending_rate or pending_len >= _CHUNK_SOURCE_SAMPLES):
             yield pending_rate, np.concatenate(pending)
             pending, pending_len = [], 0
@@ -161,11 +189,11 @@ def _decoded_chunks(source: AudioSource) -> Iterator[tuple[int, np.ndarray]]:
         yield pending_rate, np.concatenate(pending)
 
 
-def _decoded_frames(source: AudioSource) -> Iterator[tuple[int, np.ndarray]]:
+def _decoded_frames(source: AudioSource, name: str | None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (sample_rate, mono float32) per decoded frame of the first audio stream."""
     is_path = isinstance(source, (str, Path))
     file = open_regular_file(source) if is_path else source
-    name = display_name(str(source)) if is_path else "upload"
+    name = display_name(str(source)) if is_path else (name or "upload")
     try:
         try:
             container = av.open(file, metadata_errors="ignore")

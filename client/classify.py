@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from client.audio import AudioError, AudioSource, stream_audio
+from client.inputs import open_input
 from client.names import display_name, one_line
 from client.results import FileResult, aggregate, segment_result
 from client.segment import Segment, SegmentMode, segment_stream
@@ -56,26 +56,31 @@ class JobOptions:
 
 
 async def classify_files(
-    paths: Iterable[str],
+    items: Iterable[str | FileResult],
     client: TritonEmotionClient,
     options: JobOptions,
     on_result: Callable[[FileResult], None],
     on_audio: Callable[[float], None] | None = None,
 ) -> None:
-    """Classify every path with a connected `client`, calling `on_result` once per path
-    as it completes. `paths` is consumed lazily, so it may be a long stream.
+    """Classify every path or URI with a connected `client`, calling `on_result` once per
+    item as it completes (an item that is already a FileResult, e.g. an input that could
+    not be listed, is passed through). `items` is consumed lazily, in a worker thread, so
+    it may be a long stream that lists object storage.
 
-    Raises ServerUnavailable (after retries) when the server goes away: files not yet
+    Raises ServerUnavailable (after retries) when the server goes away: items not yet
     reported are left for a `--resume` run.
     """
     requests = asyncio.Semaphore(options.concurrency)
     workers = max(2, options.concurrency // 2)
-    queue = iter(paths)
+    source = _SharedIterator(iter(items))
     decoders = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="e2v-decode")
 
     async def worker() -> None:
-        for path in queue:  # one shared iterator: each path goes to exactly one worker
-            result = await classify_source(path, client, requests, options, decoders)
+        while (item := await source.next()) is not None:
+            if isinstance(item, FileResult):
+                on_result(item)
+                continue
+            result = await classify_source(item, client, requests, options, decoders)
             if on_audio and result.duration_s:
                 on_audio(result.duration_s)
             on_result(result)
@@ -88,6 +93,18 @@ async def classify_files(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         decoders.shutdown(wait=False, cancel_futures=True)
+
+
+class _SharedIterator:
+    """One iterator shared by the workers; each `next` runs in a thread (listing may block)."""
+
+    def __init__(self, iterator: Iterator):
+        self._iterator = iterator
+        self._lock = asyncio.Lock()
+
+    async def next(self):
+        async with self._lock:
+            return await asyncio.to_thread(next, self._iterator, None)
 
 
 async def _gather_stop_on_unavailable(tasks: list[asyncio.Task]) -> None:
@@ -213,10 +230,17 @@ class _SegmentProducer:
                 return
 
     def _chunks(self) -> Iterator[np.ndarray]:
-        for chunk in stream_audio(self.source, max_duration_s=self.max_duration_s):
-            if self._stop.is_set():
-                raise _Stopped
-            yield chunk
+        named = isinstance(self.source, (str, Path))
+        source = open_input(str(self.source)) if named else self.source
+        name = display_name(str(self.source)) if named else None
+        try:
+            for chunk in stream_audio(source, max_duration_s=self.max_duration_s, name=name):
+                if self._stop.is_set():
+                    raise _Stopped
+                yield chunk
+        finally:
+            if named:
+                source.close()
 
     def _count(self, samples: int) -> None:
         self.samples += samples
@@ -232,91 +256,9 @@ class _SegmentProducer:
                     raise _Stopped from None
 
 
-AUDIO_SUFFIXES = {
-    ".wav",
-    ".flac",
-    ".mp3",
-    ".ogg",
-    ".opus",
-    ".m4a",
-    ".aac",
-    ".webm",
-    ".mp4",
-    ".mkv",
-    ".mka",
-    ".wma",
-    ".amr",
-    ".aiff",
-    ".aif",
-    ".au",
-    ".caf",
-    ".3gp",
-    ".mov",
-    ".oga",
-    ".spx",
-    ".gsm",
-}
-
-
-def expand_paths(inputs: Iterable[str]) -> tuple[list[str], list[FileResult]]:
-    """Files, directories (recursive, audio/video suffixes) and globs -> (files, errors).
-
-    Directory walks do not follow symbolic links to directories (no loops); entries with an
-    audio suffix that are not regular files (broken links, FIFOs, devices) are kept, so
-    they get an error row instead of vanishing.
-    """
-    import glob
-
-    files: list[str] = []
-    errors: list[FileResult] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(_walk_audio(path))
-            if not found:
-                errors.append(
-                    FileResult(
-                        file=display_name(item),
-                        error=f"no audio files in directory {display_name(item)}",
-                        error_kind="empty_directory",
-                    )
-                )
-            files += found
-        elif path.exists() or path.is_symlink():
-            files.append(item)
-        elif glob.has_magic(item):
-            matches = sorted(p for p in glob.glob(item, recursive=True) if not Path(p).is_dir())
-            if not matches:
-                errors.append(
-                    FileResult(
-                        file=display_name(item),
-                        error=f"no files match {display_name(item)}",
-                        error_kind="not_found",
-                    )
-                )
-            files += matches
-        else:
-            errors.append(
-                FileResult(
-                    file=display_name(item),
-                    error=f"file not found: {display_name(item)}",
-                    error_kind="not_found",
-                )
-            )
-    return list(dict.fromkeys(files)), errors
-
-
-def _walk_audio(root: Path) -> Iterator[str]:
-    for directory, _dirs, names in os.walk(root):
-        for name in names:
-            if Path(name).suffix.lower() in AUDIO_SUFFIXES:
-                yield os.path.join(directory, name)
-
-
 __all__ = [
     "JobOptions",
     "ServerUnavailable",
     "classify_files",
     "classify_source",
-    "expand_paths",
 ]

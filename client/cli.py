@@ -1,4 +1,8 @@
-"""`e2v classify PATH...`: recordings in, emotions out (table, JSON Lines, CSV, alerts).
+"""`e2v classify PATH|URI...`: recordings in, emotions out (table, JSON Lines, CSV, Parquet).
+
+Inputs are files, directories, globs and URIs (s3://, gs://, az://, https://), or a list
+of them (--from-list); --shard K/N takes a stable share of them. Outputs go to local
+files or URIs; a DEST ending in "/" gets the shard's part (part-00007-of-00016.jsonl).
 
 Exit status (bit flags, so pipelines can test each): 0 all good; 2 bad arguments, no
 input or an output that cannot be written or resumed; 3 server unreachable (job
@@ -12,6 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 
 from e2v.contract import GRPC_PORT, MAX_DURATION_S, MODEL_NAME
@@ -26,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="files, directories, globs")
+    parser.add_argument("paths", nargs="*", metavar="PATH", help="files, directories, globs, URIs")
+    parser.add_argument("--from-list", metavar="FILE", help="one path or URI per line")
+    parser.add_argument("--shard", metavar="K/N", help="only shard K of N (0-based), by name hash")
     parser.add_argument("--url", default=f"localhost:{GRPC_PORT}", help="Triton HOST:PORT")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--model", default=MODEL_NAME, help="model name on the server")
@@ -35,18 +43,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--aggregate",
         choices=("mean", "vote"),
         default="mean",
-        help="per-file label: duration-weighted mean of segment scores, or majority vote "
-        "of segments (ties: higher mean score)",
+        help="file label: duration-weighted mean of segment scores, or majority vote",
     )
     parser.add_argument("--json", action="store_true", help="JSON Lines on stdout")
-    parser.add_argument("--jsonl", type=Path, metavar="FILE", help="JSON Lines into FILE")
-    parser.add_argument("--csv", type=Path, metavar="FILE", help="one row per file into FILE")
+    parser.add_argument("--jsonl", metavar="DEST", help="JSON Lines into a file, URI or DIR/")
+    parser.add_argument("--csv", metavar="DEST", help="one row per file into a file, URI or DIR/")
+    parser.add_argument("--parquet", metavar="DEST", help="the CSV's columns as Parquet chunks")
     parser.add_argument("--alert", metavar="LABEL=P,...", help="e.g. angry=0.7,sad=0.8")
     parser.add_argument("--embeddings", type=Path, metavar="FILE", help=".npy or .parquet")
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="skip files already in --csv/--jsonl (retrying server-side errors) and append",
+        help="skip files already in the outputs (retrying server-side errors) and append",
     )
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     parser.add_argument(
@@ -67,7 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_classify(args: argparse.Namespace) -> int:
-    from client.classify import JobOptions, expand_paths
+    from client.classify import JobOptions
+    from client.inputs import Shard, parse_shard
     from client.results import parse_alerts
     from client.segment import parse_segment_mode
 
@@ -82,19 +91,40 @@ def run_classify(args: argparse.Namespace) -> int:
             retries=args.retries,
             max_duration_s=args.max_duration_s,
         )
+        shard = parse_shard(args.shard) if args.shard else Shard()
+        outputs = _outputs(args, shard)
+        if not args.paths and not args.from_list:
+            raise ValueError("nothing to classify: give PATHs or --from-list FILE")
         if args.embeddings and args.embeddings.suffix not in (".npy", ".parquet"):
             raise ValueError("--embeddings must end in .npy or .parquet")
-        if args.resume and not (args.csv or args.jsonl):
-            raise ValueError("--resume needs --csv FILE or --jsonl FILE to know what is done")
+        if args.resume and not outputs:
+            raise ValueError("--resume needs --csv, --jsonl or --parquet to know what is done")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    files, missing = expand_paths(args.paths)
-    return asyncio.run(_run(args, options, files, missing))
+    return asyncio.run(_run(args, options, shard, outputs))
 
 
-async def _run(args, options, files, missing) -> int:
+def _outputs(args: argparse.Namespace, shard) -> list:
+    """The --jsonl/--csv/--parquet destinations; DEST/ gets this shard's part name."""
+    from client.output import Output
+
+    outputs = []
+    for fmt in ("jsonl", "csv", "parquet"):
+        dest = getattr(args, fmt)
+        if dest is None:
+            continue
+        if dest.endswith("/"):
+            dest = f"{dest}{shard.label}.{fmt}"
+        elif args.shard:
+            raise ValueError(f"--{fmt} {dest}: with --shard, give a DEST ending in / (a prefix)")
+        outputs.append(Output(dest, fmt))
+    return outputs
+
+
+async def _run(args, options, shard, outputs) -> int:
     from client.classify import classify_files
+    from client.inputs import InputError
     from client.output import EmbeddingWriter, OutputError, ResultWriter, previous_results
     from client.results import by_vote, resolve_alerts, short_label
     from client.triton import ServerUnavailable, TritonEmotionClient
@@ -110,16 +140,16 @@ async def _run(args, options, files, missing) -> int:
         return EXIT_UNAVAILABLE
     labels = [short_label(label) for label in info.labels if not label.startswith("unuse")]
     writer = embeddings = None
+    done = {}
     try:
         thresholds = resolve_alerts(options.thresholds or {}, info.labels)
         options = _with_thresholds(options, thresholds)
         if args.resume:
-            done = previous_results(args.csv, args.jsonl, labels=labels)
+            done = previous_results(outputs, labels=labels)
         writer = ResultWriter(
             labels,
+            outputs,
             json_stream=sys.stdout if args.json else None,
-            jsonl_path=args.jsonl,
-            csv_path=args.csv,
             table=not args.json,
             append=args.resume,
         )
@@ -127,28 +157,26 @@ async def _run(args, options, files, missing) -> int:
             embeddings = EmbeddingWriter(args.embeddings, info.embed_dim, resume=args.resume)
             if args.resume:
                 embeddings.drop_incomplete_last(done)
-    except (ValueError, OutputError) as exc:
+    except (ValueError, OutputError, InputError) as exc:
         await client.close()
         for output in (writer, embeddings):
             if output is not None:
                 output.close()
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    embeddings_only: set[str] = set()
-    if args.resume:
-        files, missing, embeddings_only = _still_to_do(files, missing, done, embeddings)
+    plan = _Plan(args, shard, done, embeddings)
     if info.synthetic:
         print(
             "note: the served model is SYNTHETIC (random weights): labels are meaningless",
             file=sys.stderr,
         )
     status = {"errors": 0, "alerts": 0}
-    progress = _progress(len(files), args.no_progress)
+    progress = _progress(args.no_progress)
 
     def on_result(result) -> None:
         if args.aggregate == "vote":
             result = by_vote(result)
-        if result.file not in embeddings_only:
+        if result.file not in plan.embeddings_only:
             writer.write(result)
             status["errors"] += not result.ok
             status["alerts"] += bool(result.alerts)
@@ -162,18 +190,18 @@ async def _run(args, options, files, missing) -> int:
             progress.audio_s += seconds
             progress.set_postfix_str(f"{progress.audio_s / 3600:.2f} h audio", refresh=False)
 
-    for result in missing:
-        on_result(result)
     code = 0
     try:
-        if files:
-            await classify_files(files, client, options, on_result, on_audio)
+        await classify_files(plan.items(), client, options, on_result, on_audio)
     except ServerUnavailable as exc:
         print(
             f"\nerror: {exc}\n{writer.results} row(s) written; rerun with --resume to finish.",
             file=sys.stderr,
         )
         code = EXIT_UNAVAILABLE
+    except InputError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
     finally:
         await client.close()
         if progress:
@@ -181,35 +209,59 @@ async def _run(args, options, files, missing) -> int:
         writer.close()
         if embeddings:
             embeddings.close()
+    plan.report()
     if code:
         return code
-    if not files and not missing:
-        print("nothing to do", file=sys.stderr)
     return (EXIT_FILE_ERRORS if status["errors"] else 0) | (EXIT_ALERT if status["alerts"] else 0)
 
 
-def _still_to_do(files, missing, done, embeddings):
-    """(files to classify, error rows to write, files whose embeddings alone are missing)."""
-    from client.names import display_name
+class _Plan:
+    """What this run does: the inputs, streamed, of this shard, not yet done, once each."""
 
-    todo, embeddings_only, skipped = [], set(), 0
-    for path in files:
-        name = display_name(path)
-        finished = done.get(name)
-        if finished is None or not finished.final:
-            todo.append(path)
-        elif embeddings and finished.segments and not embeddings.has(name):
-            todo.append(path)
-            embeddings_only.add(name)
-        else:
-            skipped += 1
-    missing = [m for m in missing if m.file not in done or not done[m.file].final]
-    print(
-        f"resume: {skipped} file(s) already done, {len(todo)} to go"
-        + (f" ({len(embeddings_only)} for their embeddings only)" if embeddings_only else ""),
-        file=sys.stderr,
-    )
-    return todo, missing, embeddings_only
+    def __init__(self, args, shard, done, embeddings):
+        self.args, self.shard, self.done, self.embeddings = args, shard, done, embeddings
+        self.embeddings_only: set[str] = set()
+        self.skipped = self.todo = 0
+        self._seen: set[bytes] = set()
+
+    def items(self) -> Iterator:
+        from client.inputs import iter_inputs, read_list
+        from client.names import display_name
+        from client.results import FileResult
+
+        listed = read_list(self.args.from_list) if self.args.from_list else ()
+        for item in iter_inputs(chain(self.args.paths, listed)):
+            name = item.file if isinstance(item, FileResult) else display_name(item)
+            if name not in self.shard or not self._first(name):
+                continue
+            finished = self.done.get(name)
+            if finished is not None and finished.final:
+                if not (self.embeddings and finished.segments and not self.embeddings.has(name)):
+                    self.skipped += 1
+                    continue
+                self.embeddings_only.add(name)
+            self.todo += 1
+            yield item
+
+    def _first(self, name: str) -> bool:
+        import hashlib
+
+        key = hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=10).digest()
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+    def report(self) -> None:
+        if self.args.resume:
+            extra = f" ({len(self.embeddings_only)} for their embeddings only)"
+            print(
+                f"resume: {self.skipped} file(s) already done, {self.todo} to go"
+                + (extra if self.embeddings_only else ""),
+                file=sys.stderr,
+            )
+        elif not self.todo:
+            print("nothing to do", file=sys.stderr)
 
 
 def _with_thresholds(options, thresholds):
@@ -218,11 +270,11 @@ def _with_thresholds(options, thresholds):
     return replace(options, thresholds=thresholds)
 
 
-def _progress(total: int, disabled: bool):
+def _progress(disabled: bool):
     if disabled or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="file", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(unit="file", file=sys.stderr, dynamic_ncols=True)
     bar.audio_s = 0.0
     return bar

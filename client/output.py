@@ -25,7 +25,9 @@ from typing import IO
 
 import numpy as np
 
+from client.inputs import is_uri
 from client.names import csv_safe, csv_unsafe
+from client.parts import ChunkWriter, read_rows
 from client.results import FileResult
 
 CSV_FIXED = [
@@ -43,7 +45,7 @@ CSV_FIXED = [
 ]
 INDEX_HEADER = ["row", "file", "start_s", "end_s"]
 # Rows whose error is the server's or ours, not the file's: --resume tries these again.
-RETRY_ON_RESUME = {"server", "internal"}
+RETRY_ON_RESUME = {"server", "internal", "storage"}
 
 
 class OutputError(Exception):
@@ -62,24 +64,58 @@ class Finished:
         return self.error_kind not in RETRY_ON_RESUME
 
 
-def previous_results(*outputs: Path | None, labels: list[str] | None = None) -> dict[str, Finished]:
-    """The last row per file in existing CSV / JSON Lines outputs (for --resume).
+@dataclass(frozen=True)
+class Output:
+    """One results destination: a local file or URI, and its format."""
 
-    Repairs a tail cut by a crash (drops the partial line, says so on stderr) and raises
-    OutputError for a file that is not one of ours.
+    dest: str
+    fmt: str  # "jsonl" | "csv" | "parquet"
+
+    @property
+    def chunked(self) -> bool:
+        """Object stores and Parquet get rolling chunks; local CSV / JSONL are appended."""
+        return self.fmt == "parquet" or is_uri(self.dest)
+
+
+def previous_results(outputs: list[Output], labels: list[str] | None = None) -> dict[str, Finished]:
+    """The last row per file in existing outputs (for --resume).
+
+    Repairs a local tail cut by a crash (drops the partial line, says so on stderr) and
+    raises OutputError for an output that is not one of ours.
     """
     found: dict[str, Finished] = {}
-    for path in outputs:
-        if path is None or not path.exists():
-            continue
-        _check_writable_file(path)
-        dropped = repair_tail(path)
-        if dropped:
-            stderr(f"resume: dropped an incomplete last line ({dropped} bytes) in {path}")
-        rows = _read_csv(path, labels) if path.suffix == ".csv" else _read_jsonl(path)
-        for file, finished in rows:
+    for output in outputs:
+        for file, finished in _previous_rows(output, labels):
             found[file] = finished
     return found
+
+
+def _previous_rows(output: Output, labels: list[str] | None) -> Iterator[tuple[str, Finished]]:
+    if output.chunked:
+        try:
+            for row in read_rows(output.dest, output.fmt):
+                yield _finished_from_row(row, output)
+        except (ValueError, UnicodeDecodeError, KeyError) as exc:
+            raise OutputError(f"{output.dest}: not results of e2v classify ({exc})") from None
+        return
+    path = Path(output.dest)
+    if not path.exists():
+        return
+    _check_writable_file(path)
+    dropped = repair_tail(path)
+    if dropped:
+        stderr(f"resume: dropped an incomplete last line ({dropped} bytes) in {path}")
+    yield from _read_csv(path, labels) if output.fmt == "csv" else _read_jsonl(path)
+
+
+def _finished_from_row(row: dict, output: Output) -> tuple[str, Finished]:
+    kind = row.get("error_kind") or None
+    if output.fmt == "jsonl":
+        return row["file"], Finished(kind, 0 if kind else len(row.get("segments") or []))
+    segments = row.get("segments")
+    count = int(segments) if str(segments or "").isdigit() else 0
+    file = row["file"]
+    return (csv_unsafe(file) if output.fmt == "csv" else file), Finished(kind, count)
 
 
 def repair_tail(path: Path) -> int:
@@ -187,65 +223,93 @@ def _csv_line(values: list) -> str:
 
 
 class ResultWriter:
-    """Fan one FileResult out to every requested output, one whole line each."""
+    """Fan one FileResult out to every requested output, one whole line or row each."""
 
     def __init__(
         self,
         labels: list[str],
+        outputs: list[Output] = (),
         json_stream: IO[str] | None = None,
-        jsonl_path: Path | None = None,
-        csv_path: Path | None = None,
         table: bool = False,
         append: bool = False,
     ):
         self.labels = labels
         self.json_stream = json_stream
         self.table = table
-        self._jsonl = LineFile(jsonl_path, append) if jsonl_path else None
-        self._csv = LineFile(csv_path, append) if csv_path else None
-        if self._csv is not None and self._csv.empty:
-            self._csv.write(_csv_line(csv_fields(labels)))
+        self._sinks: list[tuple[Output, LineFile | ChunkWriter]] = []
+        try:
+            for output in outputs:
+                self._sinks.append((output, self._open(output, append)))
+        except (OutputError, ValueError) as exc:
+            self.close()
+            raise OutputError(str(exc)) from None
         self.results = 0
         if table:
             print(f"{'file':<48} {'dur_s':>7} {'emotion':<12} {'conf':>6}  note", flush=True)
+
+    def _open(self, output: Output, append: bool) -> LineFile | ChunkWriter:
+        if output.chunked:
+            fields = self.csv_fields()
+            return ChunkWriter(output.dest, fields, output.fmt, append)
+        sink = LineFile(Path(output.dest), append)
+        if output.fmt == "csv" and sink.empty:
+            sink.write(_csv_line(self.csv_fields()))
+        return sink
 
     def csv_fields(self) -> list[str]:
         return csv_fields(self.labels)
 
     def write(self, result: FileResult) -> None:
         self.results += 1
-        line = json.dumps(result.to_json(), ensure_ascii=False, allow_nan=False)
+        data = result.to_json()
+        line = json.dumps(data, ensure_ascii=False, allow_nan=False)
         if self.json_stream is not None:
             print(line, file=self.json_stream, flush=True)
-        if self._jsonl is not None:
-            self._jsonl.write(line + "\n")
-        if self._csv is not None:
-            row = self._csv_row(result)
-            self._csv.write(_csv_line([row[field] for field in self.csv_fields()]))
+        for output, sink in self._sinks:
+            if isinstance(sink, ChunkWriter):
+                row = data if output.fmt == "jsonl" else self._table_dict(result, output.fmt)
+                sink.write(row)
+            elif output.fmt == "jsonl":
+                sink.write(line + "\n")
+            else:
+                row = self._table_dict(result, "csv")
+                sink.write(_csv_line([row[field] for field in self.csv_fields()]))
         if self.table:
             print(_table_row(result), flush=True)
 
-    def _csv_row(self, result: FileResult) -> dict:
-        row = {
-            "file": csv_safe(result.file),
-            "duration_s": _fmt(result.duration_s),
-            "emotion": result.emotion or "",
-            "confidence": _fmt(result.confidence),
-            "no_speech": int(result.no_speech) if result.ok else "",
-            "segments": len(result.segments) if result.ok else "",
+    def _table_dict(self, result: FileResult, fmt: str) -> dict:
+        """The CSV columns: text for CSV (formulas neutralised), typed for Parquet."""
+        typed = {
+            "file": result.file,
+            "duration_s": result.duration_s,
+            "emotion": result.emotion,
+            "confidence": result.confidence,
+            "no_speech": result.no_speech if result.ok else None,
+            "segments": len(result.segments) if result.ok else None,
             "alert": ";".join(f"{a['label']}>={a['threshold']}" for a in result.alerts),
-            "error": csv_safe(result.error or ""),
-            "error_kind": result.error_kind or "",
-            "model": csv_safe(result.model or ""),
-            "synthetic": int(result.synthetic),
+            "error": result.error,
+            "error_kind": result.error_kind,
+            "model": result.model,
+            "synthetic": result.synthetic,
         }
-        row |= {f"score_{label}": _fmt(result.scores.get(label)) for label in self.labels}
+        typed |= {f"score_{label}": result.scores.get(label) for label in self.labels}
+        if fmt == "parquet":
+            return typed
+        row = {}
+        for key, value in typed.items():
+            if isinstance(value, bool):
+                row[key] = int(value)
+            elif isinstance(value, float):
+                row[key] = _fmt(value)
+            elif isinstance(value, str):
+                row[key] = csv_safe(value)
+            else:
+                row[key] = "" if value is None else value
         return row
 
     def close(self) -> None:
-        for f in (self._jsonl, self._csv):
-            if f is not None:
-                f.close()
+        for _, sink in self._sinks:
+            sink.close()
 
 
 def _table_row(result: FileResult) -> str:

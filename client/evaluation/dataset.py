@@ -95,7 +95,7 @@ def read_labelled(
 
 
 def _default_suffixes() -> set[str]:
-    from client.classify import AUDIO_SUFFIXES
+    from client.audio import AUDIO_SUFFIXES
 
     return AUDIO_SUFFIXES
 
