@@ -49,6 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--jsonl", metavar="DEST", help="JSON Lines into a file, URI or DIR/")
     parser.add_argument("--csv", metavar="DEST", help="one row per file into a file, URI or DIR/")
     parser.add_argument("--parquet", metavar="DEST", help="the CSV's columns as Parquet chunks")
+    parser.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=500,
+        help="rows per committed chunk of a URI or Parquet output (also every 30 s)",
+    )
     parser.add_argument("--alert", metavar="LABEL=P,...", help="e.g. angry=0.7,sad=0.8")
     parser.add_argument("--embeddings", type=Path, metavar="FILE", help=".npy or .parquet")
     parser.add_argument(
@@ -93,6 +99,8 @@ def run_classify(args: argparse.Namespace) -> int:
         )
         shard = parse_shard(args.shard) if args.shard else Shard()
         outputs = _outputs(args, shard)
+        if args.chunk_rows < 1:
+            raise ValueError(f"--chunk-rows must be >= 1, not {args.chunk_rows}")
         if not args.paths and not args.from_list:
             raise ValueError("nothing to classify: give PATHs or --from-list FILE")
         if args.embeddings and args.embeddings.suffix not in (".npy", ".parquet"):
@@ -152,6 +160,7 @@ async def _run(args, options, shard, outputs) -> int:
             json_stream=sys.stdout if args.json else None,
             table=not args.json,
             append=args.resume,
+            chunk_rows=args.chunk_rows,
         )
         if args.embeddings:
             embeddings = EmbeddingWriter(args.embeddings, info.embed_dim, resume=args.resume)

@@ -27,7 +27,7 @@ import numpy as np
 
 from client.inputs import is_uri
 from client.names import csv_safe, csv_unsafe
-from client.parts import ChunkWriter, read_rows
+from client.parts import CHUNK_ROWS, ChunkWriter, read_rows
 from client.results import FileResult
 
 CSV_FIXED = [
@@ -232,8 +232,10 @@ class ResultWriter:
         json_stream: IO[str] | None = None,
         table: bool = False,
         append: bool = False,
+        chunk_rows: int = CHUNK_ROWS,
     ):
         self.labels = labels
+        self.chunk_rows = chunk_rows
         self.json_stream = json_stream
         self.table = table
         self._sinks: list[tuple[Output, LineFile | ChunkWriter]] = []
@@ -250,7 +252,7 @@ class ResultWriter:
     def _open(self, output: Output, append: bool) -> LineFile | ChunkWriter:
         if output.chunked:
             fields = self.csv_fields()
-            return ChunkWriter(output.dest, fields, output.fmt, append)
+            return ChunkWriter(output.dest, fields, output.fmt, append, rows=self.chunk_rows)
         sink = LineFile(Path(output.dest), append)
         if output.fmt == "csv" and sink.empty:
             sink.write(_csv_line(self.csv_fields()))

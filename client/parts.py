@@ -71,8 +71,17 @@ class ChunkSet:
 class ChunkWriter:
     """Rows (dicts) for one destination, committed as immutable chunks."""
 
-    def __init__(self, dest: str, fields: list[str], fmt: str, append: bool):
+    def __init__(
+        self,
+        dest: str,
+        fields: list[str],
+        fmt: str,
+        append: bool,
+        rows: int = CHUNK_ROWS,
+        seconds: float = CHUNK_SECONDS,
+    ):
         self.chunks = ChunkSet.of(dest)
+        self.max_rows, self.max_seconds = rows, seconds
         self.fields, self.fmt = fields, fmt
         existing = self.chunks.existing()
         if existing and not append:
@@ -87,8 +96,8 @@ class ChunkWriter:
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
-        due = time.monotonic() - self.last_flush >= CHUNK_SECONDS
-        if len(self.rows) >= CHUNK_ROWS or due:
+        due = time.monotonic() - self.last_flush >= self.max_seconds
+        if len(self.rows) >= self.max_rows or due:
             self.flush()
 
     def flush(self) -> None:
@@ -106,7 +115,8 @@ class ChunkWriter:
         """Fail before any inference when the destination cannot take a chunk."""
         probe = f"{self.chunks.folder}/.{self.chunks.stem}.write-check"
         try:
-            self.chunks.fs.makedirs(self.chunks.folder or ".", exist_ok=True)
+            if "file" in self.chunks.fs.protocol:  # object stores: no folders, never buckets
+                self.chunks.fs.makedirs(self.chunks.folder or ".", exist_ok=True)
             self.chunks.fs.pipe_file(probe, b"")
             self.chunks.fs.rm_file(probe)
         except Exception as exc:  # noqa: BLE001 - every back end raises its own types
