@@ -257,7 +257,9 @@ class _VadCutter:
     """ "vad": Silero speech regions, padded, split to the maximum, close ones merged.
 
     A recording that fits one segment is sent whole when it has speech, so nothing is
-    emitted until the stream is longer than one segment.
+    emitted until the stream is longer than one segment. Until then, the VAD stops as
+    soon as it is sure of some speech (most short clips: after a fraction of a second);
+    if the stream grows longer than one segment, it catches up on what it skipped.
     """
 
     def __init__(self, mode: SegmentMode, max_samples: int) -> None:
@@ -266,16 +268,25 @@ class _VadCutter:
         self.tracker = SpeechTracker(VAD_PARAMS)
         self.padder = RegionPadder(VAD_PARAMS.pad)
         self.merger = _Merger(max_samples)
-        self.vad_end = 0  # samples the VAD has consumed
-        self.any_speech = False
-        self.early: list[Segment] = []  # held while the stream still fits one segment
+        self.vad_end = 0  # samples the VAD has turned into probabilities
+        self.early: list[Segment] | None = []  # held while the stream fits one segment
+        self.skipped: list[np.ndarray] = []  # audio the VAD has not seen (early, speech sure)
 
     def feed(self, chunk: np.ndarray, end: int) -> list[Segment]:
-        probs = self.vad.feed(chunk)
-        self.vad_end += len(probs) * FRAME
-        out = self._regions(self.tracker.push(probs))
+        if self.early is not None and self.tracker.confirmed and end <= self.max_samples:
+            self.skipped.append(chunk)
+            return []
+        out: list[Segment] = []
+        for piece in [*self.skipped, chunk]:
+            out += self._vad(piece)
+        self.skipped = []
         out += self._settle()
         return self._release_early(out, end)
+
+    def _vad(self, chunk: np.ndarray) -> list[Segment]:
+        probs = self.vad.feed(chunk)
+        self.vad_end += len(probs) * FRAME
+        return self._regions(self.tracker.push(probs))
 
     def needed_from(self) -> int:
         if self.early is not None:
@@ -286,20 +297,24 @@ class _VadCutter:
         return max(0, int(min(self.merger.needed_from(), floor)))
 
     def finish(self, total: int) -> list[Segment]:
+        if total <= self.max_samples and self.tracker.confirmed:
+            return [Segment(0, total)]
+        out: list[Segment] = []
+        for piece in self.skipped:
+            out += self._vad(piece)
         probs = self.vad.finish()
-        out = self._regions(self.tracker.push(probs))
+        out += self._regions(self.tracker.push(probs))
         out += self._regions(self.tracker.finish(total))
         for start, end in self.padder.finish(total):
             out += self._pieces(start, end)
         out += self.merger.finish()
         if total <= self.max_samples:
-            return [Segment(0, total)] if self.any_speech else []
+            return [Segment(0, total)] if self.tracker.confirmed else []
         return [s for s in self._release_early(out, total) if s.end - s.start >= MIN_SAMPLES]
 
     def _regions(self, regions: list[tuple[int, int]]) -> list[Segment]:
         out: list[Segment] = []
         for start, end in regions:
-            self.any_speech = True
             for padded in self.padder.add(start, end):
                 out += self._pieces(*padded)
         return out

@@ -26,7 +26,7 @@ from e2v.contract import SAMPLE_RATE
 
 FRAME = 512  # samples per VAD frame at 16 kHz
 CONTEXT = 64  # samples of the previous frame each frame sees
-BLOCK_FRAMES = 512  # frames per ONNX call, as in silero_vad (16.4 s)
+BLOCK_FRAMES = 512  # most frames per ONNX call, as in silero_vad (16.4 s)
 
 
 @dataclass(frozen=True)
@@ -100,17 +100,23 @@ class StreamingVad:
         self._pending_len = 0
 
     def feed(self, chunk: np.ndarray) -> np.ndarray:
-        """Probabilities of every complete block of BLOCK_FRAMES frames now available."""
+        """Probabilities of every complete frame now available.
+
+        Silero's probabilities do not depend on how frames are grouped into ONNX calls
+        (tested bit for bit), so frames run as soon as they are complete.
+        """
         self._pending.append(chunk)
         self._pending_len += len(chunk)
-        block = FRAME * BLOCK_FRAMES
-        if self._pending_len < block:
+        if self._pending_len < FRAME:
             return np.zeros(0, dtype=np.float32)
         audio = np.concatenate(self._pending)
-        usable = len(audio) // block * block
+        usable = len(audio) // FRAME * FRAME
         self._pending = [audio[usable:]]
         self._pending_len = len(audio) - usable
-        return np.concatenate([self._run(audio[i : i + block]) for i in range(0, usable, block)])
+        block = FRAME * BLOCK_FRAMES
+        return np.concatenate(
+            [self._run(audio[i : min(i + block, usable)]) for i in range(0, usable, block)]
+        )
 
     def finish(self) -> np.ndarray:
         """Probabilities of the rest, the last frame zero-padded (as Silero does)."""
@@ -159,6 +165,7 @@ class SpeechTracker:
         self.temp_end = self.prev_end = self.next_start = 0
         self.possible_ends: list[tuple[int, int]] = []
         self.frame = 0
+        self.confirmed = False  # a region that will be kept has been seen
 
     @property
     def open_start(self) -> int | None:
@@ -174,11 +181,15 @@ class SpeechTracker:
 
     def finish(self, total_samples: int) -> list[tuple[int, int]]:
         if self.current and (total_samples - self.current["start"]) > self.min_speech:
+            self.confirmed = True
             return [(self.current["start"], total_samples)]
         return []
 
     def _step(self, prob: float, cur: int, out: list[tuple[int, int]]) -> None:  # noqa: C901
         p = self.p
+        if self.triggered and prob >= p.threshold and cur - self.current["start"] > self.min_speech:
+            # Speech now, long enough already: whenever this region closes, it is kept.
+            self.confirmed = True
         if prob >= p.threshold and self.temp_end:
             sil_dur = cur - self.temp_end
             if sil_dur > self.min_silence_at_max:
@@ -232,6 +243,7 @@ class SpeechTracker:
         start = self.current["start"]
         if not check_length or end - start > self.min_speech:
             out.append((start, end))
+            self.confirmed = True
         self.current = {}
 
 

@@ -367,3 +367,28 @@ def test_streaming_memory_is_bounded_by_the_segment_not_the_recording():
         tracemalloc.stop()
     assert count == 80
     assert peak < 16 * 2**20, f"peak {peak / 2**20:.1f} MB"
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        [("speech", 4.0)],
+        [("silence", 9.7), ("speech", 0.3)],  # speech only at the very end
+        [("silence", 6.0), ("speech", 1.0), ("silence", 2.0)],
+        [("silence", 8.0)],
+        [("speech", 2.0), ("silence", 27.0), ("speech", 5.0)],  # sure early, then too long
+        [("silence", 29.0), ("speech", 3.0)],
+    ],
+    ids=["speech", "speech-at-end", "speech-mid", "silence", "catch-up", "late-long"],
+)
+def test_early_stop_of_the_vad_changes_no_segment(pattern):
+    """The VAD stops early on clips that fit one segment; the segments stay those of a
+    full run: the whole clip iff Silero finds speech, Silero's regions when longer."""
+    wav, _ = fx.bursts(pattern, seed=4)
+    regions = speech_regions(wav)
+    for seed in (0, 1):
+        found = [s for s, _ in segment_stream(random_chunks(wav, seed, 20_000), VAD)]
+        if len(wav) <= MAX:
+            assert found == ([Segment(0, len(wav))] if regions else [])
+        else:
+            assert found == segment_audio(wav, VAD) and found
