@@ -253,6 +253,9 @@ class _FixedCutter:
         return segments
 
 
+_EARLY_STEP = 32 * FRAME  # ~1 s: how far the VAD reads past the point where speech is sure
+
+
 class _VadCutter:
     """ "vad": Silero speech regions, padded, split to the maximum, close ones merged.
 
@@ -273,8 +276,13 @@ class _VadCutter:
         self.skipped: list[np.ndarray] = []  # audio the VAD has not seen (early, speech sure)
 
     def feed(self, chunk: np.ndarray, end: int) -> list[Segment]:
-        if self.early is not None and self.tracker.confirmed and end <= self.max_samples:
-            self.skipped.append(chunk)
+        if self.early is not None and end <= self.max_samples:
+            # Fits one segment so far: run the VAD a second at a time, until speech is sure.
+            for start in range(0, len(chunk), _EARLY_STEP):
+                if self.tracker.confirmed:
+                    self.skipped.append(chunk[start:])
+                    break
+                self._release_early(self._vad(chunk[start : start + _EARLY_STEP]), end)
             return []
         out: list[Segment] = []
         for piece in [*self.skipped, chunk]:

@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     from e2v import serve
     from export import cli as export_cli
     from loadtest import cli as loadtest_cli
+    from loadtest import client_bench
 
     parser = argparse.ArgumentParser(
         prog="e2v", description="emotion2vec speech emotion recognition on Triton."
@@ -25,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (export_cli, serve, client_cli, merge, evaluate_cli, loadtest_cli):
         module.register(subparsers)
+    bench = subparsers.add_parser("bench", help="benchmarks that print figures")
+    benchmarks = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    for module in (export_cli, client_bench):
+        module.register_bench(benchmarks)
     return parser
 
 

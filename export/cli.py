@@ -35,8 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-parity", action="store_true", help="skip the FunASR parity check")
     parser.set_defaults(func=run_export)
 
-    bench = subparsers.add_parser("bench", help="benchmarks that print figures")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+
+def register_bench(bench_sub: argparse._SubParsersAction) -> None:
+    """`e2v bench export`."""
     bench_export = bench_sub.add_parser(
         "export", help="FunASR one-at-a-time vs exported ONNX in ONNX Runtime"
     )

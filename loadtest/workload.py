@@ -16,6 +16,7 @@ import numpy as np
 
 from e2v.contract import LENGTH_BUCKETS_S, MAX_SEGMENT_S, SAMPLE_RATE, bucket_samples
 from loadtest.profiles import Profile, clip_lengths
+from loadtest.synth import speech_like
 
 # (file name, container, codec, sample rate): a phone line, a compressed upload, a studio take.
 RECORDINGS = (
@@ -106,25 +107,3 @@ def decode(path: Path) -> np.ndarray:
     from client.audio import load_audio
 
     return load_audio(path)
-
-
-def speech_like(seconds: float, sample_rate: int, seed: int = 0) -> np.ndarray:
-    """Voiced, syllable-shaped harmonic signal with pauses and breath noise (not silence)."""
-    rng = np.random.default_rng(seed)
-    n = int(seconds * sample_rate)
-    t = np.arange(n) / sample_rate
-    f0 = 120 * (1 + 0.15 * np.sin(2 * np.pi * 0.4 * t)) + 2 * np.cumsum(rng.standard_normal(n)) / (
-        np.sqrt(sample_rate)
-    )
-    phase = np.mod(2 * np.pi * np.cumsum(f0) / sample_rate, 2 * np.pi)
-    top = int(sample_rate / 2 / f0.max())
-    voice = sum(np.sin(k * phase) / k for k in range(1, top))
-    edges = np.cumsum(rng.uniform(0.12, 0.35, size=int(seconds / 0.12) + 2))
-    syllable = np.searchsorted(edges, t)
-    within = (t - np.concatenate([[0.0], edges])[syllable]) / np.diff(
-        np.concatenate([[0.0], edges])
-    )[syllable]
-    voiced = rng.random(len(edges) + 1) > 0.15
-    envelope = np.sin(np.pi * np.clip(within, 0, 1)) ** 0.5 * voiced[syllable]
-    out = voice * envelope + 0.02 * rng.standard_normal(n)
-    return (0.5 * out / np.abs(out).max()).astype(np.float32)
