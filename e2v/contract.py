@@ -22,6 +22,16 @@ MAX_SEGMENT_S = 30.0  # attention is quadratic: longer audio is segmented by the
 # Clips are padded up to the next bucket so the dynamic batcher can group them.
 LENGTH_BUCKETS_S = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0)
 
+# Server-side bounds (model config parameters read by the Python-backend targets; the
+# onnxruntime backend cannot check them). A request with more samples per row than the
+# largest bucket, or more rows x samples than the budget, is refused with INVALID_ARG.
+PARAM_MAX_SAMPLES = "max_samples"
+PARAM_MAX_BATCH_SAMPLES = "max_batch_samples"
+MAX_SAMPLES = int(LENGTH_BUCKETS_S[-1] * SAMPLE_RATE)  # 480,000: the largest bucket
+# Samples per ONNX Runtime call (cpu target): 4 maximum-length rows. Larger dynamic batches
+# are split into several calls, which bounds the peak memory of one instance.
+MAX_BATCH_SAMPLES = 4 * MAX_SAMPLES
+
 HTTP_PORT = 8000
 GRPC_PORT = 8001
 METRICS_PORT = 8002
@@ -41,6 +51,21 @@ SERVER_FLAGS = (
     "--allow-gpu-metrics=true",
     "--log-verbose=0",
 )
+
+# Admin APIs (logging, trace, shared memory, model repository) answer only requests that
+# carry this header with the deployment's key (a file: --admin-key-file, a Docker or
+# Kubernetes secret). Inference, metadata, model config, statistics and health stay open.
+RESTRICTED_APIS = ("logging", "trace", "shared-memory", "model-repository")
+ADMIN_KEY_HEADER = "triton-admin-key"
+# Where containers read the key (docker/e2v-tritonserver.sh; compose and Kubernetes mount
+# their secret here).
+ADMIN_KEY_FILE = "/run/secrets/e2v-admin-key"
+
+
+def restricted_api_flags(key: str) -> list[str]:
+    """tritonserver flags that put RESTRICTED_APIS behind ADMIN_KEY_HEADER=key (HTTP, gRPC)."""
+    group = f"{','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={key}"
+    return [f"--http-restricted-api={group}", f"--grpc-restricted-protocol={group}"]
 
 
 def bucket_samples(num_samples: int) -> int:
