@@ -32,6 +32,7 @@ from pathlib import Path
 
 from e2v import leftovers
 from e2v.contract import (
+    ADMIN_KEY_GRPC_HEADER,
     ADMIN_KEY_HEADER,
     GRPC_PORT,
     HEALTH_READY_PATH,
@@ -288,8 +289,13 @@ class TritonServer:
 
     @property
     def admin_headers(self) -> dict[str, str]:
-        """The header that unlocks the restricted admin APIs of this server."""
+        """The HTTP header that unlocks the restricted admin APIs of this server."""
         return {ADMIN_KEY_HEADER: self.admin_key or ""}
+
+    @property
+    def admin_grpc_headers(self) -> dict[str, str]:
+        """The same key as gRPC metadata."""
+        return {ADMIN_KEY_GRPC_HEADER: self.admin_key or ""}
 
     def _prepare(self) -> list[str]:
         """Run directory, admin key, backends, repository overlay; the command line."""
