@@ -69,8 +69,10 @@ RESTRICTED_APIS = ("logging", "trace", "shared-memory", "model-repository")
 ADMIN_KEY_HEADER = "triton-admin-key"  # HTTP header
 # gRPC clients send the key in this metadata key (Triton prefixes restricted protocol keys).
 ADMIN_KEY_GRPC_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"
-# Where containers read the key (docker/e2v-tritonserver.sh; compose and Kubernetes mount
-# their secret here).
+# Containers start Triton through this launcher (docker/e2v-tritonserver.sh): it reads the
+# key from ADMIN_KEY_FILE (compose and Kubernetes mount their secret there), adds
+# restricted_api_flags(key) and removes stale shared-memory regions.
+SERVER_LAUNCHER = "e2v-tritonserver"
 ADMIN_KEY_FILE = "/run/secrets/e2v-admin-key"
 
 
