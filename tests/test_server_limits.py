@@ -496,3 +496,19 @@ def test_killed_serve_takes_triton_down_and_next_start_cleans_up(tiny_cpu_repo):
     server = start_server(tiny_cpu_repo, instances=1, threads=1)
     server.stop()
     assert not run_dir.exists() and not fake_region.exists()
+
+
+def test_bench_refuses_a_repository_without_the_model_before_running(tmp_path):
+    """It used to run the whole benchmark, then die with a traceback."""
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "e2v", "bench", "export", "--model", "synthetic:tiny"]
+        + ["--repo", str(tmp_path), "--clips", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: no exported model")
+    assert "Traceback" not in proc.stderr
+    print(f"refused after {time.monotonic() - start:.1f} s")
