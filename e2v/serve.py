@@ -282,6 +282,7 @@ class TritonServer:
         self.admin_key: str | None = None
         self.admin_key_path: Path | None = None
         self.shm_prefix = leftovers.shm_region_prefix(secrets.token_hex(4))
+        self._cleaned = False
 
     @property
     def log_path(self) -> Path | None:
@@ -379,6 +380,9 @@ class TritonServer:
 
     def kill(self) -> int | None:
         """Hard kill of the server and its stubs (tests use it to simulate a crash); cleanup."""
+        if self._cleaned:
+            return self.process.returncode if self.process else None
+        self._cleaned = True
         if self.process is not None:
             # The whole group: a server that already exited may have left stubs behind.
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -455,6 +459,14 @@ def check_layout(instances: int | None, threads: int | None) -> str | None:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
+class _StopRequested(Exception):
+    """Raised by the signal handler: SIGTERM, SIGINT and SIGHUP all stop gracefully."""
+
+
+def _raise_stop(signum: int, _frame) -> None:
+    raise _StopRequested(signum)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     problem = check_layout(args.instances, args.threads)
     if problem:
@@ -472,10 +484,7 @@ def run_serve(args: argparse.Namespace) -> int:
         admin_key_file=args.admin_key_file,
     )
     server = TritonServer(config)
-    stop_requested: list[int] = []
-    previous = {
-        sig: signal.signal(sig, lambda n, _: stop_requested.append(n)) for sig in STOP_SIGNALS
-    }
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in STOP_SIGNALS}
     died: list[str] = []
     try:
         print(f"starting tritonserver on {args.repo} ...", flush=True)
@@ -485,14 +494,17 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         print(f"admin key ({ADMIN_KEY_HEADER} header): {server.admin_key_path}")
         print("Ctrl-C, SIGTERM or SIGHUP stops the server gracefully.", flush=True)
-        while not stop_requested and server.process.poll() is None:
+        while server.process.poll() is None:
             time.sleep(0.2)
-        if not stop_requested:
-            died = server.log_tail()
+        died = server.log_tail()
+    except _StopRequested:
+        pass
     except ServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
+        for sig in STOP_SIGNALS:  # a second signal must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
         code = server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -460,6 +460,25 @@ def test_sighup_stops_serve_and_removes_what_it_made(tiny_cpu_repo, tmp_path):
     assert not run_dirs[0].exists() and not (leftovers.SHM_DIR / region).exists()
 
 
+def test_ctrl_c_during_startup_stops_cleanly(tiny_cpu_repo):
+    http, grpc, metrics = free_ports()
+    proc = serve(
+        "--repo",
+        str(tiny_cpu_repo),
+        "--http-port",
+        str(http),
+        "--grpc-port",
+        str(grpc),
+        "--metrics-port",
+        str(metrics),
+    )
+    assert next(proc.stdout).startswith("starting")
+    time.sleep(1.0)  # tritonserver is loading the model
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and rest.strip().endswith("stopped"), rest
+
+
 def _post_url(url: str, headers: dict) -> int:
     request = urllib.request.Request(
         url, data=b'{"log_verbose_level": 0}', headers=headers, method="POST"
