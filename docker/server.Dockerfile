@@ -16,7 +16,10 @@
 # model repository directories (BuildKit, the default builder since Docker Engine 23).
 #
 # The server flags below are e2v.contract.SERVER_FLAGS plus the repository path and the
-# contract ports; tests/test_deploy.py fails when they drift.
+# contract ports; tests/test_deploy.py fails when they drift. They go through the launcher
+# docker/e2v-tritonserver.sh, which puts the admin APIs (logging, trace, shared memory,
+# model repository) behind the key in /run/secrets/e2v-admin-key and refuses to start
+# without one.
 
 # Triton 2.51.0 == NGC release 24.10 (Ubuntu 22.04, Python 3.10, ONNX Runtime 1.19.2).
 # For production pin the digest too: nvcr.io/nvidia/tritonserver:24.10-py3@sha256:<digest>.
@@ -40,6 +43,7 @@ RUN pip3 install --no-cache-dir onnxruntime==1.19.2 numpy==1.26.4
 ENV PYTHONDONTWRITEBYTECODE=1
 
 COPY --chown=1000:1000 ${MODEL_REPOSITORY}/ /models/
+COPY --chmod=0755 docker/e2v-tritonserver.sh /usr/local/bin/e2v-tritonserver
 
 # The tensorrt target caches built engines in /tmp/trt-cache (trt_engine_cache_path in its
 # config.pbtxt). Owned by the server user so a volume mounted there starts out writable.
@@ -62,7 +66,7 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=10m --retries=3 \
 
 # The NGC entrypoint (/opt/nvidia/nvidia_entrypoint.sh) is kept: it enables CUDA forward
 # compatibility on older drivers and then execs this command.
-CMD ["tritonserver", \
+CMD ["e2v-tritonserver", \
      "--model-control-mode=none", \
      "--strict-readiness=true", \
      "--disable-auto-complete-config", \
@@ -70,6 +74,8 @@ CMD ["tritonserver", \
      "--allow-metrics=true", \
      "--allow-gpu-metrics=true", \
      "--log-verbose=0", \
+     "--grpc-infer-allocation-pool-size=0", \
+     "--backend-config=python,shm-default-byte-size=16777216", \
      "--model-repository=/models", \
      "--http-port=8000", \
      "--grpc-port=8001", \

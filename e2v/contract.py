@@ -24,6 +24,17 @@ MAX_DURATION_S = 7200.0
 # Clips are padded up to the next bucket so the dynamic batcher can group them.
 LENGTH_BUCKETS_S = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0)
 
+# Server-side bounds (model config parameters read by the Python-backend targets; the
+# onnxruntime backend cannot check them). A request with more samples per row than the
+# largest bucket, or more rows x samples than the budget, is refused with INVALID_ARG.
+PARAM_MAX_SAMPLES = "max_samples"
+PARAM_MAX_BATCH_SAMPLES = "max_batch_samples"
+MAX_SAMPLES = int(LENGTH_BUCKETS_S[-1] * SAMPLE_RATE)  # 480,000: the largest bucket
+# Samples per request and per ONNX Runtime call (cpu target): 2 maximum-length rows, 60 s of
+# audio. Larger dynamic batches run as several calls, which bounds an instance's peak memory
+# (emotion2vec_plus_base: +1.26 GiB for one such call, see docs/deploy.md "Memory").
+MAX_BATCH_SAMPLES = 2 * MAX_SAMPLES
+
 HTTP_PORT = 8000
 GRPC_PORT = 8001
 METRICS_PORT = 8002
@@ -31,6 +42,11 @@ HEALTH_READY_PATH = "/v2/health/ready"
 # Readiness of the served model itself: unlike the server's, it fails on an empty repository.
 MODEL_READY_PATH = f"/v2/models/{MODEL_NAME}/ready"
 HEALTH_LIVE_PATH = "/v2/health/live"
+
+# Python backend (cpu target): each instance's shared-memory region starts at this size,
+# enough for one maximum dynamic batch (8 rows x MAX_SAMPLES float32 = 15.4 MB), so that
+# normal traffic never grows it (a region never shrinks). See docs/deploy.md, "Memory".
+PYTHON_SHM_DEFAULT_BYTES = 16 * 2**20
 
 # Flags every deployment passes to tritonserver (local `e2v serve`, compose, Kubernetes).
 # Model control off: the served models are fixed at start-up; nothing can load/unload.
@@ -42,7 +58,30 @@ SERVER_FLAGS = (
     "--allow-metrics=true",
     "--allow-gpu-metrics=true",
     "--log-verbose=0",
+    # No pooled gRPC request objects: a pooled one keeps its largest message (a refused
+    # oversize request included) allocated for the life of the server.
+    "--grpc-infer-allocation-pool-size=0",
+    f"--backend-config=python,shm-default-byte-size={PYTHON_SHM_DEFAULT_BYTES}",
 )
+
+# Admin APIs (logging, trace, shared memory, model repository) answer only requests that
+# carry this header with the deployment's key (a file: --admin-key-file, a Docker or
+# Kubernetes secret). Inference, metadata, model config, statistics and health stay open.
+RESTRICTED_APIS = ("logging", "trace", "shared-memory", "model-repository")
+ADMIN_KEY_HEADER = "triton-admin-key"  # HTTP header
+# gRPC clients send the key in this metadata key (Triton prefixes restricted protocol keys).
+ADMIN_KEY_GRPC_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"
+# Containers start Triton through this launcher (docker/e2v-tritonserver.sh): it reads the
+# key from ADMIN_KEY_FILE (compose and Kubernetes mount their secret there), adds
+# restricted_api_flags(key) and removes stale shared-memory regions.
+SERVER_LAUNCHER = "e2v-tritonserver"
+ADMIN_KEY_FILE = "/run/secrets/e2v-admin-key"
+
+
+def restricted_api_flags(key: str) -> list[str]:
+    """tritonserver flags that put RESTRICTED_APIS behind ADMIN_KEY_HEADER=key (HTTP, gRPC)."""
+    group = f"{','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={key}"
+    return [f"--http-restricted-api={group}", f"--grpc-restricted-protocol={group}"]
 
 
 def bucket_samples(num_samples: int) -> int:

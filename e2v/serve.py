@@ -3,13 +3,21 @@
 No Docker, no GPU: the wheel ships `tritonserver` and the Python backend, which runs
 the `cpu` target's ONNX model with ONNX Runtime. The same `SERVER_FLAGS` are used by
 the containers and Kubernetes manifests in `docker/` and `deploy/`.
+
+Admin APIs (`RESTRICTED_APIS`) need the `ADMIN_KEY_HEADER` key: from `--admin-key-file`,
+else a random per-run key written 0600 into the run directory. Everything a run makes
+(run directory, shared-memory regions, backend stubs) is removed when it stops, and
+leftovers of runs that died are removed at the next start (`e2v.leftovers`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import functools
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -22,12 +30,16 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from e2v import leftovers
 from e2v.contract import (
+    ADMIN_KEY_GRPC_HEADER,
+    ADMIN_KEY_HEADER,
     GRPC_PORT,
     HEALTH_READY_PATH,
     HTTP_PORT,
     METRICS_PORT,
     SERVER_FLAGS,
+    restricted_api_flags,
 )
 
 
@@ -100,6 +112,7 @@ class ServerConfig:
     metrics_port: int = METRICS_PORT
     instances: int | None = None  # override instance_group count of every model
     threads: int | None = None  # override ONNX Runtime intra-op threads (cpu target)
+    admin_key_file: Path | None = None  # None: a random key per run, in the run directory
     extra_flags: list[str] = field(default_factory=list)
 
     @classmethod
@@ -121,8 +134,15 @@ class ServerConfig:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
 
-def server_args(repo: Path, config: ServerConfig, backend_dir: Path | None) -> list[str]:
-    """tritonserver arguments: repository, backends, addresses, ports, then SERVER_FLAGS."""
+def server_args(
+    repo: Path,
+    config: ServerConfig,
+    backend_dir: Path | None,
+    admin_key: str,
+    shm_prefix: str | None = None,
+) -> list[str]:
+    """tritonserver arguments: repository, backends, addresses, ports, SERVER_FLAGS, then
+    the restricted admin APIs and the Python backend's shared-memory region prefix."""
     args = [f"--model-repository={repo}"]
     if backend_dir is not None:
         args.append(f"--backend-directory={backend_dir}")
@@ -132,7 +152,40 @@ def server_args(repo: Path, config: ServerConfig, backend_dir: Path | None) -> l
         ("metrics", config.metrics_port),
     ):
         args += [f"--{proto}-address={config.host}", f"--{proto}-port={port}"]
-    return args + list(SERVER_FLAGS) + config.extra_flags
+    args += [*SERVER_FLAGS, *restricted_api_flags(admin_key)]
+    if shm_prefix:
+        args.append(f"--backend-config=python,shm-region-prefix-name={shm_prefix}")
+    return args + config.extra_flags
+
+
+ADMIN_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~+/")
+
+
+def read_admin_key(path: Path) -> str:
+    """The key in `path`: one token of 16+ URL-safe characters, in a file only we can read."""
+    try:
+        mode = path.stat().st_mode
+        key = path.read_text().strip()
+    except OSError as exc:
+        raise ServeError(f"cannot read admin key file {path}: {exc.strerror}") from exc
+    if mode & 0o077:
+        raise ServeError(f"admin key file {path} is readable by others; chmod 600 {path}")
+    if len(key) < 16 or not set(key) <= ADMIN_KEY_CHARS:
+        raise ServeError(
+            f"admin key in {path} must be one token of at least 16 characters "
+            "(letters, digits, - _ . ~ + /), e.g. `openssl rand -hex 32`"
+        )
+    return key
+
+
+def new_admin_key(directory: Path) -> tuple[str, Path]:
+    """A random key written 0600 to `directory/admin-key`."""
+    key = secrets.token_urlsafe(32)
+    path = directory / "admin-key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key, path
 
 
 def check_repository(repo: Path) -> list[str]:
@@ -195,43 +248,89 @@ def runtime_repository(repo: Path, config: ServerConfig, workdir: Path) -> Path:
     return overlay
 
 
+def server_environment() -> dict[str, str]:
+    """PATH starts with this environment's bin so the Python backend finds our packages."""
+    install = find_triton()
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (str(install.libs), env.get("LD_LIBRARY_PATH", "")) if p
+    )
+    return env
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class TritonServer:
-    """A running `tritonserver` process. Use as a context manager or call start/stop."""
+    """A running `tritonserver` process. Use as a context manager or call start/stop.
 
-    def __init__(self, config: ServerConfig, log_path: Path | None = None):
+    Its run directory, shared-memory regions and backend stubs are removed by `stop()` and
+    `kill()`, and when `start()` fails.
+    """
+
+    def __init__(self, config: ServerConfig):
         self.config = config
-        self._workdir = Path(tempfile.mkdtemp(prefix="e2v-serve-"))
-        self.log_path = log_path or self._workdir / "tritonserver.log"
         self.process: subprocess.Popen | None = None
+        self.workdir: Path | None = None
+        self.admin_key: str | None = None
+        self.admin_key_path: Path | None = None
+        self.shm_prefix = leftovers.shm_region_prefix(secrets.token_hex(4))
+        self._cleaned = False
 
-    def command(self) -> list[str]:
-        install = find_triton()
-        backends = prepare_backends(install, self._workdir / "backends")
-        repo = runtime_repository(self.config.repo.resolve(), self.config, self._workdir)
-        return [str(install.binary), *server_args(repo, self.config, backends)]
+    @property
+    def log_path(self) -> Path | None:
+        return self.workdir / "tritonserver.log" if self.workdir else None
 
-    def environment(self) -> dict[str, str]:
-        """PATH starts with this environment's bin so the Python backend finds our packages."""
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """The HTTP header that unlocks the restricted admin APIs of this server."""
+        return {ADMIN_KEY_HEADER: self.admin_key or ""}
+
+    @property
+    def admin_grpc_headers(self) -> dict[str, str]:
+        """The same key as gRPC metadata."""
+        return {ADMIN_KEY_GRPC_HEADER: self.admin_key or ""}
+
+    def _prepare(self) -> list[str]:
+        """Run directory, admin key, backends, repository overlay; the command line."""
+        self.workdir = Path(tempfile.mkdtemp(prefix=leftovers.run_dir_prefix()))
+        if self.config.admin_key_file is not None:
+            self.admin_key = read_admin_key(self.config.admin_key_file)
+            self.admin_key_path = self.config.admin_key_file
+        else:
+            self.admin_key, self.admin_key_path = new_admin_key(self.workdir)
         install = find_triton()
-        env = dict(os.environ)
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            p for p in (str(install.libs), env.get("LD_LIBRARY_PATH", "")) if p
-        )
-        return env
+        backends = prepare_backends(install, self.workdir / "backends")
+        repo = runtime_repository(self.config.repo.resolve(), self.config, self.workdir)
+        args = server_args(repo, self.config, backends, self.admin_key, self.shm_prefix)
+        return [str(install.binary), *args]
 
     def start(self, timeout_s: float = 300.0) -> TritonServer:
         check_repository(self.config.repo)
         check_ports_free(self.config)
-        log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
-        self.process = subprocess.Popen(
-            self.command(),
-            env=self.environment(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.wait_ready(timeout_s)
+        leftovers.clean_stale()
+        try:
+            command = self._prepare()
+            with open(self.log_path, "wb") as log:
+                self.process = subprocess.Popen(
+                    command,
+                    env=server_environment(),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own process group: stubs included
+                    preexec_fn=_die_with_parent,
+                )
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.kill()
+            raise
         return self
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -247,11 +346,18 @@ class TritonServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.25)
-        self.stop()
-        raise ServeError(f"server not ready after {timeout_s:.0f} s; log: {self.log_path}")
+        raise ServeError(
+            f"server not ready after {timeout_s:.0f} s; last log lines:\n  "
+            + "\n  ".join(self.log_tail())
+        )
+
+    def log_tail(self, lines: int = 5) -> list[str]:
+        path = self.log_path
+        text = path.read_text(errors="replace") if path and path.exists() else ""
+        return text.strip().splitlines()[-lines:]
 
     def _failure_reason(self) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        text = "\n".join(self.log_tail(200))
         reasons = [
             line.strip()
             for line in text.splitlines()
@@ -265,29 +371,33 @@ class TritonServer:
         return f"tritonserver exited (code {code}):\n  " + "\n  ".join(tail)
 
     def stop(self, timeout_s: float = 40.0) -> int | None:
-        """Graceful shutdown (SIGTERM: Triton drains in-flight requests), then kill."""
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        return self.process.returncode
-
-    def kill(self) -> None:
-        """Hard kill (tests use it to simulate a crash)."""
+        """Graceful shutdown (SIGTERM: Triton drains in-flight requests), then kill; cleanup."""
         if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout_s)
+        return self.kill()
+
+    def kill(self) -> int | None:
+        """Hard kill of the server and its stubs (tests use it to simulate a crash); cleanup."""
+        if self._cleaned:
+            return self.process.returncode if self.process else None
+        self._cleaned = True
+        if self.process is not None:
+            # The whole group: a server that already exited may have left stubs behind.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+        leftovers.remove_regions(leftovers.shm_regions(self.shm_prefix))
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return self.process.returncode if self.process else None
 
     def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
-        shutil.rmtree(self._workdir, ignore_errors=True)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -306,13 +416,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--instances",
         type=int,
-        help="model instances (default: one per core, up to 8: on CPU, single-threaded "
+        help="model instances, >= 1 (default: one per core, up to 8: on CPU, single-threaded "
         "instances beat one multi-threaded instance, see loadtest/reports)",
     )
     parser.add_argument(
         "--threads",
         type=int,
-        help="ONNX Runtime threads per instance (default: all cores / instances)",
+        help="ONNX Runtime threads per instance, >= 1 (default: all cores / instances)",
+    )
+    parser.add_argument(
+        "--admin-key-file",
+        type=Path,
+        help="file holding the key that unlocks the admin APIs (logging, trace, shared "
+        f"memory, model repository) via the {ADMIN_KEY_HEADER} header (default: a random "
+        "key per run, written 0600 into the run directory)",
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for ready")
     parser.set_defaults(func=run_serve)
@@ -331,7 +448,30 @@ def default_layout(instances: int | None, threads: int | None) -> tuple[int, int
     return instances, threads
 
 
+def check_layout(instances: int | None, threads: int | None) -> str | None:
+    """Why --instances/--threads cannot work, or None."""
+    for flag, value in (("--instances", instances), ("--threads", threads)):
+        if value is not None and value < 1:
+            return f"{flag} must be at least 1, got {value}"
+    return None
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class _StopRequested(Exception):
+    """Raised by the signal handler: SIGTERM, SIGINT and SIGHUP all stop gracefully."""
+
+
+def _raise_stop(signum: int, _frame) -> None:
+    raise _StopRequested(signum)
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    problem = check_layout(args.instances, args.threads)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     instances, threads = default_layout(args.instances, args.threads)
     config = ServerConfig(
         repo=args.repo,
@@ -341,28 +481,35 @@ def run_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         instances=instances,
         threads=threads,
+        admin_key_file=args.admin_key_file,
     )
     server = TritonServer(config)
-    stop_requested = []
-    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in STOP_SIGNALS}
+    died: list[str] = []
     try:
-        print(f"starting tritonserver on {args.repo} (log: {server.log_path}) ...", flush=True)
+        print(f"starting tritonserver on {args.repo} ...", flush=True)
         server.start(args.timeout)
         print(
             f"ready: HTTP {config.http_url}  gRPC {config.grpc_url}  metrics {config.metrics_url}"
         )
-        print("Ctrl-C or SIGTERM stops the server gracefully.", flush=True)
-        while not stop_requested and server.process.poll() is None:
-            time.sleep(0.5)
+        print(f"admin key ({ADMIN_KEY_HEADER} header): {server.admin_key_path}")
+        print("Ctrl-C, SIGTERM or SIGHUP stops the server gracefully.", flush=True)
+        while server.process.poll() is None:
+            time.sleep(0.2)
+        died = server.log_tail()
+    except _StopRequested:
+        pass
     except ServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        pass
     finally:
+        for sig in STOP_SIGNALS:  # a second signal must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
         code = server.stop()
-    if not stop_requested and code not in (0, None, -signal.SIGTERM):
-        print(f"tritonserver exited with code {code}; log: {server.log_path}", file=sys.stderr)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if died:
+        print(f"tritonserver exited with code {code}:\n  " + "\n  ".join(died), file=sys.stderr)
         return 1
     print("stopped")
     return 0

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -84,6 +85,13 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from export.formats import export_onnx
     from export.network import BatchedEmotion2vec
 
+    if args.repo and not (args.repo / args.name / "model_card.json").is_file():
+        print(
+            f"error: no exported model '{args.name}' in {args.repo} to record the figures in "
+            f"(export it first, or drop --repo)",
+            file=sys.stderr,
+        )
+        return 2
     model_dir, synthetic = resolve_source(args.model, default_cache_dir())
     clips = call_centre_clips(args.clips)
     total = audio_seconds(clips)

@@ -20,8 +20,9 @@ from export.repository import (
     publish_model_dir,
     render_config,
     write_model_card,
+    write_warmup_data,
 )
-from model_repository import PYTHON_BACKEND_MODEL
+from model_repository import install_python_backend
 
 
 class ExportError(Exception):
@@ -93,7 +94,7 @@ def _write_model_dir(
     else:
         onnx_path = export_onnx(net, version_dir / "model.onnx")
         if target == "cpu":
-            shutil.copy(PYTHON_BACKEND_MODEL, version_dir / "model.py")
+            install_python_backend(version_dir)
         if check_parity:
             from export.parity import onnx_parity
 
@@ -109,6 +110,7 @@ def _write_model_dir(
     num_labels = len(loaded.labels) if loaded.has_head else None
     config = render_config(name, target, options, num_labels, embed_dim, metadata)
     (model_dir / "config.pbtxt").write_text(config, encoding="utf-8")
+    write_warmup_data(model_dir, options.warmup_buckets_s)
     write_model_card(model_dir, _card(loaded, name, target, options, embed_dim, parity))
 
 

@@ -15,8 +15,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from e2v.contract import (
     LENGTH_BUCKETS_S,
+    MAX_BATCH_SAMPLES,
+    MAX_SAMPLES,
     MIN_SAMPLES,
     OUTPUT_EMBEDDING,
     OUTPUT_SCORES,
@@ -40,6 +44,8 @@ class ServingOptions:
     instance_count: int
     intra_op_threads: int  # cpu target only; 0 = all cores
     warmup_buckets_s: tuple[float, ...]
+    # Python-backend targets: samples per ONNX Runtime call and per request (rows x length).
+    max_batch_samples: int = MAX_BATCH_SAMPLES
 
 
 def default_options(target: str) -> ServingOptions:
@@ -95,6 +101,8 @@ def render_config(
         "warmup": _warmup(options.warmup_buckets_s),
         "length_buckets": ",".join(f"{s:g}" for s in LENGTH_BUCKETS_S),
         "intra_op_threads": options.intra_op_threads,
+        "max_samples": MAX_SAMPLES,
+        "max_batch_samples": options.max_batch_samples,
         **_trt_profile(options.max_batch_size),
         **{k: _escape(v) for k, v in metadata.items()},
     }
@@ -112,7 +120,12 @@ def _outputs(num_labels: int | None, embed_dim: int) -> str:
     return ",\n".join(lines)
 
 
+WARMUP_DIR = "warmup"
+
+
 def _warmup(buckets_s: tuple[float, ...]) -> str:
+    """Silence of each bucket's full length: WAV_LENS comes from a data file, because a
+    zero length is refused like any row shorter than one frame."""
     entries = []
     for seconds in buckets_s:
         samples = int(seconds * 16_000)
@@ -121,9 +134,24 @@ def _warmup(buckets_s: tuple[float, ...]) -> str:
             f'    inputs {{ key: "WAV" value: {{ data_type: TYPE_FP32 dims: [ {samples} ] '
             "zero_data: true } }\n"
             '    inputs { key: "WAV_LENS" value: { data_type: TYPE_INT64 dims: [ 1 ] '
-            "zero_data: true } } }"
+            f'input_data_file: "{_warmup_lens_file(samples)}" }} }} }}'
         )
     return "model_warmup [\n" + ",\n".join(entries) + "\n]"
+
+
+def _warmup_lens_file(samples: int) -> str:
+    return f"wav_lens_{samples}"
+
+
+def write_warmup_data(model_dir: Path, buckets_s: tuple[float, ...]) -> None:
+    """`<model>/warmup/wav_lens_<n>`: the raw int64 length each warmup sample sends."""
+    directory = model_dir / WARMUP_DIR
+    directory.mkdir(exist_ok=True)
+    for seconds in buckets_s:
+        samples = int(seconds * 16_000)
+        (directory / _warmup_lens_file(samples)).write_bytes(
+            np.array([samples], dtype="<i8").tobytes()
+        )
 
 
 def _trt_profile(max_batch: int) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -41,3 +42,94 @@ def tiny_server(tiny_cpu_repo):
     server = start_server(tiny_cpu_repo)
     yield server
     server.stop()
+
+
+# --------------------------------------------------------------------------- leftovers
+# Every tritonserver, backend stub, shared-memory region and `e2v serve` run directory the
+# tests make must be gone when the run ends. Processes are told ours by an environment
+# variable they inherit; regions and run directories by the session id in their names
+# (e2v.leftovers), so servers of other runs on the same machine do not count.
+
+_SESSION_MARK = "E2V_TEST_SESSION"
+_LEFTOVER_GRACE_S = 20.0
+
+
+def _marked_processes(mark: str) -> list[int]:
+    from e2v import leftovers
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if Path(os.readlink(proc / "exe").removesuffix(" (deleted)")).name not in (
+                leftovers.SERVER_NAME,
+                leftovers.STUB_NAME,
+            ):
+                continue
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"{_SESSION_MARK}={mark}".encode() in environ:
+            found.append(int(proc.name))
+    return found
+
+
+def _ours(paths: list[Path], owner) -> set[Path]:
+    sid = os.getsid(0)
+    return {p for p in paths if (o := owner(p)) and (o.sid == sid or o.pid == os.getpid())}
+
+
+def _leftover_files() -> set[Path]:
+    from e2v import leftovers
+
+    return _ours(leftovers.run_dirs(), leftovers.run_dir_owner) | _ours(
+        leftovers.shm_regions(), leftovers.shm_region_owner
+    )
+
+
+def pytest_sessionstart(session) -> None:
+    import secrets
+
+    os.environ[_SESSION_MARK] = secrets.token_hex(8)
+    session.config.stash[_before_key] = _leftover_files()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    import shutil
+    import signal
+    import time
+
+    mark = os.environ.get(_SESSION_MARK)
+    before = session.config.stash.get(_before_key, set())
+    deadline = time.monotonic() + _LEFTOVER_GRACE_S
+    while True:
+        processes = _marked_processes(mark)
+        files = _leftover_files() - before
+        if not (processes or files) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if not (processes or files):
+        return
+    lines = [f"process {pid}: {' '.join(_cmd(pid))[:120]}" for pid in processes]
+    lines += [str(p) for p in sorted(files)]
+    for pid in processes:  # clean up, then fail the run
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for path in files:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter:
+        reporter.write_line("LEFTOVERS: the tests left these behind (now removed):", red=True)
+        for line in lines:
+            reporter.write_line(f"  {line}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _cmd(pid: int) -> list[str]:
+    from e2v import leftovers
+
+    return leftovers.cmdline(pid)
+
+
+_before_key = pytest.StashKey[set]()

@@ -72,6 +72,11 @@ CONTRACT_PORTS = {
     "metrics": contract.METRICS_PORT,
 }
 
+LAUNCHER_SCRIPT = DOCKER_DIR / "e2v-tritonserver.sh"
+# /dev/shm of the server containers: 16 MiB Python-backend region per instance for up to 3
+# instances, plus 16 MiB spare (docs/deploy.md, "Memory").
+SHM_SIZE_BYTES = 3 * contract.PYTHON_SHM_DEFAULT_BYTES + 16 * 2**20
+
 # Triton metrics that carry a `model` label; every query on them must select MODEL_NAME.
 MODEL_LABELLED_METRIC = re.compile(r"\b(nv_inference_[a-z_]+)\{([^}]*)\}")
 
@@ -142,8 +147,8 @@ def _expand(value: str, env: dict[str, str]) -> str:
 def _container_args(container: dict) -> list[str]:
     """args after the program name, with $(VAR) references expanded from literal env values."""
     args = container.get("args") or []
-    assert args and args[0] == "tritonserver", (
-        f"container args must start with tritonserver: {args}"
+    assert args and args[0] == contract.SERVER_LAUNCHER, (
+        f"container args must start with {contract.SERVER_LAUNCHER}: {args}"
     )
     env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
     return [_expand(a, env) for a in args[1:]]
@@ -152,7 +157,8 @@ def _container_args(container: dict) -> list[str]:
 def deploy_server_args(overlay: str = "gpu") -> list[str]:
     """tritonserver's arguments in the rendered Kubernetes overlay (default: gpu).
 
-    Exactly what the kubelet passes after the program name `tritonserver`:
+    Exactly what the kubelet passes after the launcher `e2v-tritonserver` (which adds the
+    restricted admin API flags with the key from the mounted Secret):
     e2v.contract.SERVER_FLAGS, then `--model-repository=<path>` ($(MODEL_REPOSITORY)
     expanded to the mount path, /models) and `--http-port=`, `--grpc-port=`, `--metrics-port=`.
     Swap the repository path and ports to start a local server with production's flags.
@@ -199,6 +205,13 @@ def _exit_timeout_s() -> int:
     ]
     assert len(values) == 1, "contract.SERVER_FLAGS must set --exit-timeout-secs once"
     return int(values[0])
+
+
+def _bytes(size: str) -> int:
+    """Docker (64mb) or Kubernetes (64Mi) size strings, binary units."""
+    match = re.fullmatch(r"(\d+)\s*([kmg])(?:i|b)?", str(size).lower())
+    assert match, f"unexpected size {size!r}"
+    return int(match[1]) * 1024 ** " kmg".index(match[2])
 
 
 def _resolve_port(port: int | str, container: dict) -> int:
@@ -296,7 +309,7 @@ def test_export_build_context_holds_the_package():
         needed.add(pyproject["project"]["readme"])
     # The exporter's templates ship as package data of `model_repository`.
     package_data = pyproject["tool"]["setuptools"]["package-data"]["model_repository"]
-    assert "templates/*.pbtxt" in package_data and "python_backend/model.py" in package_data
+    assert "templates/*.pbtxt" in package_data and "python_backend/*.py" in package_data
     assert needed <= allowed, (
         f"missing from export.Dockerfile.dockerignore: {sorted(needed - allowed)}"
     )
@@ -311,10 +324,14 @@ def test_server_dockerfile_matches_contract():
     assert base.startswith("nvcr.io/nvidia/tritonserver:") and base.endswith("-py3"), base
 
     cmd = json.loads(_only(instructions, "CMD"))
-    assert cmd[0] == "tritonserver"
+    assert cmd[0] == contract.SERVER_LAUNCHER
     repo = assert_server_args(cmd[1:], "server.Dockerfile CMD")
     copies = [rest.split()[-1].rstrip("/") for word, rest in instructions if word == "COPY"]
     assert repo in copies, f"CMD serves {repo}, but the repository is copied to {copies}"
+    launcher = f"docker/{LAUNCHER_SCRIPT.name} /usr/local/bin/{contract.SERVER_LAUNCHER}"
+    assert any(w == "COPY" and rest.endswith(launcher) for w, rest in instructions), launcher
+    ignore = (DOCKER_DIR / "server.Dockerfile.dockerignore").read_text().split()
+    assert f"!docker/{LAUNCHER_SCRIPT.name}" in ignore, "the launcher is not in the build context"
 
     exposed = {int(p.split("/")[0]) for p in _only(instructions, "EXPOSE").split()}
     assert exposed == set(CONTRACT_PORTS.values())
@@ -360,7 +377,7 @@ def _flag_value(args: list[str], flag: str) -> str:
 
 def test_compose_server_matches_contract(compose: dict):
     server = compose["services"]["server"]
-    assert server["command"][0] == "tritonserver"
+    assert server["command"][0] == contract.SERVER_LAUNCHER
     repo = assert_server_args(server["command"][1:], "docker-compose server")
 
     mounts = {v.split(":")[1]: v.split(":")[0] for v in server["volumes"]}
@@ -368,13 +385,20 @@ def test_compose_server_matches_contract(compose: dict):
 
     published = {int(p.rsplit(":", 1)[1]) for p in server["ports"]}
     assert published == set(CONTRACT_PORTS.values())
+    # Loopback unless E2V_BIND_ADDRESS says otherwise.
+    assert all(p.split(":")[0] == "127.0.0.1" for p in server["ports"]), server["ports"]
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["server"]["ports"]
+    assert all(p.startswith("${E2V_BIND_ADDRESS:-127.0.0.1}:") for p in raw), raw
+    # The admin key: a secret file, mounted where the launcher reads it.
+    assert server["secrets"] == [Path(contract.ADMIN_KEY_FILE).name]
+    assert compose["secrets"][Path(contract.ADMIN_KEY_FILE).name]["file"]
 
     probe = server["healthcheck"]["test"]
     url = urlsplit(next(a for a in probe if str(a).startswith("http")))
     assert (url.port, url.path) == (contract.HTTP_PORT, contract.MODEL_READY_PATH)
 
     assert server["build"]["dockerfile"] == "docker/server.Dockerfile"
-    assert server["shm_size"]
+    assert _bytes(server["shm_size"]) == SHM_SIZE_BYTES
     (gpu,) = server["deploy"]["resources"]["reservations"]["devices"]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert server["depends_on"]["export"]["condition"] == "service_completed_successfully"
@@ -600,7 +624,15 @@ def test_pod_security(overlay: str):
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert "emptyDir" in volumes[mounts["/tmp"]]
-    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    shm = volumes[mounts["/dev/shm"]]["emptyDir"]
+    assert shm["medium"] == "Memory" and _bytes(shm["sizeLimit"]) == SHM_SIZE_BYTES
+    # The admin key comes from a Secret, mounted read-only where the launcher reads it.
+    key_mount = next(
+        m for m in container["volumeMounts"] if m["mountPath"] == contract.ADMIN_KEY_FILE
+    )
+    assert key_mount["readOnly"] is True
+    assert volumes[key_mount["name"]]["secret"]["secretName"] == "emotion2vec-admin-key"
+    assert not any("ADMIN" in e["name"] and "value" in e for e in container.get("env", []))
 
     namespace = find(docs, "Namespace")
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
@@ -712,6 +744,18 @@ def test_object_storage_component(tmp_path: Path):
     assert "/models" not in {m["mountPath"] for m in container["volumeMounts"]}
     secret_env = {e["name"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= secret_env
+
+
+def test_launcher_adds_the_contract_restrictions():
+    """docker/e2v-tritonserver.sh reads the key where the secrets are mounted and passes
+    exactly e2v.contract.restricted_api_flags (it is run for real in test_deploy_flags.py)."""
+    text = LAUNCHER_SCRIPT.read_text()
+    assert os.access(LAUNCHER_SCRIPT, os.X_OK)
+    assert f'key_file="${{E2V_ADMIN_KEY_FILE:-{contract.ADMIN_KEY_FILE}}}"' in text
+    group = contract.restricted_api_flags("$key")[0].split("=", 1)[1]
+    assert f'restricted="{group.rsplit("=", 1)[0]}"' in text
+    for flag in contract.restricted_api_flags("KEY"):
+        assert f'"{flag.split("=", 1)[0]}=$restricted=$key"' in text
 
 
 # --------------------------------------------------------------------------- Grafana

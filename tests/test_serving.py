@@ -303,10 +303,15 @@ def test_serve_cli_prints_endpoints_and_stops_on_sigterm(tiny_cpu_repo):
     config = httpclient.InferenceServerClient(f"127.0.0.1:{http}").get_model_config("emotion2vec")
     assert config["instance_group"][0]["count"] == 2
     assert config["parameters"]["intra_op_thread_count"]["string_value"] == "1"
-    # Model control is off: loading/unloading through the API is refused.
+    # The model-repository API needs the admin key; and even with it, model control is off.
+    key_line = next(proc.stdout)
+    assert key_line.startswith("admin key"), key_line
+    key = Path(key_line.rsplit(": ", 1)[1].strip()).read_text().strip()
     client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
-    with pytest.raises(Exception, match="(?i)explicit|not allowed|polling|disabled"):
+    with pytest.raises(Exception, match="restricted"):
         client.unload_model("emotion2vec")
+    with pytest.raises(Exception, match="(?i)explicit|not allowed|polling|disabled"):
+        client.unload_model("emotion2vec", headers={"triton-admin-key": key})
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0 and "stopped" in rest
