@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -45,8 +46,11 @@ class JobOptions:
     thresholds: dict[str, float] | None = None
     retries: int = 12
     max_duration_s: float = MAX_DURATION_S
+    workers: int = 0  # files decoded and segmented at once (threads); 0: one per core, >= 2
 
     def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 1 (or 0: one per core), not {self.workers}")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, not {self.concurrency}")
         if self.retries < 0:
@@ -71,9 +75,12 @@ async def classify_files(
     reported are left for a `--resume` run.
     """
     requests = asyncio.Semaphore(options.concurrency)
-    workers = max(2, options.concurrency // 2)
+    threads = options.workers or max(2, os.cpu_count() or 1)
+    # More files in flight than decoding threads: short files have one request each, and
+    # the dynamic batcher needs `concurrency` of them at once.
+    workers = max(threads, options.concurrency)
     source = _SharedIterator(iter(items))
-    decoders = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="e2v-decode")
+    decoders = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="e2v-decode")
 
     async def worker() -> None:
         while (item := await source.next()) is not None:

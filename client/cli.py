@@ -64,6 +64,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="files decoded and segmented at once, in threads (default: one per core, "
+        "at least 2); decoding and the VAD release the GIL",
+    )
+    parser.add_argument(
         "--retries",
         type=int,
         default=12,
@@ -96,6 +103,7 @@ def run_classify(args: argparse.Namespace) -> int:
             thresholds=parse_alerts(args.alert),
             retries=args.retries,
             max_duration_s=args.max_duration_s,
+            workers=args.workers,
         )
         shard = parse_shard(args.shard) if args.shard else Shard()
         outputs = _outputs(args, shard)

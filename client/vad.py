@@ -8,8 +8,8 @@ probabilities are the same bits. `SpeechTracker` is Silero's
 its final padding pass, which needs only the next region. Tests compare all three with
 Silero's own functions.
 
-Only numpy and onnxruntime are imported: the Silero package (which imports torch) is
-located, never imported.
+Only numpy and onnxruntime are needed: the model file is vendored (client/silero, MIT), so
+the client runs without the silero-vad wheel, which depends on torch.
 """
 
 from __future__ import annotations
@@ -64,15 +64,17 @@ class VadParams:
 
 
 def silero_model_path() -> Path:
-    """The sequence ONNX model inside the installed silero-vad wheel (not imported)."""
+    """Silero's sequence ONNX model, vendored in client/silero (the wheel needs torch)."""
+    return Path(__file__).parent / "silero" / "silero_vad_16k_sequence.onnx"
+
+
+def wheel_model_path() -> Path | None:
+    """The same model inside an installed silero-vad wheel (located, not imported)."""
     spec = importlib.util.find_spec("silero_vad")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("silero-vad is not installed: pip install 'silero-vad>=6.2.3'")
+        return None
     path = Path(next(iter(spec.submodule_search_locations))) / "data"
-    path = path / "silero_vad_16k_sequence.onnx"
-    if not path.is_file():
-        raise RuntimeError(f"silero-vad >= 6.2.3 is needed (no {path.name} in {path.parent})")
-    return path
+    return path / "silero_vad_16k_sequence.onnx"
 
 
 @functools.lru_cache(maxsize=1)

@@ -29,11 +29,12 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_
 
 WORKDIR /src
 COPY . .
-# The exporter's config templates and Python-backend model ship as package data. The `hub` extra brings modelscope / huggingface-hub for hub ids such as
-# iic/emotion2vec_plus_large. The constraint keeps pip from swapping the CPU torch for the
+# The exporter's config templates and Python-backend model ship as package data. The
+# `export` extra brings FunASR and onnx (the default install is the lean client); `hub`
+# brings modelscope / huggingface-hub for hub ids such as iic/emotion2vec_plus_large. The constraint keeps pip from swapping the CPU torch for the
 # CUDA build from PyPI.
 RUN echo "torch==${TORCH_VERSION}" > /tmp/torch-constraint.txt \
-    && pip install --no-cache-dir --constraint /tmp/torch-constraint.txt ".[hub]" \
+    && pip install --no-cache-dir --constraint /tmp/torch-constraint.txt ".[export,hub]" \
     && rm /tmp/torch-constraint.txt
 
 # Non-root user; uid/gid 1000 like the server image's triton-server user, so the model

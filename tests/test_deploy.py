@@ -48,6 +48,7 @@ K8S_VERSION = "1.30.0"
 OVERLAYS = ("gpu", "cpu")
 OBJECT_STORAGE_COMPONENT = K8S_DIR / "components" / "object-storage"
 EXPORT_JOB = K8S_DIR / "export-job"
+BATCH_JOB = K8S_DIR / "batch-job"
 
 # Custom resources: kubernetes-validate ships no schema for them. They are still rendered,
 # and their fields are checked by the drift tests below.
@@ -304,7 +305,8 @@ def test_export_build_context_holds_the_package():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     ignore = (DOCKER_DIR / "export.Dockerfile.dockerignore").read_text().split()
     allowed = {p[1:].rstrip("/") for p in ignore if p.startswith("!")}
-    needed = set(pyproject["tool"]["setuptools"]["packages"]) | {"pyproject.toml"}
+    packages = pyproject["tool"]["setuptools"]["packages"]
+    needed = {p.split(".")[0] for p in packages} | {"pyproject.toml"}
     if "readme" in pyproject["project"]:
         needed.add(pyproject["project"]["readme"])
     # The exporter's templates ship as package data of `model_repository`.
@@ -506,19 +508,19 @@ def _validate(docs: list[dict]) -> list[str]:
     return skipped
 
 
-@pytest.mark.parametrize("target", [*OVERLAYS, "export-job", "gpu+object-storage"])
+@pytest.mark.parametrize("target", [*OVERLAYS, "export-job", "batch-job", "gpu+object-storage"])
 def test_manifests_render_and_validate(target: str, tmp_path: Path):
     if target == "gpu+object-storage":
         docs = render(_object_storage_overlay(tmp_path))
-    elif target == "export-job":
-        docs = render(EXPORT_JOB)
+    elif target.endswith("-job"):
+        docs = render(K8S_DIR / target)
     else:
         docs = render_overlay(target)
     assert docs
     skipped = _validate(docs)
     # ServiceMonitor is a prometheus-operator CRD: no schema in kubernetes-validate; its
     # port and selector are checked in test_service_and_monitoring_ports.
-    if target != "export-job":
+    if not target.endswith("-job"):
         assert skipped == ["ServiceMonitor/emotion2vec"]
 
 
@@ -733,6 +735,49 @@ def test_export_job_fills_the_servers_repository(tmp_path: Path):
     assert repo == named["--model-repository"]
     assert find(server_docs, "Namespace")["metadata"]["name"] == job["metadata"]["namespace"]
     assert pod["securityContext"]["runAsUser"] == NON_ROOT_UID
+
+
+def test_batch_job_shards_match_and_reach_the_server():
+    """Indexed Job: one shard per completion index, resumable parts, allowed through the
+    NetworkPolicy to the server's gRPC port, non-root on a read-only root filesystem."""
+    docs = render(BATCH_JOB)
+    job = find(docs, "Job")
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert spec["completionMode"] == "Indexed" and pod["restartPolicy"] == "Never"
+    assert spec["backoffLimitPerIndex"] >= 1 and 1 <= spec["parallelism"] <= spec["completions"]
+    index, count = _flag_value(args, "--shard").split("/")
+    assert index == "$(SHARD_INDEX)" and int(count) == spec["completions"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["SHARD_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
+    assert "--resume" in args and _flag_value(args, "--jsonl").endswith("/")
+    assert _flag_value(args, "--workers") == container["resources"]["requests"]["cpu"]
+    host, port = _flag_value(args, "--url").rsplit(":", 1)
+    server_docs = render_overlay("gpu")
+    service = find(server_docs, "Service")
+    assert int(port) == contract.GRPC_PORT
+    assert host.split(".")[:2] == [service["metadata"]["name"], job["metadata"]["namespace"]]
+    policy = find(server_docs, "NetworkPolicy")
+    allowed = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert allowed.items() <= labels.items()
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["serviceAccountName"] == find(docs, "ServiceAccount")["metadata"]["name"]
+    assert container["image"].endswith("/client:0.1.0")
+
+
+def test_client_image_is_lean_and_non_root():
+    instructions = _instructions(DOCKER_DIR / "client.Dockerfile")
+    install = next(v for k, v in instructions if k == "RUN" and "pip install" in v)
+    assert '".[s3,parquet]"' in install and "export" not in install and "serve" not in install
+    assert _only(instructions, "USER").split(":")[0] == str(NON_ROOT_UID)
+    assert json.loads(_only(instructions, "ENTRYPOINT")) == ["e2v"]
+    ignore = (DOCKER_DIR / "client.Dockerfile.dockerignore").read_text().split()
+    assert {"!client/", "!e2v/", "!pyproject.toml"} <= set(ignore)
 
 
 def test_object_storage_component(tmp_path: Path):

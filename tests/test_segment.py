@@ -392,3 +392,14 @@ def test_early_stop_of_the_vad_changes_no_segment(pattern):
             assert found == ([Segment(0, len(wav))] if regions else [])
         else:
             assert found == segment_audio(wav, VAD) and found
+
+
+def test_vendored_silero_model_is_the_wheels():
+    import hashlib
+
+    from client.vad import silero_model_path, wheel_model_path
+
+    wheel = wheel_model_path()
+    assert wheel is not None and wheel.is_file(), "silero-vad is a dev dependency"
+    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (silero_model_path(), wheel)]
+    assert digest[0] == digest[1]
