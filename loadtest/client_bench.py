@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from loadtest.profiles import clip_lengths, load_profile
-from loadtest.workload import RECORDINGS, speech_like
+from loadtest.synth import speech_like
+from loadtest.workload import RECORDINGS, encode
 
 LONG_CALL_S = 300.0
 
@@ -42,11 +43,11 @@ def build_sets(directory: Path, utterances: int = 48, long_calls: int = 3) -> li
         name, container, codec, rate = RECORDINGS[i % len(RECORDINGS)]
         seconds = samples / 16_000
         wav = speech_like(seconds, rate, seed=100 + i)
-        short.append(_encode(directory / f"u{i:03d}-{name}", wav, rate, container, codec))
+        short.append(encode(directory / f"u{i:03d}-{name}", wav, rate, container, codec))
     for i in range(long_calls):
         name, container, codec, rate = RECORDINGS[i % len(RECORDINGS)]
         long_.append(
-            _encode(directory / f"call{i}-{name}", _call(rate, seed=i), rate, container, codec)
+            encode(directory / f"call{i}-{name}", _call(rate, seed=i), rate, container, codec)
         )
     return [
         AudioSet("utterances (call-centre profile)", short, float(lengths.sum()) / 16_000),
@@ -64,18 +65,6 @@ def _call(rate: int, seed: int) -> np.ndarray:
         parts += [turn, pause.astype(np.float32)]
         total += len(turn) + len(pause)
     return np.concatenate(parts)[: int(LONG_CALL_S * rate)]
-
-
-def _encode(path: Path, wav: np.ndarray, rate: int, container: str, codec: str) -> Path:
-    import av
-
-    with av.open(str(path), "w", format=container) as out:
-        stream = out.add_stream(codec, rate=rate, layout="mono")
-        frame = av.AudioFrame.from_ndarray(wav[None, :], format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = rate, 0
-        for item in (frame, None):
-            out.mux(stream.encode(item))
-    return path
 
 
 def decode_only(path: Path) -> int:

@@ -88,11 +88,16 @@ def prepare_workload(profile: Profile, workdir: Path | None = None) -> Workload:
 
 def encode_recording(directory: Path, index: int) -> Path:
     """Write recording `index` of RECORDINGS as a real encoded file."""
+    name, container, codec, rate = RECORDINGS[index]
+    return encode(
+        directory / name, speech_like(RECORDING_S, rate, seed=index), rate, container, codec
+    )
+
+
+def encode(path: Path, wav: np.ndarray, rate: int, container: str, codec: str) -> Path:
+    """Mono float32 `wav` as a real `container` file with `codec` (PyAV's FFmpeg)."""
     import av
 
-    name, container, codec, rate = RECORDINGS[index]
-    wav = speech_like(RECORDING_S, rate, seed=index)
-    path = directory / name
     with av.open(str(path), "w", format=container) as out:
         stream = out.add_stream(codec, rate=rate, layout="mono")
         frame = av.AudioFrame.from_ndarray(wav[None, :], format="fltp", layout="mono")

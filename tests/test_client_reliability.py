@@ -21,23 +21,9 @@ import audio_fixtures as fx
 import numpy as np
 import pytest
 from servers import free_ports
+from test_serving import classify, json_rows
 
 E2V = [sys.executable, "-m", "e2v"]
-
-
-def classify(*args: str, timeout: float = 300, cwd: Path | None = None):
-    return subprocess.run(
-        [*E2V, "classify", "--no-progress", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-    )
-
-
-def json_rows(text: str) -> dict[str, dict]:
-    rows = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-    return {row["file"]: row for row in rows}
 
 
 def csv_rows(path: Path) -> list[dict]:

@@ -23,12 +23,14 @@ from export.parity import funasr_reference
 SCORES_TOL = 1e-4
 
 
-def classify(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def classify(*args: str, timeout: float = 300, cwd: Path | None = None):
+    """`e2v classify --no-progress ARGS` in a subprocess."""
     return subprocess.run(
         [sys.executable, "-m", "e2v", "classify", "--no-progress", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
+        cwd=cwd,
     )
 
 
