@@ -99,6 +99,9 @@ def environment(device: str) -> dict:
         "cuda": torch.version.cuda,
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
+        # Triton's Python backend moves tensors through POSIX shared memory: a small
+        # /dev/shm (containers default to 64 MiB) limits batch x length.
+        "dev_shm_free_gib": round(shutil.disk_usage("/dev/shm").free / 2**30, 2),
     }
     if device == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -151,51 +154,55 @@ def alone(plan: Plan, phase: Phase) -> int:
         deadline = time.monotonic() + total * plan.alone_share.get(size, 0.5)
         path = torchscript_path(phase.work, size)
         if not path.exists():
-            phase.emit(
-                {
-                    "kind": "sweep",
-                    "model": size,
-                    "precision": "-",
-                    "bucket_s": 0,
-                    "batch": 0,
-                    "status": "not exported (models phase)",
-                }
-            )
+            phase.emit({"kind": "note", "text": f"{size}: not exported (models phase)"})
             continue
         cpu_fp32 = model_alone.parity_outputs(model_alone.load(path, "cpu", "fp32"))
-        reference = None
+        reference: dict = {}
         for precision in plan.precisions:
-            phase.say(f"{size} {precision}: sweep {plan.buckets_s} s x batch {plan.batches}")
-            runner = model_alone.load(path, plan.device, precision)
-            outputs = model_alone.parity_outputs(runner)
-            reference = reference or outputs  # fp32 on the device
-            phase.emit(
-                {
-                    "kind": "accuracy",
-                    "model": size,
-                    "precision": precision,
-                    "vs_fp32_same_device": model_alone.max_differences(outputs, reference),
-                    "vs_fp32_cpu": model_alone.max_differences(outputs, cpu_fp32),
-                }
-            )
-            labels = {"kind": "sweep", "model": size, "precision": precision}
-            model_alone.sweep(
-                runner, plan.buckets_s, plan.batches, deadline, _printing(phase), labels
-            )
-            if size == plan.served_model and time.monotonic() < deadline:
-                batch = max(plan.users)
-                seconds = 3.0 if plan.device == "cuda" else 1.0
-                row = model_alone.workload_alone(runner, workload, min(batch, 32), seconds)
-                phase.emit({"kind": "workload", "model": size, "precision": precision} | row)
-                phase.say(
-                    f"{size} {precision}: served workload alone {row['audio_s_per_s']} audio s/s"
+            try:
+                _alone_precision(
+                    plan, phase, size, precision, deadline, workload, cpu_fp32, reference
                 )
-            del runner
+            except Exception as exc:  # noqa: BLE001 - one precision failing must not end the phase
+                reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
+                phase.emit({"kind": "note", "text": f"{size} {precision}: failed: {reason}"})
+                phase.say(f"{size} {precision}: failed: {reason}")
             if plan.device == "cuda":
                 torch.cuda.empty_cache()
     if plan.device == "cuda":
-        _probes(plan, phase)
+        try:
+            _probes(plan, phase)
+        except Exception as exc:  # noqa: BLE001 - a probe is optional
+            phase.emit({"kind": "note", "text": f"probes: failed: {str(exc)[:300]}"})
     return 0
+
+
+def _alone_precision(plan, phase, size, precision, deadline, workload, cpu_fp32, reference):
+    """Accuracy, the bucket x batch sweep and (served model) the workload for one precision.
+    `reference` receives fp32's outputs on the device (fp32 runs first)."""
+    from loadtest import model_alone
+
+    phase.say(f"{size} {precision}: sweep {plan.buckets_s} s x batch {plan.batches}")
+    runner = model_alone.load(torchscript_path(phase.work, size), plan.device, precision)
+    outputs = model_alone.parity_outputs(runner)
+    if not reference:
+        reference.update(outputs)
+    phase.emit(
+        {
+            "kind": "accuracy",
+            "model": size,
+            "precision": precision,
+            "vs_fp32_same_device": model_alone.max_differences(outputs, reference),
+            "vs_fp32_cpu": model_alone.max_differences(outputs, cpu_fp32),
+        }
+    )
+    labels = {"kind": "sweep", "model": size, "precision": precision}
+    model_alone.sweep(runner, plan.buckets_s, plan.batches, deadline, _printing(phase), labels)
+    if size == plan.served_model and time.monotonic() < deadline:
+        seconds = 3.0 if plan.device == "cuda" else 1.0
+        row = model_alone.workload_alone(runner, workload, min(max(plan.users), 32), seconds)
+        phase.emit({"kind": "workload", "model": size, "precision": precision} | row)
+        phase.say(f"{size} {precision}: served workload alone {row['audio_s_per_s']} audio s/s")
 
 
 def _printing(phase: Phase):
@@ -332,6 +339,10 @@ def _serve_layout(plan, phase, workload, instances: int, precision: str) -> int:
         phase.say(
             f"{label}: ready in {time.monotonic() - start:.0f} s ({settings['instance_kind']})"
         )
+        if plan.device == "cuda" and settings["instance_kind"] != "KIND_GPU":
+            raise ValueError(
+                f"Triton resolved KIND_AUTO to {settings['instance_kind']}: it sees no GPU"
+            )
         _warm_up(config.http_url, workload, outputs)
         for users in plan.users:
             if phase.left_s() < plan.warm_s + plan.measure_s + 5:

@@ -66,6 +66,7 @@ def collect(
             "accuracy": kinds["accuracy"],
             "workload": [r for r in kinds["workload"] if "model" in r],
             "probes": kinds["probe"],
+            "notes": [r["text"] for r in kinds["note"]],
         },
         "served": {
             "workload": next((r for r in kinds["workload"] if "profile" in r), None),
@@ -149,6 +150,8 @@ def _machine(env: dict) -> str:
             f"{env['gpu']} ({env.get('gpu_memory_gib')} GiB, driver {env.get('driver') or '?'})"
         )
     parts.append(f"{env.get('cpu_count')} CPU cores")
+    if "dev_shm_free_gib" in env:
+        parts.append(f"/dev/shm {env['dev_shm_free_gib']} GiB free")
     parts.append(env.get("platform", ""))
     return ", ".join(p for p in parts if p)
 
@@ -244,6 +247,7 @@ def _alone(data: dict, plan: dict) -> list[str]:
                 )
             else:
                 lines.append(f"| {row['precision']} | {row['batch']} | {row['status']} | | |")
+    lines += [f"\nnot measured: {note}" for note in alone["notes"]]
     for row in alone["probes"]:
         if row.get("probe") == "jit_optimized_execution":
             figures = (

@@ -9,6 +9,10 @@
 #                                        the current environment (PYTHON, default python3)
 #   ... --cpu --install                  the dry run through the carried install (rehearsal)
 #
+# Environment: OUT (report folder), PYTHON, CARRY (build/carry), E2V_GPU_WORK (/tmp/e2v-gpu),
+# PRICE_PER_HOUR (USD per machine hour for the cost column), E2V_LIBPYTHON=carried (use the
+# carried libpython even where the machine has one: the rehearsal).
+#
 # The install needs only the Python itself (zipfile, tarfile, lzma) and ldd: no pip, no xz.
 # Exit status: 0 all phases ok, 1 some phase failed or ran out of time (the report says
 # which), 2 bad arguments or an install that cannot work.
@@ -96,5 +100,6 @@ else
 fi
 
 args=(--work "$WORK" --report "$REPORT")
+[ -n "${PRICE_PER_HOUR:-}" ] && args+=(--price-per-hour "$PRICE_PER_HOUR")
 [ "$mode" = cpu ] && args+=(--cpu)
 exec "$PYTHON" -m loadtest.gpu_bench "${args[@]}"

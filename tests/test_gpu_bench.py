@@ -143,7 +143,7 @@ def gpu_shaped_results() -> dict[str, list[dict]]:
     return {
         "models": [env, {"kind": "model", "size": "base", "seconds": 20.0, "embed_dim": 768,
                          "parameters": 94_000_000, "parity": {"torch_batched_SCORES": 1e-7}}],
-        "alone": sweep + probes,
+        "alone": sweep + probes + [{"kind": "note", "text": "large bf16: failed: kaput"}],
         "served": [{"kind": "layout", "layout": "2 instances, fp32", "status": "failed: boom"}],
     }  # fmt: skip
 
@@ -168,5 +168,6 @@ def test_report_renders_gpu_rows_and_names_what_was_not_measured(tmp_path):
     assert "| fp16 | 1 | 4.0 | 2.0 | 2.00x |" in markdown and "failed: capture error" in markdown
     assert "optimising executor 4.0 ms (1.25x)" in markdown
     assert "not measured: 2 instances, fp32: failed: boom" in markdown
+    assert "not measured: large bf16: failed: kaput" in markdown
     summary = json.loads((tmp_path / "report.json").read_text())["summary"]
     assert summary["alone_best"]["base fp16"]["vs_fp32"] == 2.0
