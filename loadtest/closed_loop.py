@@ -129,12 +129,51 @@ def served_config(http_url: str) -> dict:
 
 
 def run_users(
-    http_url: str, workload: Workload, users: int, duration_s: float, outputs: list[str]
+    http_url: str,
+    workload: Workload,
+    users: int,
+    duration_s: float,
+    outputs: list[str],
+    processes: int = 1,
 ) -> tuple[Requests, list[str]]:
-    """`users` closed-loop users for `duration_s`; every request's end time (since the start),
+    """`users` closed-loop users for `duration_s`: every request's end time (since the start),
     latency and audio, plus the distinct error messages. Requests in flight at the end are
-    finished and logged (Triton counts them too)."""
-    order = itertools.count()
+    finished and logged (Triton counts them too). With `processes` > 1 the users are spread
+    over that many forked processes, so one interpreter's lock does not cap the load."""
+    processes = max(1, min(processes, users))
+    shares = [users // processes + (i < users % processes) for i in range(processes)]
+    offsets = np.cumsum([0, *shares[:-1]]).tolist()
+    jobs = [
+        (http_url, workload, n, duration_s, outputs, offset) for n, offset in zip(shares, offsets)
+    ]
+    if processes == 1:
+        parts = [_user_threads(*jobs[0])]
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            parts = pool.starmap(_user_threads, jobs)
+    rows = np.concatenate([rows for rows, _ in parts]).reshape(-1, 4)
+    requests = Requests(
+        end_s=rows[:, 0],
+        latency_ms=rows[:, 1],
+        audio_s=rows[:, 2],
+        ok=rows[:, 3].astype(bool),
+        users=np.full(len(rows), users, dtype=np.int64),
+    )
+    return requests, sorted({e for _, errors in parts for e in errors})
+
+
+def _user_threads(
+    http_url: str,
+    workload: Workload,
+    users: int,
+    duration_s: float,
+    outputs: list[str],
+    offset: int,
+) -> tuple[np.ndarray, list[str]]:
+    """`users` threads, each a closed-loop user; clips round robin from `offset`."""
+    order = itertools.count(offset)
     lock = threading.Lock()
     log: list[tuple[float, float, float, bool]] = []
     errors: set[str] = set()
@@ -150,8 +189,7 @@ def run_users(
                 sent = time.perf_counter()
                 ok = True
                 try:
-                    scores = connection.infer(wav, lens, outputs)
-                    ok = _plausible(scores)
+                    ok = _plausible(connection.infer(wav, lens, outputs))
                     if not ok:
                         errors.add("implausible outputs (NaN, or SCORES not summing to 1)")
                 except (InferError, OSError, http.client.HTTPException) as exc:
@@ -170,15 +208,7 @@ def run_users(
         thread.start()
     for thread in threads:
         thread.join()
-    rows = np.array(log, dtype=np.float64).reshape(-1, 4)
-    requests = Requests(
-        end_s=rows[:, 0],
-        latency_ms=rows[:, 1],
-        audio_s=rows[:, 2],
-        ok=rows[:, 3].astype(bool),
-        users=np.full(len(rows), users, dtype=np.int64),
-    )
-    return requests, sorted(errors)
+    return np.array(log, dtype=np.float64).reshape(-1, 4), sorted(errors)
 
 
 def _plausible(outputs: dict[str, np.ndarray]) -> bool:

@@ -60,10 +60,10 @@ GPU_PLAN = Plan(
     precisions=("fp32", "fp16", "bf16"),
     buckets_s=(3.0, 10.0, 30.0),
     batches=(1, 2, 4, 8, 16, 32, 64),
-    layouts=((1, "fp32"), (2, "fp32"), (1, "fp16")),
+    layouts=((1, "fp32"), (1, "fp16"), (2, "fp16")),
     users=(1, 8, 32, 64),
-    warm_s=1.5,
-    measure_s=6.0,
+    warm_s=1.0,
+    measure_s=5.0,
     budgets={"models": 90, "alone": 150, "served": 140, "report": 20},
     alone_share={"base": 0.35, "large": 0.55},  # the rest: CUDA-graph probe
 )

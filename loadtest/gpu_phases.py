@@ -352,7 +352,12 @@ def _serve_layout(plan, phase, workload, instances: int, precision: str) -> int:
                 continue
             before = closed_loop.statistics(config.http_url)
             requests, errors = closed_loop.run_users(
-                config.http_url, workload, users, plan.warm_s + plan.measure_s, outputs
+                config.http_url,
+                workload,
+                users,
+                plan.warm_s + plan.measure_s,
+                outputs,
+                processes=client_processes(),
             )
             server_stats = closed_loop.settled(config.http_url, before.handled + len(requests.ok))
             summary = summarize(requests, users, plan.warm_s + plan.measure_s, plan.warm_s)
@@ -385,6 +390,11 @@ def _serve_layout(plan, phase, workload, instances: int, precision: str) -> int:
         server.stop(timeout_s=10)  # within the parent's grace period
         server.__exit__(None, None, None)  # and its scratch directory
         pid_file.unlink(missing_ok=True)
+
+
+def client_processes() -> int:
+    """Load-generator processes: a quarter of the cores (the server needs the rest), 1-4."""
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
 def _warm_up(http_url: str, workload, outputs: list[str]) -> None:

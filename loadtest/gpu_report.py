@@ -119,7 +119,11 @@ def summary(data: dict) -> dict:
 
 def markdown(data: dict, figure_note: str) -> str:
     env, plan = data["environment"], data["plan"]
-    device = env.get("gpu") or f"CPU only ({env.get('cpu_count')} cores): dry run"
+    device = env.get("gpu") or (
+        f"CPU only ({env.get('cpu_count')} cores): dry run"
+        if plan["mode"] == "cpu"
+        else "a machine where torch sees no GPU"
+    )
     lines = [f"# emotion2vec `torch` target on {device}", "", SYNTHETIC_NOTE, ""]
     lines += [
         "- command: `bash scripts/gpu-bench.sh" + (" --cpu`" if plan["mode"] == "cpu" else "`"),

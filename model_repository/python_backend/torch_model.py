@@ -50,6 +50,8 @@ class TorchRunner:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         if self.cuda:
+            if self.device.index is None:  # "cuda": the current device, named explicitly
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
             # fp32 means fp32: no TF32 tensor-core shortcuts (cuDNN allows them by default).
             torch.backends.cudnn.allow_tf32 = precision != "fp32"
@@ -109,11 +111,12 @@ class TorchRunner:
             self._pinned[name] = buffer
         return buffer[:numel]
 
-    def autocast(self):
-        """The precision's autocast context (a no-op for fp32)."""
+    def autocast(self, cache: bool = True):
+        """The precision's autocast context (a no-op for fp32). `cache=False` for CUDA-graph
+        capture: a graph must not point at casts that the context frees on exit."""
         if self.dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=cache)
 
     def executor(self):
         """TorchScript's optimising executor on or off, as configured."""
