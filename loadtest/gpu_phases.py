@@ -275,14 +275,8 @@ def served(plan: Plan, phase: Phase) -> int:
     failures = 0
     for instances, precision in plan.layouts:
         if phase.left_s() < 20:
-            phase.emit(
-                {
-                    "kind": "layout",
-                    "instances": instances,
-                    "precision": precision,
-                    "status": "skipped (budget)",
-                }
-            )
+            label = f"{instances} instance{'s' * (instances > 1)}, {precision}"
+            phase.emit({"kind": "layout", "layout": label, "status": "skipped (budget)"})
             continue
         failures += _serve_layout(plan, phase, workload, instances, precision)
     return 1 if failures else 0
