@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from e2v.contract import MODEL_NAME
-from export.repository import TARGETS, default_options
+from export.repository import PRECISIONS, TARGETS, default_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,6 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help="cpu target: ONNX Runtime threads per instance (default 0 = all visible cores; "
         "set it to the container's CPU limit)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        help=f"torch target: one of {', '.join(PRECISIONS)} (fp16/bf16 through torch.autocast; "
+        "their difference from fp32 goes into the model card)",
     )
     parser.add_argument("--no-parity", action="store_true", help="skip the FunASR parity check")
     parser.set_defaults(func=run_export)
@@ -70,6 +76,7 @@ def run_export(args: argparse.Namespace) -> int:
         options = replace(options, instance_count=args.instances)
     if args.intra_op_threads is not None:
         options = replace(options, intra_op_threads=args.intra_op_threads)
+    options = replace(options, precision=args.precision)
     try:
         model_dir = export_model(
             args.model,

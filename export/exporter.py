@@ -14,6 +14,7 @@ from export.formats import ONNX_EXPORTER, ONNX_OPSET, export_onnx, export_torchs
 from export.network import BatchedEmotion2vec
 from export.repository import (
     LABELS_FILE,
+    PRECISIONS,
     TARGETS,
     ServingOptions,
     default_options,
@@ -22,7 +23,9 @@ from export.repository import (
     write_model_card,
     write_warmup_data,
 )
-from model_repository import install_python_backend
+from model_repository import TORCH_BACKEND_MODEL, install_python_backend
+
+TORCHSCRIPT_TARGETS = ("torchscript", "torch")
 
 
 class ExportError(Exception):
@@ -45,8 +48,14 @@ def export_model(
     """Export `source` into `repo/name` for `target`; returns the model directory."""
     if target not in TARGETS:
         raise ExportError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
-    _check_writable(repo)
     options = options or default_options(target)
+    if options.precision not in PRECISIONS:
+        raise ExportError(
+            f"unknown precision '{options.precision}'; choose one of {', '.join(PRECISIONS)}"
+        )
+    if options.precision != "fp32" and target != "torch":
+        raise ExportError(f"--precision {options.precision} needs --target torch")
+    _check_writable(repo)
     try:
         model_dir, synthetic = resolve_source(source, cache_dir or default_cache_dir())
         loaded = load_model(model_dir, source=source)
@@ -89,8 +98,11 @@ def _write_model_dir(
     version_dir = model_dir / "1"
     version_dir.mkdir()
     parity: dict = {}
-    if target == "torchscript":
-        export_torchscript(net, version_dir / "model.pt")
+    if target in TORCHSCRIPT_TARGETS:
+        ts_path = export_torchscript(net, version_dir / "model.pt")
+        if target == "torch":
+            install_python_backend(version_dir, TORCH_BACKEND_MODEL)
+            parity = _torch_checks(ts_path, loaded, options.precision, check_parity)
     else:
         onnx_path = export_onnx(net, version_dir / "model.onnx")
         if target == "cpu":
@@ -114,6 +126,16 @@ def _write_model_dir(
     write_model_card(model_dir, _card(loaded, name, target, options, embed_dim, parity))
 
 
+def _torch_checks(ts_path: Path, loaded: LoadedModel, precision: str, check_parity: bool) -> dict:
+    """FunASR parity of the fp32 module (CPU) and, for fp16/bf16, their distance from fp32."""
+    from export.parity import precision_difference, torchscript_parity
+
+    checks = torchscript_parity(ts_path, loaded.model_dir, loaded.labels) if check_parity else {}
+    if precision != "fp32":
+        checks |= precision_difference(ts_path, precision)
+    return checks
+
+
 def _card(loaded, name, target, options, embed_dim, parity) -> dict:
     import funasr
     import onnx
@@ -129,7 +151,7 @@ def _card(loaded, name, target, options, embed_dim, parity) -> dict:
         "checkpoint_sha256": loaded.checkpoint_sha256,
         "labels": loaded.labels,
         "embed_dim": embed_dim,
-        "exporter": ONNX_EXPORTER if target != "torchscript" else "torch.jit.trace",
+        "exporter": "torch.jit.trace" if target in TORCHSCRIPT_TARGETS else ONNX_EXPORTER,
         "onnx_opset": ONNX_OPSET,
         "versions": {
             "funasr": funasr.__version__,

@@ -50,12 +50,12 @@ class BatchedEmotion2vec(nn.Module):
         # keeps the convolutions defined for any T (those rows return zeros below).
         wav = torch.cat([wav, wav.new_zeros(batch, MIN_SAMPLES)], dim=1)
         lens = torch.minimum(wav_lens.clamp(min=0), torch.full_like(wav_lens, wav.shape[1]))
-        sample_valid = torch.arange(wav.shape[1], device=wav.device)[None, :] < lens[:, None]
+        sample_valid = _positions(lens, wav.shape[1])[None, :] < lens[:, None]
         wav = self._normalise(wav, sample_valid, lens)
 
         x = self.project_features(self.local_encoder(wav))  # [B, T', D]
         frames = self.frame_counts(lens)
-        frame_valid = torch.arange(x.shape[1], device=x.device)[None, :] < frames[:, None]
+        frame_valid = _positions(frames, x.shape[1])[None, :] < frames[:, None]
         x = x + self._positional(x, frame_valid)
 
         padding_mask = F.pad(~frame_valid, (self.extra_tokens.shape[1], 0))
@@ -115,7 +115,7 @@ class BatchedEmotion2vec(nn.Module):
     def _alibi(self, frames: int):
         """ALiBi bias [1, H, N, N] (N = extra tokens + frames), the learned scale folded in
         when it is shared by all layers."""
-        pos = torch.arange(frames, device=self.alibi_slopes.device)
+        pos = _positions(self.alibi_slopes, frames)
         distance = -(pos[None, :] - pos[:, None]).abs()
         bias = self.alibi_slopes[:, None, None] * distance[None].to(self.alibi_slopes.dtype)
         n_extra = self.extra_tokens.shape[1]
@@ -127,6 +127,15 @@ class BatchedEmotion2vec(nn.Module):
         if scale.shape[0] == 1:
             return bias * scale.squeeze(0).type_as(bias), None
         return bias, scale
+
+
+def _positions(like: torch.Tensor, length: int) -> torch.Tensor:
+    """0, 1, ..., length - 1 with the dtype and device of `like`.
+
+    Not `torch.arange(..., device=...)`: tracing records that device as a constant, and the
+    TorchScript module would then build its masks on the export machine's device.
+    """
+    return like.new_ones(length).cumsum(0) - 1
 
 
 def _split_positional_encoder(module: nn.Sequential):

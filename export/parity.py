@@ -82,3 +82,47 @@ def onnx_parity(onnx_path: Path, model_dir: Path, labels: list[str]) -> dict:
     return {f"onnxruntime_batched_{k}": v for k, v in diffs.items()} | {
         "clip_samples": list(PARITY_CLIP_SAMPLES)
     }
+
+
+def torchscript_parity(ts_path: Path, model_dir: Path, labels: list[str]) -> dict:
+    """Batched TorchScript on the CPU, through the torch target's own runner, vs FunASR."""
+    outputs = _run_torch(ts_path, "cpu", "fp32", parity_clips())
+    diffs = compare(
+        funasr_reference(model_dir, parity_clips()),
+        labels,
+        outputs.get("SCORES"),
+        outputs["EMBEDDING"],
+    )
+    return {f"torch_batched_{k}": v for k, v in diffs.items()} | {
+        "clip_samples": list(PARITY_CLIP_SAMPLES)
+    }
+
+
+def precision_difference(ts_path: Path, precision: str, device: str | None = None) -> dict:
+    """Max |diff| of `precision` (autocast) against fp32 on the same device and clips.
+
+    The device is CUDA where there is one (where fp16/bf16 are meant to run), else the CPU.
+    """
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    clips = parity_clips()
+    reference = _run_torch(ts_path, device, "fp32", clips)
+    reduced = _run_torch(ts_path, device, precision, clips)
+    diffs = {
+        f"torch_{precision}_vs_fp32_{name}": float(np.abs(reduced[name] - ref).max())
+        for name, ref in reference.items()
+    }
+    return diffs | {"precision_check_device": device}
+
+
+def _run_torch(ts_path: Path, device: str, precision: str, clips: list) -> dict[str, np.ndarray]:
+    import torch
+
+    from model_repository.python_backend.torch_model import TorchRunner
+
+    runner = TorchRunner(str(ts_path), device=device, precision=precision)
+    wav, lens = pad_batch(clips)
+    outputs = runner.run([torch.from_numpy(wav)], [torch.from_numpy(lens)])
+    names = ["SCORES", "EMBEDDING"] if len(outputs) == 2 else ["EMBEDDING"]
+    return {name: out.numpy() for name, out in zip(names, outputs)}

@@ -29,7 +29,12 @@ from e2v.contract import (
 from model_repository import TEMPLATES
 
 LABELS_FILE = "labels.txt"
-TARGETS = ("cpu", "gpu", "tensorrt", "torchscript")
+TARGETS = ("cpu", "gpu", "tensorrt", "torchscript", "torch")
+PRECISIONS = ("fp32", "fp16", "bf16")  # torch target only
+# Triton backend per target; the rest use the onnxruntime backend.
+BACKENDS = {"cpu": "python", "torch": "python", "torchscript": "pytorch"}
+# Instance kind per target: KIND_AUTO resolves to the GPU where Triton sees one.
+INSTANCE_KINDS = {"cpu": "KIND_CPU", "torch": "KIND_AUTO"}
 
 
 @dataclass(frozen=True)
@@ -42,10 +47,11 @@ class ServingOptions:
     max_queue_size: int
     queue_timeout_us: int
     instance_count: int
-    intra_op_threads: int  # cpu target only; 0 = all cores
+    intra_op_threads: int  # cpu and torch (CPU instances) targets; 0 = all cores
     warmup_buckets_s: tuple[float, ...]
     # Python-backend targets: samples per ONNX Runtime call and per request (rows x length).
     max_batch_samples: int = MAX_BATCH_SAMPLES
+    precision: str = "fp32"  # torch target: fp32, fp16 or bf16 (autocast)
 
 
 def default_options(target: str) -> ServingOptions:
@@ -84,7 +90,7 @@ def render_config(
     """The `config.pbtxt` text for one target."""
     if target not in TARGETS:
         raise ValueError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
-    backend = {"cpu": "python", "torchscript": "pytorch"}.get(target, "onnxruntime")
+    backend = BACKENDS.get(target, "onnxruntime")
     common = string.Template((TEMPLATES / "common.pbtxt").read_text())
     specific = string.Template((TEMPLATES / f"{target}.pbtxt").read_text())
     values = {
@@ -97,7 +103,8 @@ def render_config(
         "queue_timeout_us": options.queue_timeout_us,
         "max_queue_size": options.max_queue_size,
         "instance_count": options.instance_count,
-        "instance_kind": "KIND_CPU" if target == "cpu" else "KIND_GPU",
+        "instance_kind": INSTANCE_KINDS.get(target, "KIND_GPU"),
+        "precision": options.precision,
         "warmup": _warmup(options.warmup_buckets_s),
         "length_buckets": ",".join(f"{s:g}" for s in LENGTH_BUCKETS_S),
         "intra_op_threads": options.intra_op_threads,
@@ -214,6 +221,11 @@ def _card_markdown(card: dict) -> str:
         lines += ["| check | max abs diff |", "| --- | --- |"]
         lines += [f"| {k} | {v:.3g} |" for k, v in card["parity"].items() if isinstance(v, float)]
         lines += ["", f"clips (samples): {card['parity'].get('clip_samples')}"]
+        if "precision_check_device" in card["parity"]:
+            lines += [
+                f"{card['options']['precision']} vs fp32 measured on "
+                f"{card['parity']['precision_check_device']} (same clips, torch.autocast)"
+            ]
     if card.get("benchmark"):
         lines += ["", "## Benchmark (`e2v bench export`)", "", "```", card["benchmark"], "```"]
     return "\n".join(lines) + "\n"
