@@ -275,8 +275,9 @@ class TritonServer:
     `kill()`, and when `start()` fails.
     """
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, log_path: Path | None = None):
         self.config = config
+        self._log_path = log_path  # default: in the run directory (removed at stop)
         self.process: subprocess.Popen | None = None
         self.workdir: Path | None = None
         self.admin_key: str | None = None
@@ -286,6 +287,8 @@ class TritonServer:
 
     @property
     def log_path(self) -> Path | None:
+        if self._log_path is not None:
+            return self._log_path
         return self.workdir / "tritonserver.log" if self.workdir else None
 
     @property

@@ -76,6 +76,9 @@ def default_options(target: str) -> ServingOptions:
         instance_count=1,
         intra_op_threads=0,
         warmup_buckets_s=LENGTH_BUCKETS_S,
+        # GPU memory holds a full batch of the longest bucket (the torch target checks it;
+        # the onnxruntime/tensorrt backends run no Python checks).
+        max_batch_samples=32 * MAX_SAMPLES,
     )
 
 

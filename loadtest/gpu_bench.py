@@ -79,7 +79,7 @@ CPU_PLAN = Plan(
     users=(1, 2),
     warm_s=0.5,
     measure_s=2.0,
-    budgets={"models": 90, "alone": 60, "served": 120, "report": 30},
+    budgets={"models": 90, "alone": 90, "served": 120, "report": 30},  # margin for busy CI
     alone_share={"tiny": 0.9},
 )
 

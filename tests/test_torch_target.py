@@ -88,7 +88,8 @@ def test_config_version_dir_and_model_card(torch_repo):
     assert config.parameters["torchscript_file"].string_value == "model.pt"
     assert [i.name for i in config.input] == ["WAV", "WAV_LENS"]
     assert [o.name for o in config.output] == ["SCORES", "EMBEDDING"]
-    assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["model.pt", "model.py"]
+    version = sorted(p.name for p in (model_dir / "1").iterdir())
+    assert version == ["model.pt", "model.py", "request_checks.py"]
     card = json.loads((model_dir / "model_card.json").read_text())
     assert card["target"] == "torch" and card["exporter"] == "torch.jit.trace"
     assert card["parity"]["torch_batched_SCORES"] <= SCORES_TOL
@@ -137,11 +138,11 @@ def test_dynamic_batching_groups_requests_with_unbatched_results(torch_server):
 @pytest.mark.parametrize(
     "wav, lens, message",
     [
-        (np.full((1, 16_000), np.nan, np.float32), [16_000], "NaN or Inf"),
-        (np.zeros((1, 16_000), np.float32), [16_001], "WAV_LENS must lie within 0..16000"),
-        (np.zeros((1, 16_000), np.float32), [-1], "WAV_LENS must lie within"),
+        (np.full((1, 16_000), np.nan, np.float32), [16_000], "NaN or infinite samples"),
+        (np.zeros((1, 16_000), np.float32), [16_001], "WAV_LENS[0]=16001 is outside [400, 16000]"),
+        (np.zeros((1, 16_000), np.float32), [-1], "WAV_LENS[0]=-1 is outside"),
         (np.zeros((2, 16_000), np.float32), [16_000], "batch size does not match"),  # Triton
-        (np.zeros((1, 30 * 16_000 + 1), np.float32), [16_000], "the maximum is 480000"),
+        (np.zeros((1, 30 * 16_000 + 1), np.float32), [16_000], "above the 480000-sample maximum"),
     ],
 )
 def test_bad_requests_get_one_clear_error_and_serving_goes_on(torch_server, wav, lens, message):

@@ -32,7 +32,6 @@ except ImportError:  # imported by the benchmark and tests
     pb_utils = None
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-SAMPLE_RATE = 16_000
 
 
 class TorchRunner:
