@@ -21,7 +21,7 @@ import numpy as np
 from client.audio import AudioError, AudioSource, stream_audio
 from client.inputs import open_input
 from client.names import display_name, one_line
-from client.results import FileResult, aggregate, segment_result
+from client.results import FileResult, aggregate, restrict_scores, segment_result
 from client.segment import Segment, SegmentMode, segment_stream
 from client.triton import (
     InferenceError,
@@ -45,6 +45,7 @@ class JobOptions:
     thresholds: dict[str, float] | None = None
     retries: int = 12
     max_duration_s: float = MAX_DURATION_S
+    labels: tuple[str, ...] | None = None  # --labels: scores renormalised over these
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -152,6 +153,9 @@ async def classify_source(
     except Exception as exc:  # noqa: BLE001 - one file's failure must not stop the job
         return error("internal", f"unexpected {type(exc).__name__}: {exc}")
     results = [segment_result(s, p, info) for s, p in segments]
+    if options.labels:
+        for result in results:
+            result.scores = restrict_scores(result.scores, options.labels)
     return aggregate(label, samples / SAMPLE_RATE, results, info, options.thresholds or {})
 
 
