@@ -224,12 +224,12 @@ def check_ports_free(config: ServerConfig) -> None:
 
 
 def runtime_repository(repo: Path, config: ServerConfig, workdir: Path) -> Path:
-    """`repo` itself, or a copy of its configs with instance/thread overrides applied.
+    """`repo` itself, or a copy of its configs with instance/thread overrides applied
+    (always with --hot-add: see `overlay_model`).
 
-    Version directories are symlinked, so weights are never copied and `repo` is never
-    modified.
+    Files are symlinked, so weights are never copied and `repo` is never modified.
     """
-    if config.instances is None and config.threads is None:
+    if config.instances is None and config.threads is None and not config.hot_add:
         return repo
     overlay = workdir / "repository"
     overlay.mkdir(parents=True, exist_ok=True)
@@ -238,14 +238,34 @@ def runtime_repository(repo: Path, config: ServerConfig, workdir: Path) -> Path:
     return overlay
 
 
+# Written where the Python backend would create its bytecode directory: a file of that name
+# makes the import skip writing bytecode (silently), so a loaded model's files never change.
+PYCACHE_PLACEHOLDER = "__pycache__"
+
+
 def overlay_model(source: Path, target: Path, config: ServerConfig) -> None:
-    """`target`: symlinks to `source`'s entries and its config with the overrides applied."""
+    """`target`: `source`'s config with the overrides applied, and links to its files.
+
+    Version directories are real directories of links plus a `__pycache__` placeholder
+    file: the Python backend writes no bytecode, neither into `source` nor here. Before
+    it loads an ensemble, Triton compares every file time of the models it runs and
+    reloads a changed one; bytecode written at load would make the base model "changed".
+    """
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
     target.mkdir(exist_ok=True)
     for entry in source.iterdir():
-        if entry.name != "config.pbtxt":
+        if entry.name in ("config.pbtxt", PYCACHE_PLACEHOLDER):
+            continue
+        if entry.name.isdigit() and entry.is_dir():
+            version = target / entry.name
+            version.mkdir()
+            for item in entry.iterdir():
+                if item.name != PYCACHE_PLACEHOLDER:
+                    (version / item.name).symlink_to(item.resolve())
+            (version / PYCACHE_PLACEHOLDER).write_text("no bytecode here: see e2v/serve.py\n")
+        else:
             (target / entry.name).symlink_to(entry.resolve())
     model_config = text_format.Parse(
         (source / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
