@@ -49,9 +49,11 @@ HEALTH_LIVE_PATH = "/v2/health/live"
 PYTHON_SHM_DEFAULT_BYTES = 16 * 2**20
 
 # Flags every deployment passes to tritonserver (local `e2v serve`, compose, Kubernetes).
-# Model control off: the served models are fixed at start-up; nothing can load/unload.
+# Model control off: the served models are fixed at start-up; nothing can load/unload
+# (`e2v serve --hot-add` replaces it with HOT_ADD_FLAGS).
+MODEL_CONTROL_NONE = "--model-control-mode=none"
 SERVER_FLAGS = (
-    "--model-control-mode=none",
+    MODEL_CONTROL_NONE,
     "--strict-readiness=true",
     "--disable-auto-complete-config",  # serve the generated config exactly as written
     "--exit-timeout-secs=30",
@@ -78,11 +80,11 @@ SERVER_LAUNCHER = "e2v-tritonserver"
 ADMIN_KEY_FILE = "/run/secrets/e2v-admin-key"
 
 
-# Hot-adding models (`e2v serve --hot-add`): everything in the repository is loaded at start,
-# as with "none"; later loads go only through the model-repository API, which answers only
-# requests carrying the admin key. Triton's own "poll" mode is not used: it can see
-# half-written models and reloads or unloads a model whenever its files change.
-MODEL_CONTROL_NONE = "--model-control-mode=none"
+# Hot-adding models (`e2v serve --hot-add`, instead of MODEL_CONTROL_NONE): everything in the
+# repository is loaded at start, as with "none"; later loads go only through the
+# model-repository API, which answers only requests carrying the admin key. Triton's own
+# "poll" mode is not used: it can see half-written models, and it reloads or unloads a
+# model whenever its files change.
 HOT_ADD_FLAGS = ("--model-control-mode=explicit", "--load-model=*")
 
 # Custom heads (`e2v train-head`): a classifier on the base model's EMBEDDING, served as

@@ -354,15 +354,16 @@ def export_head(
     base: BaseModel,
     target: str,
     segment: str,
-    card: dict,
+    card: dict | None,
     check_embeddings: np.ndarray,
     write_extra=None,
 ) -> ExportedHead:
     """Write and publish `head_NAME` and `<base>_NAME` into `repo`.
 
     The ONNX output must match `weights.predict_proba` on `check_embeddings` within
-    PARITY_TOLERANCE, or nothing is published. `write_extra(ensemble_dir)` may add files
-    (the cross-validation report) before the ensemble is published.
+    PARITY_TOLERANCE, or nothing is published. `card` (None: no model card) completes the
+    ensemble's MODEL_CARD.md; `write_extra(ensemble_dir)` may add files (the
+    cross-validation report) before the ensemble is published.
     """
     check_name(name)
     check_labels(list(weights.labels))
@@ -384,7 +385,8 @@ def export_head(
     staged = [Path(tempfile.mkdtemp(prefix=f".{n}.staging-", dir=repo)) for n in (head, ensemble)]
     try:
         _write_head_dir(staged[0], head_config, model_bytes, target)
-        card = card | {"head_sha256": sha256, "onnx_parity_max_abs": parity}
+        if card is not None:
+            card = card | {"head_sha256": sha256, "onnx_parity_max_abs": parity}
         _write_ensemble_dir(staged[1], ensemble_config, weights.labels, card)
         if write_extra is not None:
             write_extra(staged[1])
@@ -405,10 +407,12 @@ def _write_head_dir(model_dir: Path, config: str, model_bytes: bytes, target: st
     (model_dir / "config.pbtxt").write_text(config, encoding="utf-8")
 
 
-def _write_ensemble_dir(model_dir: Path, config: str, labels: tuple[str, ...], card: dict) -> None:
+def _write_ensemble_dir(model_dir: Path, config: str, labels: tuple[str, ...], card) -> None:
     (model_dir / "1").mkdir()  # ensembles have an empty version directory
     (model_dir / "config.pbtxt").write_text(config, encoding="utf-8")
     (model_dir / LABELS_FILE).write_text("\n".join(labels) + "\n", encoding="utf-8")
+    if card is None:
+        return
     (model_dir / "model_card.json").write_text(
         json.dumps(card, indent=2, ensure_ascii=False), encoding="utf-8"
     )

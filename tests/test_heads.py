@@ -394,49 +394,10 @@ def head_repo(tiny_cpu_repo, tmp_path_factory) -> Path:
         tiny_base(repo),
         "cpu",
         "none",
-        _card_stub(),
+        None,
         x,
     )
     return repo
-
-
-def _card_stub() -> dict:
-    metric = {"value": 0.0, "ci": None}
-    return {
-        "name": "x",
-        "head_model": "x",
-        "head_kind": "logistic",
-        "parameters": 0,
-        "labels": [],
-        "target": "cpu",
-        "segment": "none",
-        "synthetic": True,
-        "trained_at": "-",
-        "versions": {"scikit-learn": "-"},
-        "base_model": {
-            "name": "emotion2vec",
-            "version": 1,
-            "checkpoint_sha256": "-",
-            "source": "-",
-        },
-        "data": {
-            "source": "-",
-            "rows": 0,
-            "used": 0,
-            "segments": 0,
-            "groups": 0,
-            "failed": 0,
-            "excluded": 0,
-            "per_label": {},
-        },
-        "cross_validation": {
-            "folds": 0,
-            "grouped_by": "-",
-            "seed": 0,
-            "class_weight": "none",
-            "metrics": {"wa": metric, "ua": metric, "macro_f1": metric},
-        },
-    }
 
 
 @pytest.fixture(scope="module")
@@ -660,7 +621,7 @@ def test_hot_add_under_load_fails_no_request(served, head_repo):
             tiny_base(head_repo),
             "cpu",
             "none",
-            _card_stub(),
+            None,
             x,
         )
         served.wait_ready("emotion2vec_late", timeout=120)
@@ -765,3 +726,55 @@ def test_train_head_refuses_bad_input(served, head_repo, sound_sets, tmp_path):
         run = e2v("train-head", str(train), *args)
         assert run.returncode == code and message in run.stderr, (extra, run.stderr)
     assert not (head_repo / "emotion2vec_x").exists()
+
+
+def test_hot_add_waits_reports_failures_and_retries_changed_files(served, head_repo):
+    """An ensemble whose head is missing waits; a head that fails to load is reported while
+    the server keeps serving, and loads once its files change."""
+    import tritonclient.grpc as grpcclient
+
+    pipeline, x = fitted("logistic", 2, dim=64, seed=4)
+    export_head(head_repo, "fix", from_sklearn(pipeline, "logistic"), tiny_base(head_repo),
+                "cpu", "none", None, x)  # fmt: skip
+    # Taken back before the server looks twice, then put back broken, as by hand.
+    good = head_repo / "head_fix" / "1" / "model.onnx"
+    saved = good.read_bytes()
+    broken = head_repo / ".broken"
+    (head_repo / "head_fix").rename(broken)
+    served.wait_line("hot-add: emotion2vec_fix waits for head_fix", 30)
+    (broken / "1" / "model.onnx").write_bytes(b"not onnx")
+    broken.rename(head_repo / "head_fix")
+    served.wait_line("hot-add: head_fix not loaded", 60)
+    with grpcclient.InferenceServerClient(f"127.0.0.1:{served.grpc}") as client:
+        assert client.is_model_ready("emotion2vec") and not client.is_model_ready("head_fix")
+    good.write_bytes(saved)
+    served.wait_ready("emotion2vec_fix", timeout=60)
+    assert served.loads("emotion2vec") == 1
+
+
+def test_bench_heads_smoke(served, head_repo, tmp_path):
+    """`e2v bench heads` against the running server, on a few clips."""
+    from client.heads.bench import benchmark, report
+
+    figures = benchmark(
+        f"127.0.0.1:{served.grpc}", f"127.0.0.1:{served.http}", head_repo, tmp_path, 40, 10
+    )
+    text = report(figures)
+    assert text.startswith("SYNTHETIC MODEL") and "head adds" in text
+    assert set(figures["latency"]) == {"emotion2vec", "emotion2vec_bench"}
+    assert figures["training"]["logistic"]["cv_accuracy"] > CHANCE
+
+
+def test_hot_add_flags_and_overlay(tiny_cpu_repo, tmp_path):
+    from e2v.contract import HOT_ADD_FLAGS, MODEL_CONTROL_NONE
+    from e2v.serve import PYCACHE_PLACEHOLDER, ServerConfig, runtime_repository, server_args
+
+    plain = server_args(tiny_cpu_repo, ServerConfig(tiny_cpu_repo), None, "k" * 20)
+    hot = server_args(tiny_cpu_repo, ServerConfig(tiny_cpu_repo, hot_add=True), None, "k" * 20)
+    assert MODEL_CONTROL_NONE in plain and not set(HOT_ADD_FLAGS) & set(plain)
+    assert MODEL_CONTROL_NONE not in hot and set(HOT_ADD_FLAGS) <= set(hot)
+    overlay = runtime_repository(tiny_cpu_repo, ServerConfig(tiny_cpu_repo, hot_add=True), tmp_path)
+    version = overlay / "emotion2vec" / "1"
+    assert overlay != tiny_cpu_repo and not version.is_symlink()
+    assert (version / PYCACHE_PLACEHOLDER).is_file()  # Python cannot make its bytecode dir
+    assert all((version / f).is_symlink() for f in ("model.onnx", "model.py"))

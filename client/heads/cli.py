@@ -242,6 +242,7 @@ def _train_and_export(args, dataset, rows, info, base, segment, group_by) -> int
     card = _card(args, ensemble, dataset, rows, data, cv, evaluation, base, weights, target)
     card["training"] = {"fit_seconds": round(fit_seconds, 3), "cv_seconds": round(cv.seconds, 3)}
     intro = _intro(args, ensemble, cv, group_by)
+    replaced = (args.repo / ensemble).exists()
     try:
         exported = export_head(
             args.repo,
@@ -259,10 +260,11 @@ def _train_and_export(args, dataset, rows, info, base, segment, group_by) -> int
     print(summary(evaluation), flush=True)
     _say(f"head: {exported.head_dir}  ensemble: {exported.ensemble_dir} (target {target})")
     _say(f"report: {exported.ensemble_dir / 'cv' / 'report.md'}")
-    _say(
-        f"classify with: e2v classify FILES --model {ensemble} --segment {segment} "
-        f"(a server started with --hot-add on {args.repo} loads it; else restart it)"
-    )
+    _say(f"classify with: e2v classify FILES --model {ensemble} --segment {segment}")
+    if replaced:
+        _say(f"replaced {ensemble}: a running server keeps the previous head until restarted")
+    else:
+        _say(f"an `e2v serve --hot-add` on {args.repo} loads it now; another server at restart")
     failed = _report_rows(rows)
     return EXIT_FILE_ERRORS if failed else 0
 

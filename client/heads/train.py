@@ -9,6 +9,7 @@ duration weights (`client.results.aggregate`). The final head is fitted on every
 
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 from dataclasses import dataclass
@@ -101,6 +102,11 @@ def fit(kind: str, class_weight: str, seed: int, x: np.ndarray, y: np.ndarray):
     pipeline = make_pipeline(kind, class_weight, seed)
     kwargs = {}
     if kind == "mlp" and class_weight == "balanced":
+        if "sample_weight" not in inspect.signature(pipeline[-1].fit).parameters:
+            raise TrainingError(
+                "--head mlp --class-weight balanced needs scikit-learn 1.7+ "
+                "(pip install 'emotion2vec-triton[train]')"
+            )
         kwargs["head__sample_weight"] = compute_sample_weight("balanced", y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # a capped fit is still a head
