@@ -163,6 +163,7 @@ async def _run(args, dataset, segment, mapping, group_by) -> int:
             f"embedding cache {cache.directory}: {cache.hits} hit(s), {cache.misses} miss(es)"
             + (f", {cache.repaired} unreadable entr(ies) recomputed" if cache.repaired else "")
         )
+    _say(_rows_summary(rows))
     return _train_and_export(args, dataset, rows, info, base, segment, group_by)
 
 
@@ -344,6 +345,20 @@ def _card(args, ensemble, dataset, rows, data, cv, evaluation, base, weights, ta
         },
         "trained_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def _rows_summary(rows) -> str:
+    """`48 rows: 40 used, 2 failed, 6 left out (6 x no speech found ...)`."""
+    from collections import Counter
+
+    used = sum(row.used for row in rows)
+    failed = sum(row.error is not None for row in rows)
+    reasons = Counter(row.excluded for row in rows if row.excluded is not None)
+    text = f"{len(rows)} rows: {used} used, {failed} failed, {sum(reasons.values())} left out"
+    if reasons:
+        reason, count = reasons.most_common(1)[0]
+        text += f" ({count} x {reason})"
+    return text
 
 
 def _report_rows(rows) -> int:

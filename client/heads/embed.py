@@ -16,7 +16,7 @@ import asyncio
 import concurrent.futures
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,7 +43,6 @@ class Row:
     error: str | None = None
     error_kind: str | None = None
     excluded: str | None = None
-    cached: bool = field(default=False, repr=False)
 
     @property
     def used(self) -> bool:
@@ -144,7 +143,7 @@ async def _embed_row(row, client, options, cache, requests, decoders, hashes) ->
         return
     key = cache.key(sha256, str(options.segment), row.span) if cache else None
     if cache is not None and (hit := cache.get(key, client.info.embed_dim)) is not None:
-        row.embedded, row.cached = hit, True
+        row.embedded = hit
         _mark_no_speech(row)
         return
     try:
