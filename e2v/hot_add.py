@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -150,8 +151,9 @@ class RepositoryWatcher:
     def _load(self, name: str, path: Path, sig: tuple) -> bool:
         if self.overlay is not None and self.runtime_repo != self.repo:
             target = self.runtime_repo / name
-            if not target.exists():
-                self.overlay(path, target)
+            if target.exists():  # left by a failed load: its links may point at old files
+                shutil.rmtree(target)
+            self.overlay(path, target)
         request = urllib.request.Request(
             f"http://{self.http_url}/v2/repository/models/{name}/load",
             data=b"{}",

@@ -637,6 +637,10 @@ def test_hot_add_under_load_fails_no_request(served, head_repo):
     base_requests = len(done)  # each request (base or ensemble) runs the base model once
     assert served.success_count("emotion2vec") >= base_before + base_requests
     assert served.loads("emotion2vec") == 1 and served.loads("head_late") == 1
+    # The MLP head (ReLU hidden layer) is exact too.
+    scores, embedding = _infer(url, "emotion2vec_late", clips[0], ["SCORES", "EMBEDDING"])
+    onnx_path = head_repo / "head_late" / "1" / "model.onnx"
+    assert np.abs(scores - numpy_head(onnx_path, embedding)).max() <= 1e-6
 
 
 def test_classify_labels_on_the_served_model(served, sound_sets):

@@ -175,6 +175,8 @@ async def _base_model(args):
         import tritonclient.grpc.aio as module
     else:
         import tritonclient.http.aio as module
+    from client.triton import ServerUnavailable
+
     client = module.InferenceServerClient(url=args.url)
     try:
         if args.protocol == "grpc":
@@ -183,6 +185,8 @@ async def _base_model(args):
         else:
             config = await client.get_model_config(args.model)
             metadata = await client.get_model_metadata(args.model)
+    except Exception as exc:  # noqa: BLE001 - tritonclient raises several types
+        raise ServerUnavailable(f"cannot read the config of '{args.model}': {exc}") from exc
     finally:
         await client.close()
     return BaseModel.from_config(config, list(metadata.get("versions", [])))
@@ -200,7 +204,10 @@ def _check_repo_base(repo: Path, base) -> None:
             "that loads this repository"
         )
         return
-    config = parse_config(config_path.read_text(encoding="utf-8"))
+    try:
+        config = parse_config(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HeadExportError(f"cannot read {config_path}: {exc}") from exc
     sha = config.parameters["checkpoint_sha256"].string_value
     if base.checkpoint_sha256 and sha and sha != base.checkpoint_sha256:
         raise HeadExportError(

@@ -16,7 +16,7 @@ import asyncio
 import concurrent.futures
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from client.classify import JobOptions, classify_source
 from client.evaluation.dataset import LabelledItem, LabelledSet
 from client.heads.cache import Embedded, EmbeddingCache, file_sha256
 from client.names import one_line
-from client.segment import segment_stream
+from client.segment import SegmentMode, segment_stream
 from client.triton import InferenceError, ServerError, ServerUnavailable, TritonEmotionClient
 from e2v.contract import MAX_DURATION_S, MIN_SAMPLES, SAMPLE_RATE
 
@@ -105,6 +105,7 @@ async def embed_rows(
     rows embedded so far are already in the cache.
     """
     todo = [row for row in rows if row.error is None and row.excluded is None]
+    options = replace(options, segment=options.segment or SegmentMode("vad"))
     requests = asyncio.Semaphore(options.concurrency)
     workers = max(2, options.concurrency // 2)
     decoders = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="e2v-decode")
@@ -138,8 +139,9 @@ async def _embed_row(row, client, options, cache, requests, decoders, hashes) ->
         hashes[path] = asyncio.ensure_future(asyncio.to_thread(file_sha256, path))
     try:
         sha256 = await hashes[path]
-    except OSError as exc:
-        row.error, row.error_kind = f"cannot read {path}: {exc.strerror or exc}", "unreadable"
+    except (OSError, ValueError) as exc:  # ValueError: a name the OS refuses
+        reason = getattr(exc, "strerror", None) or exc
+        row.error, row.error_kind = one_line(f"cannot read {path}: {reason}"), "unreadable"
         return
     key = cache.key(sha256, str(options.segment), row.span) if cache else None
     if cache is not None and (hit := cache.get(key, client.info.embed_dim)) is not None:
