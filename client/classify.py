@@ -22,7 +22,7 @@ import numpy as np
 from client.audio import AudioError, AudioSource, stream_audio
 from client.inputs import open_input
 from client.names import display_name, one_line
-from client.results import FileResult, aggregate, segment_result
+from client.results import FileResult, aggregate, restrict_scores, segment_result
 from client.segment import Segment, SegmentMode, segment_stream
 from client.triton import (
     InferenceError,
@@ -47,6 +47,7 @@ class JobOptions:
     retries: int = 12
     max_duration_s: float = MAX_DURATION_S
     workers: int = 0  # files decoded and segmented at once (threads); 0: one per core, >= 2
+    labels: tuple[str, ...] | None = None  # --labels: scores renormalised over these
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -159,6 +160,9 @@ async def classify_source(
     except Exception as exc:  # noqa: BLE001 - one file's failure must not stop the job
         return error("internal", f"unexpected {type(exc).__name__}: {exc}")
     results = [segment_result(s, p, info) for s, p in segments]
+    if options.labels:
+        for result in results:
+            result.scores = restrict_scores(result.scores, options.labels)
     return aggregate(label, samples / SAMPLE_RATE, results, info, options.thresholds or {})
 
 

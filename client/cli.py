@@ -56,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="rows per committed chunk of a URI or Parquet output (also every 30 s)",
     )
     parser.add_argument("--alert", metavar="LABEL=P,...", help="e.g. angry=0.7,sad=0.8")
+    parser.add_argument(
+        "--labels",
+        metavar="LABEL,...",
+        help="answer among these of the model's labels only (probabilities renormalised), "
+        "e.g. angry,happy,neutral,sad",
+    )
     parser.add_argument("--embeddings", type=Path, metavar="FILE", help=".npy or .parquet")
     parser.add_argument(
         "--resume",
@@ -142,7 +148,7 @@ async def _run(args, options, shard, outputs) -> int:
     from client.classify import classify_files
     from client.inputs import InputError
     from client.output import EmbeddingWriter, OutputError, ResultWriter, previous_results
-    from client.results import by_vote, resolve_alerts, short_label
+    from client.results import by_vote, resolve_alerts, resolve_labels, short_label
     from client.triton import ServerUnavailable, TritonEmotionClient
 
     client = TritonEmotionClient(
@@ -154,12 +160,14 @@ async def _run(args, options, shard, outputs) -> int:
         await client.close()
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    labels = [short_label(label) for label in info.labels if not label.startswith("unuse")]
     writer = embeddings = None
     done = {}
     try:
-        thresholds = resolve_alerts(options.thresholds or {}, info.labels)
-        options = _with_thresholds(options, thresholds)
+        keep = resolve_labels(args.labels, info.labels)
+        model_labels = [x for x in info.labels if keep is None or short_label(x) in keep]
+        labels = [short_label(label) for label in model_labels if not label.startswith("unuse")]
+        thresholds = resolve_alerts(options.thresholds or {}, model_labels)
+        options = _with_thresholds(options, thresholds, keep)
         if args.resume:
             done = previous_results(outputs, labels=labels)
         writer = ResultWriter(
@@ -281,10 +289,10 @@ class _Plan:
             print("nothing to do", file=sys.stderr)
 
 
-def _with_thresholds(options, thresholds):
+def _with_thresholds(options, thresholds, labels=None):
     from dataclasses import replace
 
-    return replace(options, thresholds=thresholds)
+    return replace(options, thresholds=thresholds, labels=labels)
 
 
 def _progress(disabled: bool):

@@ -191,6 +191,39 @@ def resolve_alerts(thresholds: dict[str, float], labels: list[str]) -> dict[str,
     return resolved
 
 
+def resolve_labels(text: str | None, labels: list[str]) -> tuple[str, ...] | None:
+    """`--labels angry,happy,neutral,sad` -> those of the model's labels (short form, model
+    order), matched like --alert; None without --labels. An unknown label, or fewer than
+    two, is an error that lists the model's labels."""
+    if not text:
+        return None
+    forms = {}
+    for label in labels:
+        if predictable(label) and not label.startswith("unuse"):
+            for form in (label, short_label(label), label.split("/", 1)[0]):
+                forms.setdefault(form.strip().lower(), short_label(label))
+    choices = ", ".join(dict.fromkeys(forms.values())) or "none: embeddings only"
+    wanted = {item.strip().lower() for item in text.split(",") if item.strip()}
+    unknown = sorted(w for w in wanted if w not in forms)
+    if unknown:
+        raise ValueError(f"--labels {', '.join(unknown)}: not the model's (its labels: {choices})")
+    keep = {forms[w] for w in wanted}
+    if len(keep) < 2:
+        raise ValueError(f"--labels needs at least two of the model's labels ({choices})")
+    return tuple(label for label in dict.fromkeys(forms.values()) if label in keep)
+
+
+def restrict_scores(scores: dict[str, float], keep: tuple[str, ...]) -> dict[str, float]:
+    """Probabilities over `keep` only, renormalised to sum to 1. For a softmax this is
+    exact: p_i / sum_{j in keep} p_j is the softmax of the kept classes' logits (EmoBox's
+    4-class protocol). All-zero scores (underflow) become uniform."""
+    kept = {label: scores.get(label, 0.0) for label in keep}
+    total = sum(kept.values())
+    if not total > 0:
+        return {label: 1.0 / len(keep) for label in keep}
+    return {label: p / total for label, p in kept.items()}
+
+
 def parse_alerts(text: str | None) -> dict[str, float]:
     """`angry=0.7,sad=0.8` -> {"angry": 0.7, "sad": 0.8}."""
     if not text:

@@ -49,9 +49,11 @@ HEALTH_LIVE_PATH = "/v2/health/live"
 PYTHON_SHM_DEFAULT_BYTES = 16 * 2**20
 
 # Flags every deployment passes to tritonserver (local `e2v serve`, compose, Kubernetes).
-# Model control off: the served models are fixed at start-up; nothing can load/unload.
+# Model control off: the served models are fixed at start-up; nothing can load/unload
+# (`e2v serve --hot-add` replaces it with HOT_ADD_FLAGS).
+MODEL_CONTROL_NONE = "--model-control-mode=none"
 SERVER_FLAGS = (
-    "--model-control-mode=none",
+    MODEL_CONTROL_NONE,
     "--strict-readiness=true",
     "--disable-auto-complete-config",  # serve the generated config exactly as written
     "--exit-timeout-secs=30",
@@ -76,6 +78,35 @@ ADMIN_KEY_GRPC_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"
 # restricted_api_flags(key) and removes stale shared-memory regions.
 SERVER_LAUNCHER = "e2v-tritonserver"
 ADMIN_KEY_FILE = "/run/secrets/e2v-admin-key"
+
+
+# Hot-adding models (`e2v serve --hot-add`, instead of MODEL_CONTROL_NONE): everything in the
+# repository is loaded at start, as with "none"; later loads go only through the
+# model-repository API, which answers only requests carrying the admin key. Triton's own
+# "poll" mode is not used: it can see half-written models, and it reloads or unloads a
+# model whenever its files change.
+HOT_ADD_FLAGS = ("--model-control-mode=explicit", "--load-model=*")
+
+# Custom heads (`e2v train-head`): a classifier on the base model's EMBEDDING, served as
+# `<repo>/head_NAME` and chained after the base model in the ensemble `<repo>/<base>_NAME`,
+# which clients call exactly like the base model (WAV, WAV_LENS -> SCORES, EMBEDDING).
+HEAD_PREFIX = "head_"
+HEAD_NAME_PATTERN = r"[a-z0-9][a-z0-9_-]{0,47}"  # NAME: lower case, a directory-safe word
+HEAD_MAX_BATCH_SIZE = 64  # rows per head execution; the ensemble's is the base model's
+# The head also returns its input unchanged, and the ensemble's EMBEDDING comes from there:
+# Triton prunes ensemble steps by unrequested outputs, and would drop the base model's step
+# for a request of SCORES alone if EMBEDDING were the base model's output directly.
+HEAD_EMBEDDING_OUTPUT = "EMBEDDING_OUT"
+
+
+def head_model_name(name: str) -> str:
+    """The head's own model name in the repository."""
+    return f"{HEAD_PREFIX}{name}"
+
+
+def ensemble_model_name(base: str, name: str) -> str:
+    """The model clients call: the base model followed by head NAME."""
+    return f"{base}_{name}"
 
 
 def restricted_api_flags(key: str) -> list[str]:

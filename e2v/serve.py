@@ -36,8 +36,10 @@ from e2v.contract import (
     ADMIN_KEY_HEADER,
     GRPC_PORT,
     HEALTH_READY_PATH,
+    HOT_ADD_FLAGS,
     HTTP_PORT,
     METRICS_PORT,
+    MODEL_CONTROL_NONE,
     SERVER_FLAGS,
     restricted_api_flags,
 )
@@ -113,6 +115,7 @@ class ServerConfig:
     instances: int | None = None  # override instance_group count of every model
     threads: int | None = None  # override ONNX Runtime intra-op threads (cpu target)
     admin_key_file: Path | None = None  # None: a random key per run, in the run directory
+    hot_add: bool = False  # explicit model control: new models load through the admin API
     extra_flags: list[str] = field(default_factory=list)
 
     @classmethod
@@ -152,7 +155,10 @@ def server_args(
         ("metrics", config.metrics_port),
     ):
         args += [f"--{proto}-address={config.host}", f"--{proto}-port={port}"]
-    args += [*SERVER_FLAGS, *restricted_api_flags(admin_key)]
+    flags = list(SERVER_FLAGS)
+    if config.hot_add:  # explicit model control: loads only through the restricted API
+        flags[flags.index(MODEL_CONTROL_NONE) : flags.index(MODEL_CONTROL_NONE) + 1] = HOT_ADD_FLAGS
+    args += [*flags, *restricted_api_flags(admin_key)]
     if shm_prefix:
         args.append(f"--backend-config=python,shm-region-prefix-name={shm_prefix}")
     return args + config.extra_flags
@@ -218,34 +224,58 @@ def check_ports_free(config: ServerConfig) -> None:
 
 
 def runtime_repository(repo: Path, config: ServerConfig, workdir: Path) -> Path:
-    """`repo` itself, or a copy of its configs with instance/thread overrides applied.
+    """`repo` itself, or a copy of its configs with instance/thread overrides applied
+    (always with --hot-add: see `overlay_model`).
 
-    Version directories are symlinked, so weights are never copied and `repo` is never
-    modified.
+    Files are symlinked, so weights are never copied and `repo` is never modified.
     """
-    if config.instances is None and config.threads is None:
+    if config.instances is None and config.threads is None and not config.hot_add:
         return repo
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
     overlay = workdir / "repository"
     overlay.mkdir(parents=True, exist_ok=True)
     for name in check_repository(repo):
-        source, target = repo / name, overlay / name
-        target.mkdir(exist_ok=True)
-        for entry in source.iterdir():
-            if entry.name != "config.pbtxt":
-                (target / entry.name).symlink_to(entry.resolve())
-        model_config = text_format.Parse(
-            (source / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
-        )
-        for group in model_config.instance_group:
-            if config.instances is not None:
-                group.count = config.instances
-        if config.threads is not None and "intra_op_thread_count" in model_config.parameters:
-            model_config.parameters["intra_op_thread_count"].string_value = str(config.threads)
-        (target / "config.pbtxt").write_text(text_format.MessageToString(model_config))
+        overlay_model(repo / name, overlay / name, config)
     return overlay
+
+
+# Written where the Python backend would create its bytecode directory: a file of that name
+# makes the import skip writing bytecode (silently), so a loaded model's files never change.
+PYCACHE_PLACEHOLDER = "__pycache__"
+
+
+def overlay_model(source: Path, target: Path, config: ServerConfig) -> None:
+    """`target`: `source`'s config with the overrides applied, and links to its files.
+
+    Version directories are real directories of links plus a `__pycache__` placeholder
+    file: the Python backend writes no bytecode, neither into `source` nor here. Before
+    it loads an ensemble, Triton compares every file time of the models it runs and
+    reloads a changed one; bytecode written at load would make the base model "changed".
+    """
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    target.mkdir(exist_ok=True)
+    for entry in source.iterdir():
+        if entry.name in ("config.pbtxt", PYCACHE_PLACEHOLDER):
+            continue
+        if entry.name.isdigit() and entry.is_dir():
+            version = target / entry.name
+            version.mkdir()
+            for item in entry.iterdir():
+                if item.name != PYCACHE_PLACEHOLDER:
+                    (version / item.name).symlink_to(item.resolve())
+            (version / PYCACHE_PLACEHOLDER).write_text("no bytecode here: see e2v/serve.py\n")
+        else:
+            (target / entry.name).symlink_to(entry.resolve())
+    model_config = text_format.Parse(
+        (source / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    for group in model_config.instance_group:
+        if config.instances is not None:
+            group.count = config.instances
+    if config.threads is not None and "intra_op_thread_count" in model_config.parameters:
+        model_config.parameters["intra_op_thread_count"].string_value = str(config.threads)
+    (target / "config.pbtxt").write_text(text_format.MessageToString(model_config))
 
 
 def server_environment() -> dict[str, str]:
@@ -282,6 +312,7 @@ class TritonServer:
         self.workdir: Path | None = None
         self.admin_key: str | None = None
         self.admin_key_path: Path | None = None
+        self.runtime_repo: Path | None = None  # what Triton reads: the repo or its overlay
         self.shm_prefix = leftovers.shm_region_prefix(secrets.token_hex(4))
         self._cleaned = False
 
@@ -312,6 +343,7 @@ class TritonServer:
         install = find_triton()
         backends = prepare_backends(install, self.workdir / "backends")
         repo = runtime_repository(self.config.repo.resolve(), self.config, self.workdir)
+        self.runtime_repo = repo
         args = server_args(repo, self.config, backends, self.admin_key, self.shm_prefix)
         return [str(install.binary), *args]
 
@@ -434,6 +466,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"memory, model repository) via the {ADMIN_KEY_HEADER} header (default: a random "
         "key per run, written 0600 into the run directory)",
     )
+    parser.add_argument(
+        "--hot-add",
+        action="store_true",
+        help="load models added to --repo while running (e2v train-head's heads): Triton in "
+        "explicit model-control mode, loads through the admin-key API; nothing already "
+        "loaded is ever reloaded or unloaded",
+    )
+    parser.add_argument(
+        "--poll-secs", type=float, default=1.0, help="with --hot-add: how often to look"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for ready")
     parser.set_defaults(func=run_serve)
 
@@ -457,6 +499,21 @@ def check_layout(instances: int | None, threads: int | None) -> str | None:
         if value is not None and value < 1:
             return f"{flag} must be at least 1, got {value}"
     return None
+
+
+def _watcher(server: TritonServer, poll_s: float):
+    from e2v.hot_add import RepositoryWatcher
+
+    print(f"hot-add: loading models added to {server.config.repo} (every {poll_s:g} s)")
+    return RepositoryWatcher(
+        server.config.repo.resolve(),
+        server.config.http_url,
+        server.admin_key,
+        server.runtime_repo,
+        functools.partial(overlay_model, config=server.config),
+        poll_s,
+        say=lambda message: print(message, flush=True),
+    )
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -485,7 +542,11 @@ def run_serve(args: argparse.Namespace) -> int:
         instances=instances,
         threads=threads,
         admin_key_file=args.admin_key_file,
+        hot_add=args.hot_add,
     )
+    if not 0.1 <= args.poll_secs <= 3600:
+        print("error: --poll-secs must be between 0.1 and 3600", file=sys.stderr)
+        return 2
     server = TritonServer(config)
     previous = {sig: signal.signal(sig, _raise_stop) for sig in STOP_SIGNALS}
     died: list[str] = []
@@ -497,8 +558,11 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         print(f"admin key ({ADMIN_KEY_HEADER} header): {server.admin_key_path}")
         print("Ctrl-C, SIGTERM or SIGHUP stops the server gracefully.", flush=True)
+        watcher = _watcher(server, args.poll_secs) if config.hot_add else None
         while server.process.poll() is None:
             time.sleep(0.2)
+            if watcher is not None:
+                watcher.maybe_scan()
         died = server.log_tail()
     except _StopRequested:
         pass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -45,6 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="file label from segments: duration-weighted mean, majority vote, or both",
     )
     parser.add_argument("--map", metavar="SRC=DST,...", help="rename data labels, anger=angry")
+    parser.add_argument(
+        "--labels",
+        metavar="LABEL,...",
+        help="score among these of the model's labels only (probabilities renormalised): "
+        "angry,happy,neutral,sad is EmoBox's 4-class protocol",
+    )
     parser.add_argument("--group-by", metavar="COLUMN", help="metrics per value of a column")
     parser.add_argument(
         "--report", type=Path, metavar="DIR", help="write the report here (else: summary only)"
@@ -86,6 +93,7 @@ async def _run(args, dataset, methods, mapping, group_by) -> int:
     from client.classify import JobOptions
     from client.evaluation.labels import LabelError, LabelMatcher
     from client.evaluation.run import evaluate
+    from client.results import short_label
     from client.triton import ServerUnavailable, TritonEmotionClient
 
     options = JobOptions(
@@ -102,7 +110,11 @@ async def _run(args, dataset, methods, mapping, group_by) -> int:
             _say("note: the served model is SYNTHETIC (random weights): results are meaningless")
         if not info.labels:
             raise LabelError(f"model '{info.name}' has no classifier head (embeddings only)")
-        matcher = LabelMatcher(info.labels, mapping)
+        keep = _restriction(args.labels, info.labels)
+        if keep is not None:
+            options = dataclasses.replace(options, labels=keep)
+        model_labels = [x for x in info.labels if keep is None or short_label(x) in keep]
+        matcher = LabelMatcher(model_labels, mapping)
         _check_labels(dataset, matcher)
         evaluation = await evaluate(
             dataset, client, matcher, methods, options, group_by, args.bootstrap, args.seed, _say
@@ -115,6 +127,16 @@ async def _run(args, dataset, methods, mapping, group_by) -> int:
     finally:
         await client.close()
     return _finish(evaluation, args.report)
+
+
+def _restriction(text, labels):
+    from client.evaluation.labels import LabelError
+    from client.results import resolve_labels
+
+    try:
+        return resolve_labels(text, labels)
+    except ValueError as exc:
+        raise LabelError(str(exc)) from None
 
 
 def _check_labels(dataset, matcher) -> None:
