@@ -168,7 +168,7 @@ def _decoded_frames(source: AudioSource) -> Iterator[tuple[int, np.ndarray]]:
     name = display_name(str(source)) if is_path else "upload"
     try:
         try:
-            container = av.open(file, metadata_errors="ignore")
+            container = av.open(file, mode="r", metadata_errors="ignore")  # a w+b spool is read too
         except (av.FFmpegError, MemoryError) as err:
             raise AudioError(
                 "decode",

@@ -13,6 +13,7 @@ EXIT_INTERNAL = 1  # documented in README: a bug, never a bad input
 def build_parser() -> argparse.ArgumentParser:
     """The `e2v` parser with every subcommand registered."""
     from client import cli as client_cli
+    from client.gateway import cli as gateway_cli
     from e2v import serve
     from export import cli as export_cli
     from loadtest import cli as loadtest_cli
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="e2v", description="emotion2vec speech emotion recognition on Triton."
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (export_cli, serve, client_cli, loadtest_cli):
+    for module in (export_cli, serve, client_cli, gateway_cli, loadtest_cli):
         module.register(subparsers)
     return parser
 
