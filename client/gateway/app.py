@@ -138,7 +138,9 @@ def create_app(config: GatewayConfig):
     @app.exception_handler(HTTPException)
     async def _http_error(_request, exc: HTTPException):
         kinds = {404: NOT_FOUND, 405: METHOD_NOT_ALLOWED}
-        return error_response(GatewayError(exc.status_code, kinds.get(exc.status_code, "http"), str(exc.detail)))
+        return error_response(
+            GatewayError(exc.status_code, kinds.get(exc.status_code, "http"), str(exc.detail))
+        )
 
     app.add_middleware(_Observe, gateway=gateway)
 
@@ -272,7 +274,9 @@ class _Observe:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        endpoint = path if path in ENDPOINTS else ("/static" if path.startswith("/static/") else "other")
+        endpoint = (
+            path if path in ENDPOINTS else ("/static" if path.startswith("/static/") else "other")
+        )
         status = {"code": 500}
 
         async def send_observed(message):

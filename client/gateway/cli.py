@@ -76,6 +76,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="require this key (Authorization: Bearer KEY or X-API-Key) on /predict",
     )
+    parser.add_argument(
+        "--spool-dir",
+        metavar="DIR",
+        help="where uploads past 1 MiB continue on disk, as unnamed files that vanish with "
+        "the request (default: the temp dir, $TMPDIR)",
+    )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     parser.set_defaults(func=run_gateway)
 
@@ -96,6 +102,7 @@ def run_gateway(args: argparse.Namespace) -> int:
             queue=args.queue,
             read_timeout_s=args.read_timeout_s,
             api_key=read_api_key(args.api_key_file) if args.api_key_file else None,
+            spool_dir=args.spool_dir,
         )
         if not 0 < args.port < 65536:
             raise ValueError(f"--port must be in 1-65535, not {args.port}")

@@ -47,6 +47,8 @@ class GatewayConfig:
             raise ValueError("--read-timeout-s must be in (0, 3600] and the queue wait <= 600 s")
         if self.api_key is not None and not self.api_key:
             raise ValueError("the API key file is empty")
+        if self.spool_dir is not None and not os.access(self.spool_dir, os.W_OK | os.X_OK):
+            raise ValueError(f"--spool-dir {self.spool_dir} is not a writable directory")
 
     @property
     def max_upload_bytes(self) -> int:

@@ -43,9 +43,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig):
         self.config = config
         self.admission = Admission(config.slots, config.queue_size, config.queue_wait_s)
-        self.metrics = GatewayMetrics(
-            lambda: self.admission.active, lambda: self.admission.waiting
-        )
+        self.metrics = GatewayMetrics(lambda: self.admission.active, lambda: self.admission.waiting)
         self.client: TritonEmotionClient | None = None
         self.requests: asyncio.Semaphore | None = None
         self.decoders: concurrent.futures.ThreadPoolExecutor | None = None
