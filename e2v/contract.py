@@ -60,6 +60,7 @@ def bucket_lengths_samples() -> list[int]:
     """All bucket lengths in samples (used for warmup and TensorRT profiles)."""
     return [int(s * SAMPLE_RATE) for s in LENGTH_BUCKETS_S]
 
+
 # The HTTP gateway (`e2v gateway`): uploads in, JSON out; decoding and VAD in front of Triton.
 GATEWAY_PORT = 8080
 GATEWAY_LIVE_PATH = "/health"

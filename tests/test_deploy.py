@@ -291,7 +291,8 @@ def test_export_build_context_holds_the_package():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     ignore = (DOCKER_DIR / "export.Dockerfile.dockerignore").read_text().split()
     allowed = {p[1:].rstrip("/") for p in ignore if p.startswith("!")}
-    needed = set(pyproject["tool"]["setuptools"]["packages"]) | {"pyproject.toml"}
+    packages = pyproject["tool"]["setuptools"]["packages"]
+    needed = {p.split(".")[0] for p in packages} | {"pyproject.toml"}  # subpackages: their top
     if "readme" in pyproject["project"]:
         needed.add(pyproject["project"]["readme"])
     # The exporter's templates ship as package data of `model_repository`.

@@ -768,3 +768,87 @@ def test_e2v_works_without_the_gateway_extra(tmp_path):
     assert run("gateway", "--help").returncode == 0
     result = run("gateway", "--triton", "127.0.0.1:1")
     assert result.returncode == 2 and "[gateway]" in result.stderr
+
+
+# ---------------------------------------------------------------------------- deployment
+
+
+def test_kubernetes_gateway_renders_validates_and_alone_reaches_triton():
+    from test_deploy import K8S_DIR, _validate, find, render, render_overlay
+
+    from e2v import contract
+
+    docs = render(K8S_DIR / "gateway")
+    assert _validate(docs) == ["ServiceMonitor/emotion2vec-gateway"]
+    assert {d["metadata"]["namespace"] for d in docs} == {"emotion2vec"}
+    template = find(docs, "Deployment")["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    args = dict(a.removeprefix("--").split("=", 1) for a in container["args"])
+    triton = render_overlay("gpu")
+    host, port = args["triton"].split(":")
+    assert host == find(triton, "Service")["metadata"]["name"]
+    assert int(port) == contract.GRPC_PORT
+    assert int(args["port"]) == contract.GATEWAY_PORT == container["ports"][0]["containerPort"]
+    assert container["readinessProbe"]["httpGet"]["path"] == contract.GATEWAY_READY_PATH
+    assert container["livenessProbe"]["httpGet"]["path"] == contract.GATEWAY_LIVE_PATH
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] and security["runAsNonRoot"]
+    assert not security["allowPrivilegeEscalation"] and security["capabilities"]["drop"] == ["ALL"]
+    (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == args["spool-dir"]]
+    (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == tmp["name"]]
+    size_gi = float(volume["emptyDir"]["sizeLimit"].removesuffix("Gi"))
+    assert size_gi * 1024 >= int(args["concurrency"]) * float(args["max-upload-mb"])
+    hpa = find(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == find(docs, "Deployment")["metadata"]["name"]
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+
+    # Triton admits the gateway's pods (by label) on its inference ports, and no pod
+    # without that label; the gateway itself may only reach Triton and DNS.
+    labels = template["metadata"]["labels"]
+    server_policy = find(triton, "NetworkPolicy")
+    inference = [
+        rule
+        for rule in server_policy["spec"]["ingress"]
+        if {p["port"] for p in rule["ports"]} & {contract.GRPC_PORT, contract.HTTP_PORT}
+    ]
+    selectors = [source["podSelector"]["matchLabels"] for r in inference for source in r["from"]]
+    assert selectors and all(s.items() <= labels.items() for s in selectors)
+    assert all("emotion2vec-client" in s for s in selectors)
+    own = find(docs, "NetworkPolicy")["spec"]
+    assert set(own["policyTypes"]) == {"Ingress", "Egress"}
+    allowed = {p["port"] for rule in own["egress"] for p in rule["ports"]}
+    assert allowed == {contract.GRPC_PORT, contract.HTTP_PORT, 53}
+
+
+def test_gateway_image_and_compose_service():
+    import yaml
+    from test_deploy import DOCKER_DIR, _instructions, _only
+
+    from e2v import contract
+
+    instructions = _instructions(DOCKER_DIR / "gateway.Dockerfile")
+    assert json.loads(_only(instructions, "ENTRYPOINT")) == ["e2v", "gateway"]
+    assert _only(instructions, "EXPOSE") == str(contract.GATEWAY_PORT)
+    assert f":{contract.GATEWAY_PORT}{contract.GATEWAY_LIVE_PATH}'" in _only(
+        instructions, "HEALTHCHECK"
+    )
+    compose = yaml.safe_load((DOCKER_DIR / "docker-compose.yml").read_text())["services"]
+    service = compose["gateway"]
+    command = service["command"]
+    assert command[command.index("--triton") + 1] == f"server:{contract.GRPC_PORT}"
+    assert service["ports"] == [f"127.0.0.1:{contract.GATEWAY_PORT}:{contract.GATEWAY_PORT}"]
+    assert service["read_only"] is True and any(t.startswith("/tmp") for t in service["tmpfs"])
+
+    # The slim image installs the client's runtime and the extra by hand: nothing missing.
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    name = lambda spec: spec.split(";")[0].split("[")[0].split("=")[0].split(">")[0].split("<")[0]  # noqa: E731
+    required = {name(s).strip().lower() for s in pyproject["optional-dependencies"]["gateway"]}
+    required |= {"numpy", "tritonclient", "av", "soxr", "onnxruntime"}
+    listed = {
+        name(line).strip().lower()
+        for line in (DOCKER_DIR / "gateway-requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert required <= listed, required - listed
+    assert "silero-vad==" in (DOCKER_DIR / "gateway.Dockerfile").read_text()
