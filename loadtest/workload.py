@@ -85,20 +85,55 @@ def prepare_workload(profile: Profile, workdir: Path | None = None) -> Workload:
     return Workload(profile.name, np.concatenate(clips).astype(np.float32), lengths)
 
 
+def encode_clips(workload: Workload, directory: Path) -> list[Path]:
+    """Each clip as a real file, in the codec of the recording it was cut from (mu-law WAV
+    at 8 kHz, MP3, FLAC): what a caller would upload to the gateway. Sorted by index."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(len(workload)):
+        name, container, codec, rate = RECORDINGS[index % len(RECORDINGS)]
+        clip = workload.clip(index)
+        if rate != SAMPLE_RATE:
+            import soxr
+
+            clip = soxr.resample(clip, SAMPLE_RATE, rate, quality="VHQ").astype(np.float32)
+        path = directory / f"clip-{index:03d}{Path(name).suffix}"
+        _write(path, container, codec, rate, clip)
+        paths.append(path)
+    return paths
+
+
 def encode_recording(directory: Path, index: int) -> Path:
     """Write recording `index` of RECORDINGS as a real encoded file."""
+    name, container, codec, rate = RECORDINGS[index]
+    path = directory / name
+    _write(path, container, codec, rate, speech_like(RECORDING_S, rate, seed=index))
+    return path
+
+
+def _write(path: Path, container: str, codec: str, rate: int, wav: np.ndarray) -> None:
     import av
 
-    name, container, codec, rate = RECORDINGS[index]
-    wav = speech_like(RECORDING_S, rate, seed=index)
-    path = directory / name
     with av.open(str(path), "w", format=container) as out:
         stream = out.add_stream(codec, rate=rate, layout="mono")
         frame = av.AudioFrame.from_ndarray(wav[None, :], format="fltp", layout="mono")
         frame.sample_rate, frame.pts = rate, 0
         for item in (frame, None):
             out.mux(stream.encode(item))
-    return path
+
+
+# Multipart uploads of the encoded clips (gateway users, the direct/gateway comparison).
+UPLOAD_BOUNDARY = "e2v-loadtest-7d1b2c"
+
+
+def multipart_upload(path: Path) -> tuple[str, bytes]:
+    """(Content-Type, body) of a form upload of `path` in the field `file`."""
+    head = (
+        f'--{UPLOAD_BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
+        f'filename="{path.name}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+    ).encode()
+    body = head + path.read_bytes() + f"\r\n--{UPLOAD_BOUNDARY}--\r\n".encode()
+    return f"multipart/form-data; boundary={UPLOAD_BOUNDARY}", body
 
 
 def decode(path: Path) -> np.ndarray:
@@ -108,23 +143,50 @@ def decode(path: Path) -> np.ndarray:
     return load_audio(path)
 
 
+# Formants (F1, F2, F3 in Hz) of eight English vowels, and their bandwidths.
+_VOWELS = np.array(
+    [
+        (730, 1090, 2440),
+        (270, 2290, 3010),
+        (300, 870, 2240),
+        (530, 1840, 2480),
+        (570, 840, 2410),
+        (660, 1720, 2410),
+        (490, 1350, 1690),
+        (440, 1020, 2240),
+    ],
+    dtype=np.float32,
+)
+_BANDWIDTHS = (80.0, 100.0, 150.0)
+
+
 def speech_like(seconds: float, sample_rate: int, seed: int = 0) -> np.ndarray:
-    """Voiced, syllable-shaped harmonic signal with pauses and breath noise (not silence)."""
+    """Source-filter speech: a jittered glottal harmonic series with intonation, shaped by
+    vowel formants per syllable (~4 per second), consonant noise at onsets and short
+    unvoiced gaps. Silero VAD hears it as speech (a plain harmonic tone it does not), so
+    uploads through the gateway reach the model as real calls would."""
     rng = np.random.default_rng(seed)
     n = int(seconds * sample_rate)
     t = np.arange(n) / sample_rate
-    f0 = 120 * (1 + 0.15 * np.sin(2 * np.pi * 0.4 * t)) + 2 * np.cumsum(rng.standard_normal(n)) / (
-        np.sqrt(sample_rate)
-    )
-    phase = np.mod(2 * np.pi * np.cumsum(f0) / sample_rate, 2 * np.pi)
-    top = int(sample_rate / 2 / f0.max())
-    voice = sum(np.sin(k * phase) / k for k in range(1, top))
-    edges = np.cumsum(rng.uniform(0.12, 0.35, size=int(seconds / 0.12) + 2))
-    syllable = np.searchsorted(edges, t)
-    within = (t - np.concatenate([[0.0], edges])[syllable]) / np.diff(
-        np.concatenate([[0.0], edges])
-    )[syllable]
-    voiced = rng.random(len(edges) + 1) > 0.15
-    envelope = np.sin(np.pi * np.clip(within, 0, 1)) ** 0.5 * voiced[syllable]
-    out = voice * envelope + 0.02 * rng.standard_normal(n)
-    return (0.5 * out / np.abs(out).max()).astype(np.float32)
+    lengths = rng.uniform(0.14, 0.32, size=int(seconds / 0.14) + 2)
+    bounds = np.concatenate([[0], np.cumsum((lengths * sample_rate).astype(int))])
+    voiced = rng.random(len(lengths)) >= 0.12
+    index = np.minimum(np.searchsorted(bounds, np.arange(n), side="right") - 1, len(lengths) - 1)
+    pos = (np.arange(n) - bounds[index]) / (bounds[index + 1] - bounds[index])
+    formants = _VOWELS[rng.integers(0, len(_VOWELS), len(lengths))][index]
+    jitter = 3 * np.cumsum(rng.standard_normal(n)) / np.sqrt(sample_rate)
+    f0 = 120 * (1 + 0.15 * np.sin(2 * np.pi * 0.5 * t + rng.uniform(0, 2 * np.pi))) + jitter
+    phase = np.mod(2 * np.pi * np.cumsum(f0) / sample_rate, 2 * np.pi).astype(np.float32)
+    f0 = f0.astype(np.float32)
+    voice = np.zeros(n, dtype=np.float32)
+    for k in range(1, int(sample_rate / 2 / f0.min())):
+        fk = k * f0
+        gain = sum(
+            0.7**j / (1 + ((fk - formants[:, j]) / bw) ** 2) for j, bw in enumerate(_BANDWIDTHS)
+        )
+        voice += (gain + 0.02) * (fk < sample_rate / 2 - 300) / k * np.sin(k * phase)
+    voice *= (np.sin(np.pi * pos) * voiced[index]).astype(np.float32)
+    onset = np.clip(1 - pos / 0.18, 0, None) * ((rng.random(len(lengths)) < 0.6) & voiced)[index]
+    hiss = np.diff(rng.standard_normal(n), prepend=0.0)
+    out = voice / (np.abs(voice).max() + 1e-9) + 0.15 * hiss * onset
+    return (0.5 * out / (np.abs(out).max() + 1e-9)).astype(np.float32)
