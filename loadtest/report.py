@@ -117,6 +117,14 @@ def _workload(report: Report) -> list[str]:
         f"- clip length: mean {seconds.mean():.2f} s, median {np.median(seconds):.2f} s, "
         f"min {seconds.min():.2f} s, max {seconds.max():.2f} s",
         f"- clips per bucket: {mix}",
+        *(
+            [
+                "- gateway users upload each clip as a file encoded like its recording "
+                "(mu-law WAV 8 kHz, MP3, FLAC); the gateway decodes and segments it"
+            ]
+            if report.gateway
+            else []
+        ),
         "",
     ]
 

@@ -90,7 +90,11 @@ PREDICT_BODY = {
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
     },
-    "security": [{"bearer": []}, {"apiKey": []}, {}],
+    "security": [{"bearer": []}, {"apiKey": []}, {}],  # a key only with --api-key-file
+}
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
 }
 
 
@@ -120,6 +124,14 @@ def create_app(config: GatewayConfig):
     )
     app.state.gateway = gateway
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+        return app.openapi_schema
+
+    app.openapi = openapi
+
     def error_response(exc: GatewayError) -> JSONResponse:
         gateway.metrics.errors.labels(exc.kind).inc()
         return JSONResponse(exc.body(), exc.status, headers=exc.headers())
@@ -141,6 +153,11 @@ def create_app(config: GatewayConfig):
         return error_response(
             GatewayError(exc.status_code, kinds.get(exc.status_code, "http"), str(exc.detail))
         )
+
+    @app.exception_handler(Exception)
+    async def _bug(_request, exc: Exception):  # a bug: JSON like every other answer
+        message = f"internal error: {type(exc).__name__} (a bug; the gateway log has details)"
+        return error_response(GatewayError(500, "internal", message))
 
     app.add_middleware(_Observe, gateway=gateway)
 
