@@ -68,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--gateway-rounds",
         type=int,
         default=2,
-        help="alternating direct/gateway rounds of the comparison (default 2)",
+        help="chunks of the comparison's file list, each run by both arms in ABBA order "
+        "(default 2)",
     )
     load = parser.add_argument_group("load")
     load.add_argument(
@@ -235,10 +236,10 @@ class Plan:
         return local_gateway(triton, max(2, top))
 
     def gateway_comparison(self, triton, gateway, run) -> dict:
-        """Direct classify vs the gateway on the same files, each round about --duration."""
+        """Direct classify vs the gateway on the same files, each arm about --duration."""
         import math
 
-        from loadtest.gateway_compare import compare, totals
+        from loadtest.gateway_compare import chunks, compare, totals
 
         files = sorted(self.files.iterdir())
         pass_s = float(self.workload.lengths.sum()) / SAMPLE_RATE
@@ -246,7 +247,8 @@ class Plan:
         passes = max(1, math.ceil(self.args.duration * rate / pass_s))
         log(
             f"direct e2v classify vs gateway: {self.args.users} files in flight, "
-            f"{passes} pass(es) over {len(files)} files, {self.args.gateway_rounds} round(s)"
+            f"{passes} pass(es) over {len(files)} files in "
+            f"{chunks(len(files) * passes, self.args.users, self.args.gateway_rounds)} round(s)"
         )
         runs = compare(
             triton.url,

@@ -9,9 +9,11 @@ done, and the wall time of the whole list gives audio seconds per second.
 - gateway: N uploads at a time (multipart, as `curl -F file=@...` sends them) to a gateway
   started with `--concurrency N` (N requests decoding, up to 2N Triton requests).
 
-Arms alternate (direct, gateway, direct, gateway, ...) so that drift on a shared machine
-hits both. Each arm's preprocessing CPU is measured too: this process's for the direct
-arm, the gateway process's (`process_cpu_seconds_total` from its /metrics) for the other.
+The file list is cut into `rounds` consecutive chunks; both arms run each chunk, in
+the order direct-gateway, gateway-direct, direct-gateway, ... (ABBA), so that drift on
+a shared machine hits both arms alike. Each arm's preprocessing CPU is measured too: this
+process's for the direct arm, the gateway process's (`process_cpu_seconds_total` from its
+/metrics) for the other.
 `preprocessing_per_core` times `load_audio` and `segment_audio` alone, on one thread.
 """
 
@@ -57,13 +59,24 @@ class ArmRun:
 def compare(
     triton_url: str, gateway_url: str, files: list[Path], users: int, rounds: int
 ) -> list[ArmRun]:
-    """`rounds` x (direct, gateway) over `files`; `gateway_url` is http://HOST:PORT."""
+    """Both arms over `files` in `rounds` chunks, ABBA; `gateway_url` is http://HOST:PORT."""
     in_flight = max(2, users)  # classify_files decodes max(2, concurrency // 2) files at once
+    rounds = chunks(len(files), users, rounds)
+    bounds = [round(i * len(files) / rounds) for i in range(rounds + 1)]
     runs = []
     for number in range(1, rounds + 1):
-        runs.append(asyncio.run(_direct(triton_url, files, in_flight, number)))
-        runs.append(asyncio.run(_through_gateway(gateway_url, files, in_flight, number)))
+        chunk = files[bounds[number - 1] : bounds[number]]
+        for arm in ("direct", "gateway") if number % 2 else ("gateway", "direct"):
+            if arm == "direct":
+                runs.append(asyncio.run(_direct(triton_url, chunk, in_flight, number)))
+            else:
+                runs.append(asyncio.run(_through_gateway(gateway_url, chunk, in_flight, number)))
     return runs
+
+
+def chunks(files: int, users: int, rounds: int) -> int:
+    """Rounds actually run: each chunk holds at least 4x the files in flight."""
+    return max(1, min(rounds, files // (4 * max(2, users))))
 
 
 def totals(runs: list[ArmRun]) -> dict:

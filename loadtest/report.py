@@ -262,7 +262,8 @@ def _gateway(report: Report) -> list[str]:
         "",
         "Same encoded files, same number of files in flight, same Triton, measured in one run: "
         "`e2v classify`'s pipeline (`classify_files`) against multipart uploads to "
-        "`e2v gateway` (`loadtest/gateway_compare.py`). Rounds alternate the two arms.",
+        "`e2v gateway` (`loadtest/gateway_compare.py`). Each round is one chunk of the files, "
+        "run by both arms in ABBA order (so load from elsewhere hits both alike).",
         "",
         "| run | arm | round | files in flight | files | audio s | wall s | audio s/s "
         "| audio s per CPU s (preprocessing process) | errors |",
