@@ -47,7 +47,7 @@ class Admission:
         self._waiters.append(waiter)
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self.wait_s)
-        except (TimeoutError, asyncio.CancelledError) as exc:
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:  # 3.10: not TimeoutError
             if waiter.done() and not waiter.cancelled():
                 self._release()  # a slot was handed over just as the wait ended: pass it on
             else:

@@ -101,7 +101,7 @@ class Gateway:
         if ready:
             try:
                 ready = await asyncio.wait_for(self.client.is_ready(), READY_TIMEOUT_S)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # Python 3.10: not the builtin TimeoutError
                 ready = False
         self.metrics.triton_ready.set(int(ready))
         return ready

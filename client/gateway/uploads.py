@@ -94,9 +94,9 @@ class BodyReader:
         wait = min(self.read_timeout_s, deadline - time.monotonic())
         try:
             if wait <= 0:
-                raise TimeoutError
+                raise asyncio.TimeoutError
             return await asyncio.wait_for(self.receive(), wait)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # Python 3.10: not the builtin TimeoutError
             raise GatewayError(
                 408,
                 READ_TIMEOUT,
