@@ -196,7 +196,7 @@ def _decoded_frames(source: AudioSource, name: str | None) -> Iterator[tuple[int
     name = display_name(str(source)) if is_path else (name or "upload")
     try:
         try:
-            container = av.open(file, metadata_errors="ignore")
+            container = av.open(file, mode="r", metadata_errors="ignore")  # a w+b spool is read too
         except (av.FFmpegError, MemoryError) as err:
             raise AudioError(
                 "decode",

@@ -13,8 +13,9 @@ import asyncio
 import concurrent.futures
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,15 @@ class JobOptions:
             raise ValueError(f"retries must be >= 0, not {self.retries}")
         if not 0 < self.max_duration_s < float("inf"):
             raise ValueError(f"max duration must be a positive number of seconds, not {self}")
+
+
+@dataclass
+class StageTimes:
+    """Where one file's time went (filled in when passed to `classify_source`)."""
+
+    decode_s: float = 0.0  # demux, decode, resample (worker thread)
+    vad_s: float = 0.0  # segmentation (worker thread)
+    inference_s: list[float] = field(default_factory=list)  # each Triton call, with retries
 
 
 async def classify_files(
@@ -131,8 +141,11 @@ async def classify_source(
     options: JobOptions,
     decoders: concurrent.futures.Executor | None = None,
     name: str | None = None,
+    times: StageTimes | None = None,
 ) -> FileResult:
-    """One file's result, or its error row. Only ServerUnavailable escapes."""
+    """One file's result, or its error row. Only ServerUnavailable escapes.
+
+    `times`, when given, receives the time spent decoding, segmenting and in inference."""
     info = client.info
     label = name if name is not None else display_name(str(source))
 
@@ -146,7 +159,9 @@ async def classify_source(
         )
 
     try:
-        segments, samples = await _predict_stream(source, client, requests, options, decoders)
+        segments, samples = await _predict_stream(
+            source, client, requests, options, decoders, times or StageTimes()
+        )
     except ServerUnavailable:
         raise
     except AudioError as exc:
@@ -166,18 +181,18 @@ async def classify_source(
     return aggregate(label, samples / SAMPLE_RATE, results, info, options.thresholds or {})
 
 
-async def _predict_stream(source, client, requests, options, decoders):
+async def _predict_stream(source, client, requests, options, decoders, times):
     """[(segment, prediction)] and the number of samples, requests sent while decoding."""
     tasks: list[asyncio.Task] = []
     segments: list[Segment] = []
-    producer = _SegmentProducer(source, options, client.info.max_samples)
+    producer = _SegmentProducer(source, options, client.info.max_samples, times)
     try:
         async for segment, samples in producer.run(decoders):
             if len(samples) < MIN_SAMPLES:
                 continue
             await requests.acquire()
             segments.append(segment)
-            tasks.append(asyncio.create_task(_predict(client, samples, requests)))
+            tasks.append(asyncio.create_task(_predict(client, samples, requests, times)))
         predictions = await asyncio.gather(*tasks)
     finally:
         for task in tasks:
@@ -186,11 +201,13 @@ async def _predict_stream(source, client, requests, options, decoders):
     return list(zip(segments, predictions)), producer.samples
 
 
-async def _predict(client: TritonEmotionClient, samples: np.ndarray, requests):
+async def _predict(client: TritonEmotionClient, samples: np.ndarray, requests, times):
+    start = time.perf_counter()
     try:
         return await client.predict(samples)
     finally:
         requests.release()
+        times.inference_s.append(time.perf_counter() - start)
 
 
 class _Stopped(Exception):
@@ -200,8 +217,10 @@ class _Stopped(Exception):
 class _SegmentProducer:
     """Decodes and segments one source in a worker thread, feeding a bounded queue."""
 
-    def __init__(self, source: AudioSource, options: JobOptions, max_samples: int):
-        self.source = source
+    def __init__(
+        self, source: AudioSource, options: JobOptions, max_samples: int, times: StageTimes
+    ):
+        self.source, self.times = source, times
         self.mode = options.segment or SegmentMode("vad")
         self.max_segment_s = max_samples / SAMPLE_RATE
         self.max_duration_s = options.max_duration_s
@@ -228,8 +247,9 @@ class _SegmentProducer:
             await asyncio.gather(thread, return_exceptions=True)
 
     def _produce(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+        segments = segment_stream(self._chunks(), self.mode, self.max_segment_s, self._count)
         try:
-            for item in segment_stream(self._chunks(), self.mode, self.max_segment_s, self._count):
+            while (item := self._timed_next(segments)) is not None:
                 self._put(loop, queue, ("segment", item))
             self._put(loop, queue, ("done", None))
         except _Stopped:
@@ -240,12 +260,28 @@ class _SegmentProducer:
             except _Stopped:
                 return
 
+    def _timed_next(self, segments: Iterator) -> tuple[Segment, np.ndarray] | None:
+        """The next segment or None; the time taken, less decoding, counts as VAD."""
+        decoded, start = self.times.decode_s, time.perf_counter()
+        try:
+            return next(segments, None)
+        finally:
+            self.times.vad_s += time.perf_counter() - start - (self.times.decode_s - decoded)
+
     def _chunks(self) -> Iterator[np.ndarray]:
         named = isinstance(self.source, (str, Path))
         source = open_input(str(self.source)) if named else self.source
         name = display_name(str(self.source)) if named else None
+        chunks = stream_audio(source, max_duration_s=self.max_duration_s, name=name)
         try:
-            for chunk in stream_audio(source, max_duration_s=self.max_duration_s, name=name):
+            while True:
+                start = time.perf_counter()
+                try:
+                    chunk = next(chunks, None)
+                finally:
+                    self.times.decode_s += time.perf_counter() - start
+                if chunk is None:
+                    return
                 if self._stop.is_set():
                     raise _Stopped
                 yield chunk
@@ -270,6 +306,7 @@ class _SegmentProducer:
 __all__ = [
     "JobOptions",
     "ServerUnavailable",
+    "StageTimes",
     "classify_files",
     "classify_source",
 ]

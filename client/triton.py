@@ -157,6 +157,13 @@ class TritonEmotionClient:
             ) from exc
         return self.info
 
+    async def is_ready(self) -> bool:
+        """One readiness check of the model, without retries (health probes)."""
+        try:
+            return bool(await self._client.is_model_ready(self.model))
+        except Exception:  # noqa: BLE001 - unreachable, refused, foreign server: not ready
+            return False
+
     async def _ready(self) -> None:
         if not await self._client.is_model_ready(self.model):
             raise _NotReady(f"model '{self.model}' is not ready on {self.url}")

@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     from client import cli as client_cli
     from client import merge
     from client.evaluation import cli as evaluate_cli
+    from client.gateway import cli as gateway_cli
     from client.heads import bench as heads_bench
     from client.heads import cli as heads_cli
     from e2v import serve
@@ -26,7 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="e2v", description="emotion2vec speech emotion recognition on Triton."
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (export_cli, serve, client_cli, merge, evaluate_cli, heads_cli, loadtest_cli):
+    for module in (
+        export_cli,
+        serve,
+        client_cli,
+        merge,
+        gateway_cli,
+        evaluate_cli,
+        heads_cli,
+        loadtest_cli,
+    ):
         module.register(subparsers)
     bench = subparsers.add_parser("bench", help="benchmarks that print figures")
     benchmarks = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")

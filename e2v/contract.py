@@ -129,3 +129,12 @@ def bucket_samples(num_samples: int) -> int:
 def bucket_lengths_samples() -> list[int]:
     """All bucket lengths in samples (used for warmup and TensorRT profiles)."""
     return [int(s * SAMPLE_RATE) for s in LENGTH_BUCKETS_S]
+
+
+# The HTTP gateway (`e2v gateway`): uploads in, JSON out; decoding and VAD in front of Triton.
+GATEWAY_PORT = 8080
+GATEWAY_LIVE_PATH = "/health"
+GATEWAY_READY_PATH = "/ready"  # 200 only while Triton's model is ready
+GATEWAY_METRICS_PATH = "/metrics"
+GATEWAY_PREDICT_PATH = "/predict"
+GATEWAY_MAX_UPLOAD_MB = 200.0

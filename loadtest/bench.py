@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from e2v.contract import INPUT_WAV, INPUT_WAV_LENS, MODEL_NAME
+from e2v.contract import GATEWAY_PREDICT_PATH, INPUT_WAV, INPUT_WAV_LENS, MODEL_NAME
 from e2v.serve import free_ports
 from loadtest import triton_stats
 from loadtest.baseline_server import BaselineServer
@@ -80,16 +80,23 @@ class RunResult:
 
 
 def run_load(
-    target: Target, workload: Workload, workload_path: Path, load: Load, out_dir: Path
+    target: Target,
+    workload: Workload,
+    workload_path: Path,
+    load: Load,
+    out_dir: Path,
+    files: Path | None = None,
 ) -> RunResult:
-    """Warm up, snapshot Triton's counters, drive the load, snapshot again, summarise."""
+    """Warm up, snapshot Triton's counters, drive the load, snapshot again, summarise.
+
+    `files`: the encoded clips (`workload.encode_clips`) that gateway users upload."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = target.stats_url
     initial = triton_stats.snapshot(stats) if stats else None
-    warmups = warm_up(target, workload)
+    warmups = warm_up(target, workload, files)
     before = triton_stats.settled(stats, initial.handled + warmups) if stats else None
     load_before = os.getloadavg()[0]
-    locust = drive(target, workload_path, load, out_dir)
+    locust = drive(target, workload_path, load, out_dir, files)
     load_after = os.getloadavg()[0]
     server = None
     if stats:
@@ -107,7 +114,9 @@ def run_load(
     return result
 
 
-def drive(target: Target, workload_path: Path, load: Load, out_dir: Path) -> dict:
+def drive(
+    target: Target, workload_path: Path, load: Load, out_dir: Path, files: Path | None = None
+) -> dict:
     """Run `python -m loadtest.driver` on a spec; returns its Locust totals."""
     spec = DriveSpec(
         url=target.url,
@@ -118,6 +127,7 @@ def drive(target: Target, workload_path: Path, load: Load, out_dir: Path) -> dic
         duration_s=load.duration_s,
         ramp=load.ramp,
         html=load.html,
+        files=str(files) if files else None,
     )
     spec_path = spec.save(out_dir / "spec.json")
     env = dict(os.environ)
@@ -143,18 +153,35 @@ def drive(target: Target, workload_path: Path, load: Load, out_dir: Path) -> dic
     return json.loads((out_dir / "locust.json").read_text())
 
 
-def warm_up(target: Target, workload: Workload) -> int:
+def warm_up(target: Target, workload: Workload, files: Path | None = None) -> int:
     """One request per length bucket, outside the measurement (first runs are slow);
     returns the number of requests sent."""
     by_bucket = {workload.padded(i)[0].shape[1]: i for i in range(len(workload))}
+    uploads = sorted(files.iterdir()) if files else []
     for index in by_bucket.values():
-        if target.user == "baseline":
+        if target.user == "gateway":
+            _upload(target.url, uploads[index])
+        elif target.user == "baseline":
             from loadtest.baseline_server import infer
 
             infer(target.url, workload.clip(index))
         else:
             _triton_infer(target, *workload.padded(index))
     return len(by_bucket)
+
+
+def _upload(url: str, path: Path) -> dict:
+    """POST one file to the gateway at `url` (HOST:PORT); its JSON answer."""
+    import urllib.request
+
+    from loadtest.workload import multipart_upload
+
+    content_type, body = multipart_upload(path)
+    request = urllib.request.Request(
+        f"http://{url}{GATEWAY_PREDICT_PATH}", body, {"Content-Type": content_type}
+    )
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())
 
 
 def _triton_infer(target: Target, wav, lens) -> None:
@@ -200,6 +227,19 @@ def local_triton(
         url = config.grpc_url if protocol == "grpc" else config.http_url
         label = f"triton-{protocol}" + (f"-{instances}x{threads}" if instances else "")
         yield triton_target(label, protocol, url, config.http_url)
+
+
+@contextmanager
+def local_gateway(triton: Target, concurrency: int) -> Iterator[Target]:
+    """`e2v gateway` on a free loopback port in front of the gRPC Triton `triton`."""
+    from client.gateway.process import GatewayProcess
+
+    if triton.user != "grpc":
+        raise ValueError("the gateway load test talks to Triton over gRPC: use --protocol grpc")
+    with GatewayProcess(triton.url, "--concurrency", str(concurrency)).start(ready=True) as gw:
+        settings = {**triton.settings, "gateway_concurrency": concurrency, "gateway_pid": gw.pid}
+        label = triton.label.replace("triton-grpc", "gateway")
+        yield Target(label, "gateway", gw.url.removeprefix("http://"), triton.stats_url, settings)
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from e2v.contract import MODEL_NAME
+from e2v.contract import MODEL_NAME, SAMPLE_RATE
 from e2v.serve import ServeError
 
 DEFAULT_MODEL = "synthetic:base"
@@ -56,6 +56,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--configs",
         help="local server settings to sweep, INSTANCESxTHREADS "
         "comma separated, e.g. 1x2,2x1 (default: the repository's config)",
+    )
+    target.add_argument(
+        "--gateway",
+        action="store_true",
+        help="load `e2v gateway` (started here in front of the Triton server) with file "
+        "uploads, and compare it with `e2v classify` straight to Triton at --users files "
+        "in flight on the same files",
+    )
+    target.add_argument(
+        "--gateway-rounds",
+        type=int,
+        default=2,
+        help="chunks of the comparison's file list, each run by both arms in ABBA order "
+        "(default 2)",
     )
     load = parser.add_argument_group("load")
     load.add_argument(
@@ -132,6 +146,10 @@ class Plan:
                 "backend: serve a --target gpu repository in NVIDIA's container and "
                 "pass --url"
             )
+        if args.gateway and (args.compare or args.protocol != "grpc"):
+            raise ValueError("--gateway: use the default --protocol grpc and no --compare")
+        if args.gateway_rounds < 1:
+            raise ValueError("--gateway-rounds must be >= 1")
         if args.users < 1 or args.duration <= 0:
             raise ValueError("--users must be >= 1 and --duration > 0")
         ramp = Ramp.parse(args.ramp, args.step_duration) if args.ramp else None
@@ -147,6 +165,12 @@ class Plan:
             log(f"preparing the '{profile.name}' workload ({profile.clips} clips)")
             workload = prepare_workload(profile, workdir)
             self.workload, self.workload_path = workload, workload.save(workdir / "workload.npz")
+            self.files = None
+            if args.gateway:
+                from loadtest.workload import encode_clips
+
+                self.files = workdir / "files"
+                encode_clips(workload, self.files)
             self.report_dir, self.workdir = report_dir, workdir
             runs = self.sweep()
             report = Report(
@@ -158,6 +182,14 @@ class Plan:
                 runs,
                 price_per_hour=args.price_per_hour,
             )
+            if args.gateway:
+                from loadtest.gateway_compare import preprocessing_per_core
+
+                log("preprocessing alone: load_audio + segment_audio on one thread")
+                report.gateway = self.gateway_results
+                report.preprocessing = preprocessing_per_core(
+                    sorted(self.files.iterdir()), budget_s=min(10.0, args.duration)
+                )
             if args.compare:
                 report.served = self.fixed_run(max(runs, key=lambda r: r.summary.audio_s_per_s))
                 report.baseline = self.baseline_run()
@@ -174,8 +206,9 @@ class Plan:
         from loadtest.bench import run_load
 
         runs = []
+        self.gateway_results = []
         for instances, threads in self.configs or [(None, None)]:
-            with self.server(instances, threads) as target:
+            with self.server(instances, threads) as triton, self.front(triton) as target:
                 self.config_of[target.label] = (instances, threads)
                 log(f"{target.label}: {self.describe_load()}")
                 runs.append(
@@ -185,10 +218,59 @@ class Plan:
                         self.workload_path,
                         self.load(),
                         self.report_dir / target.label,
+                        self.files,
                     )
                 )
                 log_result(runs[-1])
+                if self.args.gateway:
+                    self.gateway_results.append(self.gateway_comparison(triton, target, runs[-1]))
         return runs
+
+    def front(self, triton):
+        """The gateway in front of `triton` with --gateway, else `triton` itself."""
+        from loadtest.bench import local_gateway
+
+        if not self.args.gateway:
+            return nullcontext(triton)
+        top = max(self.ramp.levels) if self.ramp else self.args.users
+        return local_gateway(triton, max(2, top))
+
+    def gateway_comparison(self, triton, gateway, run) -> dict:
+        """Direct classify vs the gateway on the same files, each arm about --duration."""
+        import math
+
+        from loadtest.gateway_compare import chunks, compare, totals
+
+        files = sorted(self.files.iterdir())
+        pass_s = float(self.workload.lengths.sum()) / SAMPLE_RATE
+        rate = max(run.summary.audio_s_per_s, 1e-3)
+        passes = max(1, math.ceil(self.args.duration * rate / pass_s))
+        log(
+            f"direct e2v classify vs gateway: {self.args.users} files in flight, "
+            f"{passes} pass(es) over {len(files)} files in "
+            f"{chunks(len(files) * passes, self.args.users, self.args.gateway_rounds)} round(s)"
+        )
+        runs = compare(
+            triton.url,
+            "http://" + gateway.url,
+            files * passes,
+            self.args.users,
+            self.args.gateway_rounds,
+        )
+        for arm in runs:
+            log(
+                f"  {arm.arm} round {arm.round}: {arm.audio_s_per_s:.2f} audio s/s, "
+                f"{arm.audio_s_per_cpu_s:.1f} audio s per CPU s, {arm.errors} errors"
+            )
+        result = {
+            "label": gateway.label,
+            "users": self.args.users,
+            "passes": passes,
+            "runs": [r.as_dict() for r in runs],
+            "totals": totals(runs),
+        }
+        log(f"  gateway / direct: {result['totals']['ratio']:.3f}")
+        return result
 
     def fixed_run(self, best):
         """The best setting at fixed --users (reused when the sweep was already fixed)."""
@@ -350,6 +432,10 @@ def command_line(args: argparse.Namespace) -> str:
             )
     if args.url:
         parts = [p for p in parts if not p.startswith("--model") or args.compare]
+    if args.gateway:
+        parts.append("--gateway")
+        if args.gateway_rounds != 2:
+            parts.append(f"--gateway-rounds {args.gateway_rounds}")
     return " ".join(parts + (["--compare"] if args.compare else []))
 
 

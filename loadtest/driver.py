@@ -78,7 +78,8 @@ def run(spec: DriveSpec) -> dict:
         stop_timeout=spec.stop_timeout_s,
         events=events,
     )
-    env.e2v_clips = PreparedClips(Workload.load(Path(spec.workload)))
+    files = Path(spec.files) if spec.files else None
+    env.e2v_clips = PreparedClips(Workload.load(Path(spec.workload)), files)
     log = RequestLog(env)
     env.events.request.add_listener(log.on_request)
     runner = env.create_local_runner()

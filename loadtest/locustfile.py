@@ -2,6 +2,8 @@
 
     locust -f loadtest/locustfile.py --headless -u 4 -t 60s --host 127.0.0.1:8001 \\
         --e2v-profile call-centre GrpcClient          # or HttpClient / BaselineClient
+    locust -f loadtest/locustfile.py --headless -u 4 -t 60s --host 127.0.0.1:8080 \
+        GatewayClient                                 # file uploads to `e2v gateway`
     E2V_RAMP=1,1,8 E2V_STEP_S=20 locust -f loadtest/locustfile.py ...   # step ramp
 
 The web UI works too (drop --headless). At the end it prints the audio seconds answered
@@ -11,15 +13,23 @@ per wall-clock second; `e2v loadtest` adds Triton statistics, plots and comparis
 from __future__ import annotations
 
 import os
+import tempfile
 import time
+from pathlib import Path
 
 from locust import events
 
 from loadtest import shapes
 from loadtest.profiles import load_profile
 from loadtest.spec import Ramp
-from loadtest.users import BaselineHttpUser, PreparedClips, TritonGrpcUser, TritonHttpUser
-from loadtest.workload import prepare_workload
+from loadtest.users import (
+    BaselineHttpUser,
+    GatewayUser,
+    PreparedClips,
+    TritonGrpcUser,
+    TritonHttpUser,
+)
+from loadtest.workload import encode_clips, prepare_workload
 
 _audio = {"seconds": 0.0, "start": None}
 
@@ -33,9 +43,16 @@ def _add_arguments(parser) -> None:
 
 @events.init.add_listener
 def _prepare(environment, **_) -> None:
-    """Audio is prepared once per process, before any user starts."""
+    """Audio is prepared once per process, before any user starts (the gateway's uploads
+    are the clips encoded as files, in a temporary folder removed at exit)."""
     name = environment.parsed_options.e2v_profile if environment.parsed_options else "call-centre"
-    environment.e2v_clips = PreparedClips(prepare_workload(load_profile(name)))
+    workload = prepare_workload(load_profile(name))
+    files = Path(_files.name) / "clips"
+    encode_clips(workload, files)
+    environment.e2v_clips = PreparedClips(workload, files)
+
+
+_files = tempfile.TemporaryDirectory(prefix="e2v-locust-")
 
 
 @events.test_start.add_listener
@@ -65,6 +82,10 @@ class HttpClient(TritonHttpUser):
 
 
 class BaselineClient(BaselineHttpUser):
+    abstract = False
+
+
+class GatewayClient(GatewayUser):
     abstract = False
 
 

@@ -35,6 +35,8 @@ class Report:
     baseline: RunResult | None = None
     ort: list[dict] = field(default_factory=list)
     price_per_hour: float | None = None
+    gateway: list[dict] = field(default_factory=list)  # direct classify vs gateway, per config
+    preprocessing: dict | None = None  # load_audio + segment_audio alone, per CPU second
 
     @property
     def all_runs(self) -> list[RunResult]:
@@ -52,6 +54,7 @@ def write_report(report: Report, directory: Path) -> Path:
         *_results(report),
         *_ramps(report),
         *_comparison(report),
+        *_gateway(report),
         *_server_breakdown(report),
         "## Figures",
         "",
@@ -83,7 +86,10 @@ def _figures(report: Report, directory: Path) -> list[str]:
 
 
 def _header(report: Report) -> list[str]:
-    lines = [f"# Load test: `{report.profile.name}` profile, {report.model}", ""]
+    title = f"# Load test: `{report.profile.name}` profile, {report.model}"
+    if report.synthetic:  # said on the first line: whoever reads one line must not miss it
+        title += " (SYNTHETIC model: random weights)"
+    lines = [title, ""]
     if report.synthetic:
         lines += [SYNTHETIC_NOTE, ""]
     return lines + [
@@ -111,6 +117,14 @@ def _workload(report: Report) -> list[str]:
         f"- clip length: mean {seconds.mean():.2f} s, median {np.median(seconds):.2f} s, "
         f"min {seconds.min():.2f} s, max {seconds.max():.2f} s",
         f"- clips per bucket: {mix}",
+        *(
+            [
+                "- gateway users upload each clip as a file encoded like its recording "
+                "(mu-law WAV 8 kHz, MP3, FLAC); the gateway decodes and segments it"
+            ]
+            if report.gateway
+            else []
+        ),
         "",
     ]
 
@@ -240,6 +254,52 @@ def _comparison(report: Report) -> list[str]:
     return lines + [""]
 
 
+def _gateway(report: Report) -> list[str]:
+    if not report.gateway:
+        return []
+    lines = [
+        "## Through the gateway vs `e2v classify` straight to Triton",
+        "",
+        "Same encoded files, same number of files in flight, same Triton, measured in one run: "
+        "`e2v classify`'s pipeline (`classify_files`) against multipart uploads to "
+        "`e2v gateway` (`loadtest/gateway_compare.py`). Each round is one chunk of the files, "
+        "run by both arms in ABBA order (so load from elsewhere hits both alike).",
+        "",
+        "| run | arm | round | files in flight | files | audio s | wall s | audio s/s "
+        "| audio s per CPU s (preprocessing process) | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for result in report.gateway:
+        lines += [
+            f"| {result['label']} | {r['arm']} | {r['round']} | {r['in_flight']} | {r['files']} "
+            f"| {r['audio_s']:.1f} | {r['wall_s']:.1f} | {r['audio_s_per_s']:.2f} "
+            f"| {r['audio_s_per_cpu_s']:.1f} | {r['errors']} |"
+            for r in result["runs"]
+        ]
+    lines += ["", "| run | direct audio s/s | gateway audio s/s | gateway / direct | target |"]
+    lines += ["| --- | --- | --- | --- | --- |"]
+    for result in report.gateway:
+        t = result["totals"]
+        lines.append(
+            f"| {result['label']} | {t['direct']['audio_s_per_s']:.2f} "
+            f"| {t['gateway']['audio_s_per_s']:.2f} | **{t['ratio']:.2f}x** | >= 0.9x |"
+        )
+    lines.append("")
+    if report.preprocessing:
+        p = report.preprocessing
+        lines += [
+            "Preprocessing alone, one thread (`load_audio` + `segment_audio` with VAD, the "
+            f"same files): **{p['audio_s_per_cpu_s']:.0f} audio s per CPU second** "
+            f"(decoding {p['decode_audio_s_per_cpu_s']:.0f}, "
+            f"VAD {p['vad_audio_s_per_cpu_s']:.0f}). "
+            "The gateway column above adds HTTP, multipart, JSON and the gRPC client: that is "
+            "the number to size gateway cores by (cores = audio s/s to serve / audio s per "
+            "CPU s).",
+            "",
+        ]
+    return lines
+
+
 def _server_breakdown(report: Report) -> list[str]:
     served = [r for r in report.all_runs if r.server and r.server.success]
     if not served:
@@ -327,4 +387,6 @@ def _summary_json(report: Report) -> dict:
         "ort_alone": report.ort,
         "ratios": {k: round(v, 3) for k, v in comparison_ratios(report).items()},
         "price_per_hour": report.price_per_hour,
+        "gateway": report.gateway,
+        "preprocessing": report.preprocessing,
     }

@@ -44,7 +44,7 @@ class DriveSpec:
     """One bounded Locust run: `users` for `duration_s`, or a step `ramp`."""
 
     url: str  # HOST:PORT
-    user: str  # "grpc" | "http" | "baseline"
+    user: str  # "grpc" | "http" | "baseline" | "gateway"
     workload: str  # .npz written by Workload.save
     out_dir: str
     users: int = 1
@@ -52,6 +52,7 @@ class DriveSpec:
     ramp: Ramp | None = None
     html: bool = False
     stop_timeout_s: float = 120.0  # in-flight requests may finish after the end
+    files: str | None = None  # encoded clips (workload.encode_clips), for gateway users
 
     @property
     def load_s(self) -> float:

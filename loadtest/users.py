@@ -1,4 +1,5 @@
-"""Locust users: closed-loop clients sending prepared clips to Triton or the baseline.
+"""Locust users: closed-loop clients sending prepared clips to Triton, the baseline or
+the gateway.
 
 Each user sends one clip, waits for the answer, sends the next (no think time), so the
 number of users is the concurrency. Every request fires a Locust request event named
@@ -12,13 +13,14 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 
 import grpc.experimental.gevent as grpc_gevent
 import numpy as np
 from locust import User, constant, task
 
-from e2v.contract import INPUT_WAV, INPUT_WAV_LENS, MODEL_NAME
-from loadtest.workload import Workload, bucket_name
+from e2v.contract import GATEWAY_PREDICT_PATH, INPUT_WAV, INPUT_WAV_LENS, MODEL_NAME
+from loadtest.workload import Workload, bucket_name, multipart_upload
 
 grpc_gevent.init_gevent()  # tritonclient.grpc blocks the gevent loop without it
 
@@ -26,9 +28,13 @@ NETWORK_TIMEOUT_S = 300.0
 
 
 class PreparedClips:
-    """The workload as ready-to-send arrays, plus one shared clip sequence for all users."""
+    """The workload as ready-to-send arrays, plus one shared clip sequence for all users.
 
-    def __init__(self, workload: Workload):
+    With `files` (a folder from `workload.encode_clips`), each clip is also a ready-made
+    multipart upload of its encoded file, for the gateway."""
+
+    def __init__(self, workload: Workload, files: Path | None = None):
+        self.uploads = [multipart_upload(p) for p in sorted(files.iterdir())] if files else []
         self.padded = [workload.padded(i) for i in range(len(workload))]
         self.raw = [workload.clip(i).tobytes() for i in range(len(workload))]
         self.names = [bucket_name(int(n)) for n in workload.lengths]
@@ -152,6 +158,37 @@ class BaselineHttpUser(ClipUser):
         self._client.close()
 
 
+class GatewayUser(ClipUser):
+    """POSTs the clip's encoded file to `e2v gateway` (multipart, like `curl -F file=@...`):
+    decoding and VAD happen in the gateway, as for a real caller."""
+
+    abstract = True
+    request_type = "gateway"
+
+    def on_start(self) -> None:
+        from geventhttpclient import URL, HTTPClient
+
+        self._client = HTTPClient.from_url(
+            URL(f"http://{self.host}{GATEWAY_PREDICT_PATH}"),
+            concurrency=1,
+            connection_timeout=NETWORK_TIMEOUT_S,
+            network_timeout=NETWORK_TIMEOUT_S,
+        )
+
+    def send(self, index: int) -> int:
+        content_type, body = self.clips.uploads[index]
+        response = self._client.post(
+            GATEWAY_PREDICT_PATH, body=body, headers={"Content-Type": content_type}
+        )
+        data = response.read()
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {data[:200]!r}")
+        return len(data)
+
+    def on_stop(self) -> None:
+        self._client.close()
+
+
 def _inputs(module, wav: np.ndarray, lens: np.ndarray) -> list:
     """WAV [1, T] float32 and WAV_LENS [1, 1] int64 as tritonclient inputs."""
     wav_input = module.InferInput(INPUT_WAV, list(wav.shape), "FP32")
@@ -165,7 +202,12 @@ def _inputs(module, wav: np.ndarray, lens: np.ndarray) -> list:
     return [wav_input, lens_input]
 
 
-USER_CLASSES = {"grpc": TritonGrpcUser, "http": TritonHttpUser, "baseline": BaselineHttpUser}
+USER_CLASSES = {
+    "grpc": TritonGrpcUser,
+    "http": TritonHttpUser,
+    "baseline": BaselineHttpUser,
+    "gateway": GatewayUser,
+}
 
 
 def user_class(kind: str, host: str) -> type[ClipUser]:

@@ -86,6 +86,24 @@ def prepare_workload(profile: Profile, workdir: Path | None = None) -> Workload:
     return Workload(profile.name, np.concatenate(clips).astype(np.float32), lengths)
 
 
+def encode_clips(workload: Workload, directory: Path) -> list[Path]:
+    """Each clip as a real file, in the codec of the recording it was cut from (mu-law WAV
+    at 8 kHz, MP3, FLAC): what a caller would upload to the gateway. Sorted by index."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(len(workload)):
+        name, container, codec, rate = RECORDINGS[index % len(RECORDINGS)]
+        clip = workload.clip(index)
+        if rate != SAMPLE_RATE:
+            import soxr
+
+            clip = soxr.resample(clip, SAMPLE_RATE, rate, quality="VHQ").astype(np.float32)
+        path = directory / f"clip-{index:03d}{Path(name).suffix}"
+        encode(path, clip, rate, container, codec)
+        paths.append(path)
+    return paths
+
+
 def encode_recording(directory: Path, index: int) -> Path:
     """Write recording `index` of RECORDINGS as a real encoded file."""
     name, container, codec, rate = RECORDINGS[index]
@@ -104,7 +122,20 @@ def encode(path: Path, wav: np.ndarray, rate: int, container: str, codec: str) -
         frame.sample_rate, frame.pts = rate, 0
         for item in (frame, None):
             out.mux(stream.encode(item))
-    return path
+
+
+# Multipart uploads of the encoded clips (gateway users, the direct/gateway comparison).
+UPLOAD_BOUNDARY = "e2v-loadtest-7d1b2c"
+
+
+def multipart_upload(path: Path) -> tuple[str, bytes]:
+    """(Content-Type, body) of a form upload of `path` in the field `file`."""
+    head = (
+        f'--{UPLOAD_BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
+        f'filename="{path.name}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+    ).encode()
+    body = head + path.read_bytes() + f"\r\n--{UPLOAD_BOUNDARY}--\r\n".encode()
+    return f"multipart/form-data; boundary={UPLOAD_BOUNDARY}", body
 
 
 def decode(path: Path) -> np.ndarray:

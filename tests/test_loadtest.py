@@ -263,3 +263,50 @@ def test_http_local_server_with_baseline_and_ort_comparison(tiny_cpu_repo, smoke
     }
     assert (report / "comparison.png").exists()
     assert "Served vs baseline" in (report / "README.md").read_text()
+
+
+def test_gateway_load_test_and_direct_comparison(tiny_server, smoke_profile, tmp_path):
+    """`--gateway`: Locust uploads files to a gateway in front of Triton (each upload is one
+    Triton request: VAD keeps each speech clip whole), then direct classify vs gateway."""
+    pytest.importorskip("fastapi", reason="the gateway extra is not installed")
+    from e2v.cli import main
+
+    report = tmp_path / "report"
+    code = main(
+        [
+            "loadtest",
+            "--url",
+            tiny_server.config.grpc_url,
+            "--stats-url",
+            tiny_server.config.http_url,
+            "--gateway",
+            "--gateway-rounds",
+            "1",
+            "--profile",
+            str(smoke_profile),
+            "--users",
+            "2",
+            "--duration",
+            "3",
+            "--report",
+            str(report),
+        ]
+    )
+    assert code == 0
+    assert "locust" not in sys.modules
+    summary = json.loads((report / "summary.json").read_text())
+    (run,) = summary["runs"]
+    assert run["protocol"] == "gateway" and run["locust"]["num_failures"] == 0
+    assert run["server"]["success"] == run["locust"]["num_requests"] > 0
+    (comparison,) = summary["gateway"]
+    arms = {r["arm"]: r for r in comparison["runs"]}
+    assert set(arms) == {"direct", "gateway"}
+    for arm in arms.values():
+        assert arm["errors"] == 0 and arm["files"] == 4 * comparison["passes"]
+        assert arm["audio_s_per_s"] > 0 and arm["audio_s_per_cpu_s"] > 0
+    assert arms["direct"]["audio_s"] == pytest.approx(arms["gateway"]["audio_s"], abs=0.01)
+    assert comparison["totals"]["ratio"] > 0
+    assert summary["preprocessing"]["audio_s_per_cpu_s"] > 1
+    text = (report / "README.md").read_text()
+    assert text.splitlines()[0].endswith("(SYNTHETIC model: random weights)")
+    assert "Through the gateway vs `e2v classify`" in text

@@ -1,0 +1,314 @@
+"""The gateway's HTTP surface: `create_app(config)` returns the ASGI app (FastAPI).
+
+    POST /predict   multipart field `file` (one or several) or a raw audio body
+    GET  /          the web page (package data, no external resources)
+    GET  /health    live: the process answers
+    GET  /ready     200 only while Triton's model is ready, else 503
+    GET  /metrics   Prometheus
+    GET  /docs, /openapi.json
+
+Every refusal is JSON `{"error", "error_kind"}` with its status (see errors.py); the body
+is read only after the cheap checks (key, media type, declared length, a free slot).
+"""
+
+# No `from __future__ import annotations`: FastAPI resolves the route signatures, whose
+# types (Request) are imported inside create_app, at definition time.
+
+import hmac
+import time
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from client.gateway.config import GatewayConfig
+from client.gateway.errors import (
+    BAD_PARAMETER,
+    METHOD_NOT_ALLOWED,
+    NOT_FOUND,
+    TOO_LARGE,
+    UNAUTHORIZED,
+    UNAVAILABLE,
+    GatewayError,
+    file_status,
+)
+from client.gateway.schemas import BatchOut, ErrorOut, FileOut, HealthOut, ReadyOut
+from client.gateway.service import Gateway, model_labels
+from client.gateway.uploads import (
+    BodyReader,
+    Uploads,
+    check_media,
+    read_multipart,
+    read_raw,
+    too_large_message,
+)
+from e2v.contract import (
+    GATEWAY_LIVE_PATH,
+    GATEWAY_METRICS_PATH,
+    GATEWAY_PREDICT_PATH,
+    GATEWAY_READY_PATH,
+)
+
+# The page and its assets, served from memory: a fixed set, no path ever comes from a request.
+STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
+PAGE_HEADERS = {
+    # Everything comes from this origin; the page runs no inline code.
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+    "media-src 'self' blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+}
+ENDPOINTS = {"/", GATEWAY_LIVE_PATH, GATEWAY_READY_PATH, GATEWAY_METRICS_PATH, GATEWAY_PREDICT_PATH}
+MAX_FILENAME_QUERY = 1024
+
+ERROR_RESPONSES = {
+    status: {"model": ErrorOut, "description": text}
+    for status, text in {
+        400: "malformed request or a query value out of range (`bad_request`, `bad_parameter`)",
+        401: "API key missing or wrong (`unauthorized`)",
+        408: "the body arrived too slowly (`read_timeout`)",
+        413: "body over --max-upload-mb (`too_large`), checked while it streams in",
+        415: "a Content-Type that cannot hold audio (`unsupported_media`)",
+        422: "undecodable, empty, too short or too long audio, or no audio stream",
+        429: "every slot and the queue are taken (`busy`); see Retry-After",
+        502: "Triton failed on the request (`server`, `inference`)",
+        503: "Triton unreachable or its model not ready (`unavailable`); see Retry-After",
+    }.items()
+}
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                    "required": ["file"],
+                }
+            },
+            "audio/*": {"schema": {"type": "string", "format": "binary"}},
+            "video/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    "security": [{"bearer": []}, {"apiKey": []}, {}],  # a key only with --api-key-file
+}
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+}
+
+
+def create_app(config: GatewayConfig):
+    from fastapi import FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.exceptions import HTTPException
+
+    gateway = Gateway(config)
+    assets = {name: _asset(name) for name in ("index.html", *STATIC)}
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(
+        title="emotion2vec gateway",
+        summary="Speech emotion recognition: upload a recording, get emotions over time.",
+        version="0.1.0",
+        lifespan=lifespan,
+        redoc_url=None,
+    )
+    app.state.gateway = gateway
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+    def error_response(exc: GatewayError) -> JSONResponse:
+        gateway.metrics.errors.labels(exc.kind).inc()
+        return JSONResponse(exc.body(), exc.status, headers=exc.headers())
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(_request, exc: GatewayError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request, exc: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors()
+        )
+        return error_response(GatewayError(400, BAD_PARAMETER, problems or "invalid request"))
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request, exc: HTTPException):
+        kinds = {404: NOT_FOUND, 405: METHOD_NOT_ALLOWED}
+        return error_response(
+            GatewayError(exc.status_code, kinds.get(exc.status_code, "http"), str(exc.detail))
+        )
+
+    @app.exception_handler(Exception)
+    async def _bug(_request, exc: Exception):  # a bug: JSON like every other answer
+        message = f"internal error: {type(exc).__name__} (a bug; the gateway log has details)"
+        return error_response(GatewayError(500, "internal", message))
+
+    app.add_middleware(_Observe, gateway=gateway)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return HTMLResponse(assets["index.html"], headers=PAGE_HEADERS)
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str):
+        if name not in STATIC:
+            raise GatewayError(404, NOT_FOUND, "no such file")
+        return Response(assets[name], media_type=STATIC[name], headers=PAGE_HEADERS)
+
+    @app.get(GATEWAY_LIVE_PATH, response_model=HealthOut, tags=["probes"])
+    async def health():
+        """Liveness: the process answers (Triton is not asked)."""
+        return {"status": "ok"}
+
+    @app.get(
+        GATEWAY_READY_PATH,
+        response_model=ReadyOut,
+        responses={503: ERROR_RESPONSES[503]},
+        tags=["probes"],
+    )
+    async def ready():
+        """Readiness: 200 only while Triton's model is ready."""
+        if not await gateway.ready():
+            raise GatewayError(503, UNAVAILABLE, f"Triton's model is not ready at {config.triton}")
+        info = gateway.info
+        return {
+            "status": "ready",
+            "model": info.name,
+            "synthetic": info.synthetic,
+            "labels": model_labels(info),
+        }
+
+    @app.get(GATEWAY_METRICS_PATH, include_in_schema=False)
+    async def metrics():
+        body, content_type = gateway.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.post(
+        GATEWAY_PREDICT_PATH,
+        response_model=FileOut | BatchOut,
+        responses=ERROR_RESPONSES,
+        openapi_extra=PREDICT_BODY,
+        tags=["predict"],
+    )
+    async def predict(
+        request: Request,
+        segment: str = Query(
+            "vad", max_length=64, description="`vad`, `fixed:SECONDS` or `none` (one segment)"
+        ),
+        alert: str | None = Query(
+            None, max_length=1024, description="thresholds, e.g. `angry=0.7,sad=0.8`"
+        ),
+        embeddings: bool = Query(False, description="add each segment's embedding vector"),
+        filename: str | None = Query(
+            None, max_length=MAX_FILENAME_QUERY, description="the name of a raw-body upload"
+        ),
+    ):
+        """Classify recordings: multipart field `file` (one or several files), or the raw
+        file as the body (`Content-Type: audio/*`, `video/*` or `application/octet-stream`).
+
+        One file: its result (or its error, with a 4xx/5xx status). Several: `results`,
+        one entry per file in upload order, each a result or an error row (status 200).
+        Any container FFmpeg reads works; audio is resampled to 16 kHz mono.
+        """
+        check_key(request, config.api_key)
+        kind, params = check_media(request.headers.get("content-type"))
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > config.max_upload_bytes:
+            raise GatewayError(413, TOO_LARGE, too_large_message(config.max_upload_bytes))
+        options = gateway.options(segment, alert)
+        uploads = Uploads()
+        try:
+            async with gateway.admission.slot():
+                reader = BodyReader(
+                    request.receive, config.max_upload_bytes, config.read_timeout_s, uploads
+                )
+                if kind == "multipart/form-data":
+                    await read_multipart(
+                        reader, params.get("boundary"), config.max_files, config.spool_dir
+                    )
+                else:
+                    await read_raw(reader, _raw_name(filename), config.spool_dir)
+                results = await gateway.classify(uploads.files, options, embeddings)
+        finally:
+            uploads.close()
+            gateway.metrics.upload_bytes.inc(uploads.received)
+        if len(results) > 1:
+            return JSONResponse({"results": results})
+        return JSONResponse(results[0], file_status(results[0].get("error_kind")))
+
+    return app
+
+
+def check_key(request, key: bytes | None) -> None:
+    """401 unless the request carries the configured key (`Authorization: Bearer KEY` or
+    `X-API-Key: KEY`), compared in constant time."""
+    if key is None:
+        return
+    supplied = request.headers.get("x-api-key")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if supplied is None and scheme.lower() == "bearer":
+        supplied = token.strip()
+    if not supplied:
+        raise GatewayError(401, UNAUTHORIZED, "API key required (Authorization: Bearer KEY)")
+    if not hmac.compare_digest(supplied.encode("utf-8", "surrogateescape"), key):
+        raise GatewayError(401, UNAUTHORIZED, "wrong API key")
+
+
+def _raw_name(filename: str | None) -> str:
+    from client.names import display_name
+
+    return display_name(filename) if filename else "upload"
+
+
+def _asset(name: str) -> bytes:
+    return (resources.files("client.gateway") / "static" / name).read_bytes()
+
+
+class _Observe:
+    """Pure ASGI middleware: requests by endpoint and status, latency, and headers that
+    keep responses out of caches and content sniffing."""
+
+    def __init__(self, app, gateway: Gateway):
+        self.app, self.metrics = app, gateway.metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = (
+            path if path in ENDPOINTS else ("/static" if path.startswith("/static/") else "other")
+        )
+        status = {"code": 500}
+
+        async def send_observed(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-content-type-options", b"nosniff"))
+                if endpoint != "/static":
+                    headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_observed)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)

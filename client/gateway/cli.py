@@ -1,0 +1,141 @@
+"""`e2v gateway`: the upload API and web page in front of Triton (FastAPI on uvicorn).
+
+    e2v gateway --triton 127.0.0.1:8001          # then open http://127.0.0.1:8080/
+    curl -F file=@call.wav http://127.0.0.1:8080/predict
+
+Listens on loopback unless --host says otherwise. Needs the `gateway` extra
+(pip install 'emotion2vec-triton[gateway]'). Exit status: 0 after SIGTERM/Ctrl-C, 2 for
+bad arguments or a missing extra, 1 when the server cannot start (e.g. port taken).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from e2v.contract import GATEWAY_MAX_UPLOAD_MB, GATEWAY_PORT, GRPC_PORT, MAX_DURATION_S, MODEL_NAME
+
+EXIT_USAGE = 2
+# Connections (sockets) beyond slots + queue: probes, metrics scrapes, page loads. Past
+# the total, uvicorn answers 503 at once instead of holding more sockets open.
+EXTRA_CONNECTIONS = 64
+GRACEFUL_SHUTDOWN_S = 30
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "gateway",
+        help="HTTP upload API + web page in front of Triton (decoding and VAD here)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--triton", default=f"127.0.0.1:{GRPC_PORT}", metavar="HOST:PORT", help="Triton address"
+    )
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--model", default=MODEL_NAME, help="model name on the server")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="listen address (0.0.0.0 exposes it; default loopback)"
+    )
+    parser.add_argument("--port", type=int, default=GATEWAY_PORT)
+    parser.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=GATEWAY_MAX_UPLOAD_MB,
+        help="largest request body in MiB (413 beyond it, checked while it streams in)",
+    )
+    parser.add_argument(
+        "--max-duration-s",
+        type=float,
+        default=MAX_DURATION_S,
+        help="longest recording in seconds (422 too_long beyond it)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=0,
+        help="requests processed at once (default: two per CPU core); more wait in --queue",
+    )
+    parser.add_argument(
+        "--queue",
+        type=int,
+        default=-1,
+        help="requests that may wait up to 2 s for a slot (default: --concurrency); "
+        "beyond it: 429 with Retry-After",
+    )
+    parser.add_argument(
+        "--read-timeout-s",
+        type=float,
+        default=30.0,
+        help="longest silence while a body arrives; slower clients get 408",
+    )
+    parser.add_argument(
+        "--api-key-file",
+        type=Path,
+        metavar="FILE",
+        help="require this key (Authorization: Bearer KEY or X-API-Key) on /predict",
+    )
+    parser.add_argument(
+        "--spool-dir",
+        metavar="DIR",
+        help="where uploads past 1 MiB continue on disk, as unnamed files that vanish with "
+        "the request (default: the temp dir, $TMPDIR)",
+    )
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    parser.set_defaults(func=run_gateway)
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    from client.gateway.config import GatewayConfig, read_api_key
+
+    try:
+        config = GatewayConfig(
+            triton=args.triton,
+            protocol=args.protocol,
+            model=args.model,
+            host=args.host,
+            port=args.port,
+            max_upload_mb=args.max_upload_mb,
+            max_duration_s=args.max_duration_s,
+            concurrency=args.concurrency,
+            queue=args.queue,
+            read_timeout_s=args.read_timeout_s,
+            api_key=read_api_key(args.api_key_file) if args.api_key_file else None,
+            spool_dir=args.spool_dir,
+        )
+        if not 0 < args.port < 65536:
+            raise ValueError(f"--port must be in 1-65535, not {args.port}")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        import uvicorn
+
+        from client.gateway.app import create_app
+    except ImportError as exc:
+        print(
+            f"error: the gateway needs its extra ({exc.name} is missing): "
+            "pip install 'emotion2vec-triton[gateway]'",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    import logging
+
+    logging.basicConfig(format="%(levelname)s:     %(message)s", level=args.log_level.upper())
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            http="h11",
+            loop="asyncio",
+            log_level=args.log_level,
+            proxy_headers=False,
+            server_header=False,
+            limit_concurrency=config.slots + config.queue_size + EXTRA_CONNECTIONS,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+    )
+    server.run()
+    return 0 if server.started else 1

@@ -1,0 +1,79 @@
+"""The gateway's settings, checked once at start-up."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from e2v.contract import GATEWAY_MAX_UPLOAD_MB, GATEWAY_PORT, GRPC_PORT, MAX_DURATION_S, MODEL_NAME
+
+# Files per request: a form is a handful of recordings, not an archive.
+MAX_FILES = 16
+# Longest API key file read (keys are short; a wrong path must not read a disk image).
+MAX_KEY_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    triton: str = f"127.0.0.1:{GRPC_PORT}"
+    protocol: str = "grpc"
+    model: str = MODEL_NAME
+    host: str = "127.0.0.1"
+    port: int = GATEWAY_PORT
+    max_upload_mb: float = GATEWAY_MAX_UPLOAD_MB
+    max_duration_s: float = MAX_DURATION_S
+    concurrency: int = 0  # requests being uploaded/decoded at once; 0: two per core
+    queue: int = -1  # requests waiting for a slot; -1: as many as concurrency
+    queue_wait_s: float = 2.0  # longest wait for a slot before 429
+    read_timeout_s: float = 30.0  # longest silence while a body arrives (slow clients)
+    max_files: int = MAX_FILES
+    api_key: bytes | None = None
+    spool_dir: str | None = None  # temporary upload files (None: the system's temp dir)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("grpc", "http"):
+            raise ValueError(f"--protocol must be grpc or http, not {self.protocol!r}")
+        if not 0 < self.max_upload_mb <= 100_000:
+            raise ValueError(f"--max-upload-mb must be in (0, 100000], not {self.max_upload_mb}")
+        if not 0 < self.max_duration_s <= 10 * MAX_DURATION_S:
+            raise ValueError(
+                f"--max-duration-s must be in (0, {10 * MAX_DURATION_S:g}], "
+                f"not {self.max_duration_s}"
+            )
+        if self.concurrency < 0 or self.queue < -1 or self.max_files < 1:
+            raise ValueError("--concurrency, --queue and max files must not be negative")
+        if not 0 < self.read_timeout_s <= 3600 or not 0 <= self.queue_wait_s <= 600:
+            raise ValueError("--read-timeout-s must be in (0, 3600] and the queue wait <= 600 s")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("the API key file is empty")
+        if self.spool_dir is not None and not os.access(self.spool_dir, os.W_OK | os.X_OK):
+            raise ValueError(f"--spool-dir {self.spool_dir} is not a writable directory")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def slots(self) -> int:
+        """Requests processed at once (uploading, decoding, waiting for Triton)."""
+        return self.concurrency or 2 * (os.cpu_count() or 1)
+
+    @property
+    def queue_size(self) -> int:
+        return self.slots if self.queue < 0 else self.queue
+
+
+def read_api_key(path: Path) -> bytes:
+    """The key in `path` (surrounding whitespace removed); ValueError with a one-line reason."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_KEY_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read --api-key-file {path}: {exc.strerror or exc}") from None
+    key = data.strip()
+    if len(data) > MAX_KEY_BYTES:
+        raise ValueError(f"--api-key-file {path} is longer than {MAX_KEY_BYTES} bytes")
+    if not key or any(b < 0x21 or b > 0x7E for b in key):
+        raise ValueError(f"--api-key-file {path} must hold one printable ASCII key")
+    return key

@@ -1,0 +1,100 @@
+"""A gateway as a child process on a free loopback port (tests and load tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from e2v.contract import GATEWAY_LIVE_PATH, GATEWAY_READY_PATH
+
+
+class GatewayProcess:
+    """`python -m e2v gateway --triton URL ...`; `url` is its http://127.0.0.1:PORT."""
+
+    def __init__(
+        self,
+        triton: str,
+        *args: str,
+        protocol: str = "grpc",
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+    ):
+        from e2v.serve import free_ports
+
+        self.port = free_ports(1)[0]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [
+            sys.executable,
+            "-m",
+            "e2v",
+            "gateway",
+            "--triton",
+            triton,
+            "--protocol",
+            protocol,
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            *args,
+        ]
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="e2v-gateway-", suffix=".log")[1])
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def start(self, timeout_s: float = 60.0, ready: bool = False) -> GatewayProcess:
+        """Start and wait for /health (and /ready when `ready`)."""
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout_s
+        path = GATEWAY_READY_PATH if ready else GATEWAY_LIVE_PATH
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited ({self.process.returncode}): {self.log()}")
+            if self.status(path) == 200:
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"gateway not answering {path} after {timeout_s:.0f} s: {self.log()}")
+
+    def status(self, path: str) -> int | None:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return None
+
+    def log(self) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.strip().splitlines()[-10:])
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> GatewayProcess:
+        return self if self.process is not None else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

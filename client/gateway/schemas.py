@@ -1,0 +1,69 @@
+"""Response schemas, for the OpenAPI document (`/openapi.json`, `/docs`) only.
+
+Responses are built from `FileResult.to_json()`, the `e2v classify --json` contract; these
+models describe that contract to code generators (Java, Go, .NET clients).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class SegmentOut(BaseModel):
+    start_s: float
+    end_s: float
+    emotion: str | None = Field(description="top label of this segment")
+    confidence: float | None
+    scores: dict[str, float] = Field(description="label -> probability")
+    embedding: list[float] | None = Field(None, description="only with ?embeddings=true")
+
+
+class AlertOut(BaseModel):
+    label: str
+    threshold: float
+    max_score: float = Field(description="the highest score of any segment for this label")
+    start_s: float = Field(description="the segment with that score")
+    end_s: float
+    segments: int = Field(description="segments at or above the threshold")
+
+
+class FileOut(BaseModel):
+    """One file's result, or its error (then `error` and `error_kind` are set instead)."""
+
+    filename: str = Field(description="the uploaded name, escaped to one printable line")
+    emotion: str | None = Field(None, description="duration-weighted top label")
+    confidence: float | None = None
+    timestamp: str = Field(description="when the result was produced, ISO 8601 UTC")
+    duration_s: float | None = None
+    scores: dict[str, float] | None = None
+    no_speech: bool | None = Field(None, description="true when VAD found no speech")
+    segments: list[SegmentOut] | None = None
+    alerts: list[AlertOut] | None = None
+    model: str | None = None
+    synthetic: bool | None = Field(None, description="random weights: labels are meaningless")
+    note: str | None = None
+    error: str | None = None
+    error_kind: str | None = None
+
+
+class BatchOut(BaseModel):
+    """Several files in one request: one entry each, in upload order (status 200)."""
+
+    results: list[FileOut]
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(description="one line, for people")
+    error_kind: str = Field(description="for programs: the client's kinds or the gateway's")
+    filename: str | None = None
+
+
+class HealthOut(BaseModel):
+    status: str
+
+
+class ReadyOut(BaseModel):
+    status: str
+    model: str
+    synthetic: bool
+    labels: list[str]

@@ -1,0 +1,186 @@
+"""The gateway's work, apart from HTTP: one shared Triton client, admission, classification.
+
+One `TritonEmotionClient` is opened at start-up and shared by every request (its gRPC
+channel or HTTP pool reconnects by itself after a Triton restart). If Triton is not up
+yet, the gateway still starts: it keeps connecting in the background, `/ready` says 503
+and uploads get 503 until the model is there. Decoding and VAD run in a thread pool with
+one thread per slot, through `client.classify.classify_source`, the same code as
+`e2v classify`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from datetime import datetime, timezone
+
+from client.classify import JobOptions, StageTimes, classify_source
+from client.gateway.config import GatewayConfig
+from client.gateway.errors import BAD_PARAMETER, UNAVAILABLE, GatewayError
+from client.gateway.limits import Admission
+from client.gateway.metrics import GatewayMetrics
+from client.gateway.uploads import Upload
+from client.results import FileResult, parse_alerts, resolve_alerts, short_label
+from client.segment import parse_segment_mode
+from client.triton import ModelInfo, ServerUnavailable, TritonEmotionClient
+
+log = logging.getLogger("e2v.gateway")
+
+# Per Triton call: transient failures (queue full, restart) are retried this often with
+# backoff from REQUEST_BACKOFF_S (about 2 s in all), then the upload gets 503: a client
+# waiting on an HTTP response must not hang for the 40 s a batch job would wait.
+REQUEST_RETRIES = 3
+REQUEST_BACKOFF_S = 0.25
+INFER_TIMEOUT_S = 60.0
+READY_TIMEOUT_S = 2.0
+RECONNECT_S = 1.0
+# Triton requests in flight per slot: one file's next segment is sent while one is served.
+REQUESTS_PER_SLOT = 2
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.admission = Admission(config.slots, config.queue_size, config.queue_wait_s)
+        self.metrics = GatewayMetrics(lambda: self.admission.active, lambda: self.admission.waiting)
+        self.client: TritonEmotionClient | None = None
+        self.requests: asyncio.Semaphore | None = None
+        self.decoders: concurrent.futures.ThreadPoolExecutor | None = None
+        self._connector: asyncio.Task | None = None
+
+    @property
+    def info(self) -> ModelInfo | None:
+        return self.client.info if self.client else None
+
+    async def start(self) -> None:
+        config = self.config
+        self.client = TritonEmotionClient(
+            config.triton,
+            config.protocol,
+            config.model,
+            retries=REQUEST_RETRIES,
+            backoff_s=REQUEST_BACKOFF_S,
+            timeout_s=INFER_TIMEOUT_S,
+        )
+        self.requests = asyncio.Semaphore(REQUESTS_PER_SLOT * config.slots)
+        self.decoders = concurrent.futures.ThreadPoolExecutor(
+            config.slots, thread_name_prefix="e2v-gateway-decode"
+        )
+        self._connector = asyncio.create_task(self._connect())
+
+    async def stop(self) -> None:
+        if self._connector:
+            self._connector.cancel()
+            await asyncio.gather(self._connector, return_exceptions=True)
+        if self.client:
+            await self.client.close()
+        if self.decoders:
+            self.decoders.shutdown(wait=False, cancel_futures=True)
+
+    async def _connect(self) -> None:
+        """Connect until Triton's model is ready (labels, buckets, synthetic flag)."""
+        said = False
+        while True:
+            try:
+                info = await self.client.connect()
+            except ServerUnavailable as exc:
+                if not said:
+                    log.warning("waiting for Triton: %s", exc)
+                    said = True
+                await asyncio.sleep(RECONNECT_S)
+                continue
+            self.metrics.triton_ready.set(1)
+            note = " (SYNTHETIC: random weights)" if info.synthetic else ""
+            log.info("connected to Triton at %s: model %s%s", self.config.triton, info.name, note)
+            return
+
+    async def ready(self) -> bool:
+        """True while Triton says the model is ready (one check, bounded in time)."""
+        ready = self.info is not None
+        if ready:
+            try:
+                ready = await asyncio.wait_for(self.client.is_ready(), READY_TIMEOUT_S)
+            except asyncio.TimeoutError:  # Python 3.10: not the builtin TimeoutError
+                ready = False
+        self.metrics.triton_ready.set(int(ready))
+        return ready
+
+    def require_model(self) -> ModelInfo:
+        if self.info is None:
+            raise GatewayError(
+                503,
+                UNAVAILABLE,
+                f"Triton at {self.config.triton} ({self.config.protocol}) is not ready yet",
+            )
+        return self.info
+
+    def options(self, segment: str, alert: str | None) -> JobOptions:
+        """Job options from the query values; 400 naming the problem (and the labels)."""
+        info = self.require_model()
+        try:
+            mode = parse_segment_mode(segment)
+            thresholds = resolve_alerts(parse_alerts(alert), info.labels)
+        except ValueError as exc:
+            message = str(exc).replace("--alert", "alert")
+            raise GatewayError(400, BAD_PARAMETER, message) from None
+        return JobOptions(
+            url=self.config.triton,
+            protocol=self.config.protocol,
+            model=self.config.model,
+            segment=mode,
+            thresholds=thresholds,
+            max_duration_s=self.config.max_duration_s,
+        )
+
+    async def classify(
+        self, uploads: list[Upload], options: JobOptions, embeddings: bool
+    ) -> list[dict]:
+        """One JSON object per upload, in order; 503 when Triton goes away."""
+        try:
+            return list(await asyncio.gather(*(self._one(u, options, embeddings) for u in uploads)))
+        except ServerUnavailable as exc:
+            raise GatewayError(503, UNAVAILABLE, str(exc)) from None
+
+    async def _one(self, upload: Upload, options: JobOptions, embeddings: bool) -> dict:
+        times = StageTimes()
+        if upload.size == 0:
+            result = FileResult(
+                file=upload.name,
+                error="empty upload (0 bytes)",
+                error_kind="empty",
+                model=self.info.name,
+                synthetic=self.info.synthetic,
+            )
+        else:
+            upload.file.seek(0)
+            result = await classify_source(
+                upload.file,
+                self.client,
+                self.requests,
+                options,
+                self.decoders,
+                name=upload.name,
+                times=times,
+            )
+        self.metrics.observe_file(result.error_kind, result.duration_s, times)
+        return file_json(result, embeddings)
+
+
+def file_json(result: FileResult, embeddings: bool) -> dict:
+    """`e2v classify --json`'s object, with the upload fields first: filename, emotion,
+    confidence, timestamp (and each segment's embedding when asked for)."""
+    row = result.to_json()
+    data = {"filename": row.pop("file")}
+    if result.ok:
+        data |= {"emotion": row.pop("emotion"), "confidence": row.pop("confidence")}
+    data["timestamp"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    data |= row
+    if embeddings and result.ok:
+        for segment, source in zip(data["segments"], result.segments):
+            segment["embedding"] = [round(float(v), 6) for v in source.embedding]
+    return data
+
+
+def model_labels(info: ModelInfo) -> list[str]:
+    return [short_label(label) for label in info.labels if not label.startswith("unuse")]
