@@ -122,6 +122,7 @@ def encode(path: Path, wav: np.ndarray, rate: int, container: str, codec: str) -
         frame.sample_rate, frame.pts = rate, 0
         for item in (frame, None):
             out.mux(stream.encode(item))
+    return path
 
 
 # Multipart uploads of the encoded clips (gateway users, the direct/gateway comparison).
