@@ -47,12 +47,15 @@ class JobOptions:
     thresholds: dict[str, float] | None = None
     retries: int = 12
     max_duration_s: float = MAX_DURATION_S
-    workers: int = 0  # files decoded and segmented at once (threads); 0: one per core, >= 2
+    workers: int = 0  # decoding threads in each process; 0: one per core, at least 2
+    processes: int = 1  # worker processes (--workers): >1 spreads files over processes
     labels: tuple[str, ...] | None = None  # --labels: scores renormalised over these
 
     def __post_init__(self) -> None:
         if self.workers < 0:
-            raise ValueError(f"workers must be >= 1 (or 0: one per core), not {self.workers}")
+            raise ValueError(f"decoding threads must be >= 0, not {self.workers}")
+        if self.processes < 1:
+            raise ValueError(f"--workers must be >= 1, not {self.processes}")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, not {self.concurrency}")
         if self.retries < 0:
@@ -83,8 +86,13 @@ async def classify_files(
     it may be a long stream that lists object storage.
 
     Raises ServerUnavailable (after retries) when the server goes away: items not yet
-    reported are left for a `--resume` run.
+    reported are left for a `--resume` run. With `options.processes` > 1 the files are
+    spread over worker processes (client/workers.py).
     """
+    if options.processes > 1:
+        from client.workers import classify_in_processes
+
+        return await classify_in_processes(items, client, options, on_result, on_audio)
     requests = asyncio.Semaphore(options.concurrency)
     threads = options.workers or max(2, os.cpu_count() or 1)
     # More files in flight than decoding threads: short files have one request each, and

@@ -72,9 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--workers",
         type=int,
-        default=0,
-        help="files decoded and segmented at once, in threads (default: one per core, "
-        "at least 2); decoding and the VAD release the GIL",
+        default=1,
+        help="worker processes decoding and segmenting files (one per core of the pod: "
+        "threads alone do not scale on short files, see README)",
     )
     parser.add_argument(
         "--retries",
@@ -109,7 +109,7 @@ def run_classify(args: argparse.Namespace) -> int:
             thresholds=parse_alerts(args.alert),
             retries=args.retries,
             max_duration_s=args.max_duration_s,
-            workers=args.workers,
+            processes=args.workers,
         )
         shard = parse_shard(args.shard) if args.shard else Shard()
         outputs = _outputs(args, shard)

@@ -21,7 +21,7 @@ import audio_fixtures as fx
 import numpy as np
 import pytest
 from servers import free_ports
-from test_serving import classify, json_rows
+from test_serving import classify, json_rows, make_mixed_batch
 
 E2V = [sys.executable, "-m", "e2v"]
 
@@ -414,3 +414,66 @@ def test_failures_are_told_apart_by_status(tiny_server):
     assert failure_kind(malformed) == "rejected"
     assert failure_kind(ConnectionRefusedError()) == "transient"
     assert failure_kind(RuntimeError("Stub process is not healthy")) == "server"
+
+
+# -------------------------------------------------------------------- worker processes
+
+
+def test_worker_processes_give_the_same_rows(tiny_server, tmp_path):
+    good, bad = make_mixed_batch(tmp_path / "batch")
+    url = ["--url", tiny_server.config.grpc_url, "--json"]
+    one = classify(str(tmp_path / "batch"), *url)
+    two = classify(str(tmp_path / "batch"), *url, "--workers", "2")
+    assert one.returncode == two.returncode == 4, two.stderr
+    rows_one, rows_two = json_rows(one.stdout), json_rows(two.stdout)
+    assert set(rows_one) == set(rows_two) == {str(p) for p in [*good, *bad]}
+    for name, row in rows_one.items():
+        other = rows_two[name]
+        assert row.get("error_kind") == other.get("error_kind")
+        assert row.get("emotion") == other.get("emotion")
+        for label, score in row.get("scores", {}).items():
+            assert abs(other["scores"][label] - score) <= 1e-5
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text()
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
+                found.append(int(proc.name))
+    return found
+
+
+def test_a_killed_worker_process_fails_only_its_files(tiny_server, tmp_path):
+    """SIGKILL to a worker (as the OOM killer would): its files get `internal` rows, the
+    job goes on with a fresh pool, and --resume redoes exactly those files."""
+    files = [
+        fx.write_audio(tmp_path / f"w{i:02d}.wav", fx.speech_like(4.0, seed=i)) for i in range(40)
+    ]
+    out = tmp_path / "r.csv"
+    command = [*E2V, "classify", "--no-progress", *map(str, files), "--csv", str(out)]
+    command += ["--url", tiny_server.config.grpc_url, "--workers", "2", "--concurrency", "4"]
+    command += ["--segment", "fixed:1"]
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not out.exists() or len(csv_rows(out)) < 6):
+        time.sleep(0.05)
+    workers = _children(job.pid)
+    assert workers, "no worker process found"
+    os.kill(workers[0], signal.SIGKILL)
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode in (0, 4), stderr
+    rows = csv_rows(out)
+    assert sorted({r["file"] for r in rows}) == sorted(map(str, files))  # nothing lost
+    died = [r for r in rows if r["error_kind"] == "internal"]
+    assert died and all("worker process died" in r["error"] for r in died)
+    again = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    last = {r["file"]: r for r in csv_rows(out)}  # the last row of each file counts
+    assert all(r["emotion"] and not r["error"] for r in last.values())
+    assert len(csv_rows(out)) == len(files) + len(died)
