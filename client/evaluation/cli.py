@@ -59,12 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
-    parser.add_argument("--retries", type=int, default=6, help="retries on transient errors")
+    parser.add_argument("--retries", type=int, default=12, help="retries on transient errors")
     parser.set_defaults(func=run_evaluate)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from client.evaluation.dataset import DatasetError, read_labelled
+    from client.evaluation.dataset import DatasetError, group_column, read_labelled
     from client.evaluation.labels import parse_map
     from client.evaluation.run import parse_methods
 
@@ -76,12 +76,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if args.report is not None and args.report.exists() and not args.report.is_dir():
             raise ValueError(f"--report {args.report} exists and is not a directory")
         dataset = read_labelled(args.data)
-        group_by = args.group_by.strip().lower() if args.group_by else None
-        if group_by is not None and group_by not in dataset.columns:
-            raise ValueError(
-                f"--group-by {args.group_by!r}: no such column (columns: "
-                f"{', '.join(dataset.columns)})"
-            )
+        group_by = group_column(dataset, args.group_by)
     except (ValueError, DatasetError) as exc:
         return _usage_error(exc)
     for warning in dataset.warnings:

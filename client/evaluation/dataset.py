@@ -249,3 +249,15 @@ def _read_folders(root: Path, suffixes: set[str], max_rows: int) -> LabelledSet:
     if not items:
         raise DatasetError(f"{root}: no label sub-folders with audio files")
     return LabelledSet(root, "folders", ["path", "label"], items, warnings)
+
+
+def group_column(dataset: LabelledSet, name: str | None) -> str | None:
+    """The `--group-by` column as stored (lower case), or None; ValueError if absent."""
+    if not name:
+        return None
+    column = name.strip().lower()
+    if column not in dataset.columns:
+        raise ValueError(
+            f"--group-by {name!r}: no such column (columns: {', '.join(dataset.columns)})"
+        )
+    return column

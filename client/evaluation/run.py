@@ -120,12 +120,12 @@ async def evaluate(
     scored = [row for row in rows if row.scored]
     if resamples and scored:
         log(f"bootstrap: {resamples} resamples of {len(scored)} scored row(s) per method")
-    metrics = {m.name: _score(scored, m, matcher.labels, resamples, seed) for m in methods}
+    metrics = {m.name: score_method(scored, m, matcher.labels, resamples, seed) for m in methods}
     groups = None
     if group_by is not None:
         values = sorted({row.item.fields.get(group_by, "") for row in scored})
         groups = {
-            value: _score(
+            value: score_method(
                 [r for r in scored if r.item.fields.get(group_by, "") == value],
                 methods[0],
                 matcher.labels,
@@ -178,9 +178,10 @@ def _rows(
     return rows
 
 
-def _score(
+def score_method(
     rows: list[Row], method: Method, labels: list[str], resamples: int, seed: int, full=True
 ) -> dict | None:
+    """The metrics of `method` over `rows` (None for no rows): also used by train-head."""
     if not rows:
         return None
     results = [row.results[method.name] for row in rows]

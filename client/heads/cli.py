@@ -68,12 +68,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write it")
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples (0: none)")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
-    parser.add_argument("--retries", type=int, default=6, help="retries on transient errors")
+    parser.add_argument("--retries", type=int, default=12, help="retries on transient errors")
     parser.set_defaults(func=run_train_head)
 
 
 def run_train_head(args: argparse.Namespace) -> int:
-    from client.evaluation.dataset import DatasetError, read_labelled
+    from client.evaluation.dataset import DatasetError, group_column, read_labelled
     from client.evaluation.labels import parse_map
     from client.segment import parse_segment_mode
     from export.heads import HeadExportError, check_name
@@ -92,12 +92,7 @@ def run_train_head(args: argparse.Namespace) -> int:
             raise ValueError("--concurrency must be >= 1 and --retries >= 0")
         _check_writable(args.repo)
         dataset = read_labelled(args.data)
-        group_by = args.group_by.strip().lower() if args.group_by else None
-        if group_by is not None and group_by not in dataset.columns:
-            raise ValueError(
-                f"--group-by {args.group_by!r}: no such column (columns: "
-                f"{', '.join(dataset.columns)})"
-            )
+        group_by = group_column(dataset, args.group_by)
     except (ValueError, DatasetError, HeadExportError) as exc:
         return _usage_error(exc)
     for warning in dataset.warnings:

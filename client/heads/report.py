@@ -11,8 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from client.evaluation.dataset import LabelledSet
-from client.evaluation.metrics import evaluate_method
-from client.evaluation.run import CONFIDENCE_DIGITS, Evaluation, Method
+from client.evaluation.run import Evaluation, Method, score_method
 from client.evaluation.run import Row as EvalRow
 from client.heads.embed import Row
 from client.results import FileResult, by_vote
@@ -44,12 +43,12 @@ def evaluation(
             out.results = {methods[0].name: result, methods[1].name: by_vote(result)}
         eval_rows.append(out)
     scored = [row for row in eval_rows if row.scored]
-    metrics = {m.name: _score(scored, m, labels, resamples, seed) for m in methods}
+    metrics = {m.name: score_method(scored, m, labels, resamples, seed) for m in methods}
     groups = None
     if group_by is not None:
         values = sorted({row.item.fields.get(group_by, "") for row in scored})
         groups = {
-            value: _score(
+            value: score_method(
                 [r for r in scored if r.item.fields.get(group_by, "") == value],
                 methods[0],
                 labels,
@@ -61,21 +60,6 @@ def evaluation(
         }
     settings = {"group_by": group_by, "bootstrap": resamples, "seed": seed}
     return Evaluation(dataset, info, labels, methods, eval_rows, metrics, groups, settings)
-
-
-def _score(rows: list[EvalRow], method: Method, labels, resamples, seed, full=True):
-    if not rows:
-        return None
-    results = [row.results[method.name] for row in rows]
-    return evaluate_method(
-        [row.truth for row in rows],
-        [r.emotion for r in results],
-        [round(r.confidence, CONFIDENCE_DIGITS) for r in results],
-        labels,
-        resamples,
-        seed,
-        full=full,
-    )
 
 
 def write_cv_report(result: Evaluation, out_dir: Path, intro: list[str]) -> Path:
