@@ -12,7 +12,8 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,hub,gateway]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check \
+    --constraint scripts/constraints.txt -e ".[dev,hub]"
 
 # Optional: espeak-ng synthesizes real speech for one VAD test (skipped without it).
 if ! command -v espeak-ng >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
