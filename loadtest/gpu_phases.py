@@ -244,19 +244,11 @@ def _probes(plan: Plan, phase: Phase) -> None:
 def served_workload(profile_name: str):
     """The profile's clips cut from speech-like signals. (`loadtest.workload.prepare_workload`
     encodes and decodes real files with PyAV, which bare GPU machines do not have.)"""
-    from loadtest.profiles import clip_lengths, load_profile
-    from loadtest.workload import RECORDING_S, Workload, speech_like
+    from loadtest.profiles import load_profile
+    from loadtest.workload import RECORDING_S, cut_clips, speech_like
 
-    profile = load_profile(profile_name)
     sources = [speech_like(RECORDING_S, SAMPLE_RATE, seed=i) for i in range(3)]
-    rng = np.random.default_rng(profile.seed + 1)
-    clips = []
-    for i, length in enumerate(clip_lengths(profile)):
-        source = sources[i % len(sources)]
-        start = int(rng.integers(0, len(source) - length + 1))
-        clips.append(source[start : start + length])
-    lengths = np.array([len(c) for c in clips], dtype=np.int64)
-    return Workload(profile.name, np.concatenate(clips).astype(np.float32), lengths)
+    return cut_clips(load_profile(profile_name), sources)
 
 
 # -- served -----------------------------------------------------------------------------

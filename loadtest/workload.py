@@ -76,6 +76,11 @@ def prepare_workload(profile: Profile, workdir: Path | None = None) -> Workload:
     """Encode recordings, decode them with the client's loader and cut the profile's clips."""
     with tempfile.TemporaryDirectory(prefix="e2v-loadtest-audio-", dir=workdir) as tmp:
         sources = [decode(encode_recording(Path(tmp), i)) for i in range(len(RECORDINGS))]
+    return cut_clips(profile, sources)
+
+
+def cut_clips(profile: Profile, sources: list[np.ndarray]) -> Workload:
+    """The profile's clip lengths cut at seeded offsets from the sources, in turn."""
     rng = np.random.default_rng(profile.seed + 1)
     clips = []
     for i, length in enumerate(clip_lengths(profile)):
