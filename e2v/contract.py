@@ -138,3 +138,48 @@ GATEWAY_READY_PATH = "/ready"  # 200 only while Triton's model is ready
 GATEWAY_METRICS_PATH = "/metrics"
 GATEWAY_PREDICT_PATH = "/predict"
 GATEWAY_MAX_UPLOAD_MB = 200.0
+
+# Live sessions (`e2v gateway`, WebSocket): protocol endpoints, subscriptions and events.
+# docs/live.md documents every message; client/live/ implements them.
+LIVE_PATH = "/v1/live"  # our own protocol: JSON `start`, binary audio frames, `stop`
+AUDIOHOOK_PATH = "/v1/audiohook"  # Genesys AudioHook protocol v2
+TWILIO_PATH = "/v1/twilio"  # Twilio Media Streams (no results go back on this socket)
+CALL_EVENTS_PATH = "/v1/calls/{call_id}/events"  # GET: Server-Sent Events of one call
+CALL_EVENTS_WS_PATH = "/v1/calls/{call_id}/events/ws"  # the same events over a WebSocket
+LIVE_ENCODINGS = ("pcm_s16le", "mulaw", "alaw")
+LIVE_SAMPLE_RATES = (8_000, 16_000)
+LIVE_MAX_CHANNELS = 2  # parties per stream (customer and agent)
+LIVE_WINDOW_S = 3.0  # interim results: the emotion of the utterance's last WINDOW_S...
+LIVE_HOP_S = 1.0  # ...every HOP_S of audio while speech goes on
+
+# Event `type`s a live session emits (to its socket, subscribers and webhooks).
+EVENT_UTTERANCE_START = "utterance.start"
+EVENT_RESULT = "result"  # interim: the last window of an utterance still going on
+EVENT_UTTERANCE_END = "utterance.end"  # final: the whole utterance (equals e2v classify)
+EVENT_ALERT = "alert"
+EVENT_SUMMARY = "summary"  # per party, the whole call, when the session ends
+EVENT_ERROR = "error"
+LIVE_EVENT_TYPES = (
+    EVENT_UTTERANCE_START,
+    EVENT_RESULT,
+    EVENT_UTTERANCE_END,
+    EVENT_ALERT,
+    EVENT_SUMMARY,
+    EVENT_ERROR,
+)
+
+# WebSocket close codes. Standard ones where RFC 6455 has one; 4xxx mirror HTTP statuses.
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001  # the gateway drains (SIGTERM): reconnect to another instance
+CLOSE_POLICY = 1008  # API key missing or wrong
+CLOSE_TOO_BIG = 1009  # a message over the size limit
+CLOSE_INTERNAL = 1011
+CLOSE_TRY_AGAIN = 1013  # session limit reached: retry later (the reason says when)
+CLOSE_BAD_MESSAGE = 4400  # malformed, out of order, unknown encoding or setting
+CLOSE_TIMEOUT = 4408  # no start in time, idle, or past the longest session
+CLOSE_SLOW_READER = 4409  # the client stopped reading its events
+CLOSE_TOO_FAST = 4429  # audio faster than real time beyond the allowed factor
+
+# Signed webhooks (live alerts and summaries, `e2v classify --webhook`): HMAC-SHA256 over
+# f"{timestamp}.{body}" with the secret from a file, sent as "t=TIMESTAMP,v1=HEX".
+WEBHOOK_SIGNATURE_HEADER = "X-E2V-Signature"
