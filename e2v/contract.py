@@ -183,3 +183,5 @@ CLOSE_TOO_FAST = 4429  # audio faster than real time beyond the allowed factor
 # Signed webhooks (live alerts and summaries, `e2v classify --webhook`): HMAC-SHA256 over
 # f"{timestamp}.{body}" with the secret from a file, sent as "t=TIMESTAMP,v1=HEX".
 WEBHOOK_SIGNATURE_HEADER = "X-E2V-Signature"
+WEBHOOK_ID_HEADER = "X-E2V-Webhook-Id"  # one id per delivery, the same on every retry (dedupe)
+EVENT_FILE_ALERT = "file.alert"  # `e2v classify --webhook`: a finished file that crossed --alert
