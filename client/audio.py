@@ -258,28 +258,46 @@ def _to_mono(frame: av.AudioFrame) -> np.ndarray:
     return samples.mean(axis=0, dtype=np.float64).astype(np.float32)
 
 
-def _resampled(chunks: Iterator[tuple[int, np.ndarray]], target: int) -> Iterator[np.ndarray]:
-    """Resample a stream of chunks with soxr's very-high-quality filter.
+class Resampler:
+    """Push-based soxr very-high-quality resampling of one stream to `target` Hz.
 
-    One soxr stream per run of equal source rates gives the same samples as resampling
-    the whole run at once (soxr keeps the filter state between chunks).
+    soxr keeps the filter state between pushes, so any chunking gives the samples of one
+    whole-run resampling; `flush` returns the filter's tail. The batch decoder and live
+    calls share it (emotion2vec is sensitive to resampling artefacts: one resampler, one
+    set of samples). A stream already at `target` passes through untouched.
     """
-    stream, rate = None, 0
+
+    def __init__(self, source: int, target: int = SAMPLE_RATE) -> None:
+        self.source, self.target = source, target
+        self._stream = None
+        if source != target:
+            self._stream = soxr.ResampleStream(source, target, 1, dtype="float32", quality="VHQ")
+
+    def push(self, chunk: np.ndarray) -> np.ndarray:
+        """Resampled samples now available for `chunk` (mono float32 at `source` Hz)."""
+        if self._stream is None:
+            return chunk
+        return self._stream.resample_chunk(np.ascontiguousarray(chunk, dtype=np.float32))
+
+    def flush(self) -> np.ndarray:
+        """The rest of the stream; the resampler is then finished."""
+        if self._stream is None:
+            return np.zeros(0, np.float32)
+        stream, self._stream = self._stream, None
+        return stream.resample_chunk(np.zeros(0, np.float32), last=True)
+
+
+def _resampled(chunks: Iterator[tuple[int, np.ndarray]], target: int) -> Iterator[np.ndarray]:
+    """Resample a stream of chunks: one `Resampler` per run of equal source rates."""
+    resampler: Resampler | None = None
     for chunk_rate, chunk in chunks:
-        if chunk_rate == target:
-            if stream is not None:
-                yield stream.resample_chunk(np.zeros(0, np.float32), last=True)
-                stream = None
-            yield chunk
-            continue
-        if stream is None or chunk_rate != rate:
-            if stream is not None:
-                yield stream.resample_chunk(np.zeros(0, np.float32), last=True)
-            stream = soxr.ResampleStream(chunk_rate, target, 1, dtype="float32", quality="VHQ")
-            rate = chunk_rate
-        yield stream.resample_chunk(chunk)
-    if stream is not None:
-        yield stream.resample_chunk(np.zeros(0, np.float32), last=True)
+        if resampler is None or chunk_rate != resampler.source:
+            if resampler is not None:
+                yield resampler.flush()
+            resampler = Resampler(chunk_rate, target)
+        yield resampler.push(chunk)
+    if resampler is not None:
+        yield resampler.flush()
 
 
 def _check_samples(chunk: np.ndarray) -> None:
@@ -296,6 +314,7 @@ def _check_samples(chunk: np.ndarray) -> None:
 
 __all__ = [
     "AudioError",
+    "Resampler",
     "audio_duration_s",
     "check_min_length",
     "load_audio",

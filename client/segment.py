@@ -124,32 +124,78 @@ def segment_stream(
     each chunk's length. Raises AudioError("too_short") for a stream shorter than one
     model frame and AudioError("too_long") in mode "none" past the maximum.
     """
-    low = MIN_SAMPLES / SAMPLE_RATE
-    if not low <= max_segment_s <= MAX_SEGMENT_S:
-        raise ValueError(f"max_segment_s must be between {low:g} and {MAX_SEGMENT_S:g} s")
-    max_samples = round(max_segment_s * SAMPLE_RATE)
-    cutter = {"none": _WholeCutter, "fixed": _FixedCutter, "vad": _VadCutter}[mode.kind]
-    cuts = cutter(mode, max_samples)
-    buffer = _Buffer()
+    cutter = SegmentCutter(mode, max_segment_s)
     for chunk in chunks:
+        if len(chunk) and on_samples:
+            on_samples(len(chunk))
+        yield from cutter.push(chunk)
+    yield from cutter.finish()
+
+
+class SegmentCutter:
+    """The push-based form of `segment_stream`: `push` chunks, then `finish` once.
+
+    `early=False` (live calls) turns off the whole-clip rule of "vad": a stream that fits
+    one segment is cut like a longer one, so segments come out while the stream goes on.
+    For "vad", `open_start` and `speaking` say what the VAD hears now, and `window` reads
+    the retained audio (everything from `open_start` on is retained).
+    """
+
+    def __init__(
+        self, mode: SegmentMode, max_segment_s: float = MAX_SEGMENT_S, early: bool = True
+    ) -> None:
+        low = MIN_SAMPLES / SAMPLE_RATE
+        if not low <= max_segment_s <= MAX_SEGMENT_S:
+            raise ValueError(f"max_segment_s must be between {low:g} and {MAX_SEGMENT_S:g} s")
+        max_samples = round(max_segment_s * SAMPLE_RATE)
+        if mode.kind == "vad":
+            self._cuts = _VadCutter(mode, max_samples, early)
+        else:
+            self._cuts = {"none": _WholeCutter, "fixed": _FixedCutter}[mode.kind](mode, max_samples)
+        self._buffer = _Buffer()
+
+    @property
+    def end(self) -> int:
+        """Samples pushed so far."""
+        return self._buffer.end
+
+    def push(self, chunk: np.ndarray) -> list[tuple[Segment, np.ndarray]]:
+        """The segments that became final with `chunk` (16 kHz mono float32)."""
         if chunk.ndim != 1:
             raise ValueError(f"expected 1-D mono audio, got shape {chunk.shape}")
         if not len(chunk):
-            continue
+            return []
+        buffer = self._buffer
         buffer.append(chunk)
-        if on_samples:
-            on_samples(len(chunk))
-        for segment in cuts.feed(chunk, buffer.end):
-            yield segment, buffer.take(segment.start, segment.end)
-        buffer.release(cuts.needed_from())
-    if buffer.end < MIN_SAMPLES:
-        raise AudioError(
-            "too_short",
-            f"too short: {buffer.end / SAMPLE_RATE:.4g} s "
-            f"(< {MIN_SAMPLES / SAMPLE_RATE:g} s, one model frame)",
-        )
-    for segment in cuts.finish(buffer.end):
-        yield segment, buffer.take(segment.start, segment.end)
+        out = [(s, buffer.take(s.start, s.end)) for s in self._cuts.feed(chunk, buffer.end)]
+        buffer.release(self._cuts.needed_from())
+        return out
+
+    def finish(self) -> list[tuple[Segment, np.ndarray]]:
+        """The remaining segments. Raises AudioError("too_short") below one model frame."""
+        buffer = self._buffer
+        if buffer.end < MIN_SAMPLES:
+            raise AudioError(
+                "too_short",
+                f"too short: {buffer.end / SAMPLE_RATE:.4g} s "
+                f"(< {MIN_SAMPLES / SAMPLE_RATE:g} s, one model frame)",
+            )
+        return [(s, buffer.take(s.start, s.end)) for s in self._cuts.finish(buffer.end)]
+
+    @property
+    def open_start(self) -> int | None:
+        """ "vad" without early: where the segment being assembled starts (the next one
+        emitted starts there, give or take the padding), or None while nothing is."""
+        return self._cuts.open_start() if isinstance(self._cuts, _VadCutter) else None
+
+    @property
+    def speaking(self) -> bool:
+        """ "vad": a speech region that will be kept is open now."""
+        return isinstance(self._cuts, _VadCutter) and self._cuts.speaking()
+
+    def window(self, start: int, end: int) -> np.ndarray:
+        """Retained samples [start, end) (start no earlier than `open_start`)."""
+        return self._buffer.take(start, end)
 
 
 def segment_audio(
@@ -265,15 +311,17 @@ class _VadCutter:
     if the stream grows longer than one segment, it catches up on what it skipped.
     """
 
-    def __init__(self, mode: SegmentMode, max_samples: int) -> None:
+    def __init__(self, mode: SegmentMode, max_samples: int, early: bool = True) -> None:
         self.max_samples = max_samples
+        self.whole = early  # a stream that fits one segment is sent whole
         self.vad = StreamingVad()
         self.tracker = SpeechTracker(VAD_PARAMS)
         self.padder = RegionPadder(VAD_PARAMS.pad)
         self.merger = _Merger(max_samples)
         self.vad_end = 0  # samples the VAD has turned into probabilities
-        self.early: list[Segment] | None = []  # held while the stream fits one segment
+        self.early: list[Segment] | None = [] if early else None  # held while it fits one
         self.skipped: list[np.ndarray] = []  # audio the VAD has not seen (early, speech sure)
+        self.kept_start: int | None = None  # the open region's start, once it will be kept
 
     def feed(self, chunk: np.ndarray, end: int) -> list[Segment]:
         if self.early is not None and end <= self.max_samples:
@@ -293,8 +341,37 @@ class _VadCutter:
 
     def _vad(self, chunk: np.ndarray) -> list[Segment]:
         probs = self.vad.feed(chunk)
+        first = self.tracker.frame
+        regions = self.tracker.push(probs)
+        self._note_kept(probs, first)
         self.vad_end += len(probs) * FRAME
-        return self._regions(self.tracker.push(probs))
+        return self._regions(regions)
+
+    def _note_kept(self, probs: np.ndarray, first: int) -> None:
+        """Remember the open region once it will be kept: the tracker's own rule, a frame
+        at or above the threshold more than min-speech past the region's start."""
+        start = self.tracker.open_start
+        if start is None or start == self.kept_start or not len(probs):
+            return
+        lo = max(first, start // FRAME)
+        frames = np.arange(lo, first + len(probs))
+        loud = probs[lo - first :] >= VAD_PARAMS.threshold
+        if np.any(loud & (frames * FRAME - start > self.tracker.min_speech)):
+            self.kept_start = start
+
+    def speaking(self) -> bool:
+        start = self.tracker.open_start
+        return start is not None and start == self.kept_start
+
+    def open_start(self) -> int | None:
+        starts = []
+        if self.merger.held:
+            starts.append(self.merger.held.start)
+        if self.padder.pending:
+            starts.append(self.padder.pending[0])
+        if self.speaking():
+            starts.append(max(0, int(self.tracker.open_start - VAD_PARAMS.pad)))
+        return min(starts) if starts else None
 
     def needed_from(self) -> int:
         if self.early is not None:
@@ -305,7 +382,7 @@ class _VadCutter:
         return max(0, int(min(self.merger.needed_from(), floor)))
 
     def finish(self, total: int) -> list[Segment]:
-        if total <= self.max_samples and self.tracker.confirmed:
+        if self.whole and total <= self.max_samples and self.tracker.confirmed:
             return [Segment(0, total)]
         out: list[Segment] = []
         for piece in self.skipped:
@@ -316,7 +393,7 @@ class _VadCutter:
         for start, end in self.padder.finish(total):
             out += self._pieces(start, end)
         out += self.merger.finish()
-        if total <= self.max_samples:
+        if self.whole and total <= self.max_samples:
             return [Segment(0, total)] if self.tracker.confirmed else []
         return [s for s in self._release_early(out, total) if s.end - s.start >= MIN_SAMPLES]
 

@@ -199,11 +199,12 @@ class TritonEmotionClient:
             labels[int(index)] = label
         return labels
 
-    async def predict(self, segment: np.ndarray) -> Prediction:
-        """Scores and embedding for one segment (padded here to its length bucket)."""
+    async def predict(self, segment: np.ndarray, size: int | None = None) -> Prediction:
+        """Scores and embedding for one segment, padded here to its length bucket (or to
+        the bucket `size`, so that windows of different lengths share one shape)."""
         if self.info is None:
             await self.connect()
-        size = self.info.bucket(len(segment))
+        size = self.info.bucket(max(len(segment), size or 0))
         wav = np.zeros((1, size), dtype=np.float32)
         wav[0, : len(segment)] = segment
         names = [OUTPUT_SCORES, OUTPUT_EMBEDDING] if self.info.labels else [OUTPUT_EMBEDDING]
