@@ -3,6 +3,9 @@
 Inputs are files, directories, globs and URIs (s3://, gs://, az://, https://), or a list
 of them (--from-list); --shard K/N takes a stable share of them. Outputs go to local
 files or URIs; a DEST ending in "/" gets the shard's part (part-00007-of-00016.jsonl).
+--webhook URL posts each file that crossed --alert as it finishes, signed with the
+--webhook-secret-file secret (docs/live.md, "Alerts and webhooks"); a slow or failing
+receiver never changes the exit status and delays the exit by at most 10 s.
 
 Exit status (bit flags, so pipelines can test each): 0 all good; 2 bad arguments, no
 input or an output that cannot be written or resumed; 3 server unreachable (job
@@ -57,6 +60,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--alert", metavar="LABEL=P,...", help="e.g. angry=0.7,sad=0.8")
     parser.add_argument(
+        "--webhook",
+        metavar="URL",
+        help="POST each finished file that crossed --alert here, signed (never delays the "
+        "job: at most 10 s at exit for deliveries still queued)",
+    )
+    parser.add_argument(
+        "--webhook-secret-file", type=Path, metavar="FILE", help="the webhook signing secret"
+    )
+    parser.add_argument(
         "--labels",
         metavar="LABEL,...",
         help="answer among these of the model's labels only (probabilities renormalised), "
@@ -98,6 +110,7 @@ def run_classify(args: argparse.Namespace) -> int:
     from client.inputs import Shard, parse_shard
     from client.results import parse_alerts
     from client.segment import parse_segment_mode
+    from client.webhooks import webhook_options
 
     try:
         options = JobOptions(
@@ -121,10 +134,13 @@ def run_classify(args: argparse.Namespace) -> int:
             raise ValueError("--embeddings must end in .npy or .parquet")
         if args.resume and not outputs:
             raise ValueError("--resume needs --csv, --jsonl or --parquet to know what is done")
+        webhook = webhook_options(args.webhook, args.webhook_secret_file)
+        if webhook and not args.alert:
+            raise ValueError("--webhook posts the files that cross --alert: give --alert too")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return asyncio.run(_run(args, options, shard, outputs))
+    return asyncio.run(_run(args, options, shard, outputs, webhook))
 
 
 def _outputs(args: argparse.Namespace, shard) -> list:
@@ -144,12 +160,13 @@ def _outputs(args: argparse.Namespace, shard) -> list:
     return outputs
 
 
-async def _run(args, options, shard, outputs) -> int:
+async def _run(args, options, shard, outputs, webhook=None) -> int:
     from client.classify import classify_files
     from client.inputs import InputError
     from client.output import EmbeddingWriter, OutputError, ResultWriter, previous_results
     from client.results import by_vote, resolve_alerts, resolve_labels, short_label
     from client.triton import ServerUnavailable, TritonEmotionClient
+    from client.webhooks import file_alert
 
     client = TritonEmotionClient(
         options.url, options.protocol, options.model, retries=options.retries
@@ -197,6 +214,7 @@ async def _run(args, options, shard, outputs) -> int:
         )
     status = {"errors": 0, "alerts": 0}
     progress = _progress(args.no_progress)
+    sender = await _webhook_sender(webhook)
 
     def on_result(result) -> None:
         if args.aggregate == "vote":
@@ -205,6 +223,8 @@ async def _run(args, options, shard, outputs) -> int:
             writer.write(result)
             status["errors"] += not result.ok
             status["alerts"] += bool(result.alerts)
+            if sender and result.ok and result.alerts:
+                sender.post(file_alert(result.to_json()))
         if embeddings:
             embeddings.add(result)
         if progress:
@@ -229,6 +249,8 @@ async def _run(args, options, shard, outputs) -> int:
         code = EXIT_USAGE
     finally:
         await client.close()
+        if sender:
+            await _stop_webhooks(sender)
         if progress:
             progress.close()
         writer.close()
@@ -287,6 +309,28 @@ class _Plan:
             )
         elif not self.todo:
             print("nothing to do", file=sys.stderr)
+
+
+async def _webhook_sender(webhook: tuple[str, bytes] | None):
+    if webhook is None:
+        return None
+    from client.webhooks import WebhookSender
+
+    sender = WebhookSender(*webhook)
+    await sender.start()
+    return sender
+
+
+async def _stop_webhooks(sender) -> None:
+    """A bounded drain: a slow or dead receiver costs the job at most DRAIN_S at exit, and
+    never its exit status (the counts are reported)."""
+    from client.webhooks import DRAIN_S
+
+    await sender.stop(DRAIN_S)
+    print(
+        f"webhooks: {sender.delivered} delivered, {sender.failed} failed, {sender.dropped} dropped",
+        file=sys.stderr,
+    )
 
 
 def _with_thresholds(options, thresholds, labels=None):
