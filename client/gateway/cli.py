@@ -82,14 +82,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="where uploads past 1 MiB continue on disk, as unnamed files that vanish with "
         "the request (default: the temp dir, $TMPDIR)",
     )
+    parser.add_argument(
+        "--webhook",
+        metavar="URL",
+        help="POST live alerts and call summaries here, signed (queued and retried in the "
+        "background: never delays audio)",
+    )
+    parser.add_argument(
+        "--webhook-secret-file", type=Path, metavar="FILE", help="the webhook signing secret"
+    )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     parser.set_defaults(func=run_gateway)
 
 
 def run_gateway(args: argparse.Namespace) -> int:
     from client.gateway.config import GatewayConfig, read_api_key
+    from client.webhooks import webhook_options
 
     try:
+        webhook, secret = webhook_options(args.webhook, args.webhook_secret_file) or (None, None)
         config = GatewayConfig(
             triton=args.triton,
             protocol=args.protocol,
@@ -103,6 +114,8 @@ def run_gateway(args: argparse.Namespace) -> int:
             read_timeout_s=args.read_timeout_s,
             api_key=read_api_key(args.api_key_file) if args.api_key_file else None,
             spool_dir=args.spool_dir,
+            webhook=webhook,
+            webhook_secret=secret,
         )
         if not 0 < args.port < 65536:
             raise ValueError(f"--port must be in 1-65535, not {args.port}")

@@ -30,6 +30,8 @@ class GatewayConfig:
     max_files: int = MAX_FILES
     api_key: bytes | None = None
     spool_dir: str | None = None  # temporary upload files (None: the system's temp dir)
+    webhook: str | None = None  # live alerts and summaries are POSTed here (client/webhooks.py)
+    webhook_secret: bytes | None = None  # their signing secret (--webhook-secret-file)
 
     def __post_init__(self) -> None:
         if self.protocol not in ("grpc", "http"):
@@ -49,6 +51,12 @@ class GatewayConfig:
             raise ValueError("the API key file is empty")
         if self.spool_dir is not None and not os.access(self.spool_dir, os.W_OK | os.X_OK):
             raise ValueError(f"--spool-dir {self.spool_dir} is not a writable directory")
+        if (self.webhook is None) != (self.webhook_secret is None):
+            raise ValueError("--webhook and --webhook-secret-file go together (always signed)")
+        if self.webhook is not None:
+            from client.webhooks import validate_url
+
+            validate_url(self.webhook)
 
     @property
     def max_upload_bytes(self) -> int:
