@@ -39,8 +39,8 @@ def audio_seconds(clips: list[np.ndarray]) -> float:
     return sum(len(c) for c in clips) / SAMPLE_RATE
 
 
-def time_funasr(model_dir: Path, clips: list[np.ndarray]) -> float:
-    model = funasr_model(model_dir)
+def time_funasr(model_dir: Path, clips: list[np.ndarray], threads: int) -> float:
+    model = funasr_model(model_dir, threads=threads)
     model.generate(clips[0][:SAMPLE_RATE], disable_pbar=True)  # warm up
     start = time.perf_counter()
     for clip in clips:
@@ -48,12 +48,17 @@ def time_funasr(model_dir: Path, clips: list[np.ndarray]) -> float:
     return time.perf_counter() - start
 
 
-def time_onnx(onnx_path: Path, clips: list[np.ndarray], batch_size: int) -> float:
+def time_onnx(onnx_path: Path, clips: list[np.ndarray], batch_size: int, threads: int) -> float:
     """batch_size 1: each clip alone, unpadded. >1: grouped by length bucket and padded,
     as the Triton dynamic batcher receives them."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(
+        str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
+    )
     session.run(None, dict(zip(("WAV", "WAV_LENS"), pad_batch([clips[0]]))))  # warm up
     batches = _batches(clips, batch_size)
     start = time.perf_counter()
@@ -101,27 +106,32 @@ def run_benchmark(args: argparse.Namespace) -> int:
             BatchedEmotion2vec(loaded.model, loaded.labels).eval(), Path(tmp) / "model.onnx"
         )
         del loaded
-        rows = [("FunASR AutoModel.generate, one clip at a time", time_funasr(model_dir, clips))]
-        rows.append(("ONNX Runtime, one clip at a time", time_onnx(onnx_path, clips, 1)))
-        rows.append(
+        threads = args.threads
+        rows = [
+            (
+                "FunASR AutoModel.generate, one clip at a time",
+                time_funasr(model_dir, clips, threads),
+            ),
+            ("ONNX Runtime, one clip at a time", time_onnx(onnx_path, clips, 1, threads)),
             (
                 f"ONNX Runtime, batched by bucket (<= {args.batch_size})",
-                time_onnx(onnx_path, clips, args.batch_size),
-            )
-        )
-    report = _format(args.model, synthetic, len(clips), total, rows)
+                time_onnx(onnx_path, clips, args.batch_size, threads),
+            ),
+        ]
+    report = _format(args.model, synthetic, len(clips), total, rows, threads)
     print(report)
     if args.repo:
         _record(args.repo / args.name, report)
     return 0
 
 
-def _format(source, synthetic, count, total, rows) -> str:
+def _format(source, synthetic, count, total, rows, threads: int) -> str:
     baseline = total / rows[0][1]
     lines = [
         f"model {source}{' (SYNTHETIC weights)' if synthetic else ''}; {count} clips, "
         f"{total:.1f} s of audio (1-20 s, call-centre mix); {platform.processor() or 'cpu'}, "
-        f"{os.cpu_count()} cores",
+        f"{os.cpu_count()} cores; {threads} threads per method (FunASR ncpu, checked after "
+        "loading; ONNX Runtime intra-op)",
         f"{'method':<52} {'wall s':>8} {'audio s/s':>10} {'vs FunASR':>10}",
     ]
     for name, wall in rows:

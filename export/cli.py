@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -52,6 +53,13 @@ def register_bench(bench_sub: argparse._SubParsersAction) -> None:
     bench_export.add_argument("--name", default=MODEL_NAME)
     bench_export.add_argument("--clips", type=int, default=24)
     bench_export.add_argument("--batch-size", type=int, default=8)
+    bench_export.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="threads for each method: torch (FunASR's ncpu) and ONNX Runtime intra-op "
+        "(default: one per core)",
+    )
     bench_export.set_defaults(func=run_bench)
 
 

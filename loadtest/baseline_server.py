@@ -27,26 +27,23 @@ import numpy as np
 
 
 def load_model(model_dir: Path, device: str, threads: int):
-    """FunASR's AutoModel exactly as its README shows, with `threads` torch threads."""
-    import torch
-    from funasr import AutoModel
+    """FunASR's AutoModel as its README shows, with exactly `threads` torch threads
+    (`ncpu`; see export.parity.funasr_model for why it must be passed)."""
+    from export.parity import funasr_model
 
-    torch.set_num_threads(threads)
-    return AutoModel(
-        model=str(model_dir),
-        device=device,
-        disable_update=True,
-        disable_pbar=True,
-        disable_log=True,
-        log_level="WARNING",
-    )
+    return funasr_model(model_dir, device, threads)
 
 
 class Handler(BaseHTTPRequestHandler):
     model = None  # set by serve()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
-        self._reply(200 if self.path == "/health" else 404, {"ok": self.path == "/health"})
+        if self.path != "/health":
+            return self._reply(404, {"ok": False})
+        import torch
+
+        # The threads FunASR actually runs with, for the report (checked, not assumed).
+        self._reply(200, {"ok": True, "torch_threads": torch.get_num_threads()})
 
     def do_POST(self) -> None:  # noqa: N802
         if self.path != "/infer":
@@ -111,6 +108,7 @@ class BaselineServer:
             str(threads or os.cpu_count() or 1),
         ]
         self.process: subprocess.Popen | None = None
+        self.torch_threads: int | None = None  # as the server reports it once loaded
 
     def __enter__(self) -> BaselineServer:
         with open(self.log_path, "wb") as log:
@@ -125,7 +123,8 @@ class BaselineServer:
                 tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:]
                 raise RuntimeError("baseline server exited:\n  " + "\n  ".join(tail))
             try:
-                with urllib.request.urlopen(f"http://{self.url}/health", timeout=2):
+                with urllib.request.urlopen(f"http://{self.url}/health", timeout=2) as answer:
+                    self.torch_threads = int(json.loads(answer.read())["torch_threads"])
                     return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.5)
@@ -140,6 +139,28 @@ class BaselineServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def measure_in_process(
+    model_dir: Path, clips: list[np.ndarray], threads: int, budget_s: float, device: str = "cpu"
+) -> dict:
+    """FunASR's own speed on `clips` in this process, no HTTP, one clip at a time, for
+    about `budget_s`: what the baseline server should reach (its ratio to this is checked)."""
+    import torch
+
+    model = load_model(model_dir, device, threads)
+    model.generate(clips[0], granularity="utterance", disable_pbar=True)  # warm up
+    audio, count, start = 0, 0, time.perf_counter()
+    while time.perf_counter() - start < budget_s:
+        clip = clips[count % len(clips)]
+        model.generate(clip, granularity="utterance", disable_pbar=True)
+        audio, count = audio + len(clip), count + 1
+    elapsed = time.perf_counter() - start
+    return {
+        "audio_s_per_s": audio / 16_000 / elapsed,
+        "clips": count,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def infer(url: str, wav: np.ndarray, timeout_s: float = 300.0) -> dict:

@@ -253,5 +253,6 @@ def local_baseline(
             "server": "FunASR AutoModel.generate, one request at a time",
             "device": device,
             "torch_threads": threads,
+            "torch_threads_running": server.torch_threads,
         }
         yield Target("baseline-funasr", "baseline", server.url, None, settings)

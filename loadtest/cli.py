@@ -193,6 +193,7 @@ class Plan:
             if args.compare:
                 report.served = self.fixed_run(max(runs, key=lambda r: r.summary.audio_s_per_s))
                 report.baseline = self.baseline_run()
+                report.baseline_in_process = self.baseline_in_process
                 report.ort = self.ort_runs(report.served)
             return write_report(report, report_dir)
 
@@ -292,16 +293,24 @@ class Plan:
         return run
 
     def baseline_run(self):
-        from loadtest.baseline_server import resolve_model_dir
+        from loadtest.baseline_server import measure_in_process, resolve_model_dir
         from loadtest.bench import Load, local_baseline, run_load
 
         load = Load(self.args.users, self.args.duration, None, self.args.html)
-        with local_baseline(resolve_model_dir(self.args.model), self.args.device) as target:
+        model_dir = resolve_model_dir(self.args.model)
+        with local_baseline(model_dir, self.args.device) as target:
             log(f"{target.label}: {self.args.users} users for {self.args.duration:g} s")
             run = run_load(
                 target, self.workload, self.workload_path, load, self.report_dir / target.label
             )
         log_result(run)
+        threads = int(target.settings["torch_threads"])
+        log(f"FunASR in-process, {threads} torch threads, {self.args.ort_budget:g} s")
+        clips = [self.workload.clip(i) for i in range(len(self.workload))]
+        self.baseline_in_process = measure_in_process(
+            model_dir, clips, threads, self.args.ort_budget, self.args.device
+        )
+        log(f"  {self.baseline_in_process['audio_s_per_s']:.2f} audio s/s")
         return run
 
     def ort_runs(self, served) -> list[dict]:

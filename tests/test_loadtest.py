@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -260,7 +262,12 @@ def test_http_local_server_with_baseline_and_ort_comparison(tiny_cpu_repo, smoke
         "served_vs_baseline_p50",
         "served_vs_baseline_p95",
         "served_vs_ort_alone_audio_s_per_s",
+        "baseline_server_vs_in_process_audio_s_per_s",
     }
+    # FunASR ran with the threads it was given, in the server and in-process alike
+    cores = os.cpu_count()
+    assert baseline["settings"]["torch_threads_running"] == cores
+    assert summary["baseline_in_process"]["torch_threads"] == cores
     assert (report / "comparison.png").exists()
     assert "Served vs baseline" in (report / "README.md").read_text()
 
@@ -310,3 +317,22 @@ def test_gateway_load_test_and_direct_comparison(tiny_server, smoke_profile, tmp
     text = (report / "README.md").read_text()
     assert text.splitlines()[0].endswith("(SYNTHETIC model: random weights)")
     assert "Through the gateway vs `e2v classify`" in text
+
+
+def test_funasr_baseline_runs_the_threads_it_is_given(tiny_model_dir):
+    """AutoModel resets torch's threads from `ncpu` (default 4): the baseline passes it, and
+    the server reports the count FunASR actually runs with (checked, not timed)."""
+    from loadtest.baseline_server import BaselineServer
+    from tests.servers import free_ports
+
+    code = (
+        "import sys, torch; from export.parity import funasr_model; "
+        "funasr_model(sys.argv[1], threads=1); print(torch.get_num_threads())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_model_dir)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "1"
+    with BaselineServer(tiny_model_dir, free_ports(1)[0], threads=1) as server:
+        assert server.torch_threads == 1
