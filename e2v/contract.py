@@ -144,6 +144,10 @@ GATEWAY_MAX_UPLOAD_MB = 200.0
 LIVE_PATH = "/v1/live"  # our own protocol: JSON `start`, binary audio frames, `stop`
 AUDIOHOOK_PATH = "/v1/audiohook"  # Genesys AudioHook protocol v2
 TWILIO_PATH = "/v1/twilio"  # Twilio Media Streams (no results go back on this socket)
+AUDIOHOOK_ENTITY_TYPE = "e2v.emotion"  # AudioHook `event` entities that carry our events
+# Party names of the telephony channels: AudioHook external/internal, Twilio inbound/outbound.
+AUDIOHOOK_PARTIES = {"external": "customer", "internal": "agent"}
+TWILIO_PARTIES = {"inbound": "caller", "outbound": "callee"}
 CALL_EVENTS_PATH = "/v1/calls/{call_id}/events"  # GET: Server-Sent Events of one call
 CALL_EVENTS_WS_PATH = "/v1/calls/{call_id}/events/ws"  # the same events over a WebSocket
 LIVE_ENCODINGS = ("pcm_s16le", "mulaw", "alaw")
