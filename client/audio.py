@@ -95,20 +95,24 @@ def stream_audio(
     sample_rate: int = SAMPLE_RATE,
     max_duration_s: float | None = None,
     name: str | None = None,
+    mix: bool = True,
 ) -> Iterator[np.ndarray]:
     """Yield `source` as consecutive mono float32 chunks at `sample_rate`.
 
     `source` is a path or a binary file object (e.g. `io.BytesIO` of an upload, an
     object in storage; `name` names it in messages). Raises AudioError, possibly after
     some chunks, for unusable input and when the decoded audio exceeds `max_duration_s`.
+    `mix=False` keeps the channels apart: chunks are (channels, n), each channel
+    resampled on its own (a stereo call is two parties, `e2v live`).
     """
     limit = None if max_duration_s is None else int(max_duration_s * sample_rate)
     produced = 0
-    for chunk in _resampled(_decoded_chunks(source, name), sample_rate):
+    resampler = Resampler if mix else _ChannelResampler
+    for chunk in _resampled(_decoded_chunks(source, name, mix), sample_rate, resampler):
         if chunk.size == 0:
             continue
         _check_samples(chunk)
-        produced += len(chunk)
+        produced += chunk.shape[-1]
         if limit is not None and produced > limit:
             raise AudioError(
                 "too_long",
@@ -175,22 +179,34 @@ def open_regular_file(path: str | Path) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
-def _decoded_chunks(source: AudioSource, name: str | None) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (sample_rate, mono float32) chunks of about _CHUNK_SOURCE_SAMPLES each."""
+def _decoded_chunks(
+    source: AudioSource, name: str | None, mix: bool = True
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (sample_rate, mono float32) chunks of about _CHUNK_SOURCE_SAMPLES each
+    ((channels, n) ones unless `mix`)."""
     pending: list[np.ndarray] = []
     pending_rate, pending_len = 0, 0
-    for rate, mono in _decoded_frames(source, name):
+    for rate, mono in _decoded_frames(source, name, mix):
+        if pending and mono.shape[:-1] != pending[0].shape[:-1]:
+            raise AudioError(
+                "decode",
+                f"cannot decode: {name or 'upload'}: the channel count changes mid-stream "
+                f"({len(pending[0])} to {len(mono)})",
+            )
         if pending and (rate != pending_rate or pending_len >= _CHUNK_SOURCE_SAMPLES):
-            yield pending_rate, np.concatenate(pending)
+            yield pending_rate, np.concatenate(pending, axis=-1)
             pending, pending_len = [], 0
         pending.append(mono)
-        pending_rate, pending_len = rate, pending_len + len(mono)
+        pending_rate, pending_len = rate, pending_len + mono.shape[-1]
     if pending:
-        yield pending_rate, np.concatenate(pending)
+        yield pending_rate, np.concatenate(pending, axis=-1)
 
 
-def _decoded_frames(source: AudioSource, name: str | None) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (sample_rate, mono float32) per decoded frame of the first audio stream."""
+def _decoded_frames(
+    source: AudioSource, name: str | None, mix: bool = True
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (sample_rate, mono float32) per decoded frame of the first audio stream
+    ((channels, n) float32 unless `mix`)."""
     is_path = isinstance(source, (str, Path))
     file = open_regular_file(source) if is_path else source
     name = display_name(str(source)) if is_path else (name or "upload")
@@ -215,7 +231,8 @@ def _decoded_frames(source: AudioSource, name: str | None) -> Iterator[tuple[int
                     for frame in packet.decode():
                         _check_header(frame.sample_rate, frame.layout.nb_channels, name)
                         seconds += frame.samples / frame.sample_rate
-                        yield frame.sample_rate, _to_mono(frame)
+                        planes = _to_mono(frame) if mix else _planes(frame).astype(np.float32)
+                        yield frame.sample_rate, planes
             except (av.FFmpegError, MemoryError) as err:
                 raise AudioError(
                     "decode",
@@ -248,6 +265,11 @@ def _reason(err: BaseException) -> str:
 
 def _to_mono(frame: av.AudioFrame) -> np.ndarray:
     """Average the channels of a decoded frame into float32 samples in [-1, 1]."""
+    return _planes(frame).mean(axis=0, dtype=np.float64).astype(np.float32)
+
+
+def _planes(frame: av.AudioFrame) -> np.ndarray:
+    """A decoded frame's samples in [-1, 1], one row per channel (float64 from integers)."""
     samples = frame.to_ndarray()
     if not frame.format.is_planar:
         samples = samples.reshape(-1, frame.layout.nb_channels).T
@@ -255,7 +277,7 @@ def _to_mono(frame: av.AudioFrame) -> np.ndarray:
         samples = (samples.astype(np.float32) - 128.0) / 128.0
     elif samples.dtype in _INT_SCALE:
         samples = samples / _INT_SCALE[samples.dtype]
-    return samples.mean(axis=0, dtype=np.float64).astype(np.float32)
+    return samples
 
 
 class Resampler:
@@ -287,14 +309,32 @@ class Resampler:
         return stream.resample_chunk(np.zeros(0, np.float32), last=True)
 
 
-def _resampled(chunks: Iterator[tuple[int, np.ndarray]], target: int) -> Iterator[np.ndarray]:
-    """Resample a stream of chunks: one `Resampler` per run of equal source rates."""
+class _ChannelResampler:
+    """A `Resampler` per channel of (channels, n) chunks: channels kept apart."""
+
+    def __init__(self, source: int, target: int = SAMPLE_RATE) -> None:
+        self.source, self.target = source, target
+        self._channels: list[Resampler] = []
+
+    def push(self, chunk: np.ndarray) -> np.ndarray:
+        if not self._channels:
+            self._channels = [Resampler(self.source, self.target) for _ in chunk]
+        return np.stack([channel.push(row) for channel, row in zip(self._channels, chunk)])
+
+    def flush(self) -> np.ndarray:
+        return np.stack([channel.flush() for channel in self._channels] or [np.zeros(0)])
+
+
+def _resampled(
+    chunks: Iterator[tuple[int, np.ndarray]], target: int, make=Resampler
+) -> Iterator[np.ndarray]:
+    """Resample a stream of chunks: one `Resampler` (or `make`) per run of equal rates."""
     resampler: Resampler | None = None
     for chunk_rate, chunk in chunks:
         if resampler is None or chunk_rate != resampler.source:
             if resampler is not None:
                 yield resampler.flush()
-            resampler = Resampler(chunk_rate, target)
+            resampler = make(chunk_rate, target)
         yield resampler.push(chunk)
     if resampler is not None:
         yield resampler.flush()
