@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     from client.gateway import cli as gateway_cli
     from client.heads import bench as heads_bench
     from client.heads import cli as heads_cli
+    from client.live import player as live_player
     from e2v import serve
     from export import cli as export_cli
     from loadtest import cli as loadtest_cli
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         client_cli,
         merge,
         gateway_cli,
+        live_player,
         evaluate_cli,
         heads_cli,
         loadtest_cli,
