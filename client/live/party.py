@@ -1,0 +1,133 @@
+"""One party of a live call: resample -> streaming VAD cutter -> utterances.
+
+The batch path's own pieces do the work: `Resampler` (soxr VHQ, as `e2v classify`
+decodes) and `SegmentCutter` in "vad" mode with the whole-clip rule off, so the finals
+are the segments `e2v classify --segment vad` cuts from the same audio. `push` is plain,
+synchronous code (the session runs it in an executor) and returns what happened:
+- `Start`: speech that starts a new utterance (a region the VAD will keep, not merged
+  into the previous utterance);
+- `Window`: every `hop_s` of audio while speech goes on, the last `window_s` of the
+  utterance (on a fixed grid from the utterance's start, whatever the chunking);
+- `Final`: a segment the cutter emits, once the merge can no longer grow.
+
+Memory is the cutter's: audio from the open utterance's start on (at most one segment,
+30 s, plus the merge gap and padding; a region longer than VAD_MAX_SPEECH_S is cut).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from client.audio import Resampler
+from client.segment import Segment, SegmentCutter, SegmentMode
+from e2v.contract import MAX_SEGMENT_S, SAMPLE_RATE
+
+# Silence pushed at a pause (AudioHook pause, a gap in the stream): long enough that the
+# VAD closes the open region and the merge gap passes, so no utterance spans the pause.
+BREAK_S = 2.0
+
+
+@dataclass(frozen=True)
+class Start:
+    utterance: int
+    start: int  # 16 kHz samples from the start of the party's stream
+
+
+@dataclass(frozen=True)
+class Window:
+    utterance: int
+    start: int
+    end: int
+    samples: np.ndarray
+
+
+@dataclass(frozen=True)
+class Final:
+    utterance: int
+    segment: Segment
+    samples: np.ndarray
+
+
+Action = Start | Window | Final
+
+
+class PartyStream:
+    """One channel's samples (float32 at `source_rate`) in, utterance actions out."""
+
+    def __init__(
+        self,
+        source_rate: int,
+        window_s: float,
+        hop_s: float,
+        max_segment_s: float = MAX_SEGMENT_S,
+    ) -> None:
+        self.resampler = Resampler(source_rate, SAMPLE_RATE)
+        self.cutter = SegmentCutter(SegmentMode("vad"), max_segment_s, early=False)
+        self.window = round(window_s * SAMPLE_RATE)
+        self.hop = round(hop_s * SAMPLE_RATE)
+        self.utterance = 0  # utterances started so far
+        self.open: int | None = None  # start of the open utterance
+        self.next_window = 0  # end sample of the next interim window
+        self.finished = False
+
+    @property
+    def samples(self) -> int:
+        """16 kHz samples of the party's stream so far (its audio time)."""
+        return self.cutter.end
+
+    def push(self, chunk: np.ndarray) -> list[Action]:
+        return self._cut(self.resampler.push(chunk))
+
+    def pause(self) -> list[Action]:
+        """No audio for a while: BREAK_S of silence, so the open utterance ends here."""
+        return self.push(np.zeros(round(BREAK_S * self.resampler.source), np.float32))
+
+    def finish(self) -> list[Action]:
+        """The rest: open utterances end. A stream under one model frame has none."""
+        actions = self._cut(self.resampler.flush())
+        self.finished = True
+        if self.cutter.end == 0:
+            return actions
+        try:
+            finals = self.cutter.finish()
+        except ValueError:  # AudioError("too_short"): under one model frame, no speech
+            finals = []
+        return actions + self._finals(finals)
+
+    def _cut(self, samples: np.ndarray) -> list[Action]:
+        if not len(samples):
+            return []
+        actions = self._finals(self.cutter.push(samples))
+        if self.open is None and (start := self.cutter.open_start) is not None:
+            actions.append(self._start(start))
+        if self.open is not None and self.cutter.speaking:
+            actions += self._windows()
+        return actions
+
+    def _start(self, start: int) -> Start:
+        self.utterance += 1
+        self.open = start
+        self.next_window = start + self.hop
+        return Start(self.utterance, start)
+
+    def _finals(self, found: list[tuple[Segment, np.ndarray]]) -> list[Action]:
+        actions: list[Action] = []
+        for segment, samples in found:
+            if self.open is None:
+                actions.append(self._start(segment.start))
+            actions.append(Final(self.utterance, segment, samples))
+            self.open = None
+        return actions
+
+    def _windows(self) -> list[Action]:
+        """Windows due in the audio just pushed; only the newest of them when several
+        are (the older ones would be coalesced anyway)."""
+        end = self.cutter.end
+        if end < self.next_window:
+            return []
+        due = self.next_window + (end - self.next_window) // self.hop * self.hop
+        self.next_window = due + self.hop
+        start = max(self.open, due - self.window)
+        return [Window(self.utterance, start, due, self.cutter.window(start, due))]

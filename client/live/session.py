@@ -1,0 +1,506 @@
+"""One live call: payloads in, events out (transport-independent; protocols wrap it).
+
+    session = LiveSession(call_id, StreamFormat("mulaw", 8000, ("customer", "agent")),
+                          LiveSettings(), scheduler, client.info, publish)
+    await session.feed(payload)       # interleaved frames, any length
+    summary = await session.finish()  # open utterances end, every final is sent
+
+Audio work (decode, resample, VAD) runs in a shared thread pool, one batch at a time per
+session so each session's chunks stay in order; chunks that queue up while a batch runs go
+in the next batch together, so a busy gateway makes fewer, larger steps. `feed` awaits
+when a session is `QUEUE_CHUNKS` chunks behind: back-pressure on that stream only.
+
+Events go to `publish(event)` on the event loop, in order, with `call_id` and `seq`:
+`utterance.start`, `result` (interim: `lag_s`, `coalesced`), `utterance.end` (final: the
+segment `e2v classify --segment vad` cuts, scored like it), `alert`, and `summary`.
+Finals of a party are published in utterance order; an interim that comes back after its
+utterance's final is dropped (counted in `stale`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from client.live import codecs
+from client.live.party import BREAK_S, Final, PartyStream, Start, Window
+from client.live.scheduler import Scheduler
+from client.results import FileResult, SegmentResult, aggregate, segment_result
+from client.segment import Segment
+from client.triton import InferenceError, ModelInfo, Prediction
+from e2v.contract import (
+    CLOSE_BAD_MESSAGE,
+    CLOSE_INTERNAL,
+    EVENT_RESULT,
+    EVENT_SUMMARY,
+    EVENT_UTTERANCE_END,
+    EVENT_UTTERANCE_START,
+    LIVE_ENCODINGS,
+    LIVE_HOP_S,
+    LIVE_MAX_CHANNELS,
+    LIVE_SAMPLE_RATES,
+    LIVE_WINDOW_S,
+    MAX_SEGMENT_S,
+    SAMPLE_RATE,
+)
+
+# Chunks a session may have queued before `feed` waits (each at most one message).
+QUEUE_CHUNKS = 32
+WINDOW_RANGE_S = (1.0, 10.0)
+HOP_RANGE_S = (0.5, 10.0)
+MAX_PARTY_CHARS = 64
+
+
+class LiveError(Exception):
+    """Ends a session: `code` is a contract CLOSE_*, `kind` a short word, str() the reason."""
+
+    def __init__(self, code: int, kind: str, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.code, self.kind, self.retry_after_s = code, kind, retry_after_s
+
+
+def _bad(kind: str, message: str) -> LiveError:
+    return LiveError(CLOSE_BAD_MESSAGE, kind, message)
+
+
+@dataclass(frozen=True)
+class StreamFormat:
+    """The audio of a stream: encoding, rate, and one party name per interleaved channel."""
+
+    encoding: str
+    sample_rate: int
+    parties: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.encoding not in LIVE_ENCODINGS:
+            raise _bad(
+                "encoding",
+                f"unknown encoding {self.encoding!r}: one of " + ", ".join(LIVE_ENCODINGS),
+            )
+        if self.sample_rate not in LIVE_SAMPLE_RATES:
+            raise _bad(
+                "sample_rate",
+                f"sample_rate {self.sample_rate!r}: one of "
+                + ", ".join(map(str, LIVE_SAMPLE_RATES)),
+            )
+        parties = self.parties
+        if not isinstance(parties, tuple) or not 1 <= len(parties) <= LIVE_MAX_CHANNELS:
+            raise _bad("parties", f"1 to {LIVE_MAX_CHANNELS} parties, one per channel")
+        if any(not isinstance(p, str) or not 0 < len(p) <= MAX_PARTY_CHARS for p in parties):
+            raise _bad("parties", f"party names are 1-{MAX_PARTY_CHARS} characters")
+        if len(set(parties)) != len(parties):
+            raise _bad("parties", "party names must differ")
+
+    @property
+    def channels(self) -> int:
+        return len(self.parties)
+
+    @property
+    def frame_bytes(self) -> int:
+        """Bytes of one interleaved sample frame (all channels)."""
+        return codecs.bytes_per_sample(self.encoding) * self.channels
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    """Interim windows and alerts of one session (ranges in docs/live.md)."""
+
+    window_s: float = LIVE_WINDOW_S
+    hop_s: float = LIVE_HOP_S
+    alerts: str | None = None  # "customer:angry=0.7,sad=0.8" (client/live/alerts.py)
+    alert_windows: int = 2
+
+    def __post_init__(self) -> None:
+        for name, (low, high) in (("window_s", WINDOW_RANGE_S), ("hop_s", HOP_RANGE_S)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise _bad(name, f"{name} must be a number")
+            if not low <= value <= high:  # also False for nan
+                raise _bad(name, f"{name} {value!r}: between {low:g} and {high:g} s")
+        if self.alerts is not None and not isinstance(self.alerts, str):
+            raise _bad("alerts", "alerts must be a string like 'customer:angry=0.7'")
+        if isinstance(self.alert_windows, bool) or not isinstance(self.alert_windows, int):
+            raise _bad("alert_windows", "alert_windows must be an integer")
+
+
+@functools.lru_cache(maxsize=1)
+def audio_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads every session's audio work shares (ONNX Runtime and numpy release the
+    GIL; one per core)."""
+    return concurrent.futures.ThreadPoolExecutor(
+        max(2, os.cpu_count() or 1), thread_name_prefix="e2v-live"
+    )
+
+
+_PAUSE, _FINISH = "pause", "finish"
+
+
+class LiveSession:
+    """One call's parties, their utterances and events. See the module docstring."""
+
+    def __init__(
+        self,
+        call_id: str,
+        fmt: StreamFormat,
+        settings: LiveSettings,
+        scheduler: Scheduler,
+        info: ModelInfo,
+        publish: Callable[[dict], None],
+        executor: concurrent.futures.Executor | None = None,
+    ) -> None:
+        self.call_id, self.fmt, self.settings = call_id, fmt, settings
+        self.scheduler, self.info, self._publish = scheduler, info, publish
+        self._executor = executor or audio_executor()
+        self._alerts = _alert_tracker(settings, fmt.parties, info.labels)
+        max_segment_s = min(MAX_SEGMENT_S, info.max_samples / SAMPLE_RATE)
+        self.parties = [
+            PartyStream(fmt.sample_rate, settings.window_s, settings.hop_s, max_segment_s)
+            for _ in fmt.parties
+        ]
+        self._window_size = info.bucket(round(settings.window_s * SAMPLE_RATE))
+        self._key = object()  # this session's part of the scheduler's interim keys
+        self._seq = 0
+        self._remainder = [b""] * (fmt.channels + 1)  # partial frames: [interleaved, per channel]
+        self._received = [0] * fmt.channels  # samples received per channel (source rate)
+        self._stream_s = [0.0] * fmt.channels  # party time received, pause breaks included
+        self._finals_seen = [0] * fmt.channels  # newest utterance whose final was cut
+        self._last_final: list[asyncio.Task | None] = [None] * fmt.channels
+        self._finals: list[list[SegmentResult]] = [[] for _ in fmt.parties]
+        self._final_tasks: set[asyncio.Task] = set()
+        self._queue: asyncio.Queue = asyncio.Queue()  # bounded by _room (audio items)
+        self._room = asyncio.Semaphore(QUEUE_CHUNKS)
+        self._worker: asyncio.Task | None = None
+        self._error: LiveError | None = None
+        self.state = "open"  # open -> finishing -> done | aborted
+        self.paused = False
+        self.stale = 0  # interim results dropped: their utterance had ended
+        self.coalesced = 0  # interim windows this session lost to newer ones
+
+    # ----------------------------------------------------------------- inputs
+
+    @property
+    def audio_s(self) -> float:
+        """Seconds of audio received (the most of any party), for rate limits."""
+        return max(self._received) / self.fmt.sample_rate
+
+    async def feed(self, payload: bytes) -> None:
+        """Interleaved frames of `fmt`; a partial frame waits for the next payload."""
+        self._check_open()
+        data = self._whole(0, payload, self.fmt.frame_bytes)
+        for i in range(self.fmt.channels):
+            self._account(i, len(data) // self.fmt.frame_bytes)
+        if data:
+            await self._enqueue(("audio", data))
+
+    async def feed_channel(self, index: int, payload: bytes) -> None:
+        """Frames of one channel only (Twilio sends each track on its own)."""
+        self._check_open()
+        if not 0 <= index < self.fmt.channels:
+            raise _bad("channel", f"no channel {index} in a {self.fmt.channels}-channel stream")
+        width = codecs.bytes_per_sample(self.fmt.encoding)
+        data = self._whole(index + 1, payload, width)
+        self._account(index, len(data) // width)
+        if data:
+            await self._enqueue(("channel", index, data))
+
+    def pause(self) -> None:
+        """No audio until `resume` (AudioHook pause): the open utterances end, and the gap
+        is not speech (BREAK_S of silence in each party's audio time)."""
+        if self.state != "open" or self.paused:
+            return
+        self.paused = True
+        for i in range(self.fmt.channels):
+            self._stream_s[i] += BREAK_S
+        self._put((_PAUSE,))
+
+    def resume(self) -> None:
+        self.paused = False
+
+    async def finish(self) -> dict:
+        """Flush every party, wait for every final, publish and return the summary."""
+        self._check_open()
+        self.state = "finishing"
+        self._put((_FINISH,))
+        if self._worker is not None:
+            await asyncio.gather(self._worker, return_exceptions=True)
+        self._raise_error()
+        await asyncio.gather(*list(self._final_tasks))
+        self._raise_error()
+        summary = self._summary()
+        self._emit(summary)
+        self.state = "done"
+        return summary
+
+    async def abort(self) -> None:
+        """Stop at once (client gone, session closed): nothing more is published."""
+        if self.state in ("done", "aborted"):
+            return
+        self.state = "aborted"
+        tasks = [t for t in (self._worker, *self._final_tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for i in range(self.fmt.channels):
+            self.scheduler.forget((self._key, i))
+        self._wake_feeders()
+
+    # ------------------------------------------------------------- processing
+
+    def _check_open(self) -> None:
+        self._raise_error()
+        if self.state != "open":
+            raise _bad("order", f"the session is {self.state}: no more audio or stop")
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _whole(self, slot: int, payload: bytes, width: int) -> bytes:
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise _bad("payload", "audio must be binary")
+        data = self._remainder[slot] + bytes(payload)
+        cut = len(data) - len(data) % width
+        self._remainder[slot] = data[cut:]
+        return data[:cut]
+
+    def _account(self, index: int, samples: int) -> None:
+        self._received[index] += samples
+        self._stream_s[index] += samples / self.fmt.sample_rate
+
+    async def _enqueue(self, item: tuple) -> None:
+        """Queue audio, waiting while the session is QUEUE_CHUNKS chunks behind."""
+        await self._room.acquire()
+        self._check_open()  # it may have failed or ended while this waited
+        self._put(item)
+
+    def _put(self, item: tuple) -> None:
+        """Queue an item at once (pause and finish never wait behind the bound)."""
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._work())
+        self._queue.put_nowait(item)
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                items = [await self._queue.get()]
+                while not self._queue.empty():
+                    items.append(self._queue.get_nowait())
+                actions = await loop.run_in_executor(self._executor, self._process, items)
+                for item in items:
+                    if item[0] in ("audio", "channel"):
+                        self._room.release()
+                for index, action in actions:
+                    self._act(index, action)
+                if items[-1][0] == _FINISH:
+                    return
+        except asyncio.CancelledError:
+            raise
+        except LiveError as exc:
+            self._error = exc
+        except Exception as exc:  # noqa: BLE001 - one session's failure is its own close
+            self._error = LiveError(
+                CLOSE_INTERNAL, "internal", f"audio processing failed: {type(exc).__name__}"
+            )
+        finally:
+            self._wake_feeders()
+
+    def _wake_feeders(self) -> None:
+        """No more audio will be taken: feeds waiting for room raise instead of hanging."""
+        for _ in range(QUEUE_CHUNKS):
+            self._room.release()
+
+    def _process(self, items: list[tuple]) -> list[tuple[int, object]]:
+        """Executor side: decode, deinterleave and push every queued item, in order."""
+        out: list[tuple[int, object]] = []
+        audio: list[bytes] = []
+
+        def flush() -> None:
+            if audio:
+                samples = codecs.decode(b"".join(audio), self.fmt.encoding)
+                for i, channel in enumerate(codecs.deinterleave(samples, self.fmt.channels)):
+                    out.extend((i, a) for a in self.parties[i].push(channel))
+                audio.clear()
+
+        for item in items:
+            if item[0] == "audio":
+                audio.append(item[1])
+                continue
+            flush()
+            if item[0] == "channel":
+                samples = codecs.decode(item[2], self.fmt.encoding)
+                out.extend((item[1], a) for a in self.parties[item[1]].push(samples))
+            elif item[0] == _PAUSE:
+                for i, party in enumerate(self.parties):
+                    out.extend((i, a) for a in party.pause())
+            elif item[0] == _FINISH:
+                for i, party in enumerate(self.parties):
+                    out.extend((i, a) for a in party.finish())
+        flush()
+        return out
+
+    # ----------------------------------------------------------------- events
+
+    def _act(self, index: int, action: object) -> None:
+        party = self.fmt.parties[index]
+        if isinstance(action, Start):
+            start_s = action.start / SAMPLE_RATE
+            heard_s = self.parties[index].samples / SAMPLE_RATE
+            self._emit(
+                {
+                    "type": EVENT_UTTERANCE_START,
+                    "party": party,
+                    "start_s": _r(start_s),
+                    "end_s": _r(max(start_s, heard_s)),
+                    "utterance": action.utterance,
+                }
+            )
+        elif isinstance(action, Window):
+            self.scheduler.interim(
+                (self._key, index),
+                action.samples,
+                functools.partial(self._on_interim, index, action),
+                self._window_size,
+            )
+        elif isinstance(action, Final):
+            self._finals_seen[index] = action.utterance
+            task = asyncio.create_task(self._final(index, action, self._last_final[index]))
+            self._last_final[index] = task
+            self._final_tasks.add(task)
+            task.add_done_callback(self._final_tasks.discard)
+
+    def _on_interim(
+        self, index: int, window: Window, prediction: Prediction | None, coalesced: int
+    ) -> None:
+        self.coalesced += coalesced
+        if self.state == "aborted" or prediction is None:
+            return
+        if window.utterance <= self._finals_seen[index]:
+            self.stale += 1
+            return
+        party = self.fmt.parties[index]
+        fields = _fields(segment_result(Segment(window.start, window.end), prediction, self.info))
+        lag_s = max(0.0, self._stream_s[index] - window.end / SAMPLE_RATE)
+        self._emit(
+            {
+                "type": EVENT_RESULT,
+                "party": party,
+                **fields,
+                "utterance": window.utterance,
+                "interim": True,
+                "lag_s": _r(lag_s, 3),
+                "coalesced": coalesced,
+            }
+        )
+        if self._alerts is not None:
+            for alert in self._alerts.update(
+                party, fields["scores"], fields["start_s"], fields["end_s"]
+            ):
+                self._emit(alert)
+
+    async def _final(self, index: int, final: Final, previous: asyncio.Task | None) -> None:
+        error = None
+        try:
+            prediction = await self.scheduler.final(final.samples)
+        except InferenceError as exc:
+            prediction, error = None, f"the server refused this utterance: {exc}"
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)  # publish in order
+        party = self.fmt.parties[index]
+        event = {"type": EVENT_UTTERANCE_END, "party": party}
+        if prediction is None:
+            event |= {
+                "start_s": _r(final.segment.start_s),
+                "end_s": _r(final.segment.end_s),
+                "emotion": None,
+                "confidence": None,
+                "scores": {},
+                "error": error,
+            }
+        else:
+            result = segment_result(final.segment, prediction, self.info)
+            self._finals[index].append(result)
+            event |= _fields(result)
+        self._emit(event | {"utterance": final.utterance})
+
+    def _emit(self, event: dict) -> None:
+        if self.state == "aborted":
+            return
+        self._seq += 1
+        self._publish(
+            {"type": event.pop("type"), "call_id": self.call_id, "seq": self._seq, **event}
+        )
+
+    def _summary(self) -> dict:
+        """Per party what `e2v classify` gives for the whole call, speech and overlap."""
+        parties = []
+        for i, party in enumerate(self.fmt.parties):
+            duration_s = self.parties[i].samples / SAMPLE_RATE
+            result = aggregate(party, duration_s, self._finals[i], self.info, {}).to_json()
+            parties.append(
+                {
+                    "party": party,
+                    "emotion": result["emotion"],
+                    "confidence": result["confidence"],
+                    "scores": result["scores"],
+                    "segments": len(self._finals[i]),
+                    "speech_s": _r(sum(s.duration_s for s in self._finals[i])),
+                    "no_speech": result["no_speech"],
+                }
+            )
+        duration_s = max(p.samples for p in self.parties) / SAMPLE_RATE
+        return {
+            "type": EVENT_SUMMARY,
+            "party": None,
+            "start_s": 0.0,
+            "end_s": _r(duration_s),
+            "parties": parties,
+            "overlap_s": _r(overlap_s(self._finals)),
+            "duration_s": _r(duration_s),
+            "coalesced": self.coalesced,
+            "model": self.info.name,
+            "synthetic": self.info.synthetic,
+        }
+
+
+def overlap_s(parties: list[list[SegmentResult]]) -> float:
+    """Seconds during which at least two parties speak (their finals overlap)."""
+    edges = sorted(
+        (t, d) for segs in parties for s in segs for t, d in ((s.start_s, 1), (s.end_s, -1))
+    )
+    total, talking, last = 0.0, 0, 0.0
+    for t, delta in edges:
+        if talking >= 2:
+            total += t - last
+        talking, last = talking + delta, t
+    return total
+
+
+def _fields(result: SegmentResult) -> dict:
+    """start_s, end_s, emotion, confidence, scores: rounded as `e2v classify --json`."""
+    (segment,) = FileResult(file="", segments=[result]).to_json()["segments"]
+    return segment
+
+
+def _r(value: float, digits: int = 6) -> float:
+    return round(float(value), digits) if math.isfinite(value) else 0.0
+
+
+def _alert_tracker(settings: LiveSettings, parties: tuple[str, ...], labels: list[str]):
+    if not settings.alerts:
+        return None
+    from client.live.alerts import AlertTracker, parse_live_alerts
+
+    try:
+        rules = parse_live_alerts(settings.alerts, parties, labels)
+        return AlertTracker(rules, settings.alert_windows)
+    except ValueError as exc:
+        raise _bad("alerts", str(exc)) from None
+
+
+__all__ = ["LiveError", "LiveSession", "LiveSettings", "StreamFormat", "audio_executor"]
