@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.live.limits import LiveLimits
 from e2v.contract import GATEWAY_MAX_UPLOAD_MB, GATEWAY_PORT, GRPC_PORT, MAX_DURATION_S, MODEL_NAME
 
 # Files per request: a form is a handful of recordings, not an archive.
@@ -30,6 +31,13 @@ class GatewayConfig:
     max_files: int = MAX_FILES
     api_key: bytes | None = None
     spool_dir: str | None = None  # temporary upload files (None: the system's temp dir)
+    live: LiveLimits = LiveLimits()  # live sessions (WebSocket), checked by LiveLimits
+    max_uploads: int = 64  # bodies being received at once (client/gateway/uploads.py)
+    # Connections (client/gateway/server.py): sockets, per client address, deadlines.
+    max_connections: int = 1024
+    max_connections_per_client: int = 32  # 0: no per-address cap (behind a proxy)
+    header_timeout_s: float = 10.0  # request line and headers, from connect or last answer
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
     webhook: str | None = None  # live alerts and summaries are POSTed here (client/webhooks.py)
     webhook_secret: bytes | None = None  # their signing secret (--webhook-secret-file)
 
@@ -47,6 +55,8 @@ class GatewayConfig:
             raise ValueError("--concurrency, --queue and max files must not be negative")
         if not 0 < self.read_timeout_s <= 3600 or not 0 <= self.queue_wait_s <= 600:
             raise ValueError("--read-timeout-s must be in (0, 3600] and the queue wait <= 600 s")
+        if self.max_uploads < 1:
+            raise ValueError(f"--max-uploads must be >= 1, not {self.max_uploads}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("the API key file is empty")
         if self.spool_dir is not None and not os.access(self.spool_dir, os.W_OK | os.X_OK):
@@ -57,6 +67,17 @@ class GatewayConfig:
             from client.webhooks import validate_url
 
             validate_url(self.webhook)
+
+    @property
+    def connection_limits(self):
+        from client.gateway.server import ConnectionLimits
+
+        return ConnectionLimits(
+            self.max_connections,
+            self.max_connections_per_client,
+            self.header_timeout_s,
+            self.keep_alive_s,
+        )
 
     @property
     def max_upload_bytes(self) -> int:

@@ -1,0 +1,513 @@
+"""The gateway's live sessions: the slot limit, each socket's bounded outbox, subscriptions
+by call id, webhooks, metrics and the drain on shutdown.
+
+Every event a session publishes goes, without ever blocking, to
+- its socket's `Outbox` (bounded in events and bytes: a client that stops reading
+  overflows it, and its session ends with CLOSE_SLOW_READER; no other session waits);
+- the subscribers of its call id (each with its own bounded queue, dropped the same way);
+- the webhook sender, for alerts and the summary (its queue is bounded too).
+
+A socket takes a slot as soon as it is accepted (`admit`), before its first message, so
+sockets that never speak are bounded by the same limit and lose their slot after the
+handshake timeout. Protocol modules (native.py, audiohook.py, twilio.py) use
+`admit` -> `session` -> `Outbox.guard` and nothing else of the hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+from client.live.limits import LiveLimits
+from client.live.scheduler import Scheduler
+from client.live.session import LiveError, LiveSession, LiveSettings, StreamFormat
+from e2v.contract import (
+    CLOSE_BAD_MESSAGE,
+    CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    CLOSE_SLOW_READER,
+    CLOSE_TIMEOUT,
+    CLOSE_TRY_AGAIN,
+    EVENT_ALERT,
+    EVENT_ERROR,
+    EVENT_RESULT,
+    EVENT_SUMMARY,
+    EVENT_UTTERANCE_END,
+)
+
+if TYPE_CHECKING:
+    from client.gateway.service import Gateway
+    from client.webhooks import WebhookSender
+
+log = logging.getLogger("e2v.live")
+T = TypeVar("T")
+
+# A busy gateway tells clients to come back after this long (the `retry_after_s` field).
+RETRY_AFTER_S = 5.0
+# After the drain deadline, a session still open gets this long to score what it holds
+# (open utterances become finals, the summary is sent) before it is closed.
+DRAIN_FINISH_S = 5.0
+# Subscriptions: per call and in all (each holds a bounded queue), and how long one may
+# wait for a call that is not live yet (a Twilio subscriber may connect before the stream).
+SUBSCRIBERS_PER_CALL = 16
+SUBSCRIBE_WAIT_S = 30.0
+# Events of a live call kept for subscribers that join late or reconnect (Last-Event-ID).
+REPLAY_EVENTS = 64
+# Subscriptions in all, per session slot (each holds a bounded queue).
+SUBSCRIPTIONS_PER_SESSION = 2
+# Outbox items past the bound that are still let in: the one error event before a close.
+ERROR_HEADROOM = 1
+# How long a socket being closed may take to flush its outbox and send the close frame.
+CLOSE_WAIT_S = 5.0
+CLOSE_ABNORMAL = 1006  # the label of sessions that ended by an exception (a bug) in /metrics
+GOING_AWAY_REASON = "the gateway is shutting down: reconnect to another instance"
+# Events whose `lag_s` is the latency metric's sample, and the metric's label.
+LATENCY_KINDS = {EVENT_RESULT: "interim", EVENT_UTTERANCE_END: "final"}
+
+
+class Outbox:
+    """One socket's side of the hub, from its accept to its close: the session slot it
+    holds, its bounded queue of events, and the reason, once there is one, that its
+    session must stop (`stop`; raised by `guard`).
+
+    `put` never blocks: past `max_events` or `max_bytes` it refuses the event and stops
+    the session with CLOSE_SLOW_READER. Items are (event, JSON text)."""
+
+    def __init__(self, max_events: int, max_bytes: int, on_release=None):
+        self.max_events, self.max_bytes = max_events, max_bytes
+        self.bytes = 0
+        self._items: deque[tuple[dict, str]] = deque()
+        self._ready = asyncio.Event()
+        self._closed = False
+        self._on_release = on_release
+        self.stopped: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, event: dict, text: str | None = None, *, last: bool = False) -> bool:
+        """Queue `event` (its JSON `text`, made here if not given); False once closed or
+        full. `last`: the error event before a close, let in past the bound."""
+        if self._closed:
+            return False
+        text = text if text is not None else event_json(event)
+        headroom = ERROR_HEADROOM if last else 0
+        if len(self._items) >= self.max_events + headroom or self.bytes + len(
+            text
+        ) > self.max_bytes + headroom * len(text):
+            self.stop(
+                LiveError(
+                    CLOSE_SLOW_READER,
+                    "slow_reader",
+                    f"the client is not reading its events ({len(self._items)} queued, "
+                    f"{self.bytes} bytes): closed",
+                )
+            )
+            return False
+        self._items.append((event, text))
+        self.bytes += len(text)
+        self._ready.set()
+        return True
+
+    async def get(self) -> tuple[dict, str] | None:
+        """The next item; None once closed and empty."""
+        while not self._items:
+            if self._closed:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        event, text = self._items.popleft()
+        self.bytes -= len(text)
+        return event, text
+
+    def close(self) -> None:
+        """No more puts; `get` returns what is left, then None."""
+        self._closed = True
+        self._ready.set()
+
+    def stop(self, reason: Exception) -> None:
+        """End the session with `reason` (the first reason wins)."""
+        if not self.stopped.done():
+            self.stopped.set_result(reason)
+
+    async def guard(self, awaitable: Awaitable[T], timeout_s: float | None = None) -> T:
+        """`awaitable`'s result, unless the session is stopped first (the reason is raised)
+        or `timeout_s` passes (asyncio.TimeoutError); either way the awaitable is cancelled."""
+        task = asyncio.ensure_future(awaitable)
+        try:
+            done, _ = await asyncio.wait(
+                {task, self.stopped}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        if self.stopped.done():
+            raise self.stopped.result()
+        raise asyncio.TimeoutError
+
+    def release(self) -> None:
+        """Give the session slot back (idempotent)."""
+        if self._on_release is not None:
+            release, self._on_release = self._on_release, None
+            release(self)
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@dataclass
+class _Call:
+    """A live call: its session's events fan out from here."""
+
+    call_id: str
+    session_id: str
+    protocol: str
+    outbox: Outbox
+    started: float
+    session: LiveSession | None = None
+    seq: int = 0
+    ended: bool = False
+
+    def __post_init__(self) -> None:
+        self.subscribers: set[Outbox] = set()
+        self.recent: deque[tuple[dict, str]] = deque(maxlen=REPLAY_EVENTS)
+
+
+class LiveHub:
+    """Session registry and limit, fan-out of events, drain. One per gateway."""
+
+    def __init__(self, gateway: Gateway, limits: LiveLimits, webhook: WebhookSender | None = None):
+        self.gateway, self.limits, self.webhook = gateway, limits, webhook
+        self.metrics = gateway.metrics
+        self.scheduler: Scheduler | None = None
+        self.draining = False
+        self._sockets: set[Outbox] = set()  # every admitted socket (handshakes included)
+        self._calls: dict[str, _Call] = {}
+        self._waiting: dict[str, set[asyncio.Future]] = {}
+        self._subscriptions = 0
+        self._changed: asyncio.Event | None = None
+        self.metrics.bind_live(self)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """After the gateway's start (the scheduler shares its Triton client)."""
+        self.scheduler = Scheduler(self.gateway.client, max_in_flight=self.in_flight_limit)
+        self._changed = asyncio.Event()
+        if self.webhook is not None:
+            await self.webhook.start()
+
+    async def stop(self) -> None:
+        """Close what is left (the server drained before it stopped, see shutdown.py)."""
+        if self._changed is None:
+            return
+        await self.drain(0)
+        if self.scheduler is not None:
+            await self.scheduler.close()
+        if self.webhook is not None:
+            await self.webhook.stop(DRAIN_FINISH_S)
+
+    @property
+    def in_flight_limit(self) -> int:
+        """Triton requests in flight for live windows: enough to fill the dynamic batcher
+        from many calls, bounded so uploads keep their share."""
+        return max(8, 4 * self.gateway.config.slots)
+
+    @property
+    def sessions(self) -> int:
+        """Sockets holding a slot (started sessions and handshakes)."""
+        return len(self._sockets)
+
+    @property
+    def live_calls(self) -> int:
+        return len(self._calls)
+
+    @property
+    def subscriptions(self) -> int:
+        return self._subscriptions
+
+    # ------------------------------------------------------------------ sessions
+
+    def admit(self) -> Outbox:
+        """A slot for a socket just accepted, as the socket's Outbox (`release` it, or use
+        it as a context manager); LiveError when draining or full."""
+        if self.draining:
+            self.metrics.live_refused.labels("draining").inc()
+            raise LiveError(CLOSE_GOING_AWAY, "draining", GOING_AWAY_REASON)
+        if len(self._sockets) >= self.limits.sessions:
+            self.metrics.live_refused.labels("busy").inc()
+            raise LiveError(
+                CLOSE_TRY_AGAIN,
+                "busy",
+                f"busy: {len(self._sockets)} live sessions (the gateway's --live-sessions); "
+                f"retry in {RETRY_AFTER_S:g} s",
+                retry_after_s=RETRY_AFTER_S,
+            )
+        outbox = Outbox(self.limits.outbox_events, self.limits.outbox_bytes, self._release)
+        self._sockets.add(outbox)
+        return outbox
+
+    def _release(self, outbox: Outbox) -> None:
+        self._sockets.discard(outbox)
+        self._changed.set()
+
+    @contextlib.asynccontextmanager
+    async def session(
+        self,
+        call_id: str | None,
+        fmt: StreamFormat,
+        settings: LiveSettings,
+        *,
+        outbox: Outbox | None = None,
+        protocol: str = "live",
+    ) -> AsyncIterator[tuple[LiveSession, Outbox]]:
+        """A started session and its socket's outbox (from `admit`, or a new slot). A
+        LiveError raised inside, or the outbox's stop reason, ends the session: it is
+        published as the `error` event and re-raised, and the caller then flushes the
+        outbox and closes the socket with its code. The slot is released at the end."""
+        outbox = outbox or self.admit()
+        try:
+            call = self._open(call_id, fmt, settings, outbox, protocol)
+        except BaseException:
+            outbox.release()
+            raise
+        timer = asyncio.get_running_loop().call_later(
+            self.limits.max_duration_s,
+            outbox.stop,
+            LiveError(
+                CLOSE_TIMEOUT,
+                "max_duration",
+                f"the session passed the longest allowed ({self.limits.max_duration_s:g} s)",
+            ),
+        )
+        code = CLOSE_NORMAL
+        try:
+            yield call.session, outbox
+        except LiveError as exc:
+            code = exc.code
+            await self._end_with(call, exc)
+            raise
+        except BaseException:
+            code = CLOSE_ABNORMAL
+            await _quietly(call.session.abort())
+            raise
+        finally:
+            timer.cancel()
+            self._close(call)
+            outbox.release()
+            self.metrics.live_ended.labels(protocol, str(code)).inc()
+            self.metrics.live_duration.observe(time.monotonic() - call.started)
+
+    def _open(self, call_id, fmt, settings, outbox: Outbox, protocol: str) -> _Call:
+        if self.draining:
+            raise LiveError(CLOSE_GOING_AWAY, "draining", GOING_AWAY_REASON)
+        call_id = call_id or f"call-{secrets.token_hex(8)}"
+        if call_id in self._calls:
+            raise LiveError(CLOSE_BAD_MESSAGE, "call_in_use", f"call_id {call_id} is already live")
+        if self.gateway.info is None:
+            raise LiveError(
+                CLOSE_TRY_AGAIN,
+                "unavailable",
+                f"Triton's model is not ready yet; retry in {RETRY_AFTER_S:g} s",
+                retry_after_s=RETRY_AFTER_S,
+            )
+        call = _Call(call_id, secrets.token_hex(8), protocol, outbox, time.monotonic())
+        call.session = LiveSession(
+            call_id,
+            fmt,
+            settings,
+            self.scheduler,
+            self.gateway.info,
+            lambda event: self._publish(call, event),
+        )
+        self._calls[call_id] = call
+        for waiter in self._waiting.pop(call_id, set()):
+            if not waiter.done():
+                waiter.set_result(call)
+        return call
+
+    def _close(self, call: _Call) -> None:
+        call.ended = True
+        if self._calls.get(call.call_id) is call:
+            del self._calls[call.call_id]
+        for subscriber in call.subscribers:
+            subscriber.close()
+
+    def session_id(self, session: LiveSession) -> str:
+        """The id `started` names (one per session; the call id may come again later)."""
+        return next(c.session_id for c in self._calls.values() if c.session is session)
+
+    async def _end_with(self, call: _Call, exc: LiveError) -> None:
+        """Going away (drain deadline): score what was heard first. Then stop the work
+        and publish the `error` event."""
+        if exc.code == CLOSE_GOING_AWAY:
+            try:
+                await asyncio.wait_for(call.session.finish(), DRAIN_FINISH_S)
+            except Exception as finish_error:  # noqa: BLE001 - closing anyway; log why
+                log.warning("call %s: not finished before close: %r", call.call_id, finish_error)
+        await _quietly(call.session.abort())
+        self._publish(call, error_event(exc, call.call_id), last=True)
+
+    # ------------------------------------------------------------------ events
+
+    def _publish(self, call: _Call, event: dict, last: bool = False) -> None:
+        """Number `event` and fan it out; never blocks, never raises into the session."""
+        if call.ended:
+            return
+        call.seq += 1
+        event["seq"] = call.seq
+        event.setdefault("call_id", call.call_id)
+        try:
+            text = event_json(event)
+        except (TypeError, ValueError) as exc:  # a bug upstream: one event lost, said loudly
+            log.error("call %s: event not JSON (%r): %r", call.call_id, exc, event)
+            return
+        kind = event.get("type", "?")
+        self.metrics.live_events.labels(kind).inc()
+        lag = event.get("lag_s")
+        if kind in LATENCY_KINDS and isinstance(lag, (int, float)) and lag >= 0:
+            self.metrics.live_latency.labels(LATENCY_KINDS[kind]).observe(lag)
+        call.recent.append((event, text))
+        call.outbox.put(event, text, last=last)
+        for subscriber in list(call.subscribers):
+            if not subscriber.put(event, text, last=last):
+                call.subscribers.discard(subscriber)
+        if self.webhook is not None and kind in (EVENT_ALERT, EVENT_SUMMARY):
+            self.webhook.post(event)
+
+    async def subscribe(self, call_id: str, after_seq: int = 0) -> AsyncIterator[dict]:
+        """Every event of `call_id` from now on (with those after `after_seq` still kept),
+        until its session ends. Waits up to SUBSCRIBE_WAIT_S for a call not live yet.
+        LiveError when there are too many subscribers or this one falls behind."""
+        if self.draining:
+            raise LiveError(CLOSE_GOING_AWAY, "draining", GOING_AWAY_REASON)
+        if self._subscriptions >= SUBSCRIPTIONS_PER_SESSION * self.limits.sessions:
+            self.metrics.live_refused.labels("busy").inc()
+            raise LiveError(
+                CLOSE_TRY_AGAIN,
+                "busy",
+                f"busy: {self._subscriptions} subscriptions; retry in {RETRY_AFTER_S:g} s",
+                retry_after_s=RETRY_AFTER_S,
+            )
+        self._subscriptions += 1
+        try:
+            call = await self._wait_for_call(call_id)
+            if len(call.subscribers) >= SUBSCRIBERS_PER_CALL:
+                raise LiveError(
+                    CLOSE_TRY_AGAIN,
+                    "busy",
+                    f"call {call_id} has {SUBSCRIBERS_PER_CALL} subscribers already",
+                    retry_after_s=RETRY_AFTER_S,
+                )
+            queue = Outbox(self.limits.outbox_events, self.limits.outbox_bytes)
+            for event, text in call.recent:
+                if event["seq"] > after_seq:
+                    queue.put(event, text)
+            if call.ended:
+                queue.close()
+            call.subscribers.add(queue)
+            try:
+                while (item := await queue.guard(queue.get())) is not None:
+                    yield item[0]
+            finally:
+                call.subscribers.discard(queue)
+        finally:
+            self._subscriptions -= 1
+
+    async def _wait_for_call(self, call_id: str) -> _Call:
+        if call_id in self._calls:
+            return self._calls[call_id]
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(call_id, set()).add(waiter)
+        try:
+            return await asyncio.wait_for(waiter, SUBSCRIBE_WAIT_S)
+        except asyncio.TimeoutError:
+            raise LiveError(
+                CLOSE_TIMEOUT, "no_such_call", f"no live call {call_id} in {SUBSCRIBE_WAIT_S:g} s"
+            ) from None
+        finally:
+            waiters = self._waiting.get(call_id)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiting[call_id]
+
+    # ------------------------------------------------------------------ drain
+
+    async def drain(self, deadline_s: float) -> None:
+        """Refuse new sessions and subscriptions; let live sessions end by themselves for
+        up to `deadline_s`, then stop each socket with CLOSE_GOING_AWAY (a started session
+        is scored first, DRAIN_FINISH_S at most) and wait for them to close."""
+        self.draining = True
+        for waiters in self._waiting.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(LiveError(CLOSE_GOING_AWAY, "draining", GOING_AWAY_REASON))
+        if self._sockets:
+            log.warning("draining %d live sessions (up to %g s)", len(self._sockets), deadline_s)
+        await self._until_empty(deadline_s)
+        for outbox in list(self._sockets):
+            outbox.stop(LiveError(CLOSE_GOING_AWAY, "going_away", GOING_AWAY_REASON))
+        await self._until_empty(DRAIN_FINISH_S + CLOSE_WAIT_S)
+        if self._sockets:
+            log.warning("%d live sockets still open after the drain", len(self._sockets))
+
+    async def _until_empty(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._sockets and (left := deadline - time.monotonic()) > 0:
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+
+
+def error_event(exc: Exception, call_id: str | None, seq: int = 1) -> dict:
+    """The `error` event sent before a close that is not 1000."""
+    event = {
+        "type": EVENT_ERROR,
+        "call_id": call_id,
+        "seq": seq,
+        "party": None,
+        "start_s": None,
+        "end_s": None,
+        "code": getattr(exc, "code", CLOSE_BAD_MESSAGE),
+        "error_kind": getattr(exc, "kind", "error"),
+        "message": str(exc),
+    }
+    retry = getattr(exc, "retry_after_s", None)
+    if retry is not None:
+        event["retry_after_s"] = retry
+    return event
+
+
+def event_json(event: dict) -> str:
+    """Compact JSON; numpy scalars and arrays become numbers and lists."""
+    return json.dumps(event, separators=(",", ":"), allow_nan=False, default=_plain)
+
+
+def _plain(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+async def _quietly(awaitable: Awaitable) -> None:
+    try:
+        await awaitable
+    except Exception as exc:  # noqa: BLE001 - cleanup of an ending session: log, go on
+        log.warning("live session cleanup failed: %r", exc)
