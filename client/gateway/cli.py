@@ -17,9 +17,6 @@ from pathlib import Path
 from e2v.contract import GATEWAY_MAX_UPLOAD_MB, GATEWAY_PORT, GRPC_PORT, MAX_DURATION_S, MODEL_NAME
 
 EXIT_USAGE = 2
-# Connections (sockets) beyond slots + queue: probes, metrics scrapes, page loads. Past
-# the total, uvicorn answers 503 at once instead of holding more sockets open.
-EXTRA_CONNECTIONS = 64
 GRACEFUL_SHUTDOWN_S = 30
 
 
@@ -83,6 +80,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the request (default: the temp dir, $TMPDIR)",
     )
     parser.add_argument(
+        "--max-uploads",
+        type=int,
+        default=64,
+        help="request bodies received at once; when all are taken, the slowest one under "
+        "16 KiB/s gives way (408), else 429",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=1024,
+        help="open connections; at the cap the oldest one holding no request is closed",
+    )
+    parser.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=32,
+        help="open connections per client address (IPv6: per /64); 0: no cap (behind a "
+        "proxy every client has the proxy's address)",
+    )
+    parser.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=10.0,
+        help="request line and headers must arrive within this (408 and close)",
+    )
+    parser.add_argument(
+        "--keep-alive-s",
+        type=float,
+        default=5.0,
+        help="idle keep-alive connections are closed after this",
+    )
+    parser.add_argument(
         "--webhook",
         metavar="URL",
         help="POST live alerts and call summaries here, signed (queued and retried in the "
@@ -114,6 +143,11 @@ def run_gateway(args: argparse.Namespace) -> int:
             read_timeout_s=args.read_timeout_s,
             api_key=read_api_key(args.api_key_file) if args.api_key_file else None,
             spool_dir=args.spool_dir,
+            max_uploads=args.max_uploads,
+            max_connections=args.max_connections,
+            max_connections_per_client=args.max_connections_per_client,
+            header_timeout_s=args.header_timeout_s,
+            keep_alive_s=args.keep_alive_s,
             webhook=webhook,
             webhook_secret=secret,
         )
@@ -126,12 +160,19 @@ def run_gateway(args: argparse.Namespace) -> int:
         import uvicorn
 
         from client.gateway.app import create_app
+        from client.gateway.server import MAX_HEADER_BYTES, guarded_protocol, raise_file_limit
     except ImportError as exc:
         print(
             f"error: the gateway needs its extra ({exc.name} is missing): "
             "pip install 'emotion2vec-triton[gateway]'",
             file=sys.stderr,
         )
+        return EXIT_USAGE
+    try:
+        limits = config.connection_limits
+        raise_file_limit(limits)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     import logging
 
@@ -141,12 +182,15 @@ def run_gateway(args: argparse.Namespace) -> int:
             create_app(config),
             host=config.host,
             port=config.port,
-            http="h11",
+            # Connection caps, header deadline and lingering close (server.py); uvicorn's
+            # limit_concurrency is left off: it counts sockets, so idle ones refused everyone.
+            http=guarded_protocol(limits),
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+            timeout_keep_alive=limits.keep_alive_s,
             loop="asyncio",
             log_level=args.log_level,
             proxy_headers=False,
             server_header=False,
-            limit_concurrency=config.slots + config.queue_size + EXTRA_CONNECTIONS,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
     )
