@@ -49,6 +49,7 @@ from e2v.contract import (
 
 # The page and its assets, served from memory: a fixed set, no path ever comes from a request.
 STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
+STATIC["live-worklet.js"] = "text/javascript"  # the page's live mode (an AudioWorklet module)
 PAGE_HEADERS = {
     # Everything comes from this origin; the page runs no inline code.
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "

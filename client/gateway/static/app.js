@@ -120,7 +120,7 @@ function timeline(bar, detail, result) {
   const total = Math.max(Number(result.duration_s) || 0, 1e-6);
   for (const segment of result.segments || []) {
     const block = document.createElement("div");
-    block.className = "segment";
+    block.className = segment.interim ? "segment interim" : "segment";
     block.setAttribute("role", "listitem");
     block.style.left = `${(100 * segment.start_s) / total}%`;
     block.style.width = `${(100 * (segment.end_s - segment.start_s)) / total}%`;
@@ -129,8 +129,11 @@ function timeline(bar, detail, result) {
       .sort((a, b) => b[1] - a[1])
       .map(([label, score]) => `${label} ${pct(score)}`)
       .join(", ");
-    const text = `${segment.start_s.toFixed(2)}-${segment.end_s.toFixed(2)} s: ` +
-      `${segment.emotion ?? "?"} ${pct(segment.confidence)}${scores ? ` (${scores})` : ""}`;
+    const who = segment.party ? `${segment.party}, ` : "";
+    const what = segment.interim ? " (interim)" : "";
+    const text = `${who}${segment.start_s.toFixed(2)}-${segment.end_s.toFixed(2)} s: ` +
+      `${segment.emotion ?? "?"} ${pct(segment.confidence)}${what}` +
+      `${scores ? ` (${scores})` : ""}`;
     block.title = text;
     block.dataset.emotion = segment.emotion ?? "";
     block.addEventListener("mouseenter", () => { detail.textContent = text; });
@@ -190,6 +193,224 @@ async function toggleRecording() {
   setStatus("Recording... press Stop to analyse");
 }
 
+// Live mode: the microphone through an AudioWorklet (live-worklet.js: 16 kHz pcm_s16le
+// frames of 100 ms) over a WebSocket to /v1/live; the card's timeline fills in as events
+// arrive: interim windows lighter, finals solid, alerts marked (docs/live.md).
+const LIVE_MIN_SPAN_S = 10;
+let live = null;
+
+function liveUrl() {
+  const url = new URL("v1/live", window.location.href);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  const key = $("key").value.trim();
+  if (key) url.searchParams.set("key", key); // browsers cannot set headers on a WebSocket
+  return url.href;
+}
+
+function liveStart() {
+  const start = { type: "start", encoding: "pcm_s16le", sample_rate: 16000, channels: 1 };
+  const alert = $("alert").value.trim();
+  if (alert) start.alerts = alert;
+  return start;
+}
+
+async function toggleLive() {
+  if (live) {
+    live.stop();
+    return;
+  }
+  if (!navigator.mediaDevices?.getUserMedia || !window.AudioWorkletNode) {
+    setStatus("Live needs a secure context (https or localhost), a microphone and AudioWorklet",
+      true);
+    return;
+  }
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({
+      audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false,
+        autoGainControl: false },
+    });
+  } catch (error) {
+    setStatus(`Microphone unavailable: ${error.message}`, true);
+    return;
+  }
+  live = new LiveCall(stream);
+  try {
+    await live.begin();
+  } catch (error) {
+    live.end(`Live failed: ${error.message || error}`, true);
+  }
+}
+
+class LiveCall {
+  constructor(stream) {
+    this.stream = stream;
+    this.events = [];
+    this.finals = [];
+    this.interims = new Map(); // party -> its latest interim window
+    this.alerts = [];
+    this.heard = 0; // seconds of audio sent
+    this.done = false;
+  }
+
+  async begin() {
+    // A 16 kHz context: the browser resamples the microphone (the worklet passes through).
+    try {
+      this.context = new AudioContext({ sampleRate: 16000 });
+    } catch {
+      this.context = new AudioContext();
+    }
+    await this.context.audioWorklet.addModule("static/live-worklet.js");
+    this.node = new AudioWorkletNode(this.context, "pcm-sender");
+    this.context.createMediaStreamSource(this.stream).connect(this.node);
+    this.node.connect(this.context.destination); // pulls the graph; the node outputs silence
+    this.node.port.onmessage = (event) => this.onAudio(event.data);
+    this.socket = new WebSocket(liveUrl());
+    this.socket.binaryType = "arraybuffer";
+    this.socket.addEventListener("open", () => this.socket.send(JSON.stringify(liveStart())));
+    this.socket.addEventListener("message", (event) => this.onMessage(event.data));
+    this.socket.addEventListener("close", (event) => this.onClose(event));
+    this.socket.addEventListener("error", () => setStatus("Live: the connection failed", true));
+    $("live").textContent = "Stop live";
+    $("live").classList.add("on");
+    $("record").disabled = true;
+    setStatus("Live: connecting...");
+  }
+
+  onAudio(data) {
+    if (data === "stopped") {
+      if (this.socket.readyState === WebSocket.OPEN) {
+        this.socket.send(JSON.stringify({ type: "stop" }));
+      }
+      return;
+    }
+    if (!this.started || this.socket.readyState !== WebSocket.OPEN) return;
+    this.socket.send(data);
+    this.heard += data.byteLength / 2 / 16000;
+    $("record-time").textContent = `${this.heard.toFixed(0)} s`;
+  }
+
+  onMessage(text) {
+    let event;
+    try {
+      event = JSON.parse(text);
+    } catch {
+      return;
+    }
+    if (event.type === "started") {
+      this.started = event;
+      this.card = liveCard(event);
+      $("results").prepend(this.card);
+      $("synthetic").hidden = !event.synthetic;
+      setStatus(`Live: listening (call ${event.call_id}); press Stop live to finish`);
+      return;
+    }
+    this.events.push(event);
+    if (event.type === "result") this.interims.set(event.party, { ...event, interim: true });
+    if (event.type === "utterance.end") {
+      this.finals.push(event);
+      const interim = this.interims.get(event.party);
+      if (interim && interim.utterance === event.utterance) this.interims.delete(event.party);
+    }
+    if (event.type === "alert") this.alerts.push(event);
+    if (event.type === "summary") this.summary = event;
+    if (event.type === "error") {
+      setStatus(`Live: ${event.message} (${event.error_kind}, ${event.code})`, true);
+    }
+    if (this.card) this.draw();
+  }
+
+  draw() {
+    const q = (selector) => this.card.querySelector(selector);
+    const ends = [this.heard, ...this.events.map((e) => Number(e.end_s) || 0)];
+    const span = Math.max(LIVE_MIN_SPAN_S, ...ends);
+    const segments = [...this.finals, ...this.interims.values()];
+    const bar = q(".timeline");
+    bar.replaceChildren();
+    timeline(bar, q(".segment-detail"), { segments, duration_s: span });
+    for (const alert of this.alerts) {
+      const mark = document.createElement("div");
+      mark.className = "alert-mark";
+      mark.style.left = `${(100 * alert.start_s) / span}%`;
+      mark.style.width = `${(100 * (alert.end_s - alert.start_s)) / span}%`;
+      mark.title = `ALERT ${alert.label} ${pct(alert.score)}`;
+      bar.append(mark);
+    }
+    q(".axis .end").textContent = `${span.toFixed(0)} s`;
+    const legendNode = q(".legend");
+    legendNode.replaceChildren();
+    legend(legendNode, { segments });
+    q(".alerts").replaceChildren(...this.alerts.map(alertItem));
+    const latest = this.summary?.parties?.[0] ?? this.finals[this.finals.length - 1];
+    if (latest) {
+      q(".emotion").textContent = latest.no_speech ? "no speech" : latest.emotion ?? "-";
+      q(".emotion").style.background = latest.emotion ? colour(latest.emotion) : "";
+      q(".confidence").textContent = pct(latest.confidence);
+    }
+    q(".duration").textContent = `${this.finals.length} final(s), ` +
+      `${this.events.filter((e) => e.type === "result").length} interim result(s)`;
+  }
+
+  stop() {
+    if (this.stopping) return;
+    this.stopping = true;
+    $("live").disabled = true;
+    setStatus("Live: finishing the last utterance...");
+    this.stream.getTracks().forEach((track) => track.stop());
+    this.node.port.postMessage("stop"); // the worklet sends its last frame, then "stopped"
+  }
+
+  onClose(event) {
+    if (this.done) return;
+    if (event.code === 1000 && this.summary) {
+      this.end(`Live: done, ${this.finals.length} utterance(s)`);
+      if (this.card) {
+        const blob = new Blob([JSON.stringify(this.events, null, 2)],
+          { type: "application/json" });
+        this.card.querySelector(".download").href = URL.createObjectURL(blob);
+        this.card.querySelector(".download").hidden = false;
+      }
+    } else {
+      const reason = event.reason ? `: ${event.reason}` : "";
+      this.end(`Live: the gateway closed the session (${event.code}${reason})`, true);
+    }
+  }
+
+  end(message, isError = false) {
+    this.done = true;
+    this.stream.getTracks().forEach((track) => track.stop());
+    if (this.context) this.context.close();
+    if (this.socket && this.socket.readyState <= WebSocket.OPEN) this.socket.close(1000);
+    live = null;
+    $("live").textContent = "Live";
+    $("live").classList.remove("on");
+    $("live").disabled = false;
+    $("record").disabled = false;
+    $("record-time").textContent = "";
+    setStatus(message, isError);
+  }
+}
+
+function liveCard(started) {
+  const node = $("result-template").content.firstElementChild.cloneNode(true);
+  node.classList.add("live");
+  if (started.synthetic) node.classList.add("is-synthetic");
+  node.querySelector(".filename").textContent = `Live: microphone (call ${started.call_id})`;
+  node.querySelector(".download").hidden = true;
+  node.querySelector(".download").download = `${started.call_id}.json`;
+  node.querySelector(".emotion").textContent = "listening...";
+  return node;
+}
+
+function alertItem(alert) {
+  const item = document.createElement("li");
+  item.className = "alert";
+  item.textContent = `ALERT ${alert.party ?? ""} ${alert.label} reached ${pct(alert.score)} ` +
+    `(threshold ${pct(alert.threshold)}) at ${alert.start_s.toFixed(1)}-` +
+    `${alert.end_s.toFixed(1)} s`;
+  return item;
+}
+
 function init() {
   const drop = $("drop");
   $("file").addEventListener("change", (event) => {
@@ -213,6 +434,7 @@ function init() {
     if (event.key === "Enter" || event.key === " ") $("file").click();
   });
   $("record").addEventListener("click", toggleRecording);
+  $("live").addEventListener("click", toggleLive);
   $("origin").textContent = window.location.origin;
 }
 
