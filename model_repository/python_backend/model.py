@@ -61,10 +61,9 @@ class TritonPythonModel:
         options.intra_op_num_threads = int(params.get("intra_op_thread_count", "0") or 0)
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # No arena, no memory pattern: buffers go back to the allocator after each run, so
-        # one maximum-size batch does not keep its peak memory for the process lifetime.
-        options.enable_cpu_mem_arena = False
-        options.enable_mem_pattern = False
+        # The arena stays on (without it every run allocates from the heap: ~12% slower on
+        # one core), and each run shrinks it back (RUN_OPTIONS below), so one maximum-size
+        # batch does not keep its peak memory for the process lifetime.
         providers = ["CPUExecutionProvider"]
         if args.get("model_instance_kind") == "GPU":
             providers.insert(
@@ -76,6 +75,8 @@ class TritonPythonModel:
             providers=providers,
         )
         self.output_names = [o["name"] for o in config["output"]]
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self._malloc_trim = _libc_malloc_trim()
 
     def execute(self, requests: list) -> list:
@@ -115,7 +116,9 @@ class TritonPythonModel:
         try:
             batch = checks.pad_concat(wavs, lens, max(w.shape[1] for w in wavs))
             outputs = self.session.run(
-                self.output_names, {"WAV": batch, "WAV_LENS": np.concatenate(lens)}
+                self.output_names,
+                {"WAV": batch, "WAV_LENS": np.concatenate(lens)},
+                run_options=self.run_options,
             )
         except Exception as exc:  # noqa: BLE001 - reported to the requests it concerns
             for index, _, _ in group:
