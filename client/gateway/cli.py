@@ -120,12 +120,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--webhook-secret-file", type=Path, metavar="FILE", help="the webhook signing secret"
     )
+    parser.add_argument(
+        "--audiohook-secret-file",
+        type=Path,
+        metavar="FILE",
+        help="AudioHook client secret (base64): /v1/audiohook upgrades must carry its HTTP "
+        "message signature (with --api-key-file, X-API-KEY must match too)",
+    )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     parser.set_defaults(func=run_gateway)
 
 
 def run_gateway(args: argparse.Namespace) -> int:
-    from client.gateway.config import GatewayConfig, read_api_key
+    from client.gateway.config import GatewayConfig, read_api_key, read_audiohook_secret
     from client.webhooks import webhook_options
 
     try:
@@ -150,6 +157,9 @@ def run_gateway(args: argparse.Namespace) -> int:
             keep_alive_s=args.keep_alive_s,
             webhook=webhook,
             webhook_secret=secret,
+            audiohook_secret=read_audiohook_secret(args.audiohook_secret_file)
+            if args.audiohook_secret_file
+            else None,
         )
         if not 0 < args.port < 65536:
             raise ValueError(f"--port must be in 1-65535, not {args.port}")

@@ -40,6 +40,8 @@ class GatewayConfig:
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
     webhook: str | None = None  # live alerts and summaries are POSTed here (client/webhooks.py)
     webhook_secret: bytes | None = None  # their signing secret (--webhook-secret-file)
+    # AudioHook client secret (--audiohook-secret-file): upgrades must be signed with it.
+    audiohook_secret: bytes | None = None
 
     def __post_init__(self) -> None:
         if self.protocol not in ("grpc", "http"):
@@ -106,3 +108,22 @@ def read_api_key(path: Path) -> bytes:
     if not key or any(b < 0x21 or b > 0x7E for b in key):
         raise ValueError(f"--api-key-file {path} must hold one printable ASCII key")
     return key
+
+
+def read_audiohook_secret(path: Path) -> bytes:
+    """The AudioHook client secret in `path`: base64, as Genesys shows it and the reference
+    client takes it (`--client-secret`); ValueError with a one-line reason."""
+    import base64
+    import binascii
+
+    try:
+        text = read_api_key(path)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("--api-key-file", "--audiohook-secret-file")) from None
+    try:
+        secret = base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise ValueError(f"--audiohook-secret-file {path} must hold base64") from None
+    if not secret:
+        raise ValueError(f"--audiohook-secret-file {path} holds an empty secret")
+    return secret
