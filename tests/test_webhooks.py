@@ -481,3 +481,28 @@ def test_live_alert_rules_parse_like_classify_and_refuse_unknowns():
     for windows in (0, 101):
         with pytest.raises(ValueError, match="alert_windows must be in 1-100"):
             AlertTracker([], windows)
+
+
+def test_gateway_webhook_flags_are_checked_at_start(tmp_path, secret_file):
+    from client.gateway.config import GatewayConfig
+
+    config = GatewayConfig(webhook="http://127.0.0.1:9/hook", webhook_secret=SECRET)
+    assert config.webhook == "http://127.0.0.1:9/hook"
+    for kwargs in ({"webhook": "http://127.0.0.1:9/"}, {"webhook_secret": SECRET}):
+        with pytest.raises(ValueError, match="go together"):
+            GatewayConfig(**kwargs)
+    with pytest.raises(ValueError, match="credentials"):
+        GatewayConfig(webhook="http://u:p@127.0.0.1/", webhook_secret=SECRET)
+    cases = [
+        (["--webhook", "ftp://h/", "--webhook-secret-file", str(secret_file)], "http://"),
+        (["--webhook", "http://127.0.0.1:9/"], "needs --webhook-secret-file"),
+        (["--webhook", "http://h/", "--webhook-secret-file", str(tmp_path / "no")], "cannot read"),
+    ]
+    for args, reason in cases:
+        result = subprocess.run(
+            [sys.executable, "-m", "e2v", "gateway", "--port", "9", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2 and reason in result.stderr, (args, result.stderr)
