@@ -96,6 +96,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=30.0,
         help="seconds per ONNX-Runtime-alone measurement (default 30)",
     )
+    live = parser.add_argument_group("live calls (loadtest/live.py)")
+    live.add_argument(
+        "--live",
+        action="store_true",
+        help="N concurrent stereo calls at real time through the gateway's /v1/live "
+        "(started here in front of Triton): event latency, coalesced windows, lost "
+        "finals, gateway CPU per channel, Triton batch sizes; --duration per level",
+    )
+    live.add_argument(
+        "--channels", default="8", help="concurrent calls; a comma list sweeps (e.g. 10,20,40)"
+    )
+    live.add_argument(
+        "--frame-ms", type=float, default=100.0, help="audio per WebSocket frame (default 100)"
+    )
+    live.add_argument("--calls", type=int, default=4, help="distinct call recordings (default 4)")
+    live.add_argument(
+        "--call-s", type=float, default=60.0, help="length of each recording (default 60)"
+    )
+    live.add_argument(
+        "--live-url", help="load this running gateway (ws://HOST:PORT) instead of a local one"
+    )
+    live.add_argument(
+        "--gateway-pid", type=int, help="with --live-url on this machine: its CPU is measured"
+    )
     output = parser.add_argument_group("report")
     output.add_argument("--report", type=Path, help="report folder (default runs/loadtest/...)")
     output.add_argument(
@@ -110,6 +134,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_loadtest(args: argparse.Namespace) -> int:
     from loadtest.profiles import ProfileError, load_profile
 
+    if args.live:
+        from loadtest.live_run import run_live
+
+        return run_live(args)
     try:
         profile = load_profile(args.profile)
         plan = Plan.from_args(args)
@@ -441,6 +469,9 @@ def command_line(args: argparse.Namespace) -> str:
             )
     if args.url:
         parts = [p for p in parts if not p.startswith("--model") or args.compare]
+    if getattr(args, "live", False):
+        parts = [p for p in parts if not p.startswith(("--users", "--profile"))]
+        parts += ["--live", f"--channels {args.channels}", f"--frame-ms {args.frame_ms:g}"]
     if args.gateway:
         parts.append("--gateway")
         if args.gateway_rounds != 2:

@@ -1,0 +1,321 @@
+"""`e2v loadtest --live`: N concurrent calls at real time through `/v1/live`, measured.
+
+Each channel is one telephony line: it plays stereo 8 kHz mu-law call recordings
+(`loadtest.calls`, two parties each) into the gateway back to back, one `/v1/live`
+session per call, in frames of `--frame-ms` sent when their last sample is due (a phone
+system cannot send audio before it has been spoken). Channels start spread over the
+ramp; at the end of the level every call in progress sends `stop`.
+
+Measured per level (the window after the ramp):
+- interim latency: from the moment the last sample of an event's window reached the
+  gateway (the send time of the frame that carried it, loopback) to the event's arrival;
+- final latency: the gateway's `lag_s` on `utterance.end` (from the sample that made the
+  final due to its publication), since the client cannot know which sample that was;
+- coalesced windows (the `coalesced` field of results) and lost finals: the offline
+  utterances of the audio each session received (`loadtest.calls.offline_utterances`)
+  without a final that covers them;
+- the gateway process's CPU time (/proc/PID/stat), so channels per core;
+- Triton's executions by batch size (`loadtest.triton_stats`).
+
+The asyncio `websockets` client is used, not Locust: one event loop holds hundreds of
+paced sockets in one process, with little CPU taken from the gateway it measures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from e2v.contract import (
+    CLOSE_NORMAL,
+    EVENT_RESULT,
+    EVENT_SUMMARY,
+    EVENT_UTTERANCE_END,
+    LIVE_HOP_S,
+    LIVE_PATH,
+    LIVE_WINDOW_S,
+    SAMPLE_RATE,
+)
+from loadtest.calls import PARTIES, RATE, CallRecording, offline_utterances
+
+P95_TARGET_MS = 150.0  # the latency goal of live results (issue 17)
+STOP_WAIT_S = 60.0  # after `stop`: the longest wait for the finals, summary and close
+MATCH_SHARE = 0.5  # a final covers an offline utterance when it overlaps half of it
+
+
+@dataclass(frozen=True)
+class LiveLoad:
+    channels: int
+    duration_s: float
+    frame_s: float = 0.1
+    ramp_s: float = 5.0  # channels start spread over this; measured from its end
+    window_s: float = LIVE_WINDOW_S
+    hop_s: float = LIVE_HOP_S
+
+    @property
+    def measure_s(self) -> float:
+        return self.duration_s - self.ramp_s
+
+
+@dataclass
+class CallLog:
+    """One session as the client saw it."""
+
+    channel: int
+    recording: int
+    call_id: str
+    sent: list[float] = field(default_factory=list)  # send time of each frame
+    frame_samples: int = 0
+    events: list[tuple[float, dict]] = field(default_factory=list)  # (arrival, event)
+    close_code: int | None = None
+    close_reason: str = ""
+    error: str | None = None  # a failure of the client side (connect, protocol)
+
+    @property
+    def samples_sent(self) -> int:
+        """Samples per party the gateway received."""
+        return len(self.sent) * self.frame_samples
+
+    def sent_at(self, end_s: float) -> float | None:
+        """When the frame carrying the sample just before audio time `end_s` was sent."""
+        if not self.sent:
+            return None
+        index = math.ceil(end_s * RATE / self.frame_samples) - 1
+        return self.sent[min(max(index, 0), len(self.sent) - 1)]
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+async def drive(url: str, calls: list[CallRecording], load: LiveLoad, pid: int | None) -> dict:
+    """Run one level; returns the call logs and the gateway CPU over the measured window."""
+    start = time.monotonic()
+    deadline = start + load.duration_s
+    cpu: dict = {}
+
+    async def sample_cpu() -> None:
+        await asyncio.sleep(load.ramp_s)
+        cpu["start"] = (time.monotonic(), process_cpu_s(pid), time.process_time())
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+        cpu["end"] = (time.monotonic(), process_cpu_s(pid), time.process_time())
+
+    sampler = asyncio.create_task(sample_cpu())
+    channels = [
+        channel(url, calls, load, index, start + load.ramp_s * index / load.channels, deadline)
+        for index in range(load.channels)
+    ]
+    logs = [log for logs in await asyncio.gather(*channels) for log in logs]
+    await sampler
+    return {"logs": logs, "start": start, "deadline": deadline, "cpu": cpu}
+
+
+async def channel(
+    url: str, calls: list[CallRecording], load: LiveLoad, index: int, begin: float, deadline: float
+) -> list[CallLog]:
+    """Calls back to back on one line until the deadline."""
+    await asyncio.sleep(max(0.0, begin - time.monotonic()))
+    logs: list[CallLog] = []
+    while time.monotonic() < deadline - 1.0:
+        recording = (index + len(logs)) % len(calls)
+        log = CallLog(index, recording, f"lt-{index}-{len(logs)}")
+        logs.append(log)
+        await call(url, calls[recording], load, deadline, log)
+        if log.close_code != CLOSE_NORMAL:
+            await asyncio.sleep(1.0)  # a refused or failed call: the line retries later
+    return logs
+
+
+async def call(
+    url: str, recording: CallRecording, load: LiveLoad, deadline: float, log: CallLog
+) -> None:
+    """One `/v1/live` session: start, paced frames until the recording or level ends, stop."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed, WebSocketException
+
+    step = len(PARTIES) * round(load.frame_s * RATE)
+    log.frame_samples = step // len(PARTIES)
+    start = {
+        "type": "start",
+        "call_id": log.call_id,
+        "encoding": "mulaw",
+        "sample_rate": RATE,
+        "channels": len(PARTIES),
+        "parties": list(PARTIES),
+        "window_s": load.window_s,
+        "hop_s": load.hop_s,
+    }
+    try:
+        async with connect(url, compression=None, open_timeout=30, max_size=2**22) as socket:
+            await socket.send(json.dumps(start))
+            started = json.loads(await asyncio.wait_for(socket.recv(), 30))
+            if started.get("type") != "started":
+                log.events.append((time.monotonic(), started))
+                await socket.wait_closed()
+                log.close_code, log.close_reason = socket.close_code, socket.close_reason or ""
+                return
+            reader = asyncio.create_task(_read(socket, log))
+            t0 = time.monotonic()
+            for k, offset in enumerate(range(0, len(recording.payload) - step + 1, step)):
+                due = t0 + (k + 1) * load.frame_s
+                if due >= deadline or reader.done():
+                    break
+                await asyncio.sleep(due - time.monotonic())
+                await socket.send(recording.payload[offset : offset + step])
+                log.sent.append(time.monotonic())
+            if not reader.done():
+                await socket.send(json.dumps({"type": "stop"}))
+            try:
+                await asyncio.wait_for(asyncio.shield(reader), STOP_WAIT_S)
+            except TimeoutError:
+                log.error = f"no close within {STOP_WAIT_S:g} s of stop"
+                reader.cancel()
+            log.close_code, log.close_reason = socket.close_code, socket.close_reason or ""
+    except (ConnectionClosed, WebSocketException, OSError, TimeoutError, ValueError) as exc:
+        log.error = f"{type(exc).__name__}: {exc}"[:300]
+
+
+async def _read(socket, log: CallLog) -> None:
+    from websockets.exceptions import ConnectionClosed
+
+    try:
+        async for message in socket:
+            if isinstance(message, str):
+                log.events.append((time.monotonic(), json.loads(message)))
+    except ConnectionClosed:
+        pass
+
+
+def process_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of process `pid` (its threads included), from /proc."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ----------------------------------------------------------------------------- measures
+
+
+def measure(run: dict, calls: list[CallRecording], load: LiveLoad) -> dict:
+    """The level's figures from its call logs (see the module docstring)."""
+    logs: list[CallLog] = run["logs"]
+    low, high = run["start"] + load.ramp_s, run["deadline"]
+    interim, finals, lags = [], [], []
+    results = coalesced = 0
+    for log in logs:
+        for arrived, event in log.events:
+            if not low <= arrived <= high:
+                continue
+            kind = event.get("type")
+            if kind == EVENT_RESULT:
+                results += 1
+                coalesced += int(event.get("coalesced") or 0)
+                sent = log.sent_at(float(event["end_s"]))
+                if sent is not None:
+                    interim.append(arrived - sent)
+                if event.get("lag_s") is not None:
+                    lags.append(float(event["lag_s"]))
+            elif kind == EVENT_UTTERANCE_END and event.get("lag_s") is not None:
+                finals.append(float(event["lag_s"]))
+    cpu = _cpu(run["cpu"], load.channels)
+    return {
+        "channels": load.channels,
+        "sessions": _sessions(logs),
+        "interim_latency_ms": percentiles(interim),
+        "interim_gateway_lag_ms": percentiles(lags),
+        "final_latency_ms": percentiles(finals),
+        "results": results,
+        "coalesced": coalesced,
+        "coalesced_share": round(coalesced / (results + coalesced), 4) if results else 0.0,
+        "finals": finals_check(logs, calls),
+        **cpu,
+    }
+
+
+def percentiles(seconds: list[float]) -> dict:
+    if not seconds:
+        return {"count": 0}
+    ms = np.asarray(seconds) * 1000
+    values = np.percentile(ms, [50, 95, 99])
+    return {
+        "count": len(ms),
+        "p50": round(float(values[0]), 1),
+        "p95": round(float(values[1]), 1),
+        "p99": round(float(values[2]), 1),
+        "max": round(float(ms.max()), 1),
+    }
+
+
+def _sessions(logs: list[CallLog]) -> dict:
+    closes: dict[str, int] = {}
+    for log in logs:
+        key = log.error or f"{log.close_code} {log.close_reason}".strip()
+        if log.close_code == CLOSE_NORMAL and not log.error:
+            key = "1000"
+        closes[key] = closes.get(key, 0) + 1
+    ok = closes.get("1000", 0)
+    return {"calls": len(logs), "ok": ok, "failed": len(logs) - ok, "closes": closes}
+
+
+def finals_check(logs: list[CallLog], calls: list[CallRecording]) -> dict:
+    """Finals against the offline utterances of the audio each completed session sent."""
+    cache: dict[tuple[int, int, int], list] = {}
+    expected = arrived = lost = 0
+    for log in logs:
+        if log.close_code != CLOSE_NORMAL or log.error or not log.sent:
+            continue  # a failed session's finals are not owed (its error is counted)
+        if not any(e.get("type") == EVENT_SUMMARY for _, e in log.events):
+            continue
+        n = log.samples_sent * SAMPLE_RATE // RATE
+        for p, party in enumerate(PARTIES):
+            key = (log.recording, p, n)
+            if key not in cache:
+                cache[key] = offline_utterances(calls[log.recording].tracks[p][:n])
+            got = [
+                (float(e["start_s"]), float(e["end_s"]))
+                for _, e in log.events
+                if e.get("type") == EVENT_UTTERANCE_END and e.get("party") == party
+            ]
+            expected += len(cache[key])
+            arrived += len(got)
+            lost += sum(not _covered(seg, got) for seg in cache[key])
+    return {"expected": expected, "arrived": arrived, "lost": lost}
+
+
+def _covered(segment, finals: list[tuple[float, float]]) -> bool:
+    need = MATCH_SHARE * segment.duration_s
+    return any(min(e, segment.end_s) - max(s, segment.start_s) >= need for s, e in finals)
+
+
+def _cpu(cpu: dict, channels: int) -> dict:
+    if "end" not in cpu:
+        return {"gateway_cores": None, "channels_per_core": None, "client_cores": None}
+    (t0, g0, c0), (t1, g1, c1) = cpu["start"], cpu["end"]
+    wall = max(t1 - t0, 1e-9)
+    cores = None if g0 is None or g1 is None else (g1 - g0) / wall
+    return {
+        "gateway_cores": round(cores, 3) if cores is not None else None,
+        "channels_per_core": round(channels / cores, 1) if cores else None,
+        "client_cores": round((c1 - c0) / wall, 3),
+    }
+
+
+def ws_url(base: str) -> str:
+    """`ws://HOST:PORT/v1/live` from a gateway's http:// or ws:// address."""
+    base = base.rstrip("/")
+    for old, new in (("http://", "ws://"), ("https://", "wss://")):
+        if base.startswith(old):
+            base = new + base.removeprefix(old)
+    if not base.startswith(("ws://", "wss://")):
+        base = "ws://" + base
+    return base if base.endswith(LIVE_PATH) else base + LIVE_PATH

@@ -1,0 +1,181 @@
+"""The live load test's report folder: README.md and summary.json (house style of
+`loadtest.report`: synthetic models named on the first line, machine and load average)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loadtest.calls import PARTIES, RATE
+from loadtest.live import P95_TARGET_MS
+from loadtest.report import SYNTHETIC_NOTE, machine_description
+
+
+def best_level(levels: list[dict]) -> dict | None:
+    """The level with the most channels per gateway core among those within the target."""
+    good = [lv for lv in levels if lv["within_target"] and lv.get("channels_per_core")]
+    return max(good, key=lambda lv: lv["channels_per_core"], default=None)
+
+
+def write_live_report(
+    directory: Path, command: str, model: str, settings: dict, calls, levels, args
+) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    synthetic = bool(settings.get("synthetic")) or model.startswith("synthetic:")
+    best = best_level(levels)
+    summary = {
+        "command": command,
+        "model": settings.get("source") or model,
+        "synthetic": synthetic,
+        "machine": machine_description(),
+        "software": _software(settings),
+        "target_p95_ms": P95_TARGET_MS,
+        "triton_settings": settings,
+        "workload": _workload(calls, args),
+        "levels": levels,
+        "best": {
+            "channels": best["channels"],
+            "channels_per_core": best["channels_per_core"],
+        }
+        if best
+        else None,
+    }
+    (directory / "summary.json").write_text(json.dumps(summary, indent=2))
+    path = directory / "README.md"
+    path.write_text("\n".join(_markdown(summary)))
+    return path
+
+
+def _workload(calls, args) -> dict:
+    return {
+        "recordings": len(calls),
+        "recording_s": round(calls[0].duration_s, 1) if calls else 0,
+        "parties": list(PARTIES),
+        "encoding": f"mu-law, {RATE} Hz, stereo (one party per channel)",
+        "speech_share": round(sum(c.speech_share() for c in calls) / max(len(calls), 1), 3),
+        "frame_ms": args.frame_ms,
+        "window_s": 3.0,
+        "hop_s": 1.0,
+    }
+
+
+def _software(settings: dict) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = (
+        [f"Triton server {settings['triton_version']}"] if settings.get("triton_version") else []
+    )
+    for name in ("websockets", "uvicorn", "fastapi", "onnxruntime", "tritonclient"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(found)
+
+
+def _ms(figures: dict, key: str) -> str:
+    return "-" if not figures.get("count") else f"{figures[key]:.0f}"
+
+
+def _markdown(s: dict) -> list[str]:
+    title = f"# Live load test: `{s['model']}`, concurrent calls through `/v1/live`"
+    if s["synthetic"]:
+        title += " (SYNTHETIC model: random weights)"
+    w = s["workload"]
+    lines = [title, ""]
+    if s["synthetic"]:
+        lines += [SYNTHETIC_NOTE, ""]
+    lines += [
+        f"- command: `{s['command']}`",
+        f"- machine: {s['machine']}; shared with other work while this ran: the 1-minute load "
+        "average before and after each level is in the table",
+        f"- software: {s['software']}",
+        "",
+        "## Workload",
+        "",
+        f"Each channel is one phone line playing {w['recordings']} stereo call recordings "
+        f"({w['encoding']}, {w['recording_s']:g} s each, two parties taking turns, speech "
+        f"from `loadtest/synth.py`; each party speaks {100 * w['speech_share']:.0f}% of the "
+        f"time) back to back, one `/v1/live` session per call, in {w['frame_ms']:g} ms "
+        f"frames sent when their last sample is due. Interim window {w['window_s']:g} s "
+        f"every {w['hop_s']:g} s of speech. Channels start spread over the ramp; measured "
+        "from its end to the end of the level, when calls in progress send `stop`.",
+        "",
+        "## Results",
+        "",
+        "| channels | calls ok / failed | interim p50 / p95 / p99 ms | final p50 / p95 / p99 ms "
+        "| results | coalesced | finals expected / arrived / lost | gateway cores "
+        "| channels per core | avg Triton batch | load avg | within target |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for lv in s["levels"]:
+        i, f, fin, ses = (
+            lv["interim_latency_ms"],
+            lv["final_latency_ms"],
+            lv["finals"],
+            lv["sessions"],
+        )
+        batch = lv.get("triton", {}).get("avg_batch_size")
+        lines.append(
+            f"| {lv['channels']} | {ses['ok']} / {ses['failed']} "
+            f"| {_ms(i, 'p50')} / {_ms(i, 'p95')} / {_ms(i, 'p99')} "
+            f"| {_ms(f, 'p50')} / {_ms(f, 'p95')} / {_ms(f, 'p99')} "
+            f"| {lv['results']} | {lv['coalesced']} ({100 * lv['coalesced_share']:.1f}%) "
+            f"| {fin['expected']} / {fin['arrived']} / {fin['lost']} "
+            f"| {_num(lv['gateway_cores'], 2)} | {_num(lv['channels_per_core'], 0)} "
+            f"| {_num(batch, 2)} | {lv['load_average'][0]:.1f} -> {lv['load_average'][1]:.1f} "
+            f"| {'yes' if lv['within_target'] else 'no'} |"
+        )
+    best = s["best"]
+    lines += [
+        "",
+        (
+            f"**Most channels per gateway core within p95 <= {P95_TARGET_MS:g} ms: "
+            f"{best['channels_per_core']:.0f}** (at {best['channels']} channels)."
+            if best
+            else f"No level met p95 <= {P95_TARGET_MS:g} ms with every final delivered."
+        ),
+        "",
+        "- interim: from the send time of the frame that carried a result window's last "
+        "sample (loopback: when it reached the gateway) to the result's arrival;",
+        "- final: the gateway's `lag_s` on `utterance.end` (from the arrival of the sample "
+        "that made the final due to its publication);",
+        "- coalesced: interim windows replaced by a newer one of the same party before Triton "
+        "took them (the `coalesced` field of results); finals are never coalesced;",
+        "- finals: expected are the offline utterances (`e2v classify --segment vad`'s cutter "
+        "on each party's track, up to where the session's audio stopped) of every call that "
+        "ended with its summary; lost are those no final covers;",
+        "- gateway cores: the gateway process's CPU seconds (/proc) per second over the "
+        "measured window; channels per core = channels / gateway cores; the load generator "
+        "ran on the same cores;",
+        "- within target: interim and final p95 <= 150 ms, no final lost, no failed call.",
+        "",
+    ]
+    lines += _batches(s["levels"])
+    return lines
+
+
+def _batches(levels: list[dict]) -> list[str]:
+    rows = [lv for lv in levels if lv.get("triton")]
+    if not rows:
+        return []
+    lines = [
+        "## Triton batch sizes",
+        "",
+        "| channels | requests | executions | avg batch | executions by batch size "
+        "| queue ms | infer ms |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for lv in rows:
+        t = lv["triton"]
+        sizes = ", ".join(f"{k}: {v}" for k, v in t["executions_by_batch_size"].items())
+        lines.append(
+            f"| {lv['channels']} | {t['success']} | {t['execution_count']} "
+            f"| {t['avg_batch_size']:.2f} | {sizes} | {t['avg_ms']['queue']:.1f} "
+            f"| {t['avg_ms']['compute_infer']:.1f} |"
+        )
+    return lines + ["", "Whole level, ramp and stop included.", ""]
+
+
+def _num(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

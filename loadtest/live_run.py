@@ -1,0 +1,151 @@
+"""`e2v loadtest --live`: the servers, the sweep over channel counts and the report.
+
+Without `--live-url`, a tritonserver (or the `--url` one) and an `e2v gateway` in front of
+it are started here on free loopback ports, so the gateway's process id is known and its
+CPU time can be read. Each `--channels` level runs for `--duration` seconds on the same
+servers, one after the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from loadtest.live import P95_TARGET_MS, LiveLoad, drive, measure, ws_url
+
+SESSION_HEADROOM = 8  # --live-sessions above the channels: the limit is not what is measured
+
+
+@contextmanager
+def live_stack(args: argparse.Namespace, workdir: Path, channels: int) -> Iterator[dict]:
+    """The gateway to load: {url, pid, stats_url, settings}."""
+    if args.live_url:
+        yield {"url": ws_url(args.live_url), "pid": args.gateway_pid, "stats_url": args.stats_url}
+        return
+    from client.gateway.process import GatewayProcess
+    from loadtest.bench import local_triton, triton_target
+    from loadtest.cli import Plan, parse_configs, stats_url
+
+    if args.url:
+        triton = _nullcontext(triton_target("triton-grpc", "grpc", args.url, stats_url(args)))
+    else:
+        plan = Plan(args, parse_configs(args.configs), None)
+        plan.workdir = workdir
+        config = (plan.configs or [(None, None)])[0]
+        triton = local_triton(plan.repo(), "grpc", *config)
+    with triton as target:
+        extra = ("--live-sessions", str(channels + SESSION_HEADROOM))
+        with GatewayProcess(target.url, *extra).start(ready=True) as gateway:
+            yield {
+                "url": ws_url(gateway.url),
+                "pid": gateway.pid,
+                "stats_url": target.stats_url,
+                "settings": target.settings,
+            }
+
+
+@contextmanager
+def _nullcontext(value):
+    yield value
+
+
+def run_level(stack: dict, calls: list, load: LiveLoad) -> dict:
+    """One level: the load, Triton's counters around it, the load average before and after."""
+    from loadtest import triton_stats
+
+    stats_url = stack.get("stats_url")
+    load_before = os.getloadavg()[0]
+    before = triton_stats.snapshot(stats_url) if stats_url else None
+    run = asyncio.run(drive(stack["url"], calls, load, stack.get("pid")))
+    figures = measure(run, calls, load)
+    if stats_url:
+        time.sleep(0.5)  # Triton counts a request just after answering it
+        figures["triton"] = (triton_stats.snapshot(stats_url) - before).as_dict()
+    figures["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    figures["duration_s"], figures["ramp_s"] = load.duration_s, load.ramp_s
+    figures["within_target"] = within_target(figures)
+    return figures
+
+
+def within_target(level: dict) -> bool:
+    """p95 of interim and final latency <= the target, every final there, no failed call."""
+    interim, final = level["interim_latency_ms"], level["final_latency_ms"]
+    return bool(
+        interim.get("count")
+        and interim["p95"] <= P95_TARGET_MS
+        and final.get("p95", 0.0) <= P95_TARGET_MS
+        and level["finals"]["lost"] == 0
+        and level["sessions"]["failed"] == 0
+    )
+
+
+def parse_channels(text: str) -> list[int]:
+    try:
+        levels = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--channels wants N or N1,N2,..., got '{text}'") from None
+    if not levels or min(levels) < 1 or max(levels) > 10_000:
+        raise ValueError("--channels must be between 1 and 10000")
+    return levels
+
+
+def run_live(args: argparse.Namespace) -> int:
+    """The --live sweep; prints the report's path."""
+    from loadtest.calls import make_calls
+    from loadtest.cli import command_line, log
+    from loadtest.live_report import write_live_report
+
+    try:
+        levels = parse_channels(args.channels)
+        if args.duration <= 5 or not 20 <= args.frame_ms <= 1000:
+            raise ValueError("--duration must be > 5 s and --frame-ms in 20-1000")
+        if not 1 <= args.calls <= 64 or not 5 <= args.call_s <= 3600:
+            raise ValueError("--calls must be in 1-64 and --call-s in 5-3600")
+        if args.gateway or args.compare or args.ramp:
+            raise ValueError("--live: drop --gateway, --compare and --ramp")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ramp_s = min(5.0, args.duration / 4)
+    report_dir = args.report or Path("runs/loadtest") / f"live-{time.strftime('%Y%m%d-%H%M%S')}"
+    levels_out: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="e2v-loadtest-live-") as tmp:
+        workdir = Path(tmp)
+        log(f"writing {args.calls} stereo mu-law call recordings of {args.call_s:g} s")
+        calls = make_calls(workdir / "calls", args.calls, args.call_s)
+        try:
+            with live_stack(args, workdir, max(levels)) as stack:
+                for channels in levels:
+                    load = LiveLoad(channels, args.duration, args.frame_ms / 1000, ramp_s)
+                    log(f"{channels} channels for {args.duration:g} s ({stack['url']})")
+                    levels_out.append(run_level(stack, calls, load))
+                    log_level(levels_out[-1])
+                settings = stack.get("settings", {})
+        except (RuntimeError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        path = write_live_report(
+            report_dir, command_line(args), args.model, settings, calls, levels_out, args
+        )
+    print(f"report: {path}")
+    return 0
+
+
+def log_level(level: dict) -> None:
+    from loadtest.cli import log
+
+    i, f, s = level["interim_latency_ms"], level["final_latency_ms"], level["sessions"]
+    log(
+        f"  calls {s['ok']} ok / {s['failed']} failed; interim p50/p95 "
+        f"{i.get('p50', '-')}/{i.get('p95', '-')} ms ({i['count']}); final p95 "
+        f"{f.get('p95', '-')} ms; coalesced {level['coalesced']}; finals "
+        f"{level['finals']['arrived']}/{level['finals']['expected']} "
+        f"(lost {level['finals']['lost']}); gateway {level['gateway_cores']} cores"
+    )
