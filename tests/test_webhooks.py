@@ -343,6 +343,7 @@ def test_classify_posts_one_signed_webhook_per_file_that_fires(tiny_server, tmp_
         rows = {r["file"]: r for r in map(json.loads, result.stdout.splitlines())}
         assert result.returncode == 8, result.stderr
         assert "webhooks: 2 delivered, 0 failed, 0 dropped" in result.stderr
+        assert "Unclosed" not in result.stderr and "Traceback" not in result.stderr
         assert receiver.verified()
         bodies = {b["file"]: b for b in receiver.bodies()}
     assert set(bodies) == {str(fires), str(quiet)}  # threshold 0: both fire
@@ -370,6 +371,7 @@ def test_classify_is_not_held_by_a_dead_receiver(tiny_server, tmp_path, secret_f
     took = time.monotonic() - started
     assert result.returncode == 8, result.stderr  # the alert's status, not the webhook's
     assert "webhooks: 0 delivered, 1 failed, 0 dropped" in result.stderr
+    assert "Unclosed" not in result.stderr and "Traceback" not in result.stderr
     assert took < 30, took  # the job plus the bounded 10 s drain
 
 
