@@ -14,14 +14,17 @@ is read only after the cheap checks (key, media type, declared length, a free sl
 # No `from __future__ import annotations`: FastAPI resolves the route signatures, whose
 # types (Request) are imported inside create_app, at definition time.
 
+import asyncio
 import hmac
 import time
+from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from importlib import resources
 
 from client.gateway.config import GatewayConfig
 from client.gateway.errors import (
     BAD_PARAMETER,
+    BAD_REQUEST,
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
     TOO_LARGE,
@@ -34,6 +37,7 @@ from client.gateway.schemas import BatchOut, ErrorOut, FileOut, HealthOut, Ready
 from client.gateway.service import Gateway, model_labels
 from client.gateway.uploads import (
     BodyReader,
+    UploadPool,
     Uploads,
     check_media,
     read_multipart,
@@ -106,6 +110,7 @@ def create_app(config: GatewayConfig):
     from starlette.exceptions import HTTPException
 
     gateway = Gateway(config)
+    upload_pool = UploadPool(config.max_uploads)
     assets = {name: _asset(name) for name in ("index.html", *STATIC)}
 
     @asynccontextmanager
@@ -233,19 +238,22 @@ def create_app(config: GatewayConfig):
         if declared is not None and declared.isdigit() and int(declared) > config.max_upload_bytes:
             raise GatewayError(413, TOO_LARGE, too_large_message(config.max_upload_bytes))
         options = gateway.options(segment, alert)
+        gateway.admission.check_room()
         uploads = Uploads()
         try:
-            async with gateway.admission.slot():
-                reader = BodyReader(
-                    request.receive, config.max_upload_bytes, config.read_timeout_s, uploads
-                )
+            reader = BodyReader(
+                request.receive, config.max_upload_bytes, config.read_timeout_s, uploads
+            )
+            with upload_pool.place(reader):
                 if kind == "multipart/form-data":
                     await read_multipart(
                         reader, params.get("boundary"), config.max_files, config.spool_dir
                     )
                 else:
                     await read_raw(reader, _raw_name(filename), config.spool_dir)
-                results = await gateway.classify(uploads.files, options, embeddings)
+            async with gateway.admission.slot():
+                work = gateway.classify(uploads.files, options, embeddings)
+                results = await unless_disconnected(request.receive, work)
         finally:
             uploads.close()
             gateway.metrics.upload_bytes.inc(uploads.received)
@@ -254,6 +262,28 @@ def create_app(config: GatewayConfig):
         return JSONResponse(results[0], file_status(results[0].get("error_kind")))
 
     return app
+
+
+async def unless_disconnected(receive, work: Awaitable):
+    """`work`'s result; if the client disconnects first, `work` is cancelled (decoding
+    stops at its next chunk, queued segments and unsent Triton requests are dropped)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            raise GatewayError(400, BAD_REQUEST, "the client closed the connection")
+        return task.result()
+    finally:
+        for pending in (task, watcher):
+            pending.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+
+
+async def _disconnect(receive) -> None:
+    """Returns when the client goes away (the body is fully read before this runs)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def check_key(request, key: bytes | None) -> None:

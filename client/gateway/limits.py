@@ -1,9 +1,12 @@
 """Admission: a fixed number of requests at work, a short bounded queue, refusal beyond it.
 
-A request takes a slot before its body is read, so memory, disk and decoding threads
-are bounded by the slot count times the upload limit. When every slot is taken, a few
-requests may wait briefly for one; the rest, and those whose wait runs out, are refused
-at once with 429 and Retry-After. Overload is pushed back to the senders (or to the
+A request takes a slot once its body is in (bodies arriving are bounded apart, by
+uploads.UploadPool, so slow senders hold no slot), and keeps it while its audio is
+decoded and classified: decoding threads and Triton requests are bounded by the slot
+count. A request is refused before its body is read when the slots and the queue are
+already full (`check_room`). When every slot is taken, a few requests may wait briefly
+for one; the rest, and those whose wait runs out, are refused at once with 429 and
+Retry-After. Overload is pushed back to the senders (or to the
 autoscaler, through the in-flight and queued gauges), never absorbed into memory.
 """
 
@@ -28,6 +31,11 @@ class Admission:
     @property
     def waiting(self) -> int:
         return len(self._waiters)
+
+    def check_room(self) -> None:
+        """429 now, before a body is read, when a slot could not be had."""
+        if self.active >= self.slots and len(self._waiters) >= self.queue:
+            raise self._busy()
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:

@@ -3,10 +3,13 @@
 A body is read from the ASGI channel piece by piece. The size cap is checked on each
 piece (a declared Content-Length over the cap is refused before reading anything), a
 silent client times out, and a trickling one (slowloris) must keep up a minimum average
-rate. Multipart bodies are parsed as they stream (python-multipart's push parser) with
-bounded parts and part headers. Each file goes to an anonymous temporary file that
-holds the first MiB in memory and the rest on disk without a name, so nothing an upload
-wrote can outlive its request, even when the process is killed.
+rate. At most `--max-uploads` bodies arrive at once (`UploadPool`); when every place is
+taken, the slowest body under the minimum rate gives way (408), so trickling clients
+cannot keep others out; with no such body the newcomer gets 429. Multipart bodies are
+parsed as they stream (python-multipart's push parser) with bounded parts and part
+headers. Each file goes to an anonymous temporary file that holds the first MiB in memory
+and the rest on disk without a name, so nothing an upload wrote can outlive its request,
+even when the process is killed.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO
 
 from client.gateway.errors import (
     BAD_REQUEST,
+    BUSY,
     READ_TIMEOUT,
     TOO_LARGE,
     UNSUPPORTED_MEDIA,
@@ -31,6 +36,8 @@ from client.names import display_name
 SPOOL_MEMORY_BYTES = 1 << 20
 # After the first read timeout, a body must average at least this rate (slowloris guard).
 MIN_UPLOAD_BYTES_PER_S = 16 * 1024
+# A body this young is never pushed out of the pool (its rate is not known yet).
+EVICT_AFTER_S = 1.0
 # Per part: at most this many header lines, each at most this long (a filename fits).
 MAX_PART_HEADERS = 8
 MAX_PART_HEADER_BYTES = 4096
@@ -72,9 +79,20 @@ class BodyReader:
     def __init__(self, receive: Receive, limit: int, read_timeout_s: float, uploads: Uploads):
         self.receive, self.limit, self.read_timeout_s = receive, limit, read_timeout_s
         self.uploads = uploads
+        self.start = time.monotonic()
+        self._evicted: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def rate(self, now: float) -> float:
+        """Average body bytes per second so far."""
+        return self.uploads.received / max(now - self.start, 1e-3)
+
+    def evict(self) -> None:
+        """Give this body's place to another: its next read ends in 408."""
+        if not self._evicted.done():
+            self._evicted.set_result(None)
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        start = time.monotonic()
+        start = self.start = time.monotonic()
         while True:
             message = await self._next(start)
             if message["type"] == "http.disconnect":
@@ -92,18 +110,59 @@ class BodyReader:
         """The next ASGI message, or 408 when the client is silent or too slow."""
         deadline = start + self.read_timeout_s + self.uploads.received / MIN_UPLOAD_BYTES_PER_S
         wait = min(self.read_timeout_s, deadline - time.monotonic())
+        if wait > 0 and not self._evicted.done():
+            receive = asyncio.ensure_future(self.receive())
+            pending = (receive, self._evicted)
+            await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if receive.done():
+                return receive.result()
+            receive.cancel()
+        raise GatewayError(
+            408,
+            READ_TIMEOUT,
+            f"request body too slow: {self.uploads.received} bytes in "
+            f"{time.monotonic() - start:.0f} s (at most {self.read_timeout_s:g} s of silence, "
+            f"at least {MIN_UPLOAD_BYTES_PER_S // 1024} KiB/s on average"
+            + (", required while every upload place is taken)" if self._evicted.done() else ")"),
+        )
+
+
+class UploadPool:
+    """At most `size` bodies arriving at once (each holds up to SPOOL_MEMORY_BYTES of
+    memory and --max-upload-mb of spool disk)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.readers: set[BodyReader] = set()
+        self.evicted = 0
+
+    @contextmanager
+    def place(self, reader: BodyReader) -> Iterator[None]:
+        if len(self.readers) >= self.size:
+            self._make_room()
+        self.readers.add(reader)
         try:
-            if wait <= 0:
-                raise asyncio.TimeoutError
-            return await asyncio.wait_for(self.receive(), wait)
-        except asyncio.TimeoutError:  # Python 3.10: not the builtin TimeoutError
+            yield
+        finally:
+            self.readers.discard(reader)
+
+    def _make_room(self) -> None:
+        now = time.monotonic()
+        slow = [
+            r
+            for r in self.readers
+            if now - r.start >= EVICT_AFTER_S and r.rate(now) < MIN_UPLOAD_BYTES_PER_S
+        ]
+        if not slow:
             raise GatewayError(
-                408,
-                READ_TIMEOUT,
-                f"request body too slow: {self.uploads.received} bytes in "
-                f"{time.monotonic() - start:.0f} s (at most {self.read_timeout_s:g} s of silence, "
-                f"at least {MIN_UPLOAD_BYTES_PER_S // 1024} KiB/s on average)",
-            ) from None
+                429,
+                BUSY,
+                f"busy: {self.size} uploads arriving (the gateway's --max-uploads); retry later",
+            )
+        victim = min(slow, key=lambda r: r.rate(now))
+        self.readers.discard(victim)
+        victim.evict()
+        self.evicted += 1
 
 
 def too_large_message(limit: int) -> str:
