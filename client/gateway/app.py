@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 
 from client.gateway.config import GatewayConfig
+from client.gateway.docs import add_docs_routes
 from client.gateway.errors import (
     BAD_PARAMETER,
     BAD_REQUEST,
@@ -126,6 +127,7 @@ def create_app(config: GatewayConfig):
         summary="Speech emotion recognition: upload a recording, get emotions over time.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served from this process below (air-gapped sites: no CDN)
         redoc_url=None,
     )
     app.state.gateway = gateway
@@ -166,6 +168,7 @@ def create_app(config: GatewayConfig):
         return error_response(GatewayError(500, "internal", message))
 
     app.add_middleware(_Observe, gateway=gateway)
+    add_docs_routes(app, app.title)
 
     @app.get("/", include_in_schema=False)
     async def page():
