@@ -220,10 +220,13 @@ class WebhookSender:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        left = self._queue.qsize()
         while not self._queue.empty():
             self._queue.get_nowait()
             self._queue.task_done()
-            self.dropped += 1
+        if left:
+            self.dropped += left
+            log.warning("webhooks: %d still queued after the %g s drain, dropped", left, drain_s)
         if self._session is not None:
             await self._session.close()
             self._session = None
