@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PHASES = ("models", "alone", "served")
+PHASES = ("models", "alone", "served", "live")
 GRACE_S = 15.0  # after the budget: SIGTERM, this long to clean up, then SIGKILL
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,6 +44,8 @@ class Plan:
     warm_s: float  # per level, before the measured window
     measure_s: float
     profile: str = "call-centre"
+    live_layout: tuple[int, str] = (1, "fp32")  # served layout of the live phase
+    live_channels: tuple[int, ...] = ()  # concurrent calls, stepped up until p95 > target
     budgets: dict[str, float] = field(default_factory=dict)
     alone_share: dict[str, float] = field(default_factory=dict)  # of the alone budget
 
@@ -64,7 +66,9 @@ GPU_PLAN = Plan(
     users=(1, 8, 32, 64),
     warm_s=1.0,
     measure_s=5.0,
-    budgets={"models": 90, "alone": 150, "served": 140, "report": 20},
+    live_layout=(1, "fp16"),
+    live_channels=(500, 1000, 2000, 3000, 4000, 6000, 8000),
+    budgets={"models": 90, "alone": 125, "served": 130, "live": 55, "report": 20},
     alone_share={"base": 0.35, "large": 0.55},  # the rest: CUDA-graph probe
 )
 CPU_PLAN = Plan(
@@ -79,7 +83,8 @@ CPU_PLAN = Plan(
     users=(1, 2),
     warm_s=0.5,
     measure_s=2.0,
-    budgets={"models": 90, "alone": 90, "served": 120, "report": 30},  # margin for busy CI
+    live_channels=(2, 4),
+    budgets={"models": 90, "alone": 90, "served": 120, "live": 60, "report": 30},  # busy CI
     alone_share={"tiny": 0.9},
 )
 

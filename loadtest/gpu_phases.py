@@ -5,7 +5,9 @@
 - alone:  the torch target's runner without Triton: audio s/s and peak memory per bucket,
   batch size and precision; fp16/bf16 against fp32; the served workload; a CUDA-graph probe;
 - served: tritonserver with dynamic batching, per instance/precision layout and closed-loop
-  concurrency on the call-centre profile; Triton's statistics give the batch sizes.
+  concurrency on the call-centre profile; Triton's statistics give the batch sizes;
+- live:   the live gateway's request stream replayed open loop (`loadtest.gpu_live`):
+  concurrent calls per GPU at p95 <= 150 ms.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ if TYPE_CHECKING:
 def run(name: str, plan: Plan, phase: Phase) -> int:
     """Run phase `name`; SIGTERM (budget spent) unwinds so servers are stopped."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
-    return {"models": models, "alone": alone, "served": served}[name](plan, phase)
+    from loadtest import gpu_live
+
+    phases = {"models": models, "alone": alone, "served": served, "live": gpu_live.phase}
+    return phases[name](plan, phase)
 
 
 PARITY_RESERVE_S = 45.0  # FunASR parity of a further model only with this much time left

@@ -10,6 +10,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from loadtest import gpu_live
 from loadtest.metrics import cost_per_1000_audio_hours
 
 SYNTHETIC_NOTE = (
@@ -75,6 +76,7 @@ def collect(
                 r for r in kinds["level"] + kinds["layout"] if r.get("status") != "ok"
             ],
         },
+        "live": gpu_live.summary(results.get("live", [])),
     }
     data["summary"] = summary(data)
     return data
@@ -142,6 +144,7 @@ def markdown(data: dict, figure_note: str) -> str:
     lines += _models(data)
     lines += _alone(data, plan)
     lines += _served(data)
+    lines += gpu_live.markdown(data.get("live") or gpu_live.summary([]))
     lines += ["", "## Figures", "", figure_note or ""]
     lines += [f"![{name}]({name})" for name in data.get("figures", [])]
     return "\n".join(lines).rstrip() + "\n"
@@ -182,6 +185,13 @@ def _headline(data: dict) -> list[str]:
         lines.append(
             f"- served / alone on the same call-centre clips: "
             f"{s['served_vs_alone_same_workload']:.2f} (1 = no serving overhead)"
+        )
+    live = data.get("live", {})
+    if live.get("best_channels"):
+        lines.append(
+            f"- live calls ({live['plan']['layout']}): {live['best_channels']} concurrent calls "
+            f"(two parties each) at p95 {live['best_p95_ms']:.0f} ms <= "
+            f"{gpu_live.P95_TARGET_MS:g} ms"
         )
     return lines
 

@@ -9,8 +9,12 @@ ramp; at the end of the level every call in progress sends `stop`.
 Measured per level (the window after the ramp):
 - interim latency: from the moment the last sample of an event's window reached the
   gateway (the send time of the frame that carried it, loopback) to the event's arrival;
-- final latency: the gateway's `lag_s` on `utterance.end` (from the sample that made the
-  final due to its publication), since the client cannot know which sample that was;
+- final latency, twice: from the utterance's last sample (what a caller waits, the merge
+  gap of `MERGE_GAP_S` included: a final is due only once the utterance cannot grow) and
+  from the sample that made it due (end + merge gap + padding, or the last sample before
+  `stop`): the gateway's own delay;
+- the gateway's `lag_s` stamps (audio seconds received after the window's end when the
+  event was published), where events carry them;
 - coalesced windows (the `coalesced` field of results) and lost finals: the offline
   utterances of the audio each session received (`loadtest.calls.offline_utterances`)
   without a final that covers them;
@@ -32,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from client.segment import MERGE_GAP_S, VAD_SPEECH_PAD_MS
 from e2v.contract import (
     CLOSE_NORMAL,
     EVENT_RESULT,
@@ -44,9 +49,11 @@ from e2v.contract import (
 )
 from loadtest.calls import PARTIES, RATE, CallRecording, offline_utterances
 
-P95_TARGET_MS = 150.0  # the latency goal of live results (issue 17)
 STOP_WAIT_S = 60.0  # after `stop`: the longest wait for the finals, summary and close
 MATCH_SHARE = 0.5  # a final covers an offline utterance when it overlaps half of it
+# A final is due once the VAD has read the merge gap past the utterance's padded end, plus
+# the padding (client/segment.py's _Merger.settle): the earliest sample that can release it.
+FINAL_DUE_S = MERGE_GAP_S + VAD_SPEECH_PAD_MS / 1000
 
 
 @dataclass(frozen=True)
@@ -82,10 +89,8 @@ class CallLog:
         """Samples per party the gateway received."""
         return len(self.sent) * self.frame_samples
 
-    def sent_at(self, end_s: float) -> float | None:
+    def sent_at(self, end_s: float) -> float:
         """When the frame carrying the sample just before audio time `end_s` was sent."""
-        if not self.sent:
-            return None
         index = math.ceil(end_s * RATE / self.frame_samples) - 1
         return self.sent[min(max(index, 0), len(self.sent) - 1)]
 
@@ -210,30 +215,36 @@ def measure(run: dict, calls: list[CallRecording], load: LiveLoad) -> dict:
     """The level's figures from its call logs (see the module docstring)."""
     logs: list[CallLog] = run["logs"]
     low, high = run["start"] + load.ramp_s, run["deadline"]
-    interim, finals, lags = [], [], []
+    interim, since_end, since_due = [], [], []
+    lags: dict[str, list[float]] = {EVENT_RESULT: [], EVENT_UTTERANCE_END: []}
     results = coalesced = 0
     for log in logs:
+        last_s = log.samples_sent / RATE
         for arrived, event in log.events:
-            if not low <= arrived <= high:
-                continue
             kind = event.get("type")
+            if not low <= arrived <= high or kind not in lags:
+                continue
+            end_s = float(event["end_s"])
+            if event.get("lag_s") is not None:
+                lags[kind].append(float(event["lag_s"]))
             if kind == EVENT_RESULT:
                 results += 1
                 coalesced += int(event.get("coalesced") or 0)
-                sent = log.sent_at(float(event["end_s"]))
-                if sent is not None:
-                    interim.append(arrived - sent)
-                if event.get("lag_s") is not None:
-                    lags.append(float(event["lag_s"]))
-            elif kind == EVENT_UTTERANCE_END and event.get("lag_s") is not None:
-                finals.append(float(event["lag_s"]))
+                interim.append(arrived - log.sent_at(end_s))
+            else:
+                since_end.append(arrived - log.sent_at(end_s))
+                since_due.append(arrived - log.sent_at(min(end_s + FINAL_DUE_S, last_s)))
     cpu = _cpu(run["cpu"], load.channels)
     return {
         "channels": load.channels,
         "sessions": _sessions(logs),
         "interim_latency_ms": percentiles(interim),
-        "interim_gateway_lag_ms": percentiles(lags),
-        "final_latency_ms": percentiles(finals),
+        "final_latency_ms": percentiles(since_due),
+        "final_since_end_ms": percentiles(since_end),
+        "gateway_lag_ms": {
+            "interim": percentiles(lags[EVENT_RESULT]),
+            "final": percentiles(lags[EVENT_UTTERANCE_END]),
+        },
         "results": results,
         "coalesced": coalesced,
         "coalesced_share": round(coalesced / (results + coalesced), 4) if results else 0.0,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command for a bare GPU machine (loadtest/GPU.md): install what build/carry holds
 # into /tmp, build synthetic:base and synthetic:large, measure the model alone and served by
-# tritonserver, and write the report to $OUT (else build/gpu-bench). Every phase has a hard
+# tritonserver, live calls per GPU, and write the report to $OUT (else build/gpu-bench). Every phase has a hard
 # time budget; the whole run ends within 8 minutes.
 #
 #   bash scripts/gpu-bench.sh            the GPU run (Python 3.12 + torch + CUDA, no network)

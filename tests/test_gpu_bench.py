@@ -58,9 +58,16 @@ def test_cpu_dry_run_writes_a_complete_report(tmp_path):
         assert level["server"]["avg_batch_size"] >= 1 and level["errors"] == []
         assert level["settings"]["backend"] == "python"
         assert level["settings"]["instance_kind"] == "KIND_CPU"  # KIND_AUTO without a GPU
+    live = data["live"]
+    first = live["levels"][0]
+    assert first["channels"] == CPU_PLAN.live_channels[0] and first["failures"] == 0
+    assert first["requests"] > 0 and first["server"]["success"] >= first["requests"]
+    assert first["interim_ms"]["count"] > 0 and first["server"]["avg_batch_size"] >= 1
     markdown = (report / "report.md").read_text()
     assert "SYNTHETIC" in markdown and "| 1 instance, fp32 | 2 |" in markdown
+    assert "## Live calls" in markdown and f"| {CPU_PLAN.live_channels[0]} |" in markdown
     assert "== served: ok" in (report / "log.txt").read_text()
+    assert "== live: ok" in (report / "log.txt").read_text()
 
 
 def test_gpu_run_refuses_a_python_other_than_3_12(tmp_path):
@@ -80,6 +87,7 @@ def test_gpu_run_fits_its_time_budget():
     assert GPU_PLAN.precisions[0] == "fp32" and max(GPU_PLAN.batches) == 64
     assert set(GPU_PLAN.buckets_s) == {3.0, 10.0, 30.0}
     assert set(GPU_PLAN.models) == {"base", "large"}
+    assert max(GPU_PLAN.live_channels) >= 2000  # the goal: 2,000 calls per H100
 
 
 def tracked_bytes() -> int:
@@ -163,11 +171,12 @@ def test_report_renders_gpu_rows_and_names_what_was_not_measured(tmp_path):
     }
     markdown = (tmp_path / "report.md").read_text()
     assert "on NVIDIA H100 80GB HBM3" in markdown
-    assert "| alone | stopped at its time budget | 165 | 150 |" in markdown
+    assert f"| alone | stopped at its time budget | 165 | {GPU_PLAN.budgets['alone']} |" in markdown
     assert "**peak GiB**" in markdown and "out of memory" in markdown
     assert "| fp16 | 1 | 4.0 | 2.0 | 2.00x |" in markdown and "failed: capture error" in markdown
     assert "optimising executor 4.0 ms (1.25x)" in markdown
     assert "not measured: 2 instances, fp32: failed: boom" in markdown
     assert "not measured: large bf16: failed: kaput" in markdown
+    assert "## Live calls" in markdown and "Not measured (the phase did not run)." in markdown
     summary = json.loads((tmp_path / "report.json").read_text())["summary"]
     assert summary["alone_best"]["base fp16"]["vs_fp32"] == 2.0
