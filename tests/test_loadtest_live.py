@@ -1,0 +1,114 @@
+"""`e2v loadtest --live`: real call recordings, a real gateway in front of a real tiny Triton,
+a real WebSocket client; the report's structure and every final owed arriving."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from loadtest.calls import PARTIES, RATE, make_calls, offline_utterances
+from loadtest.live import CallLog, percentiles, ws_url
+from loadtest.live_run import parse_channels
+
+
+@pytest.fixture(scope="module")
+def calls(tmp_path_factory):
+    return make_calls(tmp_path_factory.mktemp("calls"), 2, 20.0)
+
+
+def test_call_recordings_are_stereo_mulaw_with_two_parties_taking_turns(calls):
+    import av
+
+    call = calls[0]
+    with av.open(str(call.path)) as container:
+        stream = container.streams.audio[0]
+        assert (stream.codec_context.name, stream.rate, stream.channels) == ("pcm_mulaw", RATE, 2)
+    assert call.duration_s == pytest.approx(20.0, abs=0.01)
+    assert len(call.tracks) == len(PARTIES)
+    utterances = [offline_utterances(track) for track in call.tracks]
+    assert all(len(u) >= 2 for u in utterances), utterances
+    # Turns: the parties mostly speak at different times.
+    speaking = [np.zeros(len(call.tracks[0]), bool) for _ in PARTIES]
+    for mask, party in zip(speaking, utterances, strict=True):
+        for segment in party:
+            mask[segment.start : segment.end] = True
+    assert (speaking[0] & speaking[1]).mean() < 0.5 * min(m.mean() for m in speaking)
+    assert calls[1].payload != call.payload  # distinct calls
+
+
+def test_frame_times_and_percentiles():
+    log = CallLog(0, 0, "c", sent=[1.0, 1.1, 1.2], frame_samples=800)  # 100 ms frames
+    assert log.sent_at(0.05) == 1.0 and log.sent_at(0.1) == 1.0  # sample 799: frame 0
+    assert log.sent_at(0.1001) == 1.1 and log.sent_at(9.0) == 1.2  # past the end: the last
+    figures = percentiles([0.01] * 99 + [1.0])
+    assert figures["count"] == 100 and figures["p50"] == 10.0 and figures["max"] == 1000.0
+    assert percentiles([]) == {"count": 0}
+    assert ws_url("http://127.0.0.1:8080") == "ws://127.0.0.1:8080/v1/live"
+    assert ws_url("wss://gw.example.com/v1/live") == "wss://gw.example.com/v1/live"
+    assert parse_channels("10,20") == [10, 20]
+    for bad in ("0", "x", "", "20000"):
+        with pytest.raises(ValueError):
+            parse_channels(bad)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--channels", "0"], ["--duration", "3"], ["--frame-ms", "5"], ["--gateway"]],
+)
+def test_bad_arguments_exit_2(args, tmp_path, capsys):
+    from e2v.cli import main
+
+    assert main(["loadtest", "--live", "--report", str(tmp_path / "r"), *args]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_live_load_test_against_a_real_gateway(tiny_server, tmp_path):
+    from e2v.cli import main
+
+    report = tmp_path / "report"
+    code = main(
+        [
+            "loadtest",
+            "--live",
+            "--url",
+            tiny_server.config.grpc_url,
+            "--stats-url",
+            tiny_server.config.http_url,
+            "--model",
+            "synthetic:tiny",
+            "--channels",
+            "3",
+            "--duration",
+            "14",
+            "--calls",
+            "2",
+            "--call-s",
+            "20",
+            "--report",
+            str(report),
+        ]
+    )
+    assert code == 0
+    summary = json.loads((report / "summary.json").read_text())
+    (level,) = summary["levels"]
+    assert level["channels"] == 3
+    assert level["sessions"]["failed"] == 0 and level["sessions"]["ok"] >= 3, level["sessions"]
+    finals = level["finals"]
+    assert finals["expected"] >= 3 and finals["lost"] == 0, finals  # every final arrived
+    assert finals["arrived"] >= finals["expected"]
+    for key in ("interim_latency_ms", "final_latency_ms", "final_since_end_ms"):
+        figures = level[key]
+        assert figures["count"] > 0 and 0 < figures["p50"] <= figures["p95"] <= figures["p99"]
+    # The merge gap: a final cannot come before its utterance has been silent for 1 s.
+    assert level["final_since_end_ms"]["p50"] > 900
+    assert level["gateway_cores"] > 0 and level["channels_per_core"] > 0
+    assert level["triton"]["success"] > 0 and level["triton"]["avg_batch_size"] >= 1
+    assert level["load_average"][0] >= 0 and isinstance(level["within_target"], bool)
+    assert summary["synthetic"] is True and summary["workload"]["recordings"] == 2
+    text = (report / "README.md").read_text()
+    assert text.splitlines()[0].endswith("(SYNTHETIC model: random weights)")
+    assert "| channels | calls ok / failed |" in text and "load average" in text
+    assert summary["machine"].split("(")[1].split(")")[0] in text  # the CPU model is named
