@@ -8,7 +8,8 @@
 Audio work (decode, resample, VAD) runs in a shared thread pool, one batch at a time per
 session so each session's chunks stay in order; chunks that queue up while a batch runs go
 in the next batch together, so a busy gateway makes fewer, larger steps. `feed` awaits
-when a session is `QUEUE_CHUNKS` chunks behind: back-pressure on that stream only.
+when a session has more than `QUEUE_AUDIO_S` of audio waiting: back-pressure on that
+stream only.
 
 Events go to `publish(event)` on the event loop, in order, with `call_id` and `seq`:
 `utterance.start`, `result` (interim: `lag_s`, `coalesced`), `utterance.end` (final: the
@@ -50,7 +51,8 @@ from e2v.contract import (
 )
 
 # Chunks a session may have queued before `feed` waits (each at most one message).
-QUEUE_CHUNKS = 32
+# Audio a session may have waiting for processing before `feed` waits (plus one message).
+QUEUE_AUDIO_S = 5.0
 WINDOW_RANGE_S = (1.0, 10.0)
 HOP_RANGE_S = (0.5, 10.0)
 MAX_PARTY_CHARS = 64
@@ -138,6 +140,7 @@ def audio_executor() -> concurrent.futures.ThreadPoolExecutor:
 
 
 _PAUSE, _FINISH = "pause", "finish"
+_AUDIO = ("audio", "channel")
 
 
 class LiveSession:
@@ -172,8 +175,11 @@ class LiveSession:
         self._last_final: list[asyncio.Task | None] = [None] * fmt.channels
         self._finals: list[list[SegmentResult]] = [[] for _ in fmt.parties]
         self._final_tasks: set[asyncio.Task] = set()
-        self._queue: asyncio.Queue = asyncio.Queue()  # bounded by _room (audio items)
-        self._room = asyncio.Semaphore(QUEUE_CHUNKS)
+        self._queue: asyncio.Queue = asyncio.Queue()  # bounded by the bytes below
+        self._queued_bytes = 0
+        self._queue_limit = round(QUEUE_AUDIO_S * fmt.sample_rate) * fmt.frame_bytes
+        self._room = asyncio.Event()
+        self._room.set()
         self._worker: asyncio.Task | None = None
         self._error: LiveError | None = None
         self.state = "open"  # open -> finishing -> done | aborted
@@ -231,8 +237,7 @@ class LiveSession:
         self._raise_error()
         await asyncio.gather(*list(self._final_tasks))
         self._raise_error()
-        summary = self._summary()
-        self._emit(summary)
+        summary = self._emit(self._summary())
         self.state = "done"
         return summary
 
@@ -273,8 +278,11 @@ class LiveSession:
         self._stream_s[index] += samples / self.fmt.sample_rate
 
     async def _enqueue(self, item: tuple) -> None:
-        """Queue audio, waiting while the session is QUEUE_CHUNKS chunks behind."""
-        await self._room.acquire()
+        """Queue audio, waiting while more than QUEUE_AUDIO_S of it is queued."""
+        while self._queued_bytes >= self._queue_limit and self._error is None:
+            self._room.clear()
+            await self._room.wait()
+        self._queued_bytes += len(item[-1])
         self._check_open()  # it may have failed or ended while this waited
         self._put(item)
 
@@ -292,9 +300,8 @@ class LiveSession:
                 while not self._queue.empty():
                     items.append(self._queue.get_nowait())
                 actions = await loop.run_in_executor(self._executor, self._process, items)
-                for item in items:
-                    if item[0] in ("audio", "channel"):
-                        self._room.release()
+                self._queued_bytes -= sum(len(i[-1]) for i in items if i[0] in _AUDIO)
+                self._room.set()
                 for index, action in actions:
                     self._act(index, action)
                 if items[-1][0] == _FINISH:
@@ -312,8 +319,8 @@ class LiveSession:
 
     def _wake_feeders(self) -> None:
         """No more audio will be taken: feeds waiting for room raise instead of hanging."""
-        for _ in range(QUEUE_CHUNKS):
-            self._room.release()
+        self._queued_bytes = 0
+        self._room.set()
 
     def _process(self, items: list[tuple]) -> list[tuple[int, object]]:
         """Executor side: decode, deinterleave and push every queued item, in order."""
@@ -428,13 +435,15 @@ class LiveSession:
             event |= _fields(result)
         self._emit(event | {"utterance": final.utterance})
 
-    def _emit(self, event: dict) -> None:
+    def _emit(self, event: dict) -> dict:
+        """Publish `event` with `call_id` and the next `seq`; returns what was published."""
         if self.state == "aborted":
-            return
+            return event
         self._seq += 1
-        self._publish(
-            {"type": event.pop("type"), "call_id": self.call_id, "seq": self._seq, **event}
-        )
+        head = {"type": event.pop("type"), "call_id": self.call_id, "seq": self._seq}
+        event = head | event
+        self._publish(event)
+        return event
 
     def _summary(self) -> dict:
         """Per party what `e2v classify` gives for the whole call, speech and overlap."""
