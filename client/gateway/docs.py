@@ -2,7 +2,8 @@
 
 FastAPI's default `/docs` loads Swagger UI from a CDN and starts it with an inline script,
 which a strict Content-Security-Policy (and a site without internet) blocks. The assets come
-from the `swagger-ui-bundle` package (the Swagger UI release that connexion ships, Apache-2.0)
+from the `swagger-ui-bundle-v2` package (Swagger UI 5, which reads the OpenAPI 3.1 that
+FastAPI writes; packaged by connexion's maintainers, Apache-2.0)
 instead of a copy in this repository, and a small script of ours starts it.
 """
 
