@@ -48,6 +48,7 @@ K8S_VERSION = "1.30.0"
 OVERLAYS = ("gpu", "cpu")
 OBJECT_STORAGE_COMPONENT = K8S_DIR / "components" / "object-storage"
 EXPORT_JOB = K8S_DIR / "export-job"
+GATEWAY = K8S_DIR / "gateway"
 BATCH_JOB = K8S_DIR / "batch-job"
 
 # Custom resources: kubernetes-validate ships no schema for them. They are still rendered,
@@ -702,8 +703,8 @@ def test_hpa_and_adapter_agree(overlay: str):
     assert metric["type"] == "Pods"
     assert metric["pods"]["metric"]["selector"]["matchLabels"] == {"model": contract.MODEL_NAME}
 
-    (rule,) = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]["custom"]
-    assert rule["name"]["as"] == metric["pods"]["metric"]["name"]
+    rules = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]["custom"]
+    (rule,) = [r for r in rules if r["name"]["as"] == metric["pods"]["metric"]["name"]]
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
     query = rule["metricsQuery"]
     for metric_name in ("nv_inference_queue_duration_us", "nv_inference_request_success"):
@@ -801,6 +802,146 @@ def test_launcher_adds_the_contract_restrictions():
     assert f'restricted="{group.rsplit("=", 1)[0]}"' in text
     for flag in contract.restricted_api_flags("KEY"):
         assert f'"{flag.split("=", 1)[0]}=$restricted=$key"' in text
+
+
+# --------------------------------------------------------------------------- gateway
+# deploy/k8s/gateway: long-lived WebSockets (live calls) and uploads behind ingress-nginx.
+
+GATEWAY_CONTAINER = "gateway"
+CLOSE_FLUSH_S = 5  # the hub's CLOSE_WAIT_S: finals, summary and the close frame after a drain
+
+
+def _gateway_container(docs: list[dict]) -> dict:
+    pod = find(docs, "Deployment")["spec"]["template"]["spec"]
+    (container,) = [c for c in pod["containers"] if c["name"] == GATEWAY_CONTAINER]
+    return container
+
+
+def _gateway_args() -> argparse.Namespace:
+    """The container's args as `e2v gateway` parses them (unknown flags fail here)."""
+    from e2v.cli import build_parser
+
+    args = _gateway_container(render(GATEWAY))["args"]
+    return build_parser().parse_args(["gateway", *args])
+
+
+def test_gateway_renders_and_validates():
+    docs = render(GATEWAY)
+    assert {d["kind"] for d in docs} == {
+        "Deployment",
+        "Service",
+        "Ingress",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ServiceMonitor",
+    }
+    assert _validate(docs) == ["ServiceMonitor/emotion2vec-gateway"]
+
+
+def test_gateway_args_are_flags_of_e2v_gateway():
+    args = _gateway_args()
+    assert args.host == "0.0.0.0" and args.port == contract.GATEWAY_PORT
+    assert args.triton == f"emotion2vec:{contract.GRPC_PORT}"
+    assert args.live_sessions >= 1 and args.live_drain_s > 0
+
+
+def test_gateway_drain_fits_the_grace_period():
+    """preStop, then SIGTERM: live calls drain for --live-drain-s while uploads finish,
+    then the calls left are closed (finals, summary, 1001): all before SIGKILL."""
+    from client.gateway.cli import GRACEFUL_SHUTDOWN_S
+
+    docs = render(GATEWAY)
+    pod = find(docs, "Deployment")["spec"]["template"]["spec"]
+    command = _gateway_container(docs)["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    drain = max(_gateway_args().live_drain_s, GRACEFUL_SHUTDOWN_S)
+    needed = int(command[1]) + drain + CLOSE_FLUSH_S
+    assert pod["terminationGracePeriodSeconds"] > needed, (
+        f"grace {pod['terminationGracePeriodSeconds']} s <= preStop + drain + flush = {needed} s"
+    )
+    rolling = find(docs, "Deployment")["spec"]["strategy"]["rollingUpdate"]
+    assert rolling["maxUnavailable"] == 0  # a rollout never drops capacity below the HPA's
+
+
+def test_gateway_ingress_keeps_websockets_and_sse_open():
+    docs = render(GATEWAY)
+    ingress = find(docs, "Ingress")
+    notes = ingress["metadata"]["annotations"]
+    args = _gateway_args()
+    prefix = "nginx.ingress.kubernetes.io/"
+    for name in ("proxy-read-timeout", "proxy-send-timeout"):
+        # Longer than any silence a healthy call or subscriber has (nginx's default: 60 s).
+        assert int(notes[prefix + name]) >= max(600, args.live_idle_s), name
+    assert notes[prefix + "proxy-buffering"] == "off"  # SSE events as they happen
+    assert notes[prefix + "proxy-request-buffering"] == "off"  # the gateway bounds uploads
+    assert _bytes(notes[prefix + "proxy-body-size"]) >= args.max_upload_mb * 2**20
+    assert ingress["spec"]["ingressClassName"] == "nginx" and ingress["spec"]["tls"]
+    service = find(docs, "Service")
+    (path,) = ingress["spec"]["rules"][0]["http"]["paths"]
+    backend = path["backend"]["service"]
+    assert backend["name"] == service["metadata"]["name"] and path["path"] == "/"
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+    assert service["spec"].get("sessionAffinity", "None") == "None"
+
+
+def test_gateway_scales_on_cpu_and_live_sessions():
+    docs = render(GATEWAY)
+    hpa = find(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == find(docs, "Deployment")["metadata"]["name"]
+    by_type = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert by_type["Resource"]["resource"]["name"] == "cpu"
+    sessions = by_type["Pods"]["pods"]
+    target = float(sessions["target"]["averageValue"])
+    assert 0 < target < _gateway_args().live_sessions  # scale out before pods refuse calls
+    rules = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]["custom"]
+    (rule,) = [r for r in rules if r["name"]["as"] == sessions["metric"]["name"]]
+    assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+    series = re.match(r"\s*([a-z_:]+)\{", rule["seriesQuery"]).group(1)
+    assert series in rule["metricsQuery"] and series in _gateway_metric_names()
+    down = hpa["spec"]["behavior"]["scaleDown"]
+    assert down["stabilizationWindowSeconds"] >= 300  # removing a pod drains its calls
+
+
+@functools.cache
+def _gateway_metric_names() -> frozenset[str]:
+    """Sample names a real gateway's /metrics serves (from its # TYPE lines)."""
+    import urllib.request
+
+    from client.gateway.process import GatewayProcess
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    with (
+        GatewayProcess(f"127.0.0.1:{contract.GRPC_PORT}").start() as gateway,
+        urllib.request.urlopen(gateway.url + contract.GATEWAY_METRICS_PATH) as response,
+    ):
+        text = response.read().decode()
+    names = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):  # labelled metrics without samples yet have only this
+            _, _, name, kind = line.split()
+            base = name.removesuffix("_total") if kind == "counter" else name
+            names |= {base + s for s in suffixes.get(kind, ("",))}
+        elif line and not line.startswith("#"):
+            names.add(re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", line).group(0))
+    return frozenset(names)
+
+
+def test_dashboard_live_panels_use_the_gateways_metrics():
+    dashboard = json.loads(DASHBOARD.read_text())
+    live = [p for p in dashboard["panels"] if p["title"].startswith("Live:")]
+    exprs = "\n".join(t["expr"] for p in live for t in p["targets"])
+    for needed in (
+        "e2v_live_sessions",  # sessions
+        "e2v_live_event_latency_seconds_bucket",  # event latency
+        "e2v_live_coalesced_windows_total",  # coalesced windows
+        "e2v_webhook_failed_total",  # webhook failures
+    ):
+        assert re.search(rf"\b{needed}\b", exprs), f"no live panel shows {needed}"
+    served = _gateway_metric_names()
+    everything = "\n".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    for name in set(re.findall(r"\b(e2v_[a-z_]+)", everything)):
+        assert name in served, f"the dashboard queries {name}, which the gateway does not serve"
 
 
 # --------------------------------------------------------------------------- Grafana
