@@ -209,9 +209,8 @@ async def play(options: PlayOptions, emit: Callable[[dict], None]) -> dict:
     """Stream `options.source` to the gateway; `emit` each event; return the summary."""
     audio = await Recording.open(options)
     client = {"live": NativeClient, "audiohook": AudioHookClient, "twilio": TwilioClient}
-    runner = client[options.protocol](options, audio, emit)
     try:
-        return await runner.run()
+        return await client[options.protocol](options, audio, emit).run()
     finally:
         audio.close()
 
@@ -477,20 +476,24 @@ class NativeClient(Client):
 
 class AudioHookClient(Client):
     """`/v1/audiohook`, as Genesys Cloud speaks AudioHook v2: `open` with one media offer,
-    `opened`, PCMU frames, `close`/`closed`; results come back in `event` messages."""
+    `opened`, PCMU frames, `close`/`closed`; results come back in `event` messages. A
+    `disconnect` from the gateway is answered with `close`, as the protocol asks."""
 
     CHANNELS = {1: ["external"], 2: ["external", "internal"]}  # customer, agent
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
+        if not _is_uuid(self.call_id):
+            raise UsageError("--call-id must be a UUID for AudioHook (its conversationId)")
         self.session_id = str(uuid.uuid4())
+        self.organization_id = str(uuid.uuid5(uuid.NAMESPACE_DNS, "e2v-live"))
         self.seq, self.serverseq = 0, 0
-        self.closed = False
-        self.failure: str | None = None  # a `disconnect` that is not `completed`
+        self.opened = self.closed = False
+        self.disconnect: dict | None = None  # the gateway's `disconnect` parameters
 
     def headers(self) -> dict[str, str]:
         headers = {
-            "Audiohook-Organization-Id": str(uuid.uuid5(uuid.NAMESPACE_DNS, "e2v-live")),
+            "Audiohook-Organization-Id": self.organization_id,
             "Audiohook-Session-Id": self.session_id,
             "Audiohook-Correlation-Id": str(uuid.uuid4()),
         }
@@ -500,79 +503,82 @@ class AudioHookClient(Client):
 
     def message(self, type_: str, parameters: dict) -> str:
         self.seq += 1
-        position = f"PT{self.audio.sent_s:.3f}S".replace(".000S", "S")
-        return json.dumps(
-            {
-                "version": "2",
-                "id": self.session_id,
-                "type": type_,
-                "seq": self.seq,
-                "serverseq": self.serverseq,
-                "position": position,
-                "parameters": parameters,
-            }
-        )
+        message = {"version": "2", "id": self.session_id, "type": type_, "seq": self.seq}
+        position = f"PT{self.audio.sent_s:.3f}S"
+        message |= {"serverseq": self.serverseq, "position": position, "parameters": parameters}
+        return json.dumps(message)
 
     async def run(self) -> dict:
         media = {"type": "audio", "format": "PCMU", "rate": 8000}
         media["channels"] = self.CHANNELS[self.audio.channels]
+        participant = {"id": str(uuid.uuid4()), "ani": "+15550100", "aniName": "e2v live"}
         opening = {
-            "organizationId": self.headers()["Audiohook-Organization-Id"],
+            "organizationId": self.organization_id,
             "conversationId": self.call_id,
-            "participant": {"id": str(uuid.uuid4()), "ani": "+15550100", "aniName": "e2v live"}
-            | {"dnis": "+15550199"},
+            "participant": participant | {"dnis": "+15550199"},
             "media": [media],
             "language": "en-US",
         }
         ws = await self.connect(self.url(AUDIOHOOK_PATH), self.headers())
         async with ws:
             await self.send(ws, self.message("open", opening))
-            opened = await self.answer(ws, "'opened'")
-            self.on_message(opened)
-            if opened.get("type") != "opened":
-                raise PlayError(f"AudioHook: expected 'opened', got {_brief(opened)}")
             reader = asyncio.create_task(self.drain(ws))
             try:
-                async for frame in self.audio.frames(FRAME_S["audiohook"]):
-                    if reader.done() or not await self.send(ws, _encode(frame, "mulaw")):
-                        break
-                else:
-                    await self.send(ws, self.message("close", {"reason": "end"}))
-                self.stop()
+                await self.stream(ws, reader)
                 await reader
             finally:
                 reader.cancel()
-            if self.failure:
-                raise PlayError(self.failure)
+            if self.disconnect is not None:
+                info = f"{self.disconnect.get('reason')}: {self.disconnect.get('info', '')}"
+                raise PlayError(f"{self.closed_reason(ws)} (AudioHook disconnect {info})")
             if not self.closed:
                 raise PlayError(self.closed_reason(ws, "before 'closed'"))
             if self.summary is None:
                 raise PlayError("AudioHook: 'closed' came without a summary event")
             return self.summary
 
+    async def stream(self, ws, reader: asyncio.Task) -> None:
+        """PCMU frames once `opened` has come, then `close` (unless the gateway ended it)."""
+        deadline = time.monotonic() + ANSWER_TIMEOUT_S
+        while not self.opened and not reader.done():
+            if time.monotonic() > deadline:
+                raise PlayError(f"no 'opened' from the gateway within {ANSWER_TIMEOUT_S:g} s")
+            await asyncio.sleep(0.02)
+        if self.opened:
+            async for frame in self.audio.frames(FRAME_S["audiohook"]):
+                if reader.done() or self.stopped_at is not None:
+                    break
+                if not await self.send(ws, _encode(frame, "mulaw")):
+                    break
+        if self.stopped_at is None and not reader.done():
+            await self.send(ws, self.message("close", {"reason": "end"}))
+        self.stop()
+
     async def drain(self, ws) -> None:
         async for message in self.messages(ws):
-            self.on_message(message)
+            self.serverseq = message.get("seq", self.serverseq)
             kind = message.get("type")
-            if kind == "closed":
-                self.closed = True
-                return  # the client ends the socket after `closed`, as Genesys does
-            if kind == "disconnect":  # the server ends the session: acknowledge with close
-                reason = message.get("parameters", {})
-                await self.send(ws, self.message("close", {"reason": "disconnect"}))
+            if kind == "opened":
+                self.opened = True
+            elif kind == "event":
+                self.on_event(message)
+            elif kind == "disconnect":  # the gateway ends the session: close, as asked
+                self.disconnect = message.get("parameters") or {}
                 self.stop()
-                if reason.get("reason") not in (None, "completed"):
-                    self.failure = f"AudioHook disconnect: {json.dumps(reason)[:300]}"
+                await self.send(ws, self.message("close", {"reason": "disconnect"}))
+            elif kind == "closed":
+                self.closed = True
+                if self.disconnect is None:
+                    return  # the client ends the socket after `closed`, as Genesys does
+                # after a disconnect the gateway closes with its code: read it
 
-    def on_message(self, message: dict) -> None:
-        self.serverseq = message.get("seq", self.serverseq)
-        if message.get("type") == "event":
-            for entity in message.get("parameters", {}).get("entities", []):
-                if not isinstance(entity, dict) or entity.get("type") != AUDIOHOOK_ENTITY_TYPE:
-                    continue
-                data = entity.get("data")
-                if isinstance(data, dict) and data.get("type") in LIVE_EVENT_TYPES:
-                    self.event(data)
+    def on_event(self, message: dict) -> None:
+        for entity in message.get("parameters", {}).get("entities", []):
+            if not isinstance(entity, dict) or entity.get("type") != AUDIOHOOK_ENTITY_TYPE:
+                continue
+            data = entity.get("data")
+            if isinstance(data, dict) and data.get("type") in LIVE_EVENT_TYPES:
+                self.event(data)
 
 
 class TwilioClient(Client):
@@ -727,5 +733,8 @@ def _pct(value) -> str:
     return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "-"
 
 
-def _brief(message: dict) -> str:
-    return json.dumps(message)[:200]
+def _is_uuid(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text.lower()
+    except ValueError:
+        return False
