@@ -1,0 +1,380 @@
+"""`/v1/audiohook` over real sockets: a real gateway in front of the real tritonserver,
+driven by the AudioHook reference implementation's own TypeScript client and by a Python
+client that speaks the protocol badly on purpose. synthetic:tiny's labels mean nothing:
+only the protocol and the event shapes are checked here.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from client.gateway.process import GatewayProcess
+from e2v.contract import (
+    AUDIOHOOK_ENTITY_TYPE,
+    AUDIOHOOK_PATH,
+    CLOSE_BAD_MESSAGE,
+    CLOSE_POLICY,
+    CLOSE_TOO_BIG,
+)
+
+pytest.importorskip("fastapi", reason="the gateway extra is not installed")
+websockets = pytest.importorskip("websockets.sync.client")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import audiohook_reference  # noqa: E402
+
+CALL = ROOT / "samples" / "call-8k-stereo.wav"
+API_KEY = "SGVsbG8sIEkgYW0gdGhlIEFQSSBrZXkh"  # the protocol documentation's sample key
+SECRET = "TXlTdXBlclNlY3JldEtleVRlbGxOby0xITJAMyM0JDU="  # ...and client secret
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("audiohook-keys")
+    (folder / "key").write_text(API_KEY + "\n")
+    (folder / "secret").write_text(SECRET + "\n")
+    return folder / "key", folder / "secret"
+
+
+@pytest.fixture(scope="module")
+def gateway(tiny_server, keys):
+    """API key, no client secret: what the Python protocol client talks to."""
+    with GatewayProcess(tiny_server.config.grpc_url, "--api-key-file", str(keys[0])) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def signed_gateway(tiny_server, keys):
+    """API key and client secret: upgrades must carry the HTTP message signature."""
+    process = GatewayProcess(
+        tiny_server.config.grpc_url,
+        "--api-key-file",
+        str(keys[0]),
+        "--audiohook-secret-file",
+        str(keys[1]),
+    )
+    with process:
+        yield process
+
+
+def ws_url(process: GatewayProcess) -> str:
+    return process.url.replace("http://", "ws://") + AUDIOHOOK_PATH
+
+
+# ----------------------------------------------------------------- the reference client
+
+
+@pytest.fixture(scope="module")
+def reference_client():
+    missing = audiohook_reference.available()
+    if missing is not None:
+        if shutil.which("npm") is None and not _in_ci():
+            pytest.skip(f"the reference client needs {missing}")
+        pytest.fail(f"the reference client needs {missing}")
+    audiohook_reference.install()
+    return audiohook_reference
+
+
+def _in_ci() -> bool:
+    import os
+
+    return bool(os.environ.get("CI"))
+
+
+def event_messages(log: str) -> list[dict]:
+    """The parameters of every `Event message` line the reference client logged."""
+    found = []
+    for match in re.finditer(r"Event message: (\{.*?\n\})", log, re.S):
+        found.append(json.loads(match.group(1)))
+    return found
+
+
+def test_reference_client_streams_a_call_and_logs_our_events(signed_gateway, reference_client):
+    code, log = reference_client.run(ws_url(signed_gateway), CALL, API_KEY, SECRET)
+    assert code == 0, log[-3000:]
+    assert "Session open!" in log, log[-3000:]
+    assert '"channels":["external","internal"]' in log  # stereo chosen from the offers
+    assert "Session closed" in log and "WARN" not in log, log[-3000:]
+    events = [e["data"] for m in event_messages(log) for e in m["entities"]]
+    assert {e["type"] for m in event_messages(log) for e in m["entities"]} == {
+        AUDIOHOOK_ENTITY_TYPE
+    }
+    kinds = [e["type"] for e in events]
+    assert kinds.count("utterance.end") >= 2 and kinds[-1] == "summary", kinds
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert {e["party"] for e in events if e["type"] == "utterance.end"} == {"customer", "agent"}
+    summary = events[-1]
+    assert [p["party"] for p in summary["parties"]] == ["customer", "agent"]
+    assert 22 < summary["duration_s"] < 24  # the 23 s sample, all of it
+
+
+def test_reference_client_with_a_wrong_secret_is_unauthorized(signed_gateway, reference_client):
+    wrong = base64.b64encode(b"not the secret").decode()
+    code, log = reference_client.run(ws_url(signed_gateway), CALL, API_KEY, wrong, timeout_s=60)
+    assert "Session open!" not in log, log[-3000:]
+    assert "reason: unauthorized" in log, log[-3000:]
+    assert "Event message" not in log
+
+
+def test_replayed_signature_is_refused(signed_gateway, reference_client):
+    """Headers the reference client really sent (it logs them), sent again: the nonce was
+    used, so the second upgrade is unauthorized; a tampered header fails the signature."""
+    code, log = reference_client.run(
+        ws_url(signed_gateway), CALL, API_KEY, SECRET, extra=("--max-stream-duration", "1")
+    )
+    assert code == 0 and "Session open!" in log, log[-3000:]
+    headers = json.loads(re.search(r"Request headers: (\{.*?\n\})", log, re.S).group(1))
+    for tamper in (None, "audiohook-correlation-id"):
+        sent = dict(headers)
+        if tamper:
+            sent[tamper] = str(uuid.uuid4())
+        with AudioHookClient(signed_gateway, headers=sent) as client:
+            disconnect = client.receive()
+            assert disconnect["type"] == "disconnect", disconnect
+            assert disconnect["parameters"]["reason"] == "unauthorized"
+            info = disconnect["parameters"]["info"]
+            # The nonce was seen (or, on a slow machine, the 10 s signature age passed).
+            expected = ("replayed", "age") if tamper is None else ("did not match",)
+            assert any(word in info for word in expected), info
+            client.close_transaction()
+            assert client.close_code() == CLOSE_POLICY
+
+
+# ----------------------------------------------------------------- a Python client
+
+
+class AudioHookClient:
+    """Speaks AudioHook v2 (or not, on purpose) over a real WebSocket."""
+
+    def __init__(self, process: GatewayProcess, headers: dict | None = None, key=API_KEY):
+        self.id = str(uuid.uuid4())
+        self.org = str(uuid.uuid4())
+        self.seq = 0
+        self.serverseq = 0
+        if headers is None:
+            headers = {
+                "Audiohook-Organization-Id": self.org,
+                "Audiohook-Session-Id": self.id,
+                "Audiohook-Correlation-Id": str(uuid.uuid4()),
+            }
+            if key is not None:
+                headers["X-API-KEY"] = key
+        else:
+            self.id = headers.get("Audiohook-Session-Id", self.id)
+        self._connection = websockets.connect(
+            ws_url(process), additional_headers=headers, open_timeout=10, max_size=None
+        )
+        self.ws = self._connection.__enter__()
+
+    def __enter__(self) -> AudioHookClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._connection.__exit__(*exc)
+
+    def message(self, kind: str, parameters: dict, **override) -> dict:
+        self.seq += 1
+        message = {
+            "version": "2",
+            "id": self.id,
+            "type": kind,
+            "seq": self.seq,
+            "serverseq": self.serverseq,
+            "position": "PT0S",
+            "parameters": parameters,
+        }
+        return message | override
+
+    def send(self, kind: str, parameters: dict | None = None, **override) -> None:
+        self.ws.send(json.dumps(self.message(kind, parameters or {}, **override)))
+
+    def receive(self, timeout: float = 15) -> dict:
+        message = json.loads(self.ws.recv(timeout=timeout))
+        assert message["version"] == "2" and message["id"] == self.id, message
+        assert message["seq"] == self.serverseq + 1, message  # ours, one up every message
+        assert message["clientseq"] <= self.seq, message
+        self.serverseq = message["seq"]
+        return message
+
+    def open(self, media: list[dict] | None = None, wait: bool = True, **parameters):
+        self.send(
+            "open",
+            {
+                "organizationId": self.org,
+                "conversationId": str(uuid.uuid4()),
+                "participant": {"id": str(uuid.uuid4()), "ani": "", "aniName": "", "dnis": ""},
+                "media": media if media is not None else OFFERS,
+                **parameters,
+            },
+        )
+        return self.receive() if wait else None
+
+    def close_transaction(self) -> list[dict]:
+        """close -> (events) -> closed; the messages before `closed`."""
+        self.send("close", {"reason": "end"})
+        before = []
+        while (message := self.receive(timeout=30))["type"] != "closed":
+            before.append(message)
+        return before
+
+    def close_code(self, timeout: float = 10) -> int | None:
+        from websockets.exceptions import ConnectionClosed
+
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                self.ws.recv(timeout=deadline - time.monotonic())
+        except ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd else None
+        except TimeoutError:
+            return None
+        return None
+
+    def failure(self) -> dict:
+        """The `disconnect` of a protocol failure, after the close transaction."""
+        disconnect = self.receive()
+        while disconnect["type"] == "event":
+            disconnect = self.receive()
+        assert disconnect["type"] == "disconnect", disconnect
+        self.close_transaction()
+        return disconnect["parameters"]
+
+
+OFFERS = [
+    {"type": "audio", "format": "PCMU", "channels": ["external", "internal"], "rate": 8000},
+    {"type": "audio", "format": "PCMU", "channels": ["external"], "rate": 8000},
+]
+
+
+def mulaw_stereo_frames(seconds: float, frame_s: float = 0.2) -> list[bytes]:
+    """The sample call's interleaved mu-law bytes (WAV format 7), cut in frames."""
+    data = CALL.read_bytes()
+    start = data.index(b"data") + 8
+    body = data[start : start + int(seconds * 8000) * 2]
+    step = int(frame_s * 8000) * 2
+    return [body[i : i + step] for i in range(0, len(body), step)]
+
+
+def test_open_ping_pause_update_and_close(gateway):
+    with AudioHookClient(gateway) as client:
+        opened = client.open(customConfig={"window_s": 2, "unrelated": {"x": 1}})
+        assert opened["type"] == "opened"
+        assert opened["parameters"] == {"media": [OFFERS[0]], "startPaused": False}
+        client.send("ping", {"rtt": "PT0.01S"})
+        assert client.receive()["type"] == "pong"
+        client.send("update", {"language": "en-US"})
+        assert client.receive()["type"] == "updated"
+        frames = mulaw_stereo_frames(4)
+        for frame in frames[:10]:
+            client.ws.send(frame)
+        client.send("paused")
+        client.send("resumed", {"start": "PT2S", "discarded": "PT1S"})
+        for frame in frames[10:]:
+            client.ws.send(frame)
+            time.sleep(0.05)
+        events = client.close_transaction()
+        data = [e["parameters"]["entities"][0]["data"] for e in events if e["type"] == "event"]
+        assert data and data[-1]["type"] == "summary", data
+        assert client.close_code() in (None, 1000)
+
+
+def test_mono_offer_and_connection_probe(gateway):
+    with AudioHookClient(gateway) as client:
+        client.send(
+            "open",
+            {
+                "organizationId": client.org,
+                "conversationId": "00000000-0000-0000-0000-000000000000",
+                "participant": {
+                    "id": "00000000-0000-0000-0000-000000000000",
+                    "ani": "",
+                    "aniName": "",
+                    "dnis": "",
+                },
+                "media": [OFFERS[1], {**OFFERS[1], "format": "L16", "channels": ["internal"]}],
+            },
+        )
+        opened = client.receive()
+        assert opened["parameters"]["media"] == [OFFERS[1]]  # one channel, the first offer
+        assert client.close_transaction() == []  # a probe: no session, no events
+
+
+@pytest.mark.parametrize(
+    "case, info",
+    [
+        ("seq", "Invalid seq value (not monotonically increasing)"),
+        ("serverseq", "Invalid serverseq value"),
+        ("id", "Session identifier mismatch"),
+        ("json", "Text message not valid JSON"),
+        ("shape", "Message not a well-formed client message"),
+        ("type", "'hello' is not a supported client message"),
+        ("params", "Invalid/missing parameters"),
+        ("audio_first", "Received audio in state PREPARING"),
+        ("no_media", "no offered media is supported"),
+        ("frame", "not a valid audio frame"),
+        ("paused_audio", "Received audio in state PAUSED"),
+    ],
+)
+def test_protocol_errors_disconnect_with_the_references_reason(gateway, case, info):
+    with AudioHookClient(gateway) as client:
+        if case == "audio_first":
+            client.ws.send(b"\xff" * 320)
+        elif case == "json":
+            client.ws.send("{not json")
+        elif case == "shape":
+            client.ws.send(json.dumps({"type": "open"}))
+        elif case == "no_media":
+            client.open(media=[], wait=False)
+        else:
+            opened = client.open()
+            assert opened["type"] == "opened"
+            if case == "seq":
+                client.send("ping", seq=client.seq + 2)
+            elif case == "serverseq":
+                client.send("ping", serverseq=99)
+            elif case == "id":
+                client.send("ping", id=str(uuid.uuid4()))
+            elif case == "type":
+                client.send("hello")
+            elif case == "params":
+                client.send("update", {"language": 42})
+            elif case == "frame":
+                client.ws.send(b"\xff" * 321)  # not a whole stereo frame
+            elif case == "paused_audio":
+                client.send("paused")
+                client.ws.send(b"\xff" * 320)
+        failure = client.failure()
+        assert failure["reason"] == "error" and info in failure["info"], failure
+        assert client.close_code() == CLOSE_BAD_MESSAGE
+
+
+def test_missing_or_wrong_key_is_unauthorized(gateway):
+    for key in (None, "wrong-key"):
+        with AudioHookClient(gateway, key=key) as client:
+            failure = client.failure()
+            assert failure["reason"] == "unauthorized", failure
+            assert client.close_code() == CLOSE_POLICY
+
+
+def test_organization_mismatch_and_oversized_frames(gateway):
+    with AudioHookClient(gateway) as client:
+        client.org = str(uuid.uuid4())  # organizationId differs from the header's
+        client.open(wait=False)
+        failure = client.failure()
+        assert failure["reason"] == "unauthorized" and "organizationId" in failure["info"]
+    with AudioHookClient(gateway) as client:
+        client.open()
+        client.ws.send(b"\xff" * (300 * 1024))  # over the 256 KiB message limit
+        failure = client.failure()
+        assert "bytes" in failure["info"], failure
+        assert client.close_code() == CLOSE_TOO_BIG
