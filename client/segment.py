@@ -193,6 +193,11 @@ class SegmentCutter:
         """ "vad": a speech region that will be kept is open now."""
         return isinstance(self._cuts, _VadCutter) and self._cuts.speaking()
 
+    @property
+    def retained(self) -> int:
+        """Samples held in memory now (bounded by the longest segment or speech region)."""
+        return self._buffer.end - self._buffer.start
+
     def window(self, start: int, end: int) -> np.ndarray:
         """Retained samples [start, end) (start no earlier than `open_start`)."""
         return self._buffer.take(start, end)

@@ -358,6 +358,67 @@ def test_bad_formats_settings_and_order_are_refused_with_4400(tiny_server):
     assert all(p["no_speech"] and p["segments"] == 0 for p in summary["parties"])
 
 
+# ------------------------------------------------------------- cutter, party, memory
+
+
+def party_finals(wav: np.ndarray, rate: int, seed: int, max_chunk: int = 3000):
+    """PartyStream's finals and start actions for `wav` pushed in random-sized chunks."""
+    from client.live.party import Final, Start
+
+    party = PartyStream(rate, 3.0, 1.0)
+    rng = np.random.default_rng(seed)
+    actions, position, most = [], 0, 0
+    while position < len(wav):
+        size = int(rng.integers(1, max_chunk))
+        actions += party.push(wav[position : position + size])
+        position += size
+        most = max(most, party.cutter.retained)
+    actions += party.finish()
+    ends = [(a.segment.start, a.segment.end) for a in actions if isinstance(a, Final)]
+    starts = [a for a in actions if isinstance(a, Start)]
+    return ends, starts, most
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_party_finals_are_the_batch_cut_of_the_same_audio_in_any_chunking(seed):
+    wav, _ = fx.bursts(CUSTOMER, sr=16_000, seed=seed)
+    batch = [(s.start, s.end) for s, _ in segment_stream([wav], SegmentMode("vad"))]
+    ends, starts, _ = party_finals(wav, 16_000, seed)
+    assert ends == batch and len(batch) >= 4
+    assert [s.utterance for s in starts] == list(range(1, len(batch) + 1))
+    # A start is announced at (or, padded, just before) the final's start.
+    for start, (first, _) in zip(starts, ends):
+        assert first <= start.start <= first + FRAME
+
+
+def test_live_cutting_sends_short_clips_as_vad_segments_not_whole():
+    from client.segment import SegmentCutter
+
+    wav, spans = fx.bursts([("silence", 1.0), ("speech", 3.0), ("silence", 2.0),
+                            ("speech", 2.0), ("silence", 1.0)], seed=4)  # fmt: skip
+    whole = [s for s, _ in segment_stream([wav], SegmentMode("vad"))]
+    assert [(s.start, s.end) for s in whole] == [(0, len(wav))]  # classify: one clip
+    cutter = SegmentCutter(SegmentMode("vad"), early=False)
+    early_out = []
+    for i in range(0, len(wav), 1600):
+        early_out += [s for s, _ in cutter.push(wav[i : i + 1600])]
+        if cutter.speaking:
+            assert cutter.open_start is not None
+    assert len(early_out) == 1  # the first utterance is out before the stream ends
+    cut = early_out + [s for s, _ in cutter.finish()]
+    assert len(cut) == 2 and cut[0].end <= spans[1][0] and cut[1].start >= spans[0][1]
+
+
+def test_memory_per_party_is_bounded_by_a_segment_and_the_merge_gap():
+    """Ten minutes of talk with pauses: the audio retained never exceeds one segment
+    (30 s) plus the merge gap and padding, however long the call."""
+    pattern = [("speech", 6.0), ("silence", 0.5), ("speech", 9.0), ("silence", 2.0)] * 34
+    wav, _ = fx.bursts(pattern, sr=8000, seed=9)
+    assert len(wav) / 8000 > 590
+    _, _, most = party_finals(wav, 8000, seed=0, max_chunk=4000)
+    assert most <= (30.0 + 1.0 + 0.5) * SAMPLE_RATE
+
+
 # ------------------------------------------------------------------- per-channel CPU
 
 

@@ -37,6 +37,7 @@ from client.triton import InferenceError, ModelInfo, Prediction
 from e2v.contract import (
     CLOSE_BAD_MESSAGE,
     CLOSE_INTERNAL,
+    CLOSE_TOO_BIG,
     EVENT_RESULT,
     EVENT_SUMMARY,
     EVENT_UTTERANCE_END,
@@ -53,6 +54,8 @@ from e2v.contract import (
 # Chunks a session may have queued before `feed` waits (each at most one message).
 # Audio a session may have waiting for processing before `feed` waits (plus one message).
 QUEUE_AUDIO_S = 5.0
+# The most one feed may carry (transports bound their messages well below this).
+MAX_FEED_BYTES = 4 << 20
 WINDOW_RANGE_S = (1.0, 10.0)
 HOP_RANGE_S = (0.5, 10.0)
 MAX_PARTY_CHARS = 64
@@ -235,8 +238,11 @@ class LiveSession:
         if self._worker is not None:
             await asyncio.gather(self._worker, return_exceptions=True)
         self._raise_error()
-        await asyncio.gather(*list(self._final_tasks))
-        self._raise_error()
+        outcomes = await asyncio.gather(*list(self._final_tasks), return_exceptions=True)
+        if self.state == "aborted":
+            raise LiveError(CLOSE_INTERNAL, "aborted", "the session was aborted")
+        if any(isinstance(o, BaseException) for o in outcomes):
+            raise LiveError(CLOSE_INTERNAL, "internal", "an utterance's final failed")
         summary = self._emit(self._summary())
         self.state = "done"
         return summary
@@ -264,10 +270,14 @@ class LiveSession:
     def _raise_error(self) -> None:
         if self._error is not None:
             raise self._error
+        if self.state == "aborted":
+            raise LiveError(CLOSE_INTERNAL, "aborted", "the session was aborted")
 
     def _whole(self, slot: int, payload: bytes, width: int) -> bytes:
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise _bad("payload", "audio must be binary")
+        if len(payload) > MAX_FEED_BYTES:
+            raise LiveError(CLOSE_TOO_BIG, "too_big", f"audio message over {MAX_FEED_BYTES} bytes")
         data = self._remainder[slot] + bytes(payload)
         cut = len(data) - len(data) % width
         self._remainder[slot] = data[cut:]
@@ -385,7 +395,7 @@ class LiveSession:
         self, index: int, window: Window, prediction: Prediction | None, coalesced: int
     ) -> None:
         self.coalesced += coalesced
-        if self.state == "aborted" or prediction is None:
+        if self.state in ("aborted", "done") or prediction is None:
             return
         if window.utterance <= self._finals_seen[index]:
             self.stale += 1
