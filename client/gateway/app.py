@@ -35,6 +35,7 @@ from client.gateway.errors import (
     file_status,
 )
 from client.gateway.schemas import BatchOut, ErrorOut, FileOut, HealthOut, ReadyOut
+from client.gateway.server import client_key
 from client.gateway.service import Gateway, model_labels
 from client.gateway.uploads import (
     BodyReader,
@@ -193,6 +194,8 @@ def create_app(config: GatewayConfig):
     )
     async def ready():
         """Readiness: 200 only while Triton's model is ready."""
+        if gateway.live.draining:
+            raise GatewayError(503, UNAVAILABLE, "draining: the gateway is shutting down")
         if not await gateway.ready():
             raise GatewayError(503, UNAVAILABLE, f"Triton's model is not ready at {config.triton}")
         info = gateway.info
@@ -247,7 +250,7 @@ def create_app(config: GatewayConfig):
             reader = BodyReader(
                 request.receive, config.max_upload_bytes, config.read_timeout_s, uploads
             )
-            with upload_pool.place(reader):
+            with upload_pool.place(reader, client_key(request.client)):
                 if kind == "multipart/form-data":
                     await read_multipart(
                         reader, params.get("boundary"), config.max_files, config.spool_dir
@@ -264,6 +267,9 @@ def create_app(config: GatewayConfig):
             return JSONResponse({"results": results})
         return JSONResponse(results[0], file_status(results[0].get("error_kind")))
 
+    from client.live.routes import add_live_routes
+
+    add_live_routes(app, gateway)
     return app
 
 

@@ -86,10 +86,10 @@ class BodyReader:
         """Average body bytes per second so far."""
         return self.uploads.received / max(now - self.start, 1e-3)
 
-    def evict(self) -> None:
-        """Give this body's place to another: its next read ends in 408."""
+    def evict(self, error: GatewayError | None = None) -> None:
+        """Give this body's place to another: its next read raises `error` (None: 408)."""
         if not self._evicted.done():
-            self._evicted.set_result(None)
+            self._evicted.set_result(error)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         start = self.start = time.monotonic()
@@ -117,6 +117,8 @@ class BodyReader:
             if receive.done():
                 return receive.result()
             receive.cancel()
+        if self._evicted.done() and self._evicted.result() is not None:
+            raise self._evicted.result()
         raise GatewayError(
             408,
             READ_TIMEOUT,
@@ -129,40 +131,67 @@ class BodyReader:
 
 class UploadPool:
     """At most `size` bodies arriving at once (each holds up to SPOOL_MEMORY_BYTES of
-    memory and --max-upload-mb of spool disk)."""
+    memory and --max-upload-mb of spool disk), shared fairly between client addresses.
+
+    When every place is taken, a newcomer takes the place of the slowest upload of the
+    address holding the most, if that address holds at least two more than the newcomer's
+    (429 for the one pushed out); else of the slowest upload under the minimum rate (408);
+    else it is refused (429). So trickling senders cannot keep others out unless they come
+    from more addresses than there are places."""
 
     def __init__(self, size: int):
         self.size = size
-        self.readers: set[BodyReader] = set()
+        self.by_client: dict[str, set[BodyReader]] = {}
+        self.count = 0
         self.evicted = 0
 
     @contextmanager
-    def place(self, reader: BodyReader) -> Iterator[None]:
-        if len(self.readers) >= self.size:
-            self._make_room()
-        self.readers.add(reader)
+    def place(self, reader: BodyReader, client: str) -> Iterator[None]:
+        if self.count >= self.size:
+            self._make_room(client)
+        self.by_client.setdefault(client, set()).add(reader)
+        self.count += 1
         try:
             yield
         finally:
-            self.readers.discard(reader)
+            self._remove(client, reader)
 
-    def _make_room(self) -> None:
+    def _remove(self, client: str, reader: BodyReader) -> None:
+        mine = self.by_client.get(client)
+        if mine is None or reader not in mine:
+            return
+        mine.discard(reader)
+        self.count -= 1
+        if not mine:
+            del self.by_client[client]
+
+    def _make_room(self, client: str) -> None:
         now = time.monotonic()
+        fullest = max(self.by_client, key=lambda c: len(self.by_client[c]))
+        if len(self.by_client[fullest]) >= len(self.by_client.get(client, ())) + 2:
+            victim = min(self.by_client[fullest], key=lambda r: r.rate(now))
+            self._push_out(fullest, victim, self._busy("another client's upload took its place"))
+            return
         slow = [
-            r
-            for r in self.readers
-            if now - r.start >= EVICT_AFTER_S and r.rate(now) < MIN_UPLOAD_BYTES_PER_S
+            (client, reader)
+            for client, readers in self.by_client.items()
+            for reader in readers
+            if now - reader.start >= EVICT_AFTER_S and reader.rate(now) < MIN_UPLOAD_BYTES_PER_S
         ]
         if not slow:
-            raise GatewayError(
-                429,
-                BUSY,
-                f"busy: {self.size} uploads arriving (the gateway's --max-uploads); retry later",
-            )
-        victim = min(slow, key=lambda r: r.rate(now))
-        self.readers.discard(victim)
-        victim.evict()
+            raise self._busy("retry later")
+        owner, victim = min(slow, key=lambda item: item[1].rate(now))
+        self._push_out(owner, victim, None)
+
+    def _push_out(self, client: str, victim: BodyReader, error: GatewayError | None) -> None:
+        self._remove(client, victim)
+        victim.evict(error)
         self.evicted += 1
+
+    def _busy(self, why: str) -> GatewayError:
+        return GatewayError(
+            429, BUSY, f"busy: {self.size} uploads arriving (the gateway's --max-uploads); {why}"
+        )
 
 
 def too_large_message(limit: int) -> str:

@@ -1,0 +1,450 @@
+"""Slow, idle and impatient clients against a real `e2v gateway` and the real tritonserver.
+
+Slow headers, slow bodies and idle sockets from many loopback addresses (127.0.0.2 and up,
+so the per-address caps apply and the well-behaved client on 127.0.0.1 is someone else)
+cannot keep /health or an upload from answering; every early refusal reaches urllib,
+http.client and requests (lingering close); a client that hangs up cancels its work; a
+WebSocket upgrade still works through the connection guard.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import resource
+import select
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import audio_fixtures as fx
+import numpy as np
+import psutil
+import pytest
+import requests
+
+from client.gateway.process import GatewayProcess
+from e2v.contract import MODEL_NAME
+
+pytest.importorskip("fastapi", reason="the gateway extra is not installed")
+
+SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "thanks-8k-mulaw.wav"
+# Half the attacking sockets come from 5 addresses (over the per-address cap), half from
+# 44 more (~14 each): together over the total cap.
+HEAVY = [f"127.0.0.{i}" for i in range(2, 7)]
+LIGHT = [f"127.0.0.{i}" for i in range(7, 51)]
+SLOW_HEADERS, SLOW_BODIES = 1000, 200
+ATTACK_S = 12.0
+PER_CLIENT = 32  # the gateway's default --max-connections-per-client
+MAX_CONNECTIONS = 600  # below 5 x 32 + 600, so the total cap is reached too
+LIMIT_MB = 12
+KEY = "k3y-for-the-refusal-tests"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def enough_files():
+    """1,200 client sockets here: raise the soft open-files limit if it is lower."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = SLOW_HEADERS + SLOW_BODIES + 512
+    if soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            pytest.skip(f"needs {needed} open files, hard limit {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture(scope="module")
+def long_call(tmp_path_factory) -> Path:
+    """20 minutes of speech with pauses (134 VAD segments), 8 kHz mu-law: 9.6 MB."""
+    minute, _ = fx.bursts([("speech", 8.0), ("silence", 1.0)] * 7, sr=8000, seed=3)
+    path = tmp_path_factory.mktemp("long") / "long-call.wav"
+    return fx.write_audio(path, np.tile(minute, 19), 8000, codec="pcm_mulaw")
+
+
+@pytest.fixture(scope="module")
+def refusing(tiny_server, tmp_path_factory):
+    """A key, a 12 MiB upload cap and one slot without a queue."""
+    key_file = tmp_path_factory.mktemp("key") / "key"
+    key_file.write_text(KEY + "\n")
+    process = GatewayProcess(
+        tiny_server.config.grpc_url,
+        "--api-key-file",
+        str(key_file),
+        "--max-upload-mb",
+        str(LIMIT_MB),
+        "--concurrency",
+        "1",
+        "--queue",
+        "0",
+    )
+    with process.start(ready=True):
+        yield process
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def timed(call) -> tuple[float, object]:
+    start = time.monotonic()
+    result = call()
+    return time.monotonic() - start, result
+
+
+def get(url: str, timeout: float = 5) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def predict(url: str, data: bytes, headers: dict | None = None, timeout: float = 5):
+    """The status, or (status, error message) for a refusal."""
+    headers = {"Content-Type": "audio/wav", **(headers or {})}
+    request = urllib.request.Request(url + "/predict", data, headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())["error"]
+
+
+def connect_from(address: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((address, 0))
+    sock.settimeout(2)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    return sock
+
+
+class Attack:
+    """Slow-header and slow-body sockets, each replaced as soon as the gateway closes or
+    answers it, so the pressure stays on for the whole attack."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.sockets: dict[socket.socket, str] = {}
+        self.opened = self.replaced = self.refused_at_connect = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+
+    def __enter__(self) -> Attack:
+        for i in range(SLOW_HEADERS + SLOW_BODIES):
+            self._open("header" if i < SLOW_HEADERS else "body", i)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        for sock in list(self.sockets):
+            sock.close()
+        self.sockets.clear()
+
+    def _open(self, kind: str, i: int) -> None:
+        try:
+            addresses = HEAVY if i % 2 else LIGHT
+            sock = connect_from(addresses[(i // 2) % len(addresses)], self.port)
+        except OSError:
+            self.refused_at_connect += 1
+            return
+        first = b"POST /predict HTTP/1.1\r\nHost: x\r\n"
+        if kind == "body":
+            first += b"Content-Type: audio/wav\r\nContent-Length: 1000000\r\n\r\nRIFF"
+        try:
+            sock.send(first)
+        except OSError:
+            sock.close()
+            return
+        self.sockets[sock] = kind
+        self.opened += 1
+
+    def _run(self) -> None:
+        i = 0
+        while not self.stop.wait(0.5):
+            for sock, kind in list(self.sockets.items()):
+                if self._closed_by_server(sock) or not self._trickle(sock, kind):
+                    del self.sockets[sock]
+                    sock.close()
+                    self.replaced += 1
+                    i += 1
+                    self._open(kind, i)
+
+    @staticmethod
+    def _closed_by_server(sock: socket.socket) -> bool:
+        return bool(select.select([sock], [], [], 0)[0])  # answered (408, 503) or closed
+
+    @staticmethod
+    def _trickle(sock: socket.socket, kind: str) -> bool:
+        try:
+            sock.send(b"X-Slow: 1\r\n" if kind == "header" else b"\0")
+        except OSError:
+            return False
+        return True
+
+
+def server_sockets(pid: int, port: int) -> Counter:
+    """The gateway's established connections on `port`, by peer address."""
+    found: Counter = Counter()
+    for conn in psutil.Process(pid).net_connections("tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.raddr and conn.status == "ESTABLISHED":
+            found[conn.raddr.ip] += 1
+    return found
+
+
+def triton_count(tiny_server) -> int:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(tiny_server.config.http_url)
+    try:
+        stats = client.get_inference_statistics(MODEL_NAME)["model_stats"][0]
+        return int(stats["inference_stats"]["success"]["count"])
+    finally:
+        client.close()
+
+
+def cpu_s(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+# -------------------------------------------------------------------------------- tests
+
+
+def test_slow_headers_and_bodies_do_not_deny_service(tiny_server):
+    gateway = GatewayProcess(
+        tiny_server.config.grpc_url, "--max-connections", str(MAX_CONNECTIONS), "--concurrency", "2"
+    )
+    audio = SAMPLE.read_bytes()
+    health: list[tuple[float, int]] = []
+    uploads: list[tuple[float, int]] = []
+    held: list[Counter] = []
+    with gateway.start(ready=True), Attack(gateway.port) as attack:
+        time.sleep(1.0)  # every attacking socket is open
+        deadline = time.monotonic() + ATTACK_S
+        while time.monotonic() < deadline:
+            health.append(timed(lambda: get(gateway.url + "/health")))
+            uploads.append(timed(lambda: predict(gateway.url, audio)))
+            held.append(server_sockets(gateway.pid, gateway.port))
+            time.sleep(0.25)
+        attacking = len(attack.sockets)
+        replaced, opened = attack.replaced, attack.opened
+    worst_health = max(t for t, _ in health)
+    worst_upload = max(t for t, _ in uploads)
+    print(
+        f"\n{len(health)} probes under {attacking} attacking sockets ({opened} opened, "
+        f"{replaced} closed by the gateway and replaced): /health worst {worst_health:.3f} s, "
+        f"/predict worst {worst_upload:.3f} s; gateway held at most "
+        f"{max(sum(c.values()) for c in held)} sockets, {max(max(c.values()) for c in held)} "
+        "from one address"
+    )
+    assert {status for _, status in health} == {200} and worst_health < 1.0
+    assert {status for _, status in uploads} == {200} and worst_upload < 1.0
+    assert all(sum(c.values()) <= MAX_CONNECTIONS + 4 for c in held)
+    assert all(n <= PER_CLIENT for c in held for ip, n in c.items() if ip != "127.0.0.1")
+    assert replaced > 200  # the caps and deadlines closed attacking sockets all along
+
+
+def test_header_deadline_and_idle_keep_alive(tiny_server):
+    gateway = GatewayProcess(
+        tiny_server.config.grpc_url, "--header-timeout-s", "2", "--keep-alive-s", "1"
+    )
+    with gateway.start():
+        # Headers trickling in, one line every 0.5 s: 408 at the deadline, then closed.
+        sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+        started = time.monotonic()
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        answer = b""
+        while time.monotonic() - started < 8:
+            if select.select([sock], [], [], 0.5)[0]:
+                answer = sock.recv(65536)
+                break
+            sock.sendall(b"X-Slow: 1\r\n")
+        elapsed = time.monotonic() - started
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 408") and 1.8 < elapsed < 3.5, (answer, elapsed)
+
+        # A socket that never speaks is closed at the same deadline.
+        sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+        elapsed, data = timed(lambda: sock.recv(1))
+        sock.close()
+        assert data == b"" and 1.8 < elapsed < 3.5
+
+        # Keep-alive: after an answer, an idle connection is closed after --keep-alive-s.
+        connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+        connection.request("GET", "/health")
+        response = connection.getresponse()
+        assert response.status == 200 and response.read()
+        elapsed, data = timed(lambda: connection.sock.recv(1))
+        connection.close()
+        assert data == b"" and 0.8 < elapsed < 2.5
+
+
+def _holder(gateway: GatewayProcess, path: Path) -> socket.socket:
+    """A long upload, sent whole, that keeps the only slot busy classifying."""
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=30)
+    data = path.read_bytes()
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: audio/wav\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + data)
+    return sock
+
+
+def _wait_for_inference(tiny_server, baseline: int, count: int, timeout_s: float = 30) -> int:
+    deadline = time.monotonic() + timeout_s
+    while (now := triton_count(tiny_server)) < baseline + count:
+        assert time.monotonic() < deadline, "the long upload never reached Triton"
+        time.sleep(0.05)
+    return now
+
+
+def _refusal_by_urllib(url, body, headers) -> tuple[int, dict]:
+    request = urllib.request.Request(url + "/predict", body, headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _refusal_by_http_client(url, body, headers) -> tuple[int, dict]:
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.request("POST", "/predict", body, headers)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def _refusal_by_requests(url, body, headers) -> tuple[int, dict]:
+    response = requests.post(url + "/predict", data=body, headers=headers, timeout=30)
+    return response.status_code, response.json()
+
+
+CLIENTS = {
+    "urllib": _refusal_by_urllib,
+    "http.client": _refusal_by_http_client,
+    "requests": _refusal_by_requests,
+}
+
+
+def _multipart(data: bytes) -> tuple[bytes, str]:
+    boundary = "e2v-refusal-boundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.wav"\r\n'
+        "Content-Type: audio/wav\r\n\r\n"
+    ).encode()
+    body += data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_early_refusals_reach_every_client(refusing, long_call, tiny_server):
+    big = os.urandom((LIMIT_MB + 4) << 20)  # past the cap: the rest is drained, then closed
+    form, form_type = _multipart(big)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    cases = {
+        "oversize multipart": (form, {**auth, "Content-Type": form_type}, 413, "too_large"),
+        "oversize raw": (big, {**auth, "Content-Type": "audio/wav"}, 413, "too_large"),
+        "wrong key": (
+            big[: 8 << 20],
+            {"Authorization": "Bearer wrong", "Content-Type": "audio/wav"},
+            401,
+            "unauthorized",
+        ),
+    }
+    for case, (body, headers, status, kind) in cases.items():
+        for name, send in CLIENTS.items():
+            answer = send(refusing.url, body, headers)
+            assert (answer[0], answer[1]["error_kind"]) == (status, kind), (case, name)
+    # A full queue: the only slot classifies a long call, there is no queue.
+    baseline = triton_count(tiny_server)
+    holder = _holder(refusing, long_call)
+    try:
+        _wait_for_inference(tiny_server, baseline, 1)
+        for name, send in CLIENTS.items():
+            status, body = send(refusing.url, big[: 8 << 20], {**auth, "Content-Type": "audio/wav"})
+            assert (status, body["error_kind"]) == (429, "busy"), name
+    finally:
+        holder.close()
+    assert refusing.status("/health") == 200
+
+
+def test_a_client_that_hangs_up_cancels_its_work(refusing, long_call, tiny_server):
+    baseline = triton_count(tiny_server)
+    holder = _holder(refusing, long_call)
+    sent = _wait_for_inference(tiny_server, baseline, 3) - baseline
+    holder.close()
+    hung_up = time.monotonic()
+    time.sleep(1.0)
+    count, cpu = triton_count(tiny_server), cpu_s(refusing.pid)
+    time.sleep(2.0)
+    later_count, later_cpu = triton_count(tiny_server), cpu_s(refusing.pid)
+    print(
+        f"\n{sent} of ~134 segments sent before the hang-up, {count - baseline - sent} more "
+        f"within 1 s, {later_count - count} in the 2 s after; gateway CPU in those 2 s: "
+        f"{later_cpu - cpu:.3f} s"
+    )
+    assert sent < 60  # the call was far from done when the client left
+    assert later_count == count, "Triton requests went on after the client hung up"
+    assert later_cpu - cpu < 0.1, "the gateway kept working after the client hung up"
+    assert time.monotonic() - hung_up < 10
+    # The slot is free again: a short upload is classified.
+    assert predict(refusing.url, SAMPLE.read_bytes(), {"Authorization": f"Bearer {KEY}"}) == 200
+
+
+def test_websocket_upgrades_pass_through_the_guard():
+    """A real uvicorn with the guarded protocol, a WebSocket echo app and a real client:
+    the upgrade works, and the socket is counted until it closes."""
+    import asyncio
+
+    import uvicorn
+    from websockets.sync.client import connect
+
+    from client.gateway.server import ConnectionLimits, guarded_protocol
+
+    async def echo(scope, receive, send):
+        if scope["type"] == "websocket":
+            assert (await receive())["type"] == "websocket.connect"
+            await send({"type": "websocket.accept"})
+            while (message := await receive())["type"] == "websocket.receive":
+                await send({"type": "websocket.send", "text": message.get("text")})
+        elif scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    from servers import free_ports
+
+    port = free_ports(1)[0]
+    protocol = guarded_protocol(ConnectionLimits(max_connections=8, per_client=4))
+    config = uvicorn.Config(echo, host="127.0.0.1", port=port, http=protocol, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            ws.send("hello")
+            assert ws.recv(timeout=5) == "hello"
+            assert protocol.guard.count == 1
+        deadline = time.monotonic() + 5
+        while protocol.guard.count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert protocol.guard.count == 0
+        assert get(f"http://127.0.0.1:{port}/") == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)
