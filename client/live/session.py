@@ -443,7 +443,10 @@ class LiveSession:
             result = segment_result(final.segment, prediction, self.info)
             self._finals[index].append(result)
             event |= _fields(result)
-        self._emit(event | {"utterance": final.utterance})
+        # Audio received past the utterance's end (the merge gap included): the hub's
+        # final-latency metric and the live load test read it.
+        lag_s = max(0.0, self._stream_s[index] - final.segment.end / SAMPLE_RATE)
+        self._emit(event | {"utterance": final.utterance, "lag_s": _r(lag_s, 3)})
 
     def _emit(self, event: dict) -> dict:
         """Publish `event` with `call_id` and the next `seq`; returns what was published."""
