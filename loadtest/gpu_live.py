@@ -35,7 +35,7 @@ P95_TARGET_MS = 150.0  # the latency goal of live events (issue 17); loadtest.li
 CALL_S = 60.0  # length of a call timeline; channels loop over them at random phases
 CALL_POOL = 64  # distinct timelines
 MERGE_DUE_S = 1.1  # a final is due this long after its utterance ends (merge gap + padding)
-THREADS_PER_PROCESS = 96
+THREADS_PER_PROCESS = 128  # requests in flight per process (open loop needs many)
 
 
 def call_timeline(rng: np.random.Generator, window_s: float, hop_s: float) -> np.ndarray:

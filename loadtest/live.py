@@ -218,7 +218,7 @@ def measure(run: dict, calls: list[CallRecording], load: LiveLoad) -> dict:
     interim, since_end, since_due = [], [], []
     lags: dict[str, list[float]] = {EVENT_RESULT: [], EVENT_UTTERANCE_END: []}
     results = coalesced = 0
-    for log in logs:
+    for log in (log for log in logs if log.sent):  # events about audio need audio
         last_s = log.samples_sent / RATE
         for arrived, event in log.events:
             kind = event.get("type")
