@@ -11,6 +11,9 @@ from collections.abc import Callable
 
 # Request latency: from a short clip (~50 ms) to an hour-long call.
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 150, 600)
+# Live event latency (audio seconds behind the stream) and session lengths.
+LIVE_LATENCY_BUCKETS = (0.05, 0.1, 0.15, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30)
+LIVE_DURATION_BUCKETS = (1, 10, 30, 60, 120, 300, 600, 1800, 3600, 14400)
 # Per-stage time: decoding a short clip takes milliseconds.
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
 
@@ -80,6 +83,68 @@ class GatewayMetrics:
             registry=registry,
         )
 
+        self._live_metrics(registry)
+
+    def _live_metrics(self, registry) -> None:
+        """Live sessions (client/live/hub.py): counters kept here, gauges and the
+        scheduler's and webhook sender's counters read from the hub (`bind_live`)."""
+        from prometheus_client import Counter, Histogram
+
+        self.live_events = Counter(
+            "e2v_live_events", "Live events published, by type", ["type"], registry=registry
+        )
+        self.live_ended = Counter(
+            "e2v_live_sessions_ended",
+            "Live sessions ended, by protocol and close code (1000: stop, 1001: drain)",
+            ["protocol", "code"],
+            registry=registry,
+        )
+        self.live_refused = Counter(
+            "e2v_live_refused",
+            "Live sockets refused before a session: busy, draining, unauthorized",
+            ["reason"],
+            registry=registry,
+        )
+        self.live_latency = Histogram(
+            "e2v_live_event_latency_seconds",
+            "Audio seconds received after a window's (interim) or utterance's (final) end "
+            "when its event was published: the wall-clock latency for a real-time stream",
+            ["kind"],
+            buckets=LIVE_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.live_duration = Histogram(
+            "e2v_live_session_duration_seconds",
+            "Wall-clock length of ended live sessions",
+            buckets=LIVE_DURATION_BUCKETS,
+            registry=registry,
+        )
+
+    def bind_live(self, hub) -> None:
+        """Gauges and counters read from the live hub at each scrape."""
+        from prometheus_client import Gauge
+
+        for name, doc, read in (
+            (
+                "e2v_live_sessions",
+                "Live sockets holding a session slot (handshakes too)",
+                lambda: hub.sessions,
+            ),
+            ("e2v_live_calls", "Live sessions started and not ended", lambda: hub.live_calls),
+            (
+                "e2v_live_subscriptions",
+                "Open event subscriptions (SSE and WebSocket)",
+                lambda: hub.subscriptions,
+            ),
+            (
+                "e2v_live_draining",
+                "1 while the gateway drains live sessions (SIGTERM)",
+                lambda: int(hub.draining),
+            ),
+        ):
+            Gauge(name, doc, registry=self.registry).set_function(read)
+        self.registry.register(_LiveCounters(hub))
+
     def observe_file(self, kind: str | None, audio_s: float | None, times) -> None:
         """One file's outcome and its stage times (a client.classify.StageTimes)."""
         self.files.labels("ok" if kind is None else "error").inc()
@@ -97,3 +162,36 @@ class GatewayMetrics:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _LiveCounters:
+    """Counters the live scheduler and the webhook sender keep themselves."""
+
+    SCHEDULER = {
+        "e2v_live_coalesced_windows": ("coalesced", "Interim windows replaced by a newer one"),
+        "e2v_live_final_retries": ("final_retries", "Final requests that failed and were retried"),
+        "e2v_live_interim_failures": ("interim_failures", "Interim requests that failed"),
+        "e2v_live_finals": ("finals", "Utterance finals scored"),
+        "e2v_live_interims": ("interims", "Interim windows scored"),
+    }
+    WEBHOOK = {
+        "e2v_webhook_delivered": ("delivered", "Webhook deliveries accepted by the receiver"),
+        "e2v_webhook_failed": ("failed", "Webhook deliveries that failed after their retries"),
+        "e2v_webhook_dropped": ("dropped", "Webhook deliveries dropped (queue full or invalid)"),
+    }
+
+    def __init__(self, hub):
+        self.hub = hub
+
+    def describe(self):
+        return []  # values appear once the hub has started: no fixed description
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        hub = self.hub
+        for source, fields in ((hub.scheduler, self.SCHEDULER), (hub.webhook, self.WEBHOOK)):
+            stats = getattr(source, "stats", source)
+            for name, (field, doc) in fields.items():
+                value = getattr(stats, field, None) if source is not None else 0
+                yield CounterMetricFamily(name, doc, value=float(value or 0))

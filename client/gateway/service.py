@@ -48,6 +48,7 @@ class Gateway:
         self.requests: asyncio.Semaphore | None = None
         self.decoders: concurrent.futures.ThreadPoolExecutor | None = None
         self._connector: asyncio.Task | None = None
+        self.live = _live_hub(self)
 
     @property
     def info(self) -> ModelInfo | None:
@@ -68,8 +69,10 @@ class Gateway:
             config.slots, thread_name_prefix="e2v-gateway-decode"
         )
         self._connector = asyncio.create_task(self._connect())
+        await self.live.start()
 
     async def stop(self) -> None:
+        await self.live.stop()
         if self._connector:
             self._connector.cancel()
             await asyncio.gather(self._connector, return_exceptions=True)
@@ -180,6 +183,18 @@ def file_json(result: FileResult, embeddings: bool) -> dict:
         for segment, source in zip(data["segments"], result.segments):
             segment["embedding"] = [round(float(v), 6) for v in source.embedding]
     return data
+
+
+def _live_hub(gateway: Gateway):
+    """Live sessions (client/live/hub.py), with a webhook sender when --webhook is set."""
+    from client.live.hub import LiveHub
+
+    config, webhook = gateway.config, None
+    if config.webhook is not None:
+        from client.webhooks import WebhookSender
+
+        webhook = WebhookSender(config.webhook, config.webhook_secret)
+    return LiveHub(gateway, config.live, webhook)
 
 
 def model_labels(info: ModelInfo) -> list[str]:

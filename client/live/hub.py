@@ -22,7 +22,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -35,6 +35,7 @@ from e2v.contract import (
     CLOSE_NORMAL,
     CLOSE_SLOW_READER,
     CLOSE_TIMEOUT,
+    CLOSE_TOO_FAST,
     CLOSE_TRY_AGAIN,
     EVENT_ALERT,
     EVENT_ERROR,
@@ -55,8 +56,8 @@ RETRY_AFTER_S = 5.0
 # After the drain deadline, a session still open gets this long to score what it holds
 # (open utterances become finals, the summary is sent) before it is closed.
 DRAIN_FINISH_S = 5.0
-# Subscriptions: per call and in all (each holds a bounded queue), and how long one may
-# wait for a call that is not live yet (a Twilio subscriber may connect before the stream).
+# Subscribers per call, and how long one may wait for a call that is not live yet (a
+# Twilio subscriber may connect before the stream starts).
 SUBSCRIBERS_PER_CALL = 16
 SUBSCRIBE_WAIT_S = 30.0
 # Events of a live call kept for subscribers that join late or reconnect (Last-Event-ID).
@@ -199,7 +200,7 @@ class LiveHub:
         self.draining = False
         self._sockets: set[Outbox] = set()  # every admitted socket (handshakes included)
         self._calls: dict[str, _Call] = {}
-        self._waiting: dict[str, set[asyncio.Future]] = {}
+        self._pending: dict[str, set[Outbox]] = {}  # subscribers waiting for their call
         self._subscriptions = 0
         self._changed: asyncio.Event | None = None
         self.metrics.bind_live(self)
@@ -281,7 +282,7 @@ class LiveHub:
         LiveError raised inside, or the outbox's stop reason, ends the session: it is
         published as the `error` event and re-raised, and the caller then flushes the
         outbox and closes the socket with its code. The slot is released at the end."""
-        outbox = outbox or self.admit()
+        outbox = self.admit() if outbox is None else outbox
         try:
             call = self._open(call_id, fmt, settings, outbox, protocol)
         except BaseException:
@@ -337,9 +338,8 @@ class LiveHub:
             lambda event: self._publish(call, event),
         )
         self._calls[call_id] = call
-        for waiter in self._waiting.pop(call_id, set()):
-            if not waiter.done():
-                waiter.set_result(call)
+        for queue in self._pending.pop(call_id, set()):
+            self._attach(call, queue, 0)
         return call
 
     def _close(self, call: _Call) -> None:
@@ -348,6 +348,10 @@ class LiveHub:
             del self._calls[call.call_id]
         for subscriber in call.subscribers:
             subscriber.close()
+
+    def pace(self, message_s: float) -> AudioPace:
+        """A rate limit for one stream whose largest message holds `message_s` of audio."""
+        return AudioPace(self.limits.max_speed, self.limits.burst_s, message_s)
 
     def session_id(self, session: LiveSession) -> str:
         """The id `started` names (one per session; the call id may come again later)."""
@@ -391,10 +395,12 @@ class LiveHub:
         if self.webhook is not None and kind in (EVENT_ALERT, EVENT_SUMMARY):
             self.webhook.post(event)
 
-    async def subscribe(self, call_id: str, after_seq: int = 0) -> AsyncIterator[dict]:
-        """Every event of `call_id` from now on (with those after `after_seq` still kept),
-        until its session ends. Waits up to SUBSCRIBE_WAIT_S for a call not live yet.
-        LiveError when there are too many subscribers or this one falls behind."""
+    @contextlib.contextmanager
+    def subscription(self, call_id: str, after_seq: int = 0) -> Iterator[Outbox]:
+        """A queue of every event of `call_id` from now on (with those after `after_seq`
+        still kept), closed when the session ends. A call not live yet is waited for up
+        to SUBSCRIBE_WAIT_S. The queue is bounded like an outbox: a subscriber that falls
+        behind is stopped (`guard` raises CLOSE_SLOW_READER), as are those past the limits."""
         if self.draining:
             raise LiveError(CLOSE_GOING_AWAY, "draining", GOING_AWAY_REASON)
         if self._subscriptions >= SUBSCRIPTIONS_PER_SESSION * self.limits.sessions:
@@ -405,48 +411,52 @@ class LiveHub:
                 f"busy: {self._subscriptions} subscriptions; retry in {RETRY_AFTER_S:g} s",
                 retry_after_s=RETRY_AFTER_S,
             )
+        queue = Outbox(self.limits.outbox_events, self.limits.outbox_bytes)
+        call = self._calls.get(call_id)
+        timer = None
+        if call is not None:
+            self._attach(call, queue, after_seq)
+        else:
+            self._pending.setdefault(call_id, set()).add(queue)
+            timer = asyncio.get_running_loop().call_later(
+                SUBSCRIBE_WAIT_S,
+                queue.stop,
+                LiveError(
+                    CLOSE_TIMEOUT,
+                    "no_such_call",
+                    f"no live call {call_id} within {SUBSCRIBE_WAIT_S:g} s",
+                ),
+            )
         self._subscriptions += 1
         try:
-            call = await self._wait_for_call(call_id)
-            if len(call.subscribers) >= SUBSCRIBERS_PER_CALL:
-                raise LiveError(
-                    CLOSE_TRY_AGAIN,
-                    "busy",
-                    f"call {call_id} has {SUBSCRIBERS_PER_CALL} subscribers already",
-                    retry_after_s=RETRY_AFTER_S,
-                )
-            queue = Outbox(self.limits.outbox_events, self.limits.outbox_bytes)
-            for event, text in call.recent:
-                if event["seq"] > after_seq:
-                    queue.put(event, text)
-            if call.ended:
-                queue.close()
-            call.subscribers.add(queue)
-            try:
-                while (item := await queue.guard(queue.get())) is not None:
-                    yield item[0]
-            finally:
-                call.subscribers.discard(queue)
+            yield queue
         finally:
             self._subscriptions -= 1
+            if timer is not None:
+                timer.cancel()
+            pending = self._pending.get(call_id)
+            if pending is not None:
+                pending.discard(queue)
+                if not pending:
+                    del self._pending[call_id]
+            for live in self._calls.values():
+                live.subscribers.discard(queue)
 
-    async def _wait_for_call(self, call_id: str) -> _Call:
-        if call_id in self._calls:
-            return self._calls[call_id]
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(call_id, set()).add(waiter)
-        try:
-            return await asyncio.wait_for(waiter, SUBSCRIBE_WAIT_S)
-        except asyncio.TimeoutError:
-            raise LiveError(
-                CLOSE_TIMEOUT, "no_such_call", f"no live call {call_id} in {SUBSCRIBE_WAIT_S:g} s"
-            ) from None
-        finally:
-            waiters = self._waiting.get(call_id)
-            if waiters is not None:
-                waiters.discard(waiter)
-                if not waiters:
-                    del self._waiting[call_id]
+    def _attach(self, call: _Call, queue: Outbox, after_seq: int) -> None:
+        if len(call.subscribers) >= SUBSCRIBERS_PER_CALL:
+            queue.stop(
+                LiveError(
+                    CLOSE_TRY_AGAIN,
+                    "busy",
+                    f"call {call.call_id} has {SUBSCRIBERS_PER_CALL} subscribers already",
+                    retry_after_s=RETRY_AFTER_S,
+                )
+            )
+            return
+        for event, text in call.recent:
+            if event["seq"] > after_seq:
+                queue.put(event, text)
+        call.subscribers.add(queue)
 
     # ------------------------------------------------------------------ drain
 
@@ -455,10 +465,9 @@ class LiveHub:
         up to `deadline_s`, then stop each socket with CLOSE_GOING_AWAY (a started session
         is scored first, DRAIN_FINISH_S at most) and wait for them to close."""
         self.draining = True
-        for waiters in self._waiting.values():
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_exception(LiveError(CLOSE_GOING_AWAY, "draining", GOING_AWAY_REASON))
+        for pending in self._pending.values():
+            for queue in pending:
+                queue.stop(LiveError(CLOSE_GOING_AWAY, "draining", GOING_AWAY_REASON))
         if self._sockets:
             log.warning("draining %d live sessions (up to %g s)", len(self._sockets), deadline_s)
         await self._until_empty(deadline_s)
@@ -474,6 +483,33 @@ class LiveHub:
             self._changed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), left)
+
+
+class AudioPace:
+    """Audio faster than real time beyond `max_speed` ends the session (CLOSE_TOO_FAST).
+
+    A token bucket in audio seconds, filled at `max_speed` per second up to the burst:
+    `burst_s`, or one message's worth when a message holds more, so a client pacing
+    large messages in real time is never refused. The bucket starts full."""
+
+    def __init__(self, max_speed: float, burst_s: float, message_s: float):
+        self.rate, self.capacity = max_speed, max(burst_s, message_s)
+        self.tokens = self.capacity
+        self.burst_s = burst_s
+        self._last = time.monotonic()
+
+    def take(self, audio_s: float) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self._last) * self.rate)
+        self._last = now
+        if audio_s > self.tokens:
+            raise LiveError(
+                CLOSE_TOO_FAST,
+                "too_fast",
+                f"audio arrives faster than {self.rate:g}x real time "
+                f"(after a burst of {self.burst_s:g} s); pace it",
+            )
+        self.tokens -= audio_s
 
 
 def error_event(exc: Exception, call_id: str | None, seq: int = 1) -> dict:
