@@ -127,6 +127,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="AudioHook client secret (base64): /v1/audiohook upgrades must carry its HTTP "
         "message signature (with --api-key-file, X-API-KEY must match too)",
     )
+    add_live_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     parser.set_defaults(func=run_gateway)
 
@@ -155,6 +156,7 @@ def run_gateway(args: argparse.Namespace) -> int:
             max_connections_per_client=args.max_connections_per_client,
             header_timeout_s=args.header_timeout_s,
             keep_alive_s=args.keep_alive_s,
+            live=live_limits(args),
             webhook=webhook,
             webhook_secret=secret,
             audiohook_secret=read_audiohook_secret(args.audiohook_secret_file)
@@ -171,6 +173,7 @@ def run_gateway(args: argparse.Namespace) -> int:
 
         from client.gateway.app import create_app
         from client.gateway.server import MAX_HEADER_BYTES, guarded_protocol, raise_file_limit
+        from client.live.shutdown import DrainingServer, websocket_options
     except ImportError as exc:
         print(
             f"error: the gateway needs its extra ({exc.name} is missing): "
@@ -187,9 +190,10 @@ def run_gateway(args: argparse.Namespace) -> int:
     import logging
 
     logging.basicConfig(format="%(levelname)s:     %(message)s", level=args.log_level.upper())
-    server = uvicorn.Server(
+    app = create_app(config)
+    server = DrainingServer(
         uvicorn.Config(
-            create_app(config),
+            app,
             host=config.host,
             port=config.port,
             # Connection caps, header deadline and lingering close (server.py); uvicorn's
@@ -202,7 +206,69 @@ def run_gateway(args: argparse.Namespace) -> int:
             proxy_headers=False,
             server_header=False,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        )
+            **websocket_options(config.live),
+        ),
+        app.state.gateway.live,
     )
     server.run()
     return 0 if server.started else 1
+
+
+def add_live_arguments(parser: argparse.ArgumentParser) -> None:
+    """The bounds of live sessions (WebSocket; docs/live.md, "Bounds")."""
+    from client.live.limits import LiveLimits
+
+    d = LiveLimits()
+    group = parser.add_argument_group("live sessions (/v1/live, /v1/audiohook, /v1/twilio)")
+    group.add_argument(
+        "--live-sessions",
+        type=int,
+        default=d.sessions,
+        help=f"live sockets at once, handshakes included (default {d.sessions}); "
+        "beyond it: close 1013 with a retry hint",
+    )
+    group.add_argument(
+        "--live-handshake-s",
+        type=float,
+        default=d.handshake_s,
+        help=f"the first message within this (default {d.handshake_s:g}; else close 4408)",
+    )
+    group.add_argument(
+        "--live-max-speed",
+        type=float,
+        default=d.max_speed,
+        help=f"audio faster than this times real time, after a {d.burst_s:g} s burst, "
+        f"is closed with 4429 (default {d.max_speed:g})",
+    )
+    group.add_argument(
+        "--live-idle-s",
+        type=float,
+        default=d.idle_s,
+        help=f"longest time without audio (default {d.idle_s:g}; else close 4408)",
+    )
+    group.add_argument(
+        "--live-max-duration-s",
+        type=float,
+        default=d.max_duration_s,
+        help=f"longest session (default {d.max_duration_s:g}; then close 4408)",
+    )
+    group.add_argument(
+        "--live-drain-s",
+        type=float,
+        default=d.drain_s,
+        help=f"on SIGTERM, how long live sessions may go on before they are closed with "
+        f"1001 (default {d.drain_s:g})",
+    )
+
+
+def live_limits(args: argparse.Namespace):
+    from client.live.limits import LiveLimits
+
+    return LiveLimits(
+        sessions=args.live_sessions,
+        handshake_s=args.live_handshake_s,
+        max_speed=args.live_max_speed,
+        idle_s=args.live_idle_s,
+        max_duration_s=args.live_max_duration_s,
+        drain_s=args.live_drain_s,
+    )
