@@ -619,12 +619,23 @@ def test_api_key(guarded, files):
     assert guarded.status("/health") == 200 and guarded.status("/ready") == 200
 
 
-def test_overload_is_refused_with_retry_after(guarded, files):
+def test_overload_is_refused_with_retry_after(guarded, files, tmp_path):
     path = files["thanks-8k-mulaw.wav"]
-    holder = RawConnection(guarded)  # takes the only slot with a body that is still coming
-    holder.send(head("audio/wav", 100_000, extra=(f"Authorization: {KEY['Authorization']}",)))
-    holder.send(b"RIFF")
-    time.sleep(0.5)
+    # 20 minutes of speech: its classification keeps the only slot busy for a long while.
+    minute, _ = fx.bursts([("speech", 8.0), ("silence", 1.0)] * 7, sr=8000, seed=3)
+    call = fx.write_audio(tmp_path / "call.wav", np.tile(minute, 19), 8000, codec="pcm_mulaw")
+    data = call.read_bytes()
+    holder = RawConnection(guarded)
+    holder.send(head("audio/wav", len(data), extra=(f"Authorization: {KEY['Authorization']}",)))
+    holder.send(data)
+    deadline = time.monotonic() + 10
+    while "e2v_gateway_in_flight_requests 1.0" not in metrics_text(guarded):
+        assert time.monotonic() < deadline, "the long call never took the slot"
+        time.sleep(0.05)
+    # A slow body holds no slot: it does not stop the queue from working.
+    slow = RawConnection(guarded)
+    slow.send(head("audio/wav", 100_000, extra=(f"Authorization: {KEY['Authorization']}",)))
+    slow.send(b"RIFF")
     queued: list = []
     waiter = threading.Thread(target=lambda: queued.append(upload(guarded, path, headers=KEY)))
     started = time.monotonic()
@@ -636,10 +647,15 @@ def test_overload_is_refused_with_retry_after(guarded, files):
     waiter.join(30)
     status, headers, body = queued[0]  # waited for a slot, in vain
     assert (status, body["error_kind"]) == (429, "busy") and "retry-after" in headers
-    holder.send(b"\0" * (100_000 - 4))
-    assert holder.response()[0] == 422
-    holder.close()
-    assert upload(guarded, path, headers=KEY)[0] == 200  # slots are handed back
+    holder.close()  # hanging up cancels the long call and hands its slot back
+    slow.send(b"\0" * (100_000 - 4))
+    assert slow.response()[0] == 422
+    slow.close()
+    assert upload(guarded, path, headers=KEY)[0] == 200
+
+
+def metrics_text(gateway) -> str:
+    return request(gateway, "GET", "/metrics")[2].decode()
 
 
 def test_triton_unreachable_then_up_then_gone(tiny_cpu_repo, files):
