@@ -508,3 +508,64 @@ def test_gateway_webhook_flags_are_checked_at_start(tmp_path, secret_file):
             timeout=60,
         )
         assert result.returncode == 2 and reason in result.stderr, (args, result.stderr)
+
+
+# ------------------------------------------------------------ e2v gateway: live alerts
+async def _live_call(url: str, pcm: bytes, alerts: str) -> list[dict]:
+    """One /v1/live session (16 kHz pcm_s16le mono) faster than real time; its events."""
+    from websockets.asyncio.client import connect
+
+    start = {"type": "start", "encoding": "pcm_s16le", "sample_rate": 16000, "channels": 1,
+             "alerts": alerts, "alert_windows": 2}  # fmt: skip
+    events = []
+    async with connect(url, open_timeout=10, close_timeout=10) as ws:
+        await ws.send(json.dumps(start))
+        events.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+
+        async def read() -> None:
+            async for message in ws:
+                events.append(json.loads(message))
+
+        reader = asyncio.create_task(read())
+        frame = 3200  # 100 ms
+        for offset in range(0, len(pcm), frame):
+            await ws.send(pcm[offset : offset + frame])
+            await asyncio.sleep(0.07)  # about 1.4x real time (the gateway allows 2x)
+        await ws.send(json.dumps({"type": "stop"}))
+        await asyncio.wait_for(reader, 60)
+    return events
+
+
+def _metrics(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def test_gateway_posts_live_alerts_and_the_summary(tiny_server, secret_file):
+    pytest.importorskip("websockets")
+    from client.gateway.process import GatewayProcess
+    from e2v.contract import EVENT_SUMMARY, LIVE_PATH
+
+    speech = fx.speech_like(8.0, seed=5)
+    pcm = (speech * 32767).clip(-32768, 32767).astype("<i2").tobytes()
+    with Receiver() as receiver:
+        args = ("--webhook", receiver.url, "--webhook-secret-file", str(secret_file))
+        with GatewayProcess(tiny_server.config.grpc_url, *args) as gateway:
+            url = gateway.url.replace("http://", "ws://") + LIVE_PATH
+            # Threshold 0: fires after two windows and can never re-arm (score < 0).
+            events = asyncio.run(_live_call(url, pcm, "angry=0.0"))
+            deadline = time.monotonic() + 10
+            while "e2v_webhook_delivered_total 2.0" not in (metrics := _metrics(gateway.url)):
+                assert time.monotonic() < deadline, metrics
+                time.sleep(0.1)
+            assert "e2v_webhook_failed_total 0.0" in metrics
+            assert "e2v_webhook_dropped_total 0.0" in metrics
+        assert receiver.verified()
+        bodies = receiver.bodies()
+    assert events[0]["type"] == "started", events[0]
+    sent = [e for e in events if e["type"] in (EVENT_ALERT, EVENT_SUMMARY)]
+    assert [e["type"] for e in sent] == [EVENT_ALERT, EVENT_SUMMARY], [e["type"] for e in events]
+    assert sorted(bodies, key=lambda b: b["seq"]) == sent  # the socket's events, as they were
+    assert sent[0]["label"] == "angry" and sent[0]["threshold"] == 0.0
