@@ -42,7 +42,15 @@ def live_stack(args: argparse.Namespace, workdir: Path, channels: int) -> Iterat
         config = (plan.configs or [(None, None)])[0]
         triton = local_triton(plan.repo(), "grpc", *config)
     with triton as target:
-        extra = ("--live-sessions", str(channels + SESSION_HEADROOM))
+        # One client address holds every channel: no per-address cap, room for them all.
+        extra = (
+            "--live-sessions",
+            str(channels + SESSION_HEADROOM),
+            "--max-connections",
+            str(max(1024, 2 * channels)),
+            "--max-connections-per-client",
+            "0",
+        )
         with GatewayProcess(target.url, *extra).start(ready=True) as gateway:
             yield {
                 "url": ws_url(gateway.url),

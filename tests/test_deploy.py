@@ -897,7 +897,7 @@ def test_gateway_scales_on_cpu_and_live_sessions():
     rules = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]["custom"]
     (rule,) = [r for r in rules if r["name"]["as"] == sessions["metric"]["name"]]
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
-    series = re.match(r"\s*([a-z_:]+)\{", rule["seriesQuery"]).group(1)
+    series = re.match(r"\s*([a-zA-Z0-9_:]+)\{", rule["seriesQuery"]).group(1)
     assert series in rule["metricsQuery"] and series in _gateway_metric_names()
     down = hpa["spec"]["behavior"]["scaleDown"]
     assert down["stabilizationWindowSeconds"] >= 300  # removing a pod drains its calls
