@@ -578,11 +578,13 @@ class AudioHookSession:
                     return
 
     async def _close_socket(self) -> None:
-        """Let the client close first (AudioHook clients do after `closed`); close with our
-        code when it has not within CLOSE_WAIT_S."""
+        """After a normal `closed`, let the client close first (AudioHook clients do) for
+        CLOSE_WAIT_S; after a failure's close transaction, close with its code at once."""
         if self._client_closed:
             return
         with contextlib.suppress(Exception):
+            if self.close_code != CLOSE_NORMAL:
+                raise TimeoutError
             deadline = time.monotonic() + CLOSE_WAIT_S
             while (wait := deadline - time.monotonic()) > 0:
                 message = await asyncio.wait_for(self.ws.receive(), timeout=wait)
