@@ -259,6 +259,54 @@ def test_a_triton_restart_mid_call_loses_no_final(tiny_cpu_repo, calls):
     assert scheduler.stats.final_retries > 0  # some were sent while it was down
 
 
+def test_windows_of_concurrent_calls_are_batched_together_by_triton(tiny_server, calls):
+    """Six stereo calls at once through one scheduler: Triton's dynamic batcher executes
+    their windows in batches > 1, and every call still gets the same finals."""
+    import tritonclient.http as httpclient
+
+    stats = httpclient.InferenceServerClient(tiny_server.config.http_url)
+
+    def batch_counts() -> dict[int, int]:
+        model = stats.get_inference_statistics("emotion2vec")["model_stats"][0]
+        return {b["batch_size"]: b["compute_infer"]["count"] for b in model["batch_stats"]}
+
+    payload = wav_payload(calls["stereo"])
+    fmt = StreamFormat("mulaw", 8000, ("customer", "agent"))
+
+    async def run():
+        async with TritonEmotionClient(tiny_server.config.grpc_url) as client:
+            scheduler = Scheduler(client, 32)
+            logs = [[] for _ in range(6)]
+
+            async def call(i: int) -> None:
+                session = LiveSession("call-1", fmt, LiveSettings(hop_s=0.5), scheduler,
+                                      client.info, logs[i].append)  # fmt: skip
+                step = len(payload) // 200 // 2 * 2
+                for position in range(0, len(payload), step):
+                    await session.feed(payload[position : position + step])
+                    await asyncio.sleep(0.02)
+                await session.finish()
+
+            await asyncio.gather(*(call(i) for i in range(6)))
+            await scheduler.close()
+            return logs
+
+    before = batch_counts()
+    logs = asyncio.run(run())
+    grew = {size: n - before.get(size, 0) for size, n in batch_counts().items()}
+    assert any(size > 1 and n > 0 for size, n in grew.items()), grew
+    reference = [(e["party"], e["start_s"], e["end_s"]) for e in logs[0]
+                 if e["type"] == EVENT_UTTERANCE_END]  # fmt: skip
+    assert len(reference) >= 6
+    for events in logs:
+        assert_well_formed(events, fmt.parties)
+        ends = [e for e in events if e["type"] == EVENT_UTTERANCE_END]
+        assert [(e["party"], e["start_s"], e["end_s"]) for e in ends] == reference
+        for got, want in zip(ends, (e for e in logs[0] if e["type"] == EVENT_UTTERANCE_END)):
+            for label, score in want["scores"].items():
+                assert abs(got["scores"][label] - score) <= 1e-4
+
+
 def test_waiting_interims_are_replaced_by_newer_ones_and_finals_go_first(tiny_server):
     async def run():
         async with TritonEmotionClient(tiny_server.config.grpc_url) as client:

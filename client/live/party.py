@@ -129,5 +129,6 @@ class PartyStream:
             return []
         due = self.next_window + (end - self.next_window) // self.hop * self.hop
         self.next_window = due + self.hop
-        start = max(self.open, due - self.window)
+        retained_from = self.cutter.end - self.cutter.retained
+        start = max(self.open, due - self.window, retained_from)
         return [Window(self.utterance, start, due, self.cutter.window(start, due))]

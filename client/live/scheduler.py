@@ -21,12 +21,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.triton import InferenceError, Prediction, TritonEmotionClient
+from client.triton import InferenceError, Prediction, ServerError, TritonEmotionClient
 
 # Finals: backoff between attempts doubles from FINAL_BACKOFF_S up to this (each attempt
 # already retries inside the client), so a restart of any length is waited out.
 FINAL_BACKOFF_S = 0.5
 FINAL_BACKOFF_CAP_S = 5.0
+# A final the server keeps failing on (its own errors, not unavailability) gives up after
+# this many attempts (minutes, at the capped backoff), so one poison input cannot hold a
+# session open for ever; an unavailable server is waited for without limit.
+FINAL_SERVER_ERRORS = 20
 # An interim older than this is no longer news: it gives up (done(None)).
 INTERIM_TIMEOUT_S = 10.0
 
@@ -84,15 +88,21 @@ class Scheduler:
     async def final(self, samples: np.ndarray) -> Prediction:
         """The prediction for an utterance: retried until it succeeds (or is cancelled).
 
-        InferenceError (the server refuses this input) is raised: retrying cannot help."""
-        delay = FINAL_BACKOFF_S
+        Raised: InferenceError (the server refuses this input: retrying cannot help) and
+        ServerError after FINAL_SERVER_ERRORS attempts that the server failed."""
+        delay, server_errors = FINAL_BACKOFF_S, 0
         while True:
             await self._acquire()
             try:
                 prediction = await self.client.predict(samples)
             except InferenceError:
                 raise
-            except Exception:  # noqa: BLE001 - unavailable, restart, server error: retry
+            except ServerError:
+                server_errors += 1
+                if server_errors >= FINAL_SERVER_ERRORS:
+                    raise
+                self.stats.final_retries += 1
+            except Exception:  # noqa: BLE001 - unavailable, restart, connection: retry
                 self.stats.final_retries += 1
             else:
                 self.stats.finals += 1

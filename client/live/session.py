@@ -34,7 +34,7 @@ from client.live.party import BREAK_S, Final, PartyStream, Start, Window
 from client.live.scheduler import Scheduler
 from client.results import FileResult, SegmentResult, aggregate, segment_result
 from client.segment import Segment
-from client.triton import InferenceError, ModelInfo, Prediction
+from client.triton import InferenceError, ModelInfo, Prediction, ServerError
 from e2v.contract import (
     CLOSE_BAD_MESSAGE,
     CLOSE_INTERNAL,
@@ -489,6 +489,8 @@ class LiveSession:
             prediction = await self.scheduler.final(final.samples)
         except InferenceError as exc:
             prediction, error = None, f"the server refused this utterance: {exc}"
+        except ServerError as exc:
+            prediction, error = None, f"the server kept failing on this utterance: {exc}"
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)  # publish in order
         party = self.fmt.parties[index]
