@@ -7,28 +7,35 @@ same pipeline as a single-process job (its own Triton client, streaming decode, 
 in flight) on batches of files; this process lists the inputs and writes every row, so
 outputs, resume and shards work unchanged.
 
-A worker that dies (a decoder crash on a hostile file, the OOM killer) fails only the
-files it had in hand: they get an `internal` row, which `--resume` retries, and a fresh
-pool takes over.
+Each worker has its own pipe: this process knows which batches each one holds, and each
+row comes back as soon as its file is done. A worker that dies (a decoder crash on a
+hostile file, the OOM killer) fails only the files it had in hand, the unfinished ones of
+the batch it was working on: they get an `internal` row, which `--resume` retries. Its
+batches not yet started go to the other workers, a fresh process takes its place, and
+the other workers never notice. (concurrent.futures' process pool cannot do this: one
+dead worker breaks the whole pool and fails every batch in flight.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
 import multiprocessing
 import signal
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from itertools import count as counter
 from typing import Any
 
+from client.names import display_name
 from client.results import FileResult
 from client.triton import ServerUnavailable, TritonEmotionClient
 
-# Batches per worker kept queued, so no worker waits for the next one.
+# Batches per worker sent ahead, so no worker waits for the next one.
 BATCHES_AHEAD = 2
-
-_worker: dict[str, Any] = {}  # per worker process: its event loop, client and options
+# Seconds a worker gets to finish after being told to stop, before it is killed.
+STOP_S = 5.0
 
 
 async def classify_in_processes(
@@ -41,42 +48,33 @@ async def classify_in_processes(
     """`classify_files` with `options.processes` worker processes (see the module doc)."""
     from client.classify import _SharedIterator
 
-    count = options.processes
-    batch_size = max(1, options.concurrency // count)  # each worker's share of the requests
+    batch_size = max(1, options.concurrency // options.processes)  # each worker's share
     worker_options = replace(options, processes=1, workers=1, concurrency=batch_size)
     settings = (client.url, client.protocol, client.model, client.retries, worker_options)
     source = _SharedIterator(iter(items))
-    loop = asyncio.get_running_loop()
-    pool = _new_pool(count, settings)
-    pending: dict[asyncio.Future, list[str]] = {}
-    exhausted = False
+    pool = _Pool(options.processes, settings)
+
+    def report(result: FileResult) -> None:
+        if on_audio and result.duration_s:
+            on_audio(result.duration_s)
+        on_result(result)
+
+    exhausted, finished = False, False
     try:
         while True:
-            while not exhausted and len(pending) < BATCHES_AHEAD * count:
+            while pool.has_room() and (pool.retry or not exhausted):
+                if pool.retry:
+                    pool.submit(pool.retry.popleft())
+                    continue
                 batch, exhausted = await _next_batch(source, batch_size, on_result)
                 if batch:
-                    pending[loop.run_in_executor(pool, _classify_batch, batch)] = batch
-            if not pending:
+                    pool.submit(batch)
+            if not pool.busy():
+                finished = True
                 return
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for future in done:
-                batch = pending.pop(future)
-                try:
-                    results, unavailable = future.result()
-                except concurrent.futures.process.BrokenProcessPool:
-                    results, unavailable = [_died(name) for name in batch], None
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    pool = _new_pool(count, settings)
-                for result in results:
-                    if on_audio and result.duration_s:
-                        on_audio(result.duration_s)
-                    on_result(result)
-                if unavailable:
-                    raise ServerUnavailable(unavailable)
+            pool.handle(await pool.events.get(), report)
     finally:
-        for future in pending:
-            future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.stop(graceful=finished)
 
 
 async def _next_batch(source, size: int, on_result) -> tuple[list[str], bool]:
@@ -93,18 +91,134 @@ async def _next_batch(source, size: int, on_result) -> tuple[list[str], bool]:
     return batch, False
 
 
-def _new_pool(count: int, settings: tuple) -> concurrent.futures.ProcessPoolExecutor:
-    return concurrent.futures.ProcessPoolExecutor(
-        count,
-        mp_context=multiprocessing.get_context("spawn"),  # no fork of gRPC or decoder threads
-        initializer=_start_worker,
-        initargs=settings,
-    )
+class _Worker:
+    """One worker process, its pipe, and the batches it holds (in the order it runs them)."""
+
+    def __init__(self, context, settings: tuple, events: asyncio.Queue):
+        here, there = context.Pipe()
+        self.process = context.Process(target=_worker_main, args=(there, settings), daemon=True)
+        self.process.start()
+        there.close()
+        self.conn = here
+        self.batches: dict[int, list[str]] = {}  # batch id -> names not yet reported
+        self.alive = True
+        self._loop = asyncio.get_running_loop()
+        self._events = events
+        self._loop.add_reader(self.conn.fileno(), self._readable)
+        self._loop.add_reader(self.process.sentinel, self._died)
+
+    def _readable(self) -> None:
+        try:
+            while self.alive and self.conn.poll():
+                self._events.put_nowait((self, self.conn.recv()))
+        except (EOFError, OSError):
+            self._died()
+
+    def _died(self) -> None:
+        if self.alive:
+            self._readable_final()
+            self.close()
+            self._events.put_nowait((self, ("died",)))
+
+    def _readable_final(self) -> None:
+        """Rows the worker sent before it died are still in the pipe: keep them."""
+        try:
+            while self.conn.poll():
+                self._events.put_nowait((self, self.conn.recv()))
+        except (EOFError, OSError):
+            pass
+
+    def close(self) -> None:
+        if self.alive:
+            self.alive = False
+            self._loop.remove_reader(self.conn.fileno())
+            self._loop.remove_reader(self.process.sentinel)
+
+    def send(self, message) -> None:
+        with contextlib.suppress(OSError):  # it died: its sentinel reports it
+            self.conn.send(message)
+
+
+class _Pool:
+    """`count` workers, replaced one by one as they die."""
+
+    def __init__(self, count: int, settings: tuple):
+        self.count, self.settings = count, settings
+        self.context = multiprocessing.get_context("spawn")  # no fork of gRPC or decoder threads
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.workers = [_Worker(self.context, settings, self.events) for _ in range(count)]
+        self.retry: deque[list[str]] = deque()  # batches a dead worker had not started
+        self._ids = counter()
+        self._idle_deaths = 0
+
+    def has_room(self) -> bool:
+        return any(len(w.batches) < BATCHES_AHEAD for w in self.workers)
+
+    def busy(self) -> bool:
+        return any(w.batches for w in self.workers)
+
+    def submit(self, names: list[str]) -> None:
+        worker = min(self.workers, key=lambda w: len(w.batches))
+        batch_id = next(self._ids)
+        worker.batches[batch_id] = list(names)
+        worker.send((batch_id, names))
+
+    def handle(self, event: tuple[_Worker, tuple], report: Callable[[FileResult], None]) -> None:
+        worker, message = event
+        kind = message[0]
+        if kind == "row":
+            _, batch_id, result = message
+            _forget(worker.batches.get(batch_id, []), result.file)
+            report(result)
+        elif kind == "end":
+            _, batch_id, unavailable = message
+            worker.batches.pop(batch_id, None)
+            if unavailable:
+                raise ServerUnavailable(unavailable)
+        elif kind == "died":
+            self._replace(worker, report)
+
+    def _replace(self, dead: _Worker, report: Callable[[FileResult], None]) -> None:
+        """The dead worker's current batch fails (what is left of it); the rest is redone."""
+        batches = list(dead.batches.values())
+        dead.batches.clear()
+        dead.process.join(1)
+        if batches:
+            self._idle_deaths = 0
+            for name in batches[0]:
+                report(_died(name))
+            self.retry.extend(batches[1:])
+        else:
+            self._idle_deaths += 1
+            if self._idle_deaths > self.count:  # dying before any work: no point going on
+                code = dead.process.exitcode
+                raise RuntimeError(f"worker processes keep dying (exit code {code})")
+        self.workers[self.workers.index(dead)] = _Worker(self.context, self.settings, self.events)
+
+    def stop(self, graceful: bool) -> None:
+        """Tell every worker to stop; kill those still running after STOP_S (or at once
+        when the job failed or was interrupted)."""
+        for worker in self.workers:
+            worker.close()
+            worker.send(None)
+        for worker in self.workers:
+            if graceful:
+                worker.process.join(STOP_S)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.conn.close()
+
+
+def _forget(names: list[str], shown: str) -> None:
+    """Drop the first of `names` whose row is called `shown` (a row came back for it)."""
+    for i, name in enumerate(names):
+        if display_name(name) == shown:
+            del names[i]
+            return
 
 
 def _died(name: str) -> FileResult:
-    from client.names import display_name
-
     return FileResult(
         file=display_name(name),
         error="a worker process died while this file was in hand (--resume retries it)",
@@ -112,29 +226,44 @@ def _died(name: str) -> FileResult:
     )
 
 
-def _start_worker(url: str, protocol: str, model: str, retries: int, options) -> None:
-    """In each worker process: one event loop and one connected Triton client."""
+# ------------------------------------------------------------------ in the worker process
+
+
+def _worker_main(conn, settings: tuple) -> None:
+    """A worker: one event loop, one connected Triton client, batches until told to stop.
+    Each row goes back as soon as its file is done, then ("end", id, unavailable)."""
+    from client.classify import classify_files
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    url, protocol, model, retries, options = settings
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)  # the gRPC channel binds to the loop current at creation
     client = TritonEmotionClient(url, protocol, model, retries=retries)
-    _worker.update(loop=loop, client=client, options=options, error=None)
+    error: str | None = None
     try:
         loop.run_until_complete(client.connect())
     except ServerUnavailable as exc:
-        _worker["error"] = str(exc)
-
-
-def _classify_batch(names: list[str]) -> tuple[list[FileResult], str | None]:
-    """(results of the files finished, why the server became unreachable or None)."""
-    from client.classify import classify_files
-
-    if _worker["error"]:
-        return [], _worker["error"]
-    results: list[FileResult] = []
-    job = classify_files(names, _worker["client"], _worker["options"], results.append)
+        error = str(exc)
     try:
-        _worker["loop"].run_until_complete(job)
-    except ServerUnavailable as exc:
-        return results, str(exc)
-    return results, None
+        while (message := _receive(conn)) is not None:
+            batch_id, names = message
+            unavailable = error
+            if unavailable is None:
+                job = classify_files(
+                    names, client, options, lambda r, b=batch_id: conn.send(("row", b, r))
+                )
+                try:
+                    loop.run_until_complete(job)
+                except ServerUnavailable as exc:
+                    unavailable = str(exc)
+            conn.send(("end", batch_id, unavailable))
+    finally:
+        loop.run_until_complete(client.close())
+        loop.close()
+
+
+def _receive(conn) -> Any:
+    try:
+        return conn.recv()
+    except EOFError:  # the parent went away
+        return None
