@@ -569,3 +569,29 @@ def test_gateway_posts_live_alerts_and_the_summary(tiny_server, secret_file):
     assert [e["type"] for e in sent] == [EVENT_ALERT, EVENT_SUMMARY], [e["type"] for e in events]
     assert sorted(bodies, key=lambda b: b["seq"]) == sent  # the socket's events, as they were
     assert sent[0]["label"] == "angry" and sent[0]["threshold"] == 0.0
+
+
+def test_a_hanging_receiver_never_holds_a_live_call_or_the_shutdown(tiny_server, secret_file):
+    pytest.importorskip("websockets")
+    from client.gateway.process import GatewayProcess
+    from e2v.contract import EVENT_SUMMARY, LIVE_PATH
+
+    pcm = (fx.speech_like(6.0, seed=5) * 32767).astype("<i2").tobytes()
+    with Receiver(default=("hang", 60.0)) as receiver:
+        args = ("--webhook", receiver.url, "--webhook-secret-file", str(secret_file))
+        gateway = GatewayProcess(tiny_server.config.grpc_url, *args).start()
+        try:
+            url = gateway.url.replace("http://", "ws://") + LIVE_PATH
+            started = time.monotonic()
+            events = asyncio.run(_live_call(url, pcm, "angry=0.0"))
+            took = time.monotonic() - started
+            assert events[-1]["type"] == EVENT_SUMMARY and took < 15, (took, events[-1])
+            assert "e2v_webhook_delivered_total 0.0" in _metrics(gateway.url)
+        finally:
+            stopping = time.monotonic()
+            gateway.stop()
+            stop_s = time.monotonic() - stopping
+        assert receiver.requests  # the alert was posted, never answered
+    # SIGTERM: the webhook drain is bounded (5 s); the gateway exits by itself, not killed
+    # (uvicorn re-raises the SIGTERM it handled, so the status may be -15).
+    assert gateway.process.returncode in (0, -15) and stop_s < 15, (gateway.process, stop_s)
