@@ -206,6 +206,10 @@ def test_each_party_of_a_stereo_call_equals_classify_on_its_channel(tiny_server,
         assert assert_same_segments(finals(events, party), want) == len(want)
         spans[party] = [(s["start_s"], s["end_s"]) for s in want]
     summary = events[-1]
+    for party, row in zip(summary["parties"], (offline[str(calls[p])] for p in fmt.parties)):
+        assert party["emotion"] == row["emotion"] and party["segments"] == len(row["segments"])
+        for label, score in row["scores"].items():
+            assert abs(party["scores"][label] - score) <= 1e-4
     both = sum(
         max(0.0, min(a1, b1) - max(a0, b0))
         for a0, a1 in spans["customer"]
