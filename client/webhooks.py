@@ -8,11 +8,11 @@ a delivery repeats. Deliveries are retried on connection errors, timeouts, 408, 
 and 5xx with doubling backoff capped at `backoff_cap_s` (Retry-After is honoured up to the
 cap); other statuses fail at once; redirects are not followed.
 
-`post` never blocks: it queues the body (bounded) and returns; a full queue drops the
-delivery and counts it. The counters `delivered`, `failed` and `dropped` are what
-/metrics exports. aiohttp is the client: the project already depends on it for https://
-inputs (fsspec's HTTP filesystem), it is asyncio-native with per-request timeouts and a
-pooled connector, so the gateway and classify need no second HTTP stack.
+`post` never blocks: it queues the body (bounded in deliveries and bytes) and returns; a
+full queue drops the delivery and counts it. The counters `delivered`, `failed` and
+`dropped` are what /metrics exports. aiohttp is the client: the project already depends on
+it for https:// inputs (fsspec's HTTP filesystem), it is asyncio-native with per-request
+timeouts and a pooled connector, so the gateway and classify need no second HTTP stack.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from e2v.contract import EVENT_FILE_ALERT, WEBHOOK_ID_HEADER, WEBHOOK_SIGNATURE_
 
 log = logging.getLogger("e2v.webhooks")
 
-WEBHOOK_QUEUE = 1000  # deliveries waiting (each at most MAX_BODY_BYTES)
+WEBHOOK_QUEUE = 1000  # deliveries waiting...
+WEBHOOK_QUEUE_BYTES = 16 << 20  # ...and their bodies' bytes, in flight included
 WEBHOOK_RETRIES = 6
 WEBHOOK_TIMEOUT_S = 5.0  # per attempt, connect to response
 WEBHOOK_WORKERS = 4  # deliveries in flight: one slow receiver response holds one of them
@@ -165,6 +166,7 @@ class WebhookSender:
         workers: int = WEBHOOK_WORKERS,
         backoff_s: float = BACKOFF_S,
         backoff_cap_s: float = BACKOFF_CAP_S,
+        queue_bytes: int = WEBHOOK_QUEUE_BYTES,
     ):
         if not secret:
             raise ValueError("the webhook secret is empty")
@@ -175,6 +177,7 @@ class WebhookSender:
         self.retries, self.timeout_s, self.workers = retries, timeout_s, workers
         self.backoff_s, self.backoff_cap_s = backoff_s, backoff_cap_s
         self.delivered = self.failed = self.dropped = 0
+        self.queue_bytes, self.queued_bytes = queue_bytes, 0
         self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(queue)
         self._tasks: list[asyncio.Task] = []
         self._session = None
@@ -202,11 +205,11 @@ class WebhookSender:
         if body is None:
             self._drop("sender not running" if not self._open else "not JSON or too large")
             return False
-        try:
-            self._queue.put_nowait((uuid.uuid4().hex, body))
-        except asyncio.QueueFull:
-            self._drop(f"queue full ({self._queue.maxsize})")
+        if self.queued_bytes + len(body) > self.queue_bytes or self._queue.full():
+            self._drop(f"queue full ({self._queue.qsize()} deliveries, {self.queued_bytes} bytes)")
             return False
+        self._queue.put_nowait((uuid.uuid4().hex, body))
+        self.queued_bytes += len(body)
         return True
 
     async def stop(self, drain_s: float = 0.0) -> None:
@@ -222,7 +225,7 @@ class WebhookSender:
         self._tasks = []
         left = self._queue.qsize()
         while not self._queue.empty():
-            self._queue.get_nowait()
+            self.queued_bytes -= len(self._queue.get_nowait()[1])
             self._queue.task_done()
         if left:
             self.dropped += left
@@ -254,6 +257,7 @@ class WebhookSender:
                 self.failed += 1
                 raise
             finally:
+                self.queued_bytes -= len(body)
                 self._queue.task_done()
 
     def _count(self, error: str | None, delivery_id: str) -> None:

@@ -283,6 +283,21 @@ def test_full_queue_drops_and_counts_and_post_never_blocks():
     assert sorted(b["n"] for b in receiver.bodies()) == [0, 1, 2, 10]
 
 
+def test_queue_is_bounded_in_bytes_too():
+    async def main(url: str) -> tuple[list[bool], WebhookSender]:
+        sender = WebhookSender(url, SECRET, queue_bytes=1000)
+        await sender.start()
+        accepted = [sender.post({"pad": "x" * 400}) for _ in range(3)]
+        assert sender.queued_bytes == 2 * len(json.dumps({"pad": "x" * 400}).replace(" ", ""))
+        await sender.stop(10)
+        return accepted, sender
+
+    with Receiver() as receiver:
+        accepted, sender = asyncio.run(main(receiver.url))
+    assert accepted == [True, True, False] and sender.queued_bytes == 0
+    assert (sender.delivered, sender.dropped) == (2, 1)
+
+
 def test_stop_is_bounded_by_its_drain_with_a_dead_receiver():
     payloads = [{"n": i} for i in range(6)]
     with Receiver(default=("hang", 30.0)) as receiver:
