@@ -349,9 +349,9 @@ class LiveHub:
         for subscriber in call.subscribers:
             subscriber.close()
 
-    def pace(self, message_s: float) -> AudioPace:
-        """A rate limit for one stream whose largest message holds `message_s` of audio."""
-        return AudioPace(self.limits.max_speed, self.limits.burst_s, message_s)
+    def pace(self) -> AudioPace:
+        """The rate limit of one stream (call `take(audio_s)` for each message)."""
+        return AudioPace(self.limits.max_speed, self.limits.burst_s)
 
     def session_id(self, session: LiveSession) -> str:
         """The id `started` names (one per session; the call id may come again later)."""
@@ -488,21 +488,21 @@ class LiveHub:
 class AudioPace:
     """Audio faster than real time beyond `max_speed` ends the session (CLOSE_TOO_FAST).
 
-    A token bucket in audio seconds, filled at `max_speed` per second up to the burst:
-    `burst_s`, or one message's worth when a message holds more, so a client pacing
-    large messages in real time is never refused. The bucket starts full."""
+    A token bucket in audio seconds, filled at `max_speed` per second up to `burst_s`;
+    each message takes its audio's length. A message is refused once the bucket is empty
+    (not when it holds less than the message), so one large message paced in real time is
+    never refused: the client may be ahead by the burst plus one message."""
 
-    def __init__(self, max_speed: float, burst_s: float, message_s: float):
-        self.rate, self.capacity = max_speed, max(burst_s, message_s)
-        self.tokens = self.capacity
-        self.burst_s = burst_s
+    def __init__(self, max_speed: float, burst_s: float):
+        self.rate, self.burst_s = max_speed, burst_s
+        self.tokens = burst_s
         self._last = time.monotonic()
 
     def take(self, audio_s: float) -> None:
         now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self._last) * self.rate)
+        self.tokens = min(self.burst_s, self.tokens + (now - self._last) * self.rate)
         self._last = now
-        if audio_s > self.tokens:
+        if self.tokens < 0:
             raise LiveError(
                 CLOSE_TOO_FAST,
                 "too_fast",

@@ -96,7 +96,7 @@ async def _stream(socket: Socket, session: LiveSession, outbox: Outbox, hub: Liv
     """Audio and messages until `stop` (or the client leaves); the summary is published."""
     limits, fmt = hub.limits, session.fmt
     second_bytes = fmt.frame_bytes * fmt.sample_rate
-    pace = hub.pace(limits.max_message_bytes / second_bytes)
+    pace = hub.pace()
     loop = asyncio.get_running_loop()
     last_audio = loop.time()
     while True:
