@@ -471,6 +471,47 @@ def test_memory_per_party_is_bounded_by_a_segment_and_the_merge_gap():
     assert most <= (30.0 + 1.0 + 0.5) * SAMPLE_RATE
 
 
+def test_a_session_behind_waits_in_feed_and_abort_releases_it(tiny_server):
+    """Back-pressure: with the audio threads busy, feed() stops returning once 5 s of
+    audio are queued; abort() makes the waiting feed raise at once, and nothing leaks."""
+    import concurrent.futures
+    import threading
+
+    fmt = StreamFormat("mulaw", 8000, ("caller",))
+    half_second = codecs.encode(fx.speech_like(0.5, sr=8000, seed=2), "mulaw")
+
+    async def run():
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        gate = threading.Event()
+        pool.submit(gate.wait, 30)  # the only audio thread is busy
+        try:
+            async with TritonEmotionClient(tiny_server.config.grpc_url) as client:
+                scheduler = Scheduler(client, 2)
+                session = LiveSession("call-1", fmt, LiveSettings(), scheduler, client.info,
+                                      lambda e: None, executor=pool)  # fmt: skip
+                fed = 0
+                while fed < 40:
+                    try:
+                        await asyncio.wait_for(session.feed(half_second), 0.5)
+                    except asyncio.TimeoutError:
+                        break
+                    fed += 1
+                blocked = asyncio.create_task(session.feed(half_second))
+                await asyncio.sleep(0.2)
+                assert not blocked.done()
+                await session.abort()
+                with pytest.raises(LiveError):
+                    await asyncio.wait_for(blocked, 2)
+                await scheduler.close()
+                return fed
+        finally:
+            gate.set()
+            pool.shutdown(wait=True)
+
+    fed = asyncio.run(run())
+    assert 9 <= fed <= 12  # 5 s of audio queued (the first batch is taken by the pump)
+
+
 # ------------------------------------------------------------------- per-channel CPU
 
 

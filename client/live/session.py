@@ -8,8 +8,8 @@
 Audio work (decode, resample, VAD) runs in a shared thread pool, one batch at a time per
 session so each session's chunks stay in order; chunks that queue up while a batch runs go
 in the next batch together, so a busy gateway makes fewer, larger steps. `feed` awaits
-when a session has more than `QUEUE_AUDIO_S` of audio waiting: back-pressure on that
-stream only.
+when a session has more than `QUEUE_AUDIO_S` of audio (or `QUEUE_ITEMS` messages)
+waiting: back-pressure on that stream only.
 
 Events go to `publish(event)` on the event loop, in order, with `call_id` and `seq`:
 `utterance.start`, `result` (interim: `lag_s`, `coalesced`), `utterance.end` (final: the
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import math
 import os
@@ -55,6 +56,7 @@ from e2v.contract import (
 # Chunks a session may have queued before `feed` waits (each at most one message).
 # Audio a session may have waiting for processing before `feed` waits (plus one message).
 QUEUE_AUDIO_S = 5.0
+QUEUE_ITEMS = 256  # and messages (a stream of tiny ones costs more than its bytes)
 # The most one feed may carry (transports bound their messages well below this).
 MAX_FEED_BYTES = 4 << 20
 WINDOW_RANGE_S = (1.0, 10.0)
@@ -180,7 +182,8 @@ class AudioPump:
                 done.append((future, fn(*args), None))
             except Exception as exc:  # noqa: BLE001 - handed to the step's session
                 done.append((future, None, exc))
-        self._loop.call_soon_threadsafe(self._resolve, done)
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+            self._loop.call_soon_threadsafe(self._resolve, done)
 
     @staticmethod
     def _resolve(done: list) -> None:
@@ -351,12 +354,16 @@ class LiveSession:
         self._stream_s[index] += samples / self.fmt.sample_rate
 
     async def _enqueue(self, item: tuple) -> None:
-        """Queue audio, waiting while more than QUEUE_AUDIO_S of it is queued."""
-        while self._queued_bytes >= self._queue_limit and self._error is None:
+        """Queue audio, waiting while QUEUE_AUDIO_S of it or QUEUE_ITEMS are queued."""
+        while (
+            self._error is None
+            and self.state == "open"
+            and (self._queued_bytes >= self._queue_limit or self._queue.qsize() >= QUEUE_ITEMS)
+        ):
             self._room.clear()
             await self._room.wait()
-        self._queued_bytes += len(item[-1])
         self._check_open()  # it may have failed or ended while this waited
+        self._queued_bytes += len(item[-1])
         self._put(item)
 
     def _put(self, item: tuple) -> None:
