@@ -611,7 +611,7 @@ class TwilioClient(Client):
         """The Media Stream itself; it ends early only when the gateway or the
         subscription closes, and a close that is not normal fails the call."""
         tracks = list(self.TRACKS[: self.audio.channels])
-        ws = await self.connect(self.url(TWILIO_PATH), self.headers())
+        ws = await self.connect(self.url(TWILIO_PATH), {})
         async with ws:
             async for message in self.twilio_messages(stream_sid, tracks):
                 if reader.done():
@@ -633,7 +633,9 @@ class TwilioClient(Client):
         yield json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})
         media_format = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
         start = {"accountSid": "AC" + "0" * 32, "callSid": self.call_id, "streamSid": stream_sid}
-        start |= {"tracks": tracks, "customParameters": {}, "mediaFormat": media_format}
+        # Twilio cannot add headers to the stream's URL: the key is a TwiML <Parameter>.
+        custom = {"api_key": self.options.api_key} if self.options.api_key else {}
+        start |= {"tracks": tracks, "customParameters": custom, "mediaFormat": media_format}
         yield message("start", start=start)
         size, chunk = round(TWILIO_MEDIA_S * 8000), 0
         async for frame in self.audio.frames(FRAME_S["twilio"]):
@@ -704,17 +706,8 @@ def _detail(event: dict) -> str:
             f"{_pct(event.get('threshold'))}"
         )
     if kind == "summary":
-        parts = [
-            f"{p.get('party')}: "
-            + (
-                "no speech"
-                if p.get("no_speech")
-                else f"{p.get('emotion')} {_pct(p.get('confidence'))}"
-            )
-            + f", {len(p.get('segments') or [])} utterance(s), {p.get('speech_s', 0):.1f} s speech"
-            for p in event.get("parties") or []
-        ]
-        return "; ".join(parts + [f"overlap {event.get('overlap_s', 0):.1f} s"])
+        parts = [_party_summary(p) for p in event.get("parties") or [] if isinstance(p, dict)]
+        return "; ".join(parts + [f"overlap {event.get('overlap_s') or 0:.1f} s"])
     if kind == "error":
         return f"{event.get('code', '')} {event.get('error_kind', '')}: {event.get('message', '')}"
     return json.dumps(event)[:200]
@@ -725,7 +718,7 @@ def _party_summary(party: dict) -> str:
         verdict = "no speech"
     else:
         verdict = f"{party.get('emotion') or '-'} {_pct(party.get('confidence'))}"
-    count, speech = len(party.get("segments") or []), party.get("speech_s") or 0
+    count, speech = party.get("segments", 0), party.get("speech_s") or 0
     return f"{party.get('party')}: {verdict}, {count} utterance(s), {speech:.1f} s speech"
 
 
