@@ -27,6 +27,7 @@ from client.gateway.errors import (
     BUSY,
     READ_TIMEOUT,
     TOO_LARGE,
+    UNAVAILABLE,
     UNSUPPORTED_MEDIA,
     GatewayError,
 )
@@ -56,6 +57,16 @@ class Upload:
     name: str
     file: IO[bytes]
     size: int = 0
+
+    def write(self, data: bytes) -> None:
+        """Append `data`; 503 (retry later) when the spool directory is full."""
+        try:
+            self.file.write(data)
+        except OSError as exc:
+            raise GatewayError(
+                503, UNAVAILABLE, f"no room to spool the upload ({exc.strerror}); retry later"
+            ) from None
+        self.size += len(data)
 
     def close(self) -> None:
         self.file.close()
@@ -233,8 +244,7 @@ async def read_raw(reader: BodyReader, name: str, spool_dir: str | None) -> None
     upload = Upload(name, new_spool(spool_dir))
     reader.uploads.files.append(upload)
     async for chunk in reader.chunks():
-        upload.file.write(chunk)
-        upload.size += len(chunk)
+        upload.write(chunk)
 
 
 async def read_multipart(
@@ -324,8 +334,7 @@ class _PartCollector:
 
     def part_data(self, data: bytes, start: int, end: int) -> None:
         if self.current is not None:
-            self.current.file.write(data[start:end])
-            self.current.size += end - start
+            self.current.write(data[start:end])
 
     def part_end(self) -> None:
         self.current = None
