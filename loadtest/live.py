@@ -279,9 +279,11 @@ def _sessions(logs: list[CallLog]) -> dict:
 
 
 def finals_check(logs: list[CallLog], calls: list[CallRecording]) -> dict:
-    """Finals against the offline utterances of the audio each completed session sent."""
+    """Finals against the offline utterances of the audio each completed session sent, and
+    interim results per second of that speech (1 / hop_s when none is lost to overload)."""
     cache: dict[tuple[int, int, int], list] = {}
-    expected = arrived = lost = 0
+    expected = arrived = lost = results = 0
+    speech_s = 0.0
     for log in logs:
         if log.close_code != CLOSE_NORMAL or log.error or not log.sent:
             continue  # a failed session's finals are not owed (its error is counted)
@@ -292,15 +294,23 @@ def finals_check(logs: list[CallLog], calls: list[CallRecording]) -> dict:
             key = (log.recording, p, n)
             if key not in cache:
                 cache[key] = offline_utterances(calls[log.recording].tracks[p][:n])
+            mine = [e for _, e in log.events if e.get("party") == party]
             got = [
                 (float(e["start_s"]), float(e["end_s"]))
-                for _, e in log.events
-                if e.get("type") == EVENT_UTTERANCE_END and e.get("party") == party
+                for e in mine
+                if e.get("type") == EVENT_UTTERANCE_END
             ]
             expected += len(cache[key])
             arrived += len(got)
             lost += sum(not _covered(seg, got) for seg in cache[key])
-    return {"expected": expected, "arrived": arrived, "lost": lost}
+            results += sum(e.get("type") == EVENT_RESULT for e in mine)
+            speech_s += sum(seg.duration_s for seg in cache[key])
+    return {
+        "expected": expected,
+        "arrived": arrived,
+        "lost": lost,
+        "interims_per_speech_s": round(results / speech_s, 3) if speech_s else None,
+    }
 
 
 def _covered(segment, finals: list[tuple[float, float]]) -> bool:

@@ -104,7 +104,7 @@ def _markdown(s: dict) -> list[str]:
         "## Results",
         "",
         "| channels | calls ok / failed | interim p50 / p95 / p99 ms | final p50 / p95 / p99 ms "
-        "| final since utterance end p50 / p95 ms | results | coalesced "
+        "| final since utterance end p50 / p95 ms | results (per speech s) | coalesced "
         "| finals expected / arrived / lost | gateway cores | channels per core "
         "| avg Triton batch | load avg | within target |",
         "|" + " --- |" * 13,
@@ -118,7 +118,8 @@ def _markdown(s: dict) -> list[str]:
             f"| {_ms(i, 'p50')} / {_ms(i, 'p95')} / {_ms(i, 'p99')} "
             f"| {_ms(f, 'p50')} / {_ms(f, 'p95')} / {_ms(f, 'p99')} "
             f"| {_ms(e, 'p50')} / {_ms(e, 'p95')} "
-            f"| {lv['results']} | {lv['coalesced']} ({100 * lv['coalesced_share']:.1f}%) "
+            f"| {lv['results']} ({_num(fin.get('interims_per_speech_s'), 2)}) "
+            f"| {lv['coalesced']} ({100 * lv['coalesced_share']:.1f}%) "
             f"| {fin['expected']} / {fin['arrived']} / {fin['lost']} "
             f"| {_num(lv['gateway_cores'], 2)} | {_num(lv['channels_per_core'], 0)} "
             f"| {_num(batch, 2)} | {lv['load_average'][0]:.1f} -> {lv['load_average'][1]:.1f} "
@@ -133,6 +134,10 @@ def _markdown(s: dict) -> list[str]:
             if best
             else f"No level met p95 <= {P95_TARGET_MS:g} ms with every final delivered."
         ),
+        *_cost_line(s["levels"]),
+        "",
+        "A channel is one phone line carrying one call at a time: two party streams, each "
+        "with its own VAD, windows and finals.",
         "",
         "- interim: from the send time of the frame that carried a result window's last "
         "sample (loopback: when it reached the gateway) to the result's arrival;",
@@ -141,6 +146,10 @@ def _markdown(s: dict) -> list[str]:
         "released, or the last sample before `stop`) to the final's arrival: the gateway's "
         "delay. Since utterance end: from its last sample, what a caller waits for a final, "
         "the merge gap included;",
+        "- results: interim results in the measured window; per speech s: interim results "
+        "per second of offline speech over the completed calls (1 per hop_s when none is "
+        "lost; fewer when Triton answers a window after its utterance's final, which the "
+        "gateway then drops as stale);",
         "- coalesced: interim windows replaced by a newer one of the same party before Triton "
         "took them (the `coalesced` field of results); finals are never coalesced;",
         "- finals: expected are the offline utterances (`e2v classify --segment vad`'s cutter "
@@ -156,6 +165,25 @@ def _markdown(s: dict) -> list[str]:
     ]
     lines += _batches(s["levels"])
     return lines
+
+
+def _cost_line(levels: list[dict]) -> list[str]:
+    """The gateway's CPU cost at the busiest level, whatever its latency."""
+    top = max(
+        (lv for lv in levels if lv.get("channels_per_core")),
+        key=lambda lv: lv["channels"],
+        default=None,
+    )
+    if top is None:
+        return []
+    return [
+        "",
+        f"Gateway CPU at the busiest level ({top['channels']} channels, any latency): "
+        f"{top['gateway_cores']:.2f} cores, {top['channels_per_core']:.0f} channels per core "
+        f"({2 * top['channels_per_core']:.0f} party streams); the load generator took "
+        f"{top['client_cores']:.2f} cores. Triton shared the same cores (its queue and "
+        "compute times are below).",
+    ]
 
 
 def _batches(levels: list[dict]) -> list[str]:
