@@ -180,3 +180,25 @@ def test_report_renders_gpu_rows_and_names_what_was_not_measured(tmp_path):
     assert "## Live calls" in markdown and "Not measured (the phase did not run)." in markdown
     summary = json.loads((tmp_path / "report.json").read_text())["summary"]
     assert summary["alone_best"]["base fp16"]["vs_fp32"] == 2.0
+
+
+def test_live_phase_replays_the_gateways_requests():
+    """Per call: an interim window per hop of speech per party, padded to the window's
+    bucket (one shape), and one final per utterance in its own bucket, due after the merge
+    gap; calls at random phases spread the load evenly."""
+    import numpy as np
+
+    from loadtest import gpu_live
+
+    rows = gpu_live.call_timeline(np.random.default_rng(3), 3.0, 1.0)
+    interims, finals = rows[rows[:, 2] == 0], rows[rows[:, 2] == 1]
+    assert len(finals) >= 8 and len(interims) > 2 * len(finals)
+    assert {gpu_live.padded_size(n, False, 3.0) for n in interims[:, 1]} == {48_000}
+    assert all(gpu_live.padded_size(n, True, 3.0) >= n for n in finals[:, 1])
+    assert 0.5 < gpu_live.rate_per_channel(3.0, 1.0) < 2.0  # about one request/s per call
+    level = gpu_live.schedule(500, 10.0, 3.0, 1.0)
+    assert np.all(np.diff(level[:, 0]) >= 0) and level[:, 0].max() < 10.0
+    per_second = np.bincount(level[:, 0].astype(int))
+    assert per_second.min() > 0.6 * per_second.mean()  # no synchronised bursts
+    assert gpu_live.within_target({"failures": 0, "all_ms": {"count": 5, "p95": 149.0}})
+    assert not gpu_live.within_target({"failures": 1, "all_ms": {"count": 5, "p95": 20.0}})
