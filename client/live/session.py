@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import functools
 import math
-import os
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from client.live import codecs
 from client.live.party import BREAK_S, Final, PartyStream, Start, Window
+from client.live.pump import audio_executor, pump_for
 from client.live.scheduler import Scheduler
 from client.results import FileResult, SegmentResult, aggregate, segment_result
 from client.segment import Segment
@@ -53,7 +51,6 @@ from e2v.contract import (
     SAMPLE_RATE,
 )
 
-# Chunks a session may have queued before `feed` waits (each at most one message).
 # Audio a session may have waiting for processing before `feed` waits (plus one message).
 QUEUE_AUDIO_S = 5.0
 QUEUE_ITEMS = 256  # and messages (a stream of tiny ones costs more than its bytes)
@@ -134,78 +131,6 @@ class LiveSettings:
             raise _bad("alerts", "alerts must be a string like 'customer:angry=0.7'")
         if isinstance(self.alert_windows, bool) or not isinstance(self.alert_windows, int):
             raise _bad("alert_windows", "alert_windows must be an integer")
-
-
-@functools.lru_cache(maxsize=1)
-def audio_executor() -> concurrent.futures.ThreadPoolExecutor:
-    """The threads every session's audio work shares (ONNX Runtime and numpy release the
-    GIL; one per core)."""
-    return concurrent.futures.ThreadPoolExecutor(
-        max(2, os.cpu_count() or 1), thread_name_prefix="e2v-live"
-    )
-
-
-class AudioPump:
-    """Runs sessions' audio steps in `executor`, many steps per thread hand-off.
-
-    Steps submitted during one turn of the event loop leave together, split over the
-    pool's threads, and come back with one wake-up of the loop per thread: with hundreds of
-    streams sending 20 ms frames, hand-offs (not audio) would otherwise cost a fifth of
-    the CPU. Each session has at most one step out at a time, so its chunks stay in order.
-    """
-
-    def __init__(self, executor: concurrent.futures.Executor, threads: int) -> None:
-        self._executor, self._threads = executor, max(1, threads)
-        self._pending: list[tuple[Callable, tuple, asyncio.Future]] = []
-        self._loop = asyncio.get_running_loop()  # one pump per loop (see _pump)
-
-    def run(self, fn: Callable, *args) -> asyncio.Future:
-        future = self._loop.create_future()
-        if not self._pending:
-            self._loop.call_soon(self._dispatch)
-        self._pending.append((fn, args, future))
-        return future
-
-    def _dispatch(self) -> None:
-        steps, self._pending = self._pending, []
-        groups = min(self._threads, len(steps))
-        for i in range(groups):
-            try:
-                self._executor.submit(self._run, steps[i::groups])
-            except RuntimeError as exc:  # the pool is shut down (gateway stopping)
-                self._resolve([(f, None, exc) for _, _, f in steps[i::groups]])
-
-    def _run(self, steps: list) -> None:
-        done = []
-        for fn, args, future in steps:
-            try:
-                done.append((future, fn(*args), None))
-            except Exception as exc:  # noqa: BLE001 - handed to the step's session
-                done.append((future, None, exc))
-        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
-            self._loop.call_soon_threadsafe(self._resolve, done)
-
-    @staticmethod
-    def _resolve(done: list) -> None:
-        for future, value, exc in done:
-            if future.cancelled():
-                continue
-            if exc is not None:
-                future.set_exception(exc)
-            else:
-                future.set_result(value)
-
-
-_PUMPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> {executor: pump}
-
-
-def _pump(executor: concurrent.futures.Executor) -> AudioPump:
-    """The pump of this event loop for `executor`."""
-    pumps = _PUMPS.setdefault(asyncio.get_running_loop(), {})
-    if executor not in pumps:
-        threads = getattr(executor, "_max_workers", os.cpu_count() or 1)
-        pumps[executor] = AudioPump(executor, threads)
-    return pumps[executor]
 
 
 _PAUSE, _FINISH = "pause", "finish"
@@ -373,7 +298,7 @@ class LiveSession:
         self._queue.put_nowait(item)
 
     async def _work(self) -> None:
-        pump = _pump(self._executor)
+        pump = pump_for(self._executor)
         try:
             while True:
                 items = [await self._queue.get()]
