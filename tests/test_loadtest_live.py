@@ -107,6 +107,7 @@ def test_live_load_test_against_a_real_gateway(tiny_server, tmp_path):
     assert level["gateway_cores"] > 0 and level["channels_per_core"] > 0
     assert level["triton"]["success"] > 0 and level["triton"]["avg_batch_size"] >= 1
     assert level["load_average"][0] >= 0 and isinstance(level["within_target"], bool)
+    assert isinstance(level["sustained"], bool) and "capacity_channels" in summary
     assert summary["synthetic"] is True and summary["workload"]["recordings"] == 2
     text = (report / "README.md").read_text()
     assert text.splitlines()[0].endswith("(SYNTHETIC model: random weights)")
