@@ -271,7 +271,8 @@ def test_open_ping_pause_update_and_close(gateway):
         assert opened["type"] == "opened"
         assert opened["parameters"] == {"media": [OFFERS[0]], "startPaused": False}
         client.send("ping", {"rtt": "PT0.01S"})
-        assert client.receive()["type"] == "pong"
+        pong = client.receive()
+        assert pong["type"] == "pong", pong["parameters"]
         client.send("update", {"language": "en-US"})
         assert client.receive()["type"] == "updated"
         frames = mulaw_stereo_frames(4)
@@ -378,3 +379,44 @@ def test_organization_mismatch_and_oversized_frames(gateway):
         failure = client.failure()
         assert "bytes" in failure["info"], failure
         assert client.close_code() == CLOSE_TOO_BIG
+
+
+def test_drain_sends_reconnect_then_scores_and_disconnects(tiny_server, keys):
+    """SIGTERM: `reconnect` at once (Genesys moves the stream elsewhere); a client that
+    stays past --live-drain-s gets its finals and summary, then `disconnect` and 1001."""
+    import signal
+
+    from e2v.contract import CLOSE_GOING_AWAY
+
+    process = GatewayProcess(
+        tiny_server.config.grpc_url, "--api-key-file", str(keys[0]), "--live-drain-s", "3"
+    )
+    with process, AudioHookClient(process) as client:
+        assert client.open()["type"] == "opened"
+        frames = mulaw_stereo_frames(12)
+        for frame in frames[:25]:  # 5 s: speech of both parties, some of it still open
+            client.ws.send(frame)
+        time.sleep(1.0)
+        process.process.send_signal(signal.SIGTERM)
+        seen: list[dict] = []
+        for frame in frames[25:]:
+            client.ws.send(frame)
+            time.sleep(0.2)
+            try:
+                while True:
+                    seen.append(client.receive(timeout=0.01))
+            except TimeoutError:
+                pass
+            if any(m["type"] == "disconnect" for m in seen):
+                break
+        while not any(m["type"] == "disconnect" for m in seen):
+            seen.append(client.receive(timeout=15))
+        kinds = [m["type"] for m in seen]
+        assert "reconnect" in kinds and kinds.index("reconnect") < kinds.index("disconnect")
+        data = [m["parameters"]["entities"][0]["data"] for m in seen if m["type"] == "event"]
+        types = [d["type"] for d in data]
+        assert "utterance.end" in types and types[-1] == "summary", types
+        disconnect = seen[-1]["parameters"]
+        assert disconnect["reason"] == "completed" and "reconnect" in disconnect["info"]
+        client.close_transaction()
+        assert client.close_code() == CLOSE_GOING_AWAY

@@ -62,6 +62,9 @@ FORMATS = {"PCMU": "mulaw", "L16": "pcm_s16le"}  # L16 little-endian, as the ref
 # How long the client gets for its side of a close transaction, and to close the socket.
 CLOSE_WAIT_S = 5.0
 POLL_S = 0.5  # longest receive wait, so drain and deadlines are seen in time
+# Draining: a session still open this long before the hub's deadline (--live-drain-s) is
+# ended by us, so its finals, summary and close transaction all fit before the deadline.
+DRAIN_MARGIN_S = 2.0
 
 UUID = re.compile(
     r"^(?:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[1-5][0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-"
@@ -237,7 +240,7 @@ class AudioHookSession:
         self.received_s = 0.0  # audio received (frames / rate)
         self.discarded_s = 0.0  # audio the client says it dropped or held back (pauses)
         self.opened_at: float | None = None
-        self.reconnect_sent = False
+        self.draining_since: float | None = None
         self.close_code = CLOSE_NORMAL
         self._send_lock = asyncio.Lock()
         self._client_closed = False
@@ -314,8 +317,7 @@ class AudioHookSession:
         if params["conversationId"] == NULL_UUID:  # connection probe: no session, no events
             self.call_id = self.id
             await self._opened(opened)
-            await self._stream()
-            await self._send("closed", {})
+            await self._end(await self._stream())
             return
         self.call_id = params["conversationId"]
         try:
@@ -325,18 +327,31 @@ class AudioHookSession:
                 self.session = session
                 await self._opened(opened)
                 self.pump = asyncio.create_task(self._pump(outbox))
-                await self._stream()
+                ending = await self._stream()
                 await outbox.guard(session.finish())
+                await self._flush()
+                # Still inside: the slot is held until the client has its answer, so a
+                # drain does not stop the server before it.
+                await self._end(ending)
         finally:
             await self._flush()
-        await self._send("closed", {})
+
+    async def _end(self, ending: str) -> None:
+        """After the client's `close`: `closed`. At our drain deadline: `disconnect`
+        (reason completed), the close transaction, and close 1001."""
+        if ending == "closed":
+            await self._send("closed", {})
+            return
+        await self._fail(
+            Disconnect(CLOSE_GOING_AWAY, "going_away", GOING_AWAY_INFO, reason="completed")
+        )
+        await self._close_socket()
 
     async def _opened(self, parameters: dict) -> None:
         await self._send("opened", parameters)
         self.state = "ACTIVE"
         self.opened_at = self.last_audio = time.monotonic()
-        second_bytes = self.fmt.frame_bytes * RATE
-        self.pace = self.hub.pace(self.limits.max_message_bytes / second_bytes)
+        self.pace = self.hub.pace()
 
     async def _until_open(self) -> dict | None:
         """Messages before `open` (ping, error, close); None when the client closes first."""
@@ -353,17 +368,20 @@ class AudioHookSession:
                 return None
             await self._common(item)
 
-    async def _stream(self) -> None:
-        """Audio and messages until the client's `close`."""
+    async def _stream(self) -> str:
+        """Audio and messages until the client's `close` ("closed") or, while the gateway
+        drains, our deadline ("drained")."""
         while True:
             item = await self._receive(None)
+            if item is _DRAINED:
+                return "drained"
             if isinstance(item, bytes):
                 await self._audio(item)
                 continue
             kind = item["type"]
             if kind == "close":
                 self.state = "CLOSING"
-                return
+                return "closed"
             if kind == "paused":
                 if self.state == "ACTIVE":
                     self.state = "PAUSED"
@@ -418,6 +436,8 @@ class AudioHookSession:
         longest session), _ClientGone when the client closed the socket."""
         while True:
             wait = self._wait_s(deadline)
+            if wait is _DRAINED:
+                return _DRAINED
             try:
                 message = await self.outbox.guard(self.ws.receive(), timeout_s=wait)
             except asyncio.TimeoutError:
@@ -437,7 +457,7 @@ class AudioHookSession:
                 return data
             return self._parse(message.get("text") or "")
 
-    def _wait_s(self, deadline: float | None) -> float:
+    def _wait_s(self, deadline: float | None) -> float | object:
         """Seconds to wait for the next message, once every deadline is checked."""
         now = time.monotonic()
         waits = [POLL_S]
@@ -457,9 +477,14 @@ class AudioHookSession:
         probe = self.session is None and self.opened_at is not None  # no hub timer
         if probe and now - self.opened_at >= self.limits.max_duration_s:
             raise Disconnect(CLOSE_TIMEOUT, "max_duration", "the probe passed the longest session")
-        if self.hub.draining and not self.reconnect_sent and self.state in ("ACTIVE", "PAUSED"):
-            self.reconnect_sent = True  # Genesys opens a new session elsewhere, then closes
-            self._background(self._send("reconnect", {"info": GOING_AWAY_INFO}))
+        if self.hub.draining and self.state in ("ACTIVE", "PAUSED"):
+            if self.draining_since is None:  # Genesys opens a session elsewhere, then closes
+                self.draining_since = now
+                self._background(self._send("reconnect", {"info": GOING_AWAY_INFO}))
+            end = self.draining_since + max(0.0, self.limits.drain_s - DRAIN_MARGIN_S)
+            if now >= end and deadline is None:  # (before `open` the handshake bound rules)
+                return _DRAINED
+            waits.append(max(0.0, end - now))
         return max(0.001, min(waits))
 
     def _parse(self, text: str) -> dict:
@@ -590,6 +615,7 @@ class AudioHookSession:
                 message = await asyncio.wait_for(self.ws.receive(), timeout=wait)
                 if message["type"] == "websocket.disconnect":
                     return
+        self._client_closed = True  # closed once
         with contextlib.suppress(Exception):
             await self.ws.close(self.close_code, close_reason(self.close_info))
 

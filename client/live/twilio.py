@@ -198,7 +198,7 @@ class TwilioStream:
                 fmt = StreamFormat("mulaw", RATE, tuple(TWILIO_PARTIES[t] for t in self.tracks))
                 settings = settings_of(custom)
                 self.samples = [0] * len(self.tracks)
-                self.paces = [self.hub.pace(self._max_message_s) for _ in self.tracks]
+                self.paces = [self.hub.pace() for _ in self.tracks]
                 async with self.hub.session(
                     call_sid, fmt, settings, outbox=outbox, protocol="twilio"
                 ) as (session, _):
@@ -215,10 +215,6 @@ class TwilioStream:
             await socket.close(exc, published=True)
             return
         await socket.close()
-
-    @property
-    def _max_message_s(self) -> float:
-        return self.limits.max_message_bytes * 3 / 4 / RATE
 
     def _authenticate(self, custom: dict[str, str]) -> None:
         key = self.hub.gateway.config.api_key
