@@ -31,6 +31,7 @@ from client.live import codecs
 from client.live.party import BREAK_S, Final, PartyStream, Start, Window
 from client.live.pump import audio_executor, pump_for
 from client.live.scheduler import Scheduler
+from client.parties import overlap_s, speech_s
 from client.results import FileResult, SegmentResult, aggregate, segment_result
 from client.segment import Segment
 from client.triton import InferenceError, ModelInfo, Prediction, ServerError
@@ -468,7 +469,7 @@ class LiveSession:
                     "confidence": result["confidence"],
                     "scores": result["scores"],
                     "segments": len(self._finals[i]),
-                    "speech_s": _r(sum(s.duration_s for s in self._finals[i])),
+                    "speech_s": _r(speech_s(self._finals[i])),
                     "no_speech": result["no_speech"],
                 }
             )
@@ -485,19 +486,6 @@ class LiveSession:
             "model": self.info.name,
             "synthetic": self.info.synthetic,
         }
-
-
-def overlap_s(parties: list[list[SegmentResult]]) -> float:
-    """Seconds during which at least two parties speak (their finals overlap)."""
-    edges = sorted(
-        (t, d) for segs in parties for s in segs for t, d in ((s.start_s, 1), (s.end_s, -1))
-    )
-    total, talking, last = 0.0, 0, 0.0
-    for t, delta in edges:
-        if talking >= 2:
-            total += t - last
-        talking, last = talking + delta, t
-    return total
 
 
 def _fields(result: SegmentResult) -> dict:

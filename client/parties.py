@@ -1,0 +1,101 @@
+"""Parties of a call: one channel each (`--channels split`), and the conversation figures.
+
+    parse_parties("customer,agent") -> ("customer", "agent")
+    conversation({"customer": segs, "agent": segs}, duration_s) -> speech, overlap, silence
+
+A dual-channel call-centre recording has the customer on one channel and the agent on
+the other; `e2v classify --channels split` and live calls (client/live/session.py) both
+treat each channel as a party and summarise it with the functions here, so a recorded
+call and a live one give the same figures. Speech is where a party's segments are (the
+VAD's regions as classify cuts them: padded, close ones merged); overlap is where two or
+more parties speak at once, silence where none does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+from client.results import SegmentResult
+
+# `e2v classify --channels split` without --parties: the call-centre convention.
+DEFAULT_PARTIES = ("customer", "agent")
+MAX_PARTIES = 64  # client.audio.MAX_CHANNELS: one name per channel at most
+MAX_PARTY_CHARS = 64
+# Names appear in alert rules (`customer:angry=0.7`), CSV cells and URLs: keep them plain.
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def parse_parties(text: str | None) -> tuple[str, ...]:
+    """`customer,agent` -> ("customer", "agent"); ValueError for empty, repeated or odd
+    names (letters, digits, `_`, `.`, `-`, at most 64 characters each)."""
+    if text is None:
+        return DEFAULT_PARTIES
+    names = tuple(name.strip() for name in text.split(","))
+    if not 1 <= len(names) <= MAX_PARTIES:
+        raise ValueError(f"--parties takes 1 to {MAX_PARTIES} names, not {len(names)}")
+    for name in names:
+        if not name or len(name) > MAX_PARTY_CHARS or not _NAME.match(name):
+            raise ValueError(
+                f"--parties {text!r}: party names are 1-{MAX_PARTY_CHARS} letters, digits, "
+                f"'_', '.' or '-', separated by commas"
+            )
+    if len(set(names)) != len(names):
+        raise ValueError(f"--parties {text!r}: party names must differ")
+    return names
+
+
+def speech_s(segments: Iterable[SegmentResult]) -> float:
+    """Seconds of one party's speech (its segments never overlap each other)."""
+    return sum(s.duration_s for s in segments)
+
+
+def overlap_s(parties: Iterable[Iterable[SegmentResult]]) -> float:
+    """Seconds during which at least two parties speak (their segments overlap)."""
+    edges = sorted(
+        (t, d) for segs in parties for s in segs for t, d in ((s.start_s, 1), (s.end_s, -1))
+    )
+    total, talking, last = 0.0, 0, 0.0
+    for t, delta in edges:
+        if talking >= 2:
+            total += t - last
+        talking, last = talking + delta, t
+    return total
+
+
+def silences(parties: Iterable[Iterable[SegmentResult]], duration_s: float) -> list[float]:
+    """The lengths of the stretches of [0, duration_s] where no party speaks, in order."""
+    spans = sorted((s.start_s, s.end_s) for segs in parties for s in segs)
+    gaps, covered = [], 0.0
+    for start, end in spans:
+        if start > covered:
+            gaps.append(start - covered)
+        covered = max(covered, end)
+    if duration_s > covered:
+        gaps.append(duration_s - covered)
+    return gaps
+
+
+def conversation(parties: Mapping[str, list[SegmentResult]], duration_s: float) -> dict:
+    """`speech_s` per party, `overlap_s`, `silence_s` and `longest_silence_s` of a call."""
+    gaps = silences(parties.values(), duration_s)
+    return {
+        "speech_s": {party: _r(speech_s(segs)) for party, segs in parties.items()},
+        "overlap_s": _r(overlap_s(parties.values())),
+        "silence_s": _r(sum(gaps)),
+        "longest_silence_s": _r(max(gaps, default=0.0)),
+    }
+
+
+def _r(value: float) -> float:
+    return round(float(value), 6)
+
+
+__all__ = [
+    "DEFAULT_PARTIES",
+    "conversation",
+    "overlap_s",
+    "parse_parties",
+    "silences",
+    "speech_s",
+]
