@@ -323,7 +323,8 @@ class LiveCall {
   draw() {
     const q = (selector) => this.card.querySelector(selector);
     const ends = [this.heard, ...this.events.map((e) => Number(e.end_s) || 0)];
-    const span = Math.max(LIVE_MIN_SPAN_S, ...ends);
+    // Whole tens of seconds, with room ahead of "now" (the timeline grows in steps).
+    const span = LIVE_MIN_SPAN_S * Math.ceil((Math.max(...ends) + 0.5) / LIVE_MIN_SPAN_S);
     const segments = [...this.finals, ...this.interims.values()];
     const bar = q(".timeline");
     bar.replaceChildren();
@@ -336,10 +337,23 @@ class LiveCall {
       mark.title = `ALERT ${alert.label} ${pct(alert.score)}`;
       bar.append(mark);
     }
+    const now = document.createElement("div");
+    now.className = "now";
+    now.title = "now";
+    now.style.left = `${(100 * this.heard) / span}%`;
+    bar.append(now);
     q(".axis .end").textContent = `${span.toFixed(0)} s`;
     const legendNode = q(".legend");
     legendNode.replaceChildren();
     legend(legendNode, { segments });
+    for (const [kind, text] of [["interim", "interim (last window)"], ["alert-key", "alert"],
+      ["now-key", "now"]]) {
+      const item = document.createElement("span");
+      const swatch = document.createElement("i");
+      swatch.className = kind;
+      item.append(swatch, text);
+      legendNode.append(item);
+    }
     q(".alerts").replaceChildren(...this.alerts.map(alertItem));
     const latest = this.summary?.parties?.[0] ?? this.finals[this.finals.length - 1];
     if (latest) {
