@@ -24,8 +24,9 @@ def capacity(levels: list[dict]) -> dict | None:
 
 
 def write_live_report(
-    directory: Path, command: str, model: str, settings: dict, calls, levels, args
+    directory: Path, command: str, model: str, settings: dict, calls, levels, args, loads
 ) -> Path:
+    """README.md and summary.json; `loads` is the 1-minute load average at start and end."""
     directory.mkdir(parents=True, exist_ok=True)
     synthetic = bool(settings.get("synthetic")) or model.startswith("synthetic:")
     best = best_level(levels)
@@ -34,6 +35,7 @@ def write_live_report(
         "model": settings.get("source") or model,
         "synthetic": synthetic,
         "machine": machine_description(),
+        "load_average": list(loads),
         "software": _software(settings),
         "target_p95_ms": P95_TARGET_MS,
         "triton_settings": settings,
@@ -94,8 +96,10 @@ def _markdown(s: dict) -> list[str]:
         lines += [SYNTHETIC_NOTE, ""]
     lines += [
         f"- command: `{s['command']}`",
-        f"- machine: {s['machine']}; shared with other work while this ran: the 1-minute load "
-        "average before and after each level is in the table",
+        f"- machine: {s['machine']}, shared with other work while this ran (tests of other "
+        "sessions): the 1-minute load average was "
+        f"{s['load_average'][0]:.1f} at the start and {s['load_average'][1]:.1f} at the end "
+        "of the run, and is in the table before and after each level (2 = both cores busy)",
         f"- software: {s['software']}",
         "",
         "## Workload",

@@ -144,6 +144,7 @@ def run_live(args: argparse.Namespace) -> int:
     ramp_s = min(5.0, args.duration / 4)
     report_dir = args.report or Path("runs/loadtest") / f"live-{time.strftime('%Y%m%d-%H%M%S')}"
     levels_out: list[dict] = []
+    load_start = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="e2v-loadtest-live-") as tmp:
         workdir = Path(tmp)
         log(f"writing {args.calls} stereo mu-law call recordings of {args.call_s:g} s")
@@ -159,8 +160,9 @@ def run_live(args: argparse.Namespace) -> int:
         except (RuntimeError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        loads = (load_start, round(os.getloadavg()[0], 2))
         path = write_live_report(
-            report_dir, command_line(args), args.model, settings, calls, levels_out, args
+            report_dir, command_line(args), args.model, settings, calls, levels_out, args, loads
         )
     print(f"report: {path}")
     return 0
