@@ -420,3 +420,56 @@ def test_drain_sends_reconnect_then_scores_and_disconnects(tiny_server, keys):
         assert disconnect["reason"] == "completed" and "reconnect" in disconnect["info"]
         client.close_transaction()
         assert client.close_code() == CLOSE_GOING_AWAY
+
+
+def test_audio_faster_than_real_time_is_refused(gateway):
+    from e2v.contract import CLOSE_TOO_FAST
+
+    with AudioHookClient(gateway) as client:
+        client.open()
+        for frame in mulaw_stereo_frames(12):  # 12 s at once: past the 5 s burst at 2x
+            client.ws.send(frame)
+        failure = client.failure()
+        assert "faster than" in failure["info"], failure
+        assert client.close_code() == CLOSE_TOO_FAST
+
+
+@pytest.fixture(scope="module")
+def quick_gateway(tiny_server, keys):
+    """Short handshake and idle bounds."""
+    process = GatewayProcess(
+        tiny_server.config.grpc_url,
+        "--api-key-file",
+        str(keys[0]),
+        "--live-handshake-s",
+        "1",
+        "--live-idle-s",
+        "1.5",
+    )
+    with process:
+        yield process
+
+
+def test_no_open_in_time_and_idle_streams_time_out_but_pauses_do_not(quick_gateway):
+    from e2v.contract import CLOSE_TIMEOUT
+
+    with AudioHookClient(quick_gateway) as client:
+        client.send("ping")  # a ping is not an open
+        assert client.receive()["type"] == "pong"
+        failure = client.failure()
+        assert "no open message within 1 s" in failure["info"], failure
+        assert client.close_code() == CLOSE_TIMEOUT
+    with AudioHookClient(quick_gateway) as client:
+        client.open()
+        client.ws.send(mulaw_stereo_frames(1)[0])
+        failure = client.failure()
+        assert "no audio for 1.5 s" in failure["info"], failure
+        assert client.close_code() == CLOSE_TIMEOUT
+    with AudioHookClient(quick_gateway) as client:
+        client.open()
+        client.send("paused")
+        time.sleep(2.5)  # paused: no audio expected, not idle
+        client.send("resumed", {"start": "PT0S", "discarded": "PT2.5S"})
+        client.ws.send(mulaw_stereo_frames(1)[0])
+        events = client.close_transaction()
+        assert events[-1]["parameters"]["entities"][0]["data"]["type"] == "summary"

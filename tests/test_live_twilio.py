@@ -336,3 +336,34 @@ def test_missing_key_is_refused_and_a_header_key_counts(gateway):
         client.media("inbound", 1, 0, b"\xff" * CHUNK)
         client.send("stop", {"callSid": client.call_sid})
         assert client.close_code() == (1000, "done")
+
+
+@pytest.fixture(scope="module")
+def quick_gateway(tiny_server, tmp_path_factory):
+    key = tmp_path_factory.mktemp("twilio-quick-key") / "key"
+    key.write_text(API_KEY)
+    process = GatewayProcess(
+        tiny_server.config.grpc_url,
+        "--api-key-file",
+        str(key),
+        "--live-handshake-s",
+        "1",
+        "--live-idle-s",
+        "1.5",
+    )
+    with process:
+        yield process
+
+
+def test_no_start_in_time_and_no_media_time_out(quick_gateway):
+    from e2v.contract import CLOSE_TIMEOUT
+
+    with TwilioClient(quick_gateway) as client:
+        client.send("connected")
+        code, reason = client.close_code()
+        assert code == CLOSE_TIMEOUT and "no start message within 1 s" in reason
+    with TwilioClient(quick_gateway) as client:
+        client.start()
+        client.media("inbound", 1, 0, b"\xff" * CHUNK)
+        code, reason = client.close_code()
+        assert code == CLOSE_TIMEOUT and "no media for 1.5 s" in reason
