@@ -292,17 +292,21 @@ class Resampler:
     def __init__(self, source: int, target: int = SAMPLE_RATE) -> None:
         self.source, self.target = source, target
         self._stream = None
+        self._flushed = False
         if source != target:
             self._stream = soxr.ResampleStream(source, target, 1, dtype="float32", quality="VHQ")
 
     def push(self, chunk: np.ndarray) -> np.ndarray:
         """Resampled samples now available for `chunk` (mono float32 at `source` Hz)."""
+        if self._flushed:
+            raise ValueError("push after flush: the resampler is finished")
         if self._stream is None:
             return chunk
         return self._stream.resample_chunk(np.ascontiguousarray(chunk, dtype=np.float32))
 
     def flush(self) -> np.ndarray:
         """The rest of the stream; the resampler is then finished."""
+        self._flushed = True
         if self._stream is None:
             return np.zeros(0, np.float32)
         stream, self._stream = self._stream, None

@@ -413,6 +413,29 @@ def test_bad_formats_settings_and_order_are_refused_with_4400(tiny_server):
 # ------------------------------------------------------------- cutter, party, memory
 
 
+def test_the_resampler_gives_the_same_samples_in_any_chunking():
+    """The batch path's Resampler, pushed 20 ms at a time or in random pieces, gives the
+    samples of one whole-run resampling; it refuses audio after its flush."""
+    from client.audio import Resampler
+
+    wav = fx.speech_like(4.0, sr=8000, seed=6)
+    whole = Resampler(8000)
+    reference = np.concatenate([whole.push(wav), whole.flush()])
+    assert abs(len(reference) - 2 * len(wav)) <= 1
+    rng = np.random.default_rng(1)
+    for sizes in (np.full(200, 160), rng.integers(1, 900, 200)):
+        resampler, out, position = Resampler(8000), [], 0
+        for size in sizes:
+            out.append(resampler.push(wav[position : position + size]))
+            position += size
+        out += [resampler.push(wav[position:]), resampler.flush()]
+        np.testing.assert_array_equal(np.concatenate(out), reference)  # bit for bit
+    with pytest.raises(ValueError, match="after flush"):
+        resampler.push(wav[:10])
+    same = Resampler(16_000)
+    assert same.push(wav) is wav and same.flush().size == 0
+
+
 def party_finals(wav: np.ndarray, rate: int, seed: int, max_chunk: int = 3000):
     """PartyStream's finals and start actions for `wav` pushed in random-sized chunks."""
     from client.live.party import Final, Start

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.audio import Resampler
+from client.audio import AudioError, Resampler
 from client.segment import Segment, SegmentCutter, SegmentMode
 from e2v.contract import MAX_SEGMENT_S, SAMPLE_RATE
 
@@ -70,7 +70,6 @@ class PartyStream:
         self.utterance = 0  # utterances started so far
         self.open: int | None = None  # start of the open utterance
         self.next_window = 0  # end sample of the next interim window
-        self.finished = False
 
     @property
     def samples(self) -> int:
@@ -87,12 +86,11 @@ class PartyStream:
     def finish(self) -> list[Action]:
         """The rest: open utterances end. A stream under one model frame has none."""
         actions = self._cut(self.resampler.flush())
-        self.finished = True
         if self.cutter.end == 0:
             return actions
         try:
             finals = self.cutter.finish()
-        except ValueError:  # AudioError("too_short"): under one model frame, no speech
+        except AudioError:  # "too_short": under one model frame, so no speech
             finals = []
         return actions + self._finals(finals)
 
