@@ -448,3 +448,47 @@ def test_websocket_upgrades_pass_through_the_guard():
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def test_draining_after_a_refusal_is_bounded_in_bytes_and_time(refusing):
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+        b"Content-Type: audio/wav\r\nContent-Length: 4000000000\r\n\r\n"
+    )
+    # Expect: 100-continue: the refusal comes before any of the body.
+    sock = socket.create_connection(("127.0.0.1", refusing.port), timeout=10)
+    sock.sendall(head.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"))
+    answer = sock.recv(65536)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 401") and b"connection: close" in answer.lower()
+
+    # A client that keeps sending fast: cut off after the drain's 64 MiB.
+    sock = socket.create_connection(("127.0.0.1", refusing.port), timeout=10)
+    sock.sendall(head)
+    sent, block, started = 0, b"\0" * (1 << 20), time.monotonic()
+    try:
+        while time.monotonic() - started < 30:
+            sock.sendall(block)
+            sent += len(block)
+    except OSError:
+        pass
+    sock.close()
+    assert 60 << 20 < sent < 96 << 20, sent  # 64 MiB drained, plus the socket buffers
+    assert time.monotonic() - started < 11
+
+    # A client that trickles: cut off after the drain's 10 s.
+    sock = socket.create_connection(("127.0.0.1", refusing.port), timeout=10)
+    sock.sendall(head)
+    started = time.monotonic()
+    answer = b""
+    try:
+        while time.monotonic() - started < 30:
+            sock.sendall(b"\0")  # after the answer and its end of stream too (half-close)
+            time.sleep(0.5)
+            if select.select([sock], [], [], 0)[0]:
+                answer += sock.recv(65536)
+    except OSError:  # reset: the gateway closed its side for good
+        pass
+    elapsed = time.monotonic() - started
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 401") and 9 < elapsed < 13, elapsed

@@ -237,6 +237,12 @@ class GuardedProtocol(H11Protocol):
             self._counted = False
             self.guard.release(self)
 
+    def shutdown(self) -> None:
+        if self.lingering:  # the answer is out: nothing left to finish
+            self._raw.close()
+        else:
+            super().shutdown()
+
     def evict(self) -> None:
         """Make room for a newcomer: this connection holds no request."""
         self._release()
