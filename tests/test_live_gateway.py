@@ -503,9 +503,12 @@ def test_audio_faster_than_the_allowed_speed_closes_4429(tiny_server):
 
 def test_a_client_that_stops_reading_is_closed_4409_and_its_work_stops(tiny_server):
     """Its socket's outbox overflows: the session ends at once (the slot is free, no more
-    Triton work), other sessions go on; the client that reads again finds the error event
-    and 4409. A tiny receive buffer makes the kernel hold little."""
+    Triton work) while the client still reads nothing; when it reads again it finds the
+    error event and 4409. So the test need not fill megabytes of kernel buffers first,
+    the client's receive buffer and, once the session is open, the server socket's send
+    buffer and asyncio write buffer are made small (the gateway's code is unchanged)."""
     limits = dict(outbox_events=8, outbox_bytes=4096, **FAST)
+    ended_key = 'e2v_live_sessions_ended_total{code="4409",protocol="live"}'
     with InProcessGateway(tiny_server.config.grpc_url, **limits) as gw:
 
         async def run():
@@ -514,30 +517,38 @@ def test_a_client_that_stops_reading_is_closed_4409_and_its_work_stops(tiny_serv
             raw.connect(("127.0.0.1", gw.port))
             async with websockets.connect(gw.ws(), sock=raw, max_queue=1) as slow:
                 await slow.send(start(channels=2, hop_s=0.5, window_s=1))
-                ended = None
-                audio = speech(300, channels=2)
+                await asyncio.sleep(0.3)
+                shrink_server_buffers(gw)
+                audio, ended = speech(120, channels=2), None
+                began = time.monotonic()
                 with contextlib.suppress(websockets.ConnectionClosed):
-                    for i in range(0, len(audio), 32_000):
-                        await slow.send(audio[i : i + 32_000])
-                        ended = metrics(gw.url).get(
-                            'e2v_live_sessions_ended_total{protocol="live",code="4409"}'
-                        )
-                        if ended:
+                    for i in range(0, len(audio), 6400):  # 0.2 s every 20 ms
+                        await slow.send(audio[i : i + 6400])
+                        await asyncio.sleep(0.02)
+                        if i % 64_000 == 0 and (ended := metrics(gw.url).get(ended_key)):
                             break
-                deadline = time.monotonic() + 30
-                while not ended and time.monotonic() < deadline:
-                    await asyncio.sleep(0.2)
-                    ended = metrics(gw.url).get(
-                        'e2v_live_sessions_ended_total{protocol="live",code="4409"}'
-                    )
+                took = time.monotonic() - began
                 after = metrics(gw.url)
+                ended = after.get(ended_key)
                 events = await asyncio.wait_for(drain(slow), 30)
-                return ended, after, events, slow.close_code
+                return ended, took, after, events, slow.close_code
 
-        ended, after, events, code = asyncio.run(run())
-    assert ended == 1
+        ended, took, after, events, code = asyncio.run(run())
+    assert ended == 1, after
+    assert took < 20
     assert after["e2v_live_calls"] == 0 and after["e2v_live_sessions"] == 0
     assert_error(events[-1], CLOSE_SLOW_READER, code, "slow_reader")
+    assert events[0]["type"] == "started"
+
+
+def shrink_server_buffers(gw: InProcessGateway) -> None:
+    """Small kernel send buffers and asyncio write limits on the gateway's open sockets."""
+    for connection in list(gw.server.server_state.connections):
+        transport = getattr(connection, "transport", None)
+        if transport is None or transport.is_closing():
+            continue
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        connection.loop.call_soon_threadsafe(transport.set_write_buffer_limits, 4096)
 
 
 # ------------------------------------------------------------------ drain
