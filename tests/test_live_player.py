@@ -310,7 +310,14 @@ def test_page_live_mode_fills_the_timeline_from_the_microphone(gateway, tmp_path
     try:
         browser.get(gateway.url + "/")
         browser.find_element(By.CSS_SELECTOR, "#options summary").click()
-        browser.find_element(By.ID, "key").send_keys(KEY)
+        key = browser.find_element(By.ID, "key")
+        key.send_keys("wrong-key")  # first refused: the close code and reason are shown
+        browser.find_element(By.ID, "live").click()
+        WebDriverWait(browser, 20).until(lambda b: "1008" in b.find_element(By.ID, "status").text)
+        assert "wrong API key" in browser.find_element(By.ID, "status").text
+        assert browser.find_element(By.ID, "live").text == "Live"  # ready to try again
+        key.clear()
+        key.send_keys(KEY)
         browser.find_element(By.ID, "alert").send_keys("angry=0.01")
         browser.find_element(By.ID, "live").click()
         seen = {"interim": 0, "final": 0}
