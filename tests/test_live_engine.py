@@ -376,6 +376,8 @@ def test_bad_formats_settings_and_order_are_refused_with_4400(tiny_server):
         lambda: StreamFormat("mulaw", 8000, ()),
         lambda: StreamFormat("mulaw", 8000, ("a", "a")),
         lambda: StreamFormat("mulaw", 8000, ("a", "b", "c")),
+        lambda: StreamFormat("mulaw", 8000, ("customer:angry=0.1",)),  # breaks alert rules
+        lambda: StreamFormat("mulaw", 8000, ["a"]),
         lambda: LiveSettings(window_s=0.2),
         lambda: LiveSettings(hop_s=float("nan")),
         lambda: LiveSettings(window_s="3"),

@@ -31,7 +31,7 @@ from client.live import codecs
 from client.live.party import BREAK_S, Final, PartyStream, Start, Window
 from client.live.pump import audio_executor, pump_for
 from client.live.scheduler import Scheduler
-from client.parties import overlap_s, speech_s
+from client.parties import MAX_PARTY_CHARS, overlap_s, parse_parties, speech_s
 from client.results import FileResult, SegmentResult, aggregate, segment_result
 from client.segment import Segment
 from client.triton import InferenceError, ModelInfo, Prediction, ServerError
@@ -59,7 +59,6 @@ QUEUE_ITEMS = 256  # and messages (a stream of tiny ones costs more than its byt
 MAX_FEED_BYTES = 4 << 20
 WINDOW_RANGE_S = (1.0, 10.0)
 HOP_RANGE_S = (0.5, 10.0)
-MAX_PARTY_CHARS = 64
 
 
 class LiveError(Exception):
@@ -97,10 +96,19 @@ class StreamFormat:
         parties = self.parties
         if not isinstance(parties, tuple) or not 1 <= len(parties) <= LIVE_MAX_CHANNELS:
             raise _bad("parties", f"1 to {LIVE_MAX_CHANNELS} parties, one per channel")
-        if any(not isinstance(p, str) or not 0 < len(p) <= MAX_PARTY_CHARS for p in parties):
-            raise _bad("parties", f"party names are 1-{MAX_PARTY_CHARS} characters")
-        if len(set(parties)) != len(parties):
-            raise _bad("parties", "party names must differ")
+        # The names of `e2v classify --parties` (alert rules and URLs quote them plainly).
+        names = ",".join(p if isinstance(p, str) else "," for p in parties)
+        try:
+            valid = parse_parties(names) == parties
+        except ValueError:
+            valid = False
+        if not valid:
+            shown = repr(list(parties))[:200]
+            raise _bad(
+                "parties",
+                f"parties {shown}: different names of 1-{MAX_PARTY_CHARS} letters, digits, "
+                "'_', '.' or '-'",
+            )
 
     @property
     def channels(self) -> int:
