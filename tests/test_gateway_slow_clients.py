@@ -199,6 +199,16 @@ def server_sockets(pid: int, port: int) -> Counter:
     return found
 
 
+def metric_values(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> {'name{labels}': value}."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
 def triton_count(tiny_server) -> int:
     import tritonclient.http as httpclient
 
@@ -236,6 +246,8 @@ def test_slow_headers_and_bodies_do_not_deny_service(tiny_server):
             time.sleep(0.25)
         attacking = len(attack.sockets)
         replaced, opened = attack.replaced, attack.opened
+        with urllib.request.urlopen(gateway.url + "/metrics", timeout=5) as response:
+            metrics = metric_values(response.read().decode())
     worst_health = max(t for t, _ in health)
     worst_upload = max(t for t, _ in uploads)
     print(
@@ -250,6 +262,10 @@ def test_slow_headers_and_bodies_do_not_deny_service(tiny_server):
     assert all(sum(c.values()) <= MAX_CONNECTIONS + 4 for c in held)
     assert all(n <= PER_CLIENT for c in held for ip, n in c.items() if ip != "127.0.0.1")
     assert replaced > 200  # the caps and deadlines closed attacking sockets all along
+    print({k: v for k, v in metrics.items() if "connections" in k or "uploads" in k})
+    assert metrics['e2v_gateway_connections_closed_total{reason="evicted"}'] > 0
+    assert metrics["e2v_gateway_uploads_pushed_out_total"] > 0
+    assert 0 < metrics["e2v_gateway_connections"] <= MAX_CONNECTIONS
 
 
 def test_header_deadline_and_idle_keep_alive(tiny_server):

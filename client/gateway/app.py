@@ -132,6 +132,7 @@ def create_app(config: GatewayConfig):
         redoc_url=None,
     )
     app.state.gateway = gateway
+    app.state.uploads = upload_pool
 
     def openapi() -> dict:
         if app.openapi_schema is None:

@@ -191,6 +191,8 @@ def run_gateway(args: argparse.Namespace) -> int:
 
     logging.basicConfig(format="%(levelname)s:     %(message)s", level=args.log_level.upper())
     app = create_app(config)
+    protocol = guarded_protocol(limits)
+    app.state.gateway.metrics.bind_connections(protocol.guard, app.state.uploads)
     server = DrainingServer(
         uvicorn.Config(
             app,
@@ -198,7 +200,7 @@ def run_gateway(args: argparse.Namespace) -> int:
             port=config.port,
             # Connection caps, header deadline and lingering close (server.py); uvicorn's
             # limit_concurrency is left off: it counts sockets, so idle ones refused everyone.
-            http=guarded_protocol(limits),
+            http=protocol,
             h11_max_incomplete_event_size=MAX_HEADER_BYTES,
             timeout_keep_alive=limits.keep_alive_s,
             loop="asyncio",

@@ -69,7 +69,7 @@ class GatewayMetrics:
         )
         in_flight_gauge = Gauge(
             "e2v_gateway_in_flight_requests",
-            "Requests holding a slot (uploading, decoding or waiting for Triton)",
+            "Requests holding a slot (decoding or waiting for Triton; bodies arrive before)",
             registry=registry,
         )
         in_flight_gauge.set_function(in_flight)
@@ -145,6 +145,22 @@ class GatewayMetrics:
             Gauge(name, doc, registry=self.registry).set_function(read)
         self.registry.register(_LiveCounters(hub))
 
+    def bind_connections(self, guard, uploads) -> None:
+        """The connection guard's (server.py) and the upload pool's state at each scrape."""
+        from prometheus_client import Gauge
+
+        Gauge(
+            "e2v_gateway_connections",
+            "Open client connections, WebSockets included",
+            registry=self.registry,
+        ).set_function(lambda: guard.count)
+        Gauge(
+            "e2v_gateway_uploads_arriving",
+            "Request bodies being received (--max-uploads places)",
+            registry=self.registry,
+        ).set_function(lambda: uploads.count)
+        self.registry.register(_GuardCounters(guard, uploads))
+
     def observe_file(self, kind: str | None, audio_s: float | None, times) -> None:
         """One file's outcome and its stage times (a client.classify.StageTimes)."""
         self.files.labels("ok" if kind is None else "error").inc()
@@ -195,3 +211,38 @@ class _LiveCounters:
             for name, (field, doc) in fields.items():
                 value = getattr(stats, field, None) if source is not None else 0
                 yield CounterMetricFamily(name, doc, value=float(value or 0))
+
+
+class _GuardCounters:
+    """Connections the guard closed, by reason, and uploads pushed out of a full pool."""
+
+    REASONS = {  # label: (the guard's count, what it means)
+        "evicted": ("evicted", "to make room for a new connection"),
+        "refused": ("refused", "at accept: every connection carried a request"),
+        "header_timeout": ("header_timeouts", "headers too slow (408)"),
+        "drained": ("drained", "after an early answer, once the rest of the body was drained"),
+    }
+
+    def __init__(self, guard, uploads):
+        self.guard, self.uploads = guard, uploads
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        meanings = "; ".join(f"{label}: {doc}" for label, (_, doc) in self.REASONS.items())
+        closed = CounterMetricFamily(
+            "e2v_gateway_connections_closed",
+            f"Connections the gateway closed itself ({meanings})",
+            labels=["reason"],
+        )
+        for label, (field, _) in self.REASONS.items():
+            closed.add_metric([label], float(getattr(self.guard, field)))
+        yield closed
+        yield CounterMetricFamily(
+            "e2v_gateway_uploads_pushed_out",
+            "Uploads that gave their place in a full pool to another client's (408 or 429)",
+            value=float(self.uploads.evicted),
+        )

@@ -107,7 +107,8 @@ class ConnectionGuard:
         self.per_client: Counter[str] = Counter()
         self.idle: OrderedDict[GuardedProtocol, None] = OrderedDict()
         self.idle_by_client: dict[str, OrderedDict[GuardedProtocol, None]] = {}
-        self.evicted = self.refused = 0
+        # Closed by the guard: to make room, at accept, headers too slow; answered early.
+        self.evicted = self.refused = self.header_timeouts = self.drained = 0
 
     def admit(self, conn: GuardedProtocol) -> bool:
         key, cap = conn.client_key, self.limits.per_client
@@ -300,6 +301,7 @@ class GuardedProtocol(H11Protocol):
             return
         if self._partial:
             self._raw.write(HEADER_TIMEOUT)
+            self.guard.header_timeouts += 1
         self._raw.close()
 
     def _cancel_timers(self) -> None:
@@ -337,6 +339,7 @@ class GuardedProtocol(H11Protocol):
             raw.close()
             return
         self.lingering = True
+        self.guard.drained += 1
         self.guard.set_idle(self)  # the answer is out: this connection holds no request
         self._cancel_timers()
         if raw.can_write_eof():
