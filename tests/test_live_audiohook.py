@@ -379,6 +379,11 @@ def test_organization_mismatch_and_oversized_frames(gateway):
         failure = client.failure()
         assert "bytes" in failure["info"], failure
         assert client.close_code() == CLOSE_TOO_BIG
+    with AudioHookClient(gateway) as client:
+        client.send("ping", {"padding": "x" * 70_000})  # over the reference's 64 K text
+        failure = client.failure()
+        assert "Text message too large" in failure["info"], failure
+        assert client.close_code() == CLOSE_TOO_BIG
 
 
 def test_drain_sends_reconnect_then_scores_and_disconnects(tiny_server, keys):

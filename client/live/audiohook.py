@@ -47,6 +47,7 @@ from e2v.contract import (
     CLOSE_INTERNAL,
     CLOSE_NORMAL,
     CLOSE_POLICY,
+    CLOSE_SLOW_READER,
     CLOSE_TIMEOUT,
     CLOSE_TOO_BIG,
     CLOSE_TOO_FAST,
@@ -61,6 +62,7 @@ RATE = 8000
 FORMATS = {"PCMU": "mulaw", "L16": "pcm_s16le"}  # L16 little-endian, as the reference reads it
 # How long the client gets for its side of a close transaction, and to close the socket.
 CLOSE_WAIT_S = 5.0
+SEND_TIMEOUT_S = 10.0  # longest wait for the client to take one message
 POLL_S = 0.5  # longest receive wait, so drain and deadlines are seen in time
 # Draining: a session still open this long before the hub's deadline (--live-drain-s) is
 # ended by us, so its finals, summary and close transaction all fit before the deadline.
@@ -490,7 +492,9 @@ class AudioHookSession:
     def _parse(self, text: str) -> dict:
         """A validated client message (the reference's onTextMessage checks, in order)."""
         if len(text) > MAX_TEXT_CHARS:
-            raise _protocol(f"Text message too large (>64K). Length: {len(text)}")
+            raise Disconnect(
+                CLOSE_TOO_BIG, "too_big", f"Text message too large (>64K). Length: {len(text)}"
+            )
         try:
             message = json.loads(text)
         except (ValueError, RecursionError):
@@ -529,8 +533,19 @@ class AudioHookSession:
         await self._send_json(kind, json.dumps(parameters, separators=(",", ":")))
 
     async def _send_json(self, kind: str, parameters: str) -> None:
-        """One server message whose parameters are JSON text already. Events come from the
-        hub as JSON: spliced in rather than parsed and written again."""
+        """One server message whose parameters are JSON text already (events come from the
+        hub as JSON: spliced in rather than parsed and written again). A client that does
+        not read for SEND_TIMEOUT_S ends the session (CLOSE_SLOW_READER)."""
+        try:
+            await asyncio.wait_for(self._write(kind, parameters), SEND_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise LiveError(
+                CLOSE_SLOW_READER,
+                "slow_reader",
+                f"the client has not read for {SEND_TIMEOUT_S:g} s",
+            ) from None
+
+    async def _write(self, kind: str, parameters: str) -> None:
         async with self._send_lock:
             self.seq += 1
             head = {
@@ -545,9 +560,12 @@ class AudioHookSession:
 
     async def _pump(self, outbox) -> None:
         """This socket's events, in order, as `event` messages (one entity each)."""
-        while (item := await outbox.get()) is not None:
-            entity = f'{{"type":"{AUDIOHOOK_ENTITY_TYPE}","data":{item[1]}}}'
-            await self._send_json("event", f'{{"entities":[{entity}]}}')
+        try:
+            while (item := await outbox.get()) is not None:
+                entity = f'{{"type":"{AUDIOHOOK_ENTITY_TYPE}","data":{item[1]}}}'
+                await self._send_json("event", f'{{"entities":[{entity}]}}')
+        except LiveError as exc:  # not reading: the session ends (receive sees the stop)
+            outbox.stop(exc)
 
     async def _flush(self) -> None:
         """Send what the outbox holds (the error event last, on a failure), CLOSE_WAIT_S at
@@ -579,7 +597,7 @@ class AudioHookSession:
         try:
             await self._send("disconnect", {"reason": reason, "info": info})
             await self._await_close()
-        except (_ClientGone, OSError, RuntimeError):
+        except (_ClientGone, LiveError, OSError, RuntimeError):
             self._client_closed = True
 
     async def _await_close(self) -> None:
