@@ -618,6 +618,8 @@ class TwilioClient(Client):
                     return
                 if not await self.send(ws, message):
                     raise PlayError(self.closed_reason(ws, "mid-stream"))
+        if ws.close_code not in (CLOSE_NORMAL, None):  # refused what came last (`stop`)
+            raise PlayError(self.closed_reason(ws, "at the end of the stream"))
 
     async def twilio_messages(self, stream_sid: str, tracks: list[str]) -> AsyncIterator[str]:
         """connected, start, media per 20 ms per track, stop: Twilio's JSON text frames."""
