@@ -14,6 +14,7 @@ overload the scheduler degrades visibly, never silently:
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
@@ -35,6 +36,7 @@ FINAL_SERVER_ERRORS = 20
 INTERIM_TIMEOUT_S = 10.0
 
 Done = Callable[[Prediction | None, int], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -191,4 +193,7 @@ class Scheduler:
             self.stats.interim_failures += 1
         else:
             self.stats.interims += 1
-        window.done(prediction, window.coalesced)
+        try:
+            window.done(prediction, window.coalesced)
+        except Exception:  # a bug in one session's callback must not reach the others
+            log.exception("interim result callback failed")
