@@ -278,15 +278,18 @@ class LiveHub:
         outbox: Outbox | None = None,
         protocol: str = "live",
     ) -> AsyncIterator[tuple[LiveSession, Outbox]]:
-        """A started session and its socket's outbox (from `admit`, or a new slot). A
-        LiveError raised inside, or the outbox's stop reason, ends the session: it is
-        published as the `error` event and re-raised, and the caller then flushes the
-        outbox and closes the socket with its code. The slot is released at the end."""
-        outbox = self.admit() if outbox is None else outbox
+        """A started session and its socket's outbox. A LiveError raised inside, or the
+        outbox's stop reason, ends the session: it is published as the `error` event and
+        re-raised; the caller then flushes the outbox and closes the socket with its code.
+        Pass the `outbox` from `admit` and release it after the close, so the drain waits
+        for the close frame; without one, a slot is taken and released here."""
+        owned = outbox is None  # a slot taken here is released here; else by the caller
+        outbox = self.admit() if owned else outbox
         try:
             call = self._open(call_id, fmt, settings, outbox, protocol)
         except BaseException:
-            outbox.release()
+            if owned:
+                outbox.release()
             raise
         timer = asyncio.get_running_loop().call_later(
             self.limits.max_duration_s,
@@ -311,7 +314,8 @@ class LiveHub:
         finally:
             timer.cancel()
             self._close(call)
-            outbox.release()
+            if owned:
+                outbox.release()
             self.metrics.live_ended.labels(protocol, str(code)).inc()
             self.metrics.live_duration.observe(time.monotonic() - call.started)
 

@@ -58,21 +58,25 @@ def bad(kind: str, message: str) -> LiveError:
 async def serve(websocket, hub: LiveHub) -> None:
     """One /v1/live connection, from the upgrade to the close."""
     socket = Socket(websocket, hub.limits.max_message_bytes)
-    published = False
     try:
         await socket.accept(hub.gateway.config.api_key, query_key=True)
-        with hub.admit() as outbox:
-            socket.attach(outbox)
+        outbox = hub.admit()
+    except LiveError as exc:
+        await socket.close(exc)
+        return
+    with outbox:  # the slot is held until the close frame is sent (the drain waits for it)
+        socket.attach(outbox)
+        error, published = None, False
+        try:
             start = await _handshake(socket, outbox, hub.limits.handshake_s)
             call_id, fmt, settings = parse_start(start)
             async with hub.session(call_id, fmt, settings, outbox=outbox) as (session, _):
                 published = True  # from here the hub publishes the error event
                 outbox.put(started(hub, session))
                 await _stream(socket, session, outbox, hub)
-    except LiveError as exc:
-        await socket.close(exc, published)
-        return
-    await socket.close()
+        except LiveError as exc:
+            error = exc
+        await socket.close(error, published)
 
 
 async def _handshake(socket: Socket, outbox: Outbox, timeout_s: float) -> dict:
