@@ -262,6 +262,28 @@ def test_audio_faster_than_the_gateway_allows_is_closed_with_its_reason(gateway,
     assert any(e["type"] == "error" and e["code"] == 4429 for e in events), events[-3:]
 
 
+def test_a_gateway_that_dies_mid_call_fails_the_call_at_once(tiny_server, calls):
+    """SIGKILL: no close frame, no summary; one line says the connection dropped."""
+    doomed = GatewayProcess(tiny_server.config.grpc_url).start(ready=True)
+    try:
+        player = subprocess.Popen(
+            [sys.executable, "-m", "e2v", "live", str(calls["call-8k"])]
+            + ["--url", ws_url(doomed), "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        first = player.stdout.readline()  # an event: the call is under way
+        assert json.loads(first)["type"] == "utterance.start"
+        doomed.process.kill()
+        killed = time.monotonic()
+        _, stderr = player.communicate(timeout=60)
+    finally:
+        doomed.stop()
+    assert player.returncode == 1 and time.monotonic() - killed < 15
+    assert "connection dropped" in stderr and stderr.count("\n") <= 3, stderr
+
+
 def test_bad_arguments_and_bad_files(tmp_path):
     sample = str(ROOT / "samples" / "complaint.mp3")
     assert live(sample, "--speed", "0")[0] == 2

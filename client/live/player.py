@@ -416,11 +416,10 @@ class Client:
 
     @staticmethod
     def closed_reason(ws, when: str = "") -> str:
-        code, reason = ws.close_code, ws.close_reason
-        text = "the gateway closed the connection" + (f" {when}" if when else "")
+        code, reason, when = ws.close_code, ws.close_reason, f" {when}" if when else ""
         if code in (None, 1006):  # 1006: no close frame came
-            return text + " (no close frame: the connection dropped)"
-        return text + f": {code}" + (f" {reason}" if reason else "")
+            return f"the connection to the gateway dropped{when} (no close frame)"
+        return f"the gateway closed the connection{when}: {code}" + (f" {reason}" if reason else "")
 
     def finished(self, ws) -> dict:
         """The summary when the session closed normally after it; PlayError otherwise."""
