@@ -152,13 +152,14 @@ class _Pool:
         self._idle_deaths = 0
 
     def has_room(self) -> bool:
-        return any(len(w.batches) < BATCHES_AHEAD for w in self.workers)
+        return any(w.alive and len(w.batches) < BATCHES_AHEAD for w in self.workers)
 
     def busy(self) -> bool:
-        return any(w.batches for w in self.workers)
+        return bool(self.retry) or any(w.batches for w in self.workers)
 
     def submit(self, names: list[str]) -> None:
-        worker = min(self.workers, key=lambda w: len(w.batches))
+        alive = [w for w in self.workers if w.alive]  # a dead one waits for its replacement
+        worker = min(alive, key=lambda w: len(w.batches))
         batch_id = next(self._ids)
         worker.batches[batch_id] = list(names)
         worker.send((batch_id, names))
