@@ -281,7 +281,7 @@ def test_a_gateway_that_dies_mid_call_fails_the_call_at_once(tiny_server, calls)
     finally:
         doomed.stop()
     assert player.returncode == 1 and time.monotonic() - killed < 15
-    assert "connection dropped" in stderr and stderr.count("\n") <= 3, stderr
+    assert "connection to the gateway dropped" in stderr and stderr.count("\n") <= 3, stderr
 
 
 def test_bad_arguments_and_bad_files(tmp_path):
