@@ -25,7 +25,9 @@ import concurrent.futures
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from client.live import codecs
 from client.live.party import BREAK_S, Final, PartyStream, Start, Window
@@ -143,6 +145,7 @@ class LiveSettings:
 
 
 _PAUSE, _FINISH = "pause", "finish"
+_NO_EMBEDDING = np.zeros(0, np.float32)
 _AUDIO = ("audio", "channel")
 
 
@@ -447,7 +450,8 @@ class LiveSession:
             }
         else:
             result = segment_result(final.segment, prediction, self.info)
-            self._finals[index].append(result)
+            # The summary needs times and scores only: a 4 h call keeps ~1 KB per final.
+            self._finals[index].append(replace(result, embedding=_NO_EMBEDDING))
             event |= _fields(result)
         # Audio received past the utterance's end (the merge gap included): the hub's
         # final-latency metric and the live load test read it.
