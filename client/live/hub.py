@@ -184,6 +184,7 @@ class _Call:
     session: LiveSession | None = None
     seq: int = 0
     ended: bool = False
+    finishing: asyncio.Task | None = None
 
     def __post_init__(self) -> None:
         self.subscribers: set[Outbox] = set()
@@ -353,6 +354,16 @@ class LiveHub:
         for subscriber in call.subscribers:
             subscriber.close()
 
+    def finishing(self, session: LiveSession) -> asyncio.Task:
+        """`session.finish()` as one task however often it is asked for: a protocol awaits
+        it (shielded) on stop, and the drain's going-away close waits for the same one."""
+        call = next(c for c in self._calls.values() if c.session is session)
+        if call.finishing is None:
+            call.finishing = asyncio.ensure_future(session.finish())
+            # Its failure is raised to whoever awaits it; none may (an abort came first).
+            call.finishing.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return call.finishing
+
     def pace(self) -> AudioPace:
         """The rate limit of one stream (call `take(audio_s)` for each message)."""
         return AudioPace(self.limits.max_speed, self.limits.burst_s)
@@ -366,7 +377,7 @@ class LiveHub:
         and publish the `error` event."""
         if exc.code == CLOSE_GOING_AWAY:
             try:
-                await asyncio.wait_for(call.session.finish(), DRAIN_FINISH_S)
+                await asyncio.wait_for(asyncio.shield(self.finishing(call.session)), DRAIN_FINISH_S)
             except Exception as finish_error:  # noqa: BLE001 - closing anyway; log why
                 log.warning("call %s: not finished before close: %r", call.call_id, finish_error)
         await _quietly(call.session.abort())
@@ -388,9 +399,8 @@ class LiveHub:
             return
         kind = event.get("type", "?")
         self.metrics.live_events.labels(kind).inc()
-        lag = event.get("lag_s")
-        if kind in LATENCY_KINDS and isinstance(lag, (int, float)) and lag >= 0:
-            self.metrics.live_latency.labels(LATENCY_KINDS[kind]).observe(lag)
+        if kind in LATENCY_KINDS:
+            self._observe_latency(call, kind, event)
         call.recent.append((event, text))
         call.outbox.put(event, text, last=last)
         for subscriber in list(call.subscribers):
@@ -398,6 +408,14 @@ class LiveHub:
                 call.subscribers.discard(subscriber)
         if self.webhook is not None and kind in (EVENT_ALERT, EVENT_SUMMARY):
             self.webhook.post(event)
+
+    def _observe_latency(self, call: _Call, kind: str, event: dict) -> None:
+        """Interims carry `lag_s`; for finals it is the audio received past their end."""
+        lag = event.get("lag_s")
+        if lag is None and isinstance(event.get("end_s"), (int, float)):
+            lag = call.session.audio_s - event["end_s"]
+        if isinstance(lag, (int, float)) and lag >= 0:
+            self.metrics.live_latency.labels(LATENCY_KINDS[kind]).observe(lag)
 
     @contextlib.contextmanager
     def subscription(self, call_id: str, after_seq: int = 0) -> Iterator[Outbox]:

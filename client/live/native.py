@@ -111,7 +111,7 @@ async def _stream(socket: Socket, session: LiveSession, outbox: Outbox, hub: Liv
             raise LiveError(CLOSE_TIMEOUT, "idle", f"no audio for {limits.idle_s:g} s") from None
         if message is None:  # gone without stop: finish for subscribers and webhooks
             outbox.close()
-            await _finish(session, outbox)
+            await _finish(hub, session, outbox)
             return
         if isinstance(message, bytes):
             pace.take(len(message) / second_bytes)
@@ -120,16 +120,16 @@ async def _stream(socket: Socket, session: LiveSession, outbox: Outbox, hub: Liv
             continue
         request = parse_json(message)
         if request["type"] == "stop":
-            await _finish(session, outbox)
+            await _finish(hub, session, outbox)
             return
         if request["type"] == "start":
             raise bad("order", "start was already received")
         raise bad("type", f"unknown message type {request['type']!r}: start or stop")
 
 
-async def _finish(session: LiveSession, outbox: Outbox) -> None:
-    try:
-        await outbox.guard(session.finish(), FINISH_S)
+async def _finish(hub: LiveHub, session: LiveSession, outbox: Outbox) -> None:
+    try:  # shielded: a drain deadline meanwhile waits for this same finish
+        await outbox.guard(asyncio.shield(hub.finishing(session)), FINISH_S)
     except asyncio.TimeoutError:
         raise LiveError(
             CLOSE_INTERNAL, "finish_timeout", f"finals not scored within {FINISH_S:g} s"
