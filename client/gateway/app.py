@@ -8,7 +8,10 @@
     GET  /docs, /openapi.json
 
 Every refusal is JSON `{"error", "error_kind"}` with its status (see errors.py); the body
-is read only after the cheap checks (key, media type, declared length, a free slot).
+is read only after the cheap checks (key, media type, declared length, room for a slot),
+in one of the upload places, and a slot is taken once it is in. A client that disconnects
+then cancels its classification. Connection-level bounds (header deadline, connection
+caps, lingering close after an early answer) are in server.py.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the route signatures, whose
