@@ -262,6 +262,41 @@ def test_audio_faster_than_the_gateway_allows_is_closed_with_its_reason(gateway,
     assert any(e["type"] == "error" and e["code"] == 4429 for e in events), events[-3:]
 
 
+def test_a_peer_that_goes_silent_after_stop_is_given_up_on(monkeypatch):
+    """A WebSocket peer that answers `started`, takes the audio and then never sends a
+    summary: the player gives up END_TIMEOUT_S after `stop` (shortened here)."""
+    import asyncio
+
+    from websockets.asyncio.server import serve
+
+    from client.live import player
+
+    monkeypatch.setattr(player, "END_TIMEOUT_S", 1.5)
+    received: list[str] = []
+
+    async def silent(ws) -> None:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "started", "call_id": "c", "model": "m"}))
+        async for message in ws:
+            if isinstance(message, str):
+                received.append(json.loads(message)["type"])
+        await asyncio.sleep(30)  # never answers, never closes
+
+    async def scenario() -> float:
+        async with serve(silent, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            options = player.PlayOptions(
+                str(ROOT / "samples" / "thanks-8k-mulaw.wav"), f"ws://127.0.0.1:{port}", speed=50
+            )
+            started = time.monotonic()
+            with pytest.raises(player.PlayError, match="no answer from the gateway for 1.5 s"):
+                await player.play(options, lambda event: None)
+            return time.monotonic() - started
+
+    elapsed = asyncio.run(scenario())
+    assert received == ["stop"] and elapsed < 10
+
+
 def test_a_gateway_that_dies_mid_call_fails_the_call_at_once(tiny_server, calls):
     """SIGKILL: no close frame, no summary; one line says the connection dropped."""
     doomed = GatewayProcess(tiny_server.config.grpc_url).start(ready=True)

@@ -61,6 +61,7 @@ CONNECT_TIMEOUT_S = 10.0  # TCP + WebSocket handshake
 ANSWER_TIMEOUT_S = 15.0  # `started` / `opened` after our first message
 SEND_TIMEOUT_S = 30.0  # one frame stuck this long: the gateway stopped reading
 END_TIMEOUT_S = 60.0  # after `stop`, longest silence before the summary
+POLL_S = 0.5
 MAX_MESSAGE_BYTES = 1 << 20  # an event is a few hundred bytes; a summary a few KiB
 
 
@@ -374,18 +375,23 @@ class Client:
         return True
 
     async def messages(self, ws) -> AsyncIterator[dict]:
-        """JSON messages until the socket closes; after stop, silence is bounded."""
+        """JSON messages until the socket closes; after stop, silence is bounded (polled,
+        since stop comes while a receive is pending: websockets' recv is cancel-safe)."""
+        last = time.monotonic()
         while True:
-            limit = END_TIMEOUT_S if self.stopped_at is not None else None
             try:
-                message = await asyncio.wait_for(ws.recv(), limit)
+                message = await asyncio.wait_for(ws.recv(), POLL_S)
             except self.closed_errors():
                 return
             except (TimeoutError, asyncio.TimeoutError):
-                raise PlayError(
-                    f"no answer from the gateway for {END_TIMEOUT_S:g} s after the end of "
-                    "the audio (no summary)"
-                ) from None
+                since = max(last, self.stopped_at or 0.0)
+                if self.stopped_at is not None and time.monotonic() - since > END_TIMEOUT_S:
+                    raise PlayError(
+                        f"no answer from the gateway for {END_TIMEOUT_S:g} s after the end "
+                        "of the audio (no summary)"
+                    ) from None
+                continue
+            last = time.monotonic()
             yield self.parse(message)
 
     def event(self, event: dict) -> None:
