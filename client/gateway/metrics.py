@@ -101,7 +101,7 @@ class GatewayMetrics:
         )
         self.live_refused = Counter(
             "e2v_live_refused",
-            "Live sockets refused before a session: busy, draining, unauthorized",
+            "Live sockets and subscriptions refused: busy (the session limit), draining",
             ["reason"],
             registry=registry,
         )
