@@ -225,6 +225,62 @@ def cpu_s(pid: int) -> float:
     return times.user + times.system
 
 
+class _Uvicorn:
+    """A real uvicorn with the guarded protocol in a thread, serving a small ASGI app."""
+
+    def __init__(self, app, limits):
+        import asyncio
+
+        import uvicorn
+        from servers import free_ports
+
+        from client.gateway.server import guarded_protocol
+
+        self.port = free_ports(1)[0]
+        self.protocol = guarded_protocol(limits)
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, http=self.protocol, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()))
+
+    def __enter__(self) -> _Uvicorn:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+async def _reads_its_body(scope, receive, send):
+    """HTTP app that reads the whole body before answering (a request at work)."""
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body", False):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _closed_soon(sock: socket.socket, timeout: float = 2.0) -> bytes | None:
+    """What the server sent before closing `sock`, or None if it stays open."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while piece := sock.recv(65536):
+            data += piece
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return data
+
+
 # -------------------------------------------------------------------------------- tests
 
 
@@ -422,12 +478,9 @@ def test_a_client_that_hangs_up_cancels_its_work(refusing, long_call, tiny_serve
 def test_websocket_upgrades_pass_through_the_guard():
     """A real uvicorn with the guarded protocol, a WebSocket echo app and a real client:
     the upgrade works, and the socket is counted until it closes."""
-    import asyncio
-
-    import uvicorn
     from websockets.sync.client import connect
 
-    from client.gateway.server import ConnectionLimits, guarded_protocol
+    from client.gateway.server import ConnectionLimits
 
     async def echo(scope, receive, send):
         if scope["type"] == "websocket":
@@ -439,31 +492,17 @@ def test_websocket_upgrades_pass_through_the_guard():
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"ok"})
 
-    from servers import free_ports
-
-    port = free_ports(1)[0]
-    protocol = guarded_protocol(ConnectionLimits(max_connections=8, per_client=4))
-    config = uvicorn.Config(echo, host="127.0.0.1", port=port, http=protocol, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve()))
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        with connect(f"ws://127.0.0.1:{port}/ws") as ws:
+    with _Uvicorn(echo, ConnectionLimits(max_connections=8, per_client=4)) as server:
+        guard = server.protocol.guard
+        with connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
             ws.send("hello")
             assert ws.recv(timeout=5) == "hello"
-            assert protocol.guard.count == 1
+            assert guard.count == 1
         deadline = time.monotonic() + 5
-        while protocol.guard.count and time.monotonic() < deadline:
+        while guard.count and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert protocol.guard.count == 0
-        assert get(f"http://127.0.0.1:{port}/") == 200
-    finally:
-        server.should_exit = True
-        thread.join(30)
+        assert guard.count == 0
+        assert get(f"http://127.0.0.1:{server.port}/") == 200
 
 
 def test_draining_after_a_refusal_is_bounded_in_bytes_and_time(refusing):
@@ -508,3 +547,43 @@ def test_draining_after_a_refusal_is_bounded_in_bytes_and_time(refusing):
     elapsed = time.monotonic() - started
     sock.close()
     assert answer.startswith(b"HTTP/1.1 401") and 9 < elapsed < 13, elapsed
+
+
+def test_admission_order_evicts_the_oldest_idle_connection_never_one_at_work():
+    from client.gateway.server import ConnectionLimits
+
+    limits = ConnectionLimits(max_connections=4, per_client=2)
+    with _Uvicorn(_reads_its_body, limits) as server:
+        port, guard = server.port, server.protocol.guard
+        busy = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nsome"
+
+        # Per address: a third connection from 127.0.0.2 closes that address's oldest idle one.
+        first, second = connect_from("127.0.0.2", port), connect_from("127.0.0.2", port)
+        time.sleep(0.2)
+        third = connect_from("127.0.0.2", port)
+        assert _closed_soon(first) == b"" and _closed_soon(second, 0.5) is None
+        # Both at work (bodies arriving): a third from that address is refused, 503.
+        second.setblocking(True)
+        third.setblocking(True)
+        second.sendall(busy)
+        third.sendall(busy)
+        time.sleep(0.2)
+        refused = connect_from("127.0.0.2", port)
+        assert (_closed_soon(refused) or b"").startswith(b"HTTP/1.1 503")
+        # In total: two idle from 127.0.0.3 fill the cap, a newcomer from 127.0.0.4 closes
+        # the older one; the two at work are never touched.
+        idle = [connect_from("127.0.0.3", port) for _ in range(2)]
+        time.sleep(0.2)
+        newcomer = connect_from("127.0.0.4", port)
+        assert _closed_soon(idle[0]) == b"" and _closed_soon(idle[1], 0.5) is None
+        assert guard.count == 4 and guard.evicted == 2 and guard.refused == 1
+        # The requests at work finish normally.
+        for sock in (second, third):
+            sock.sendall(b"\0" * 96)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        for sock in (second, third, newcomer, *idle, refused, first):
+            sock.close()
+        deadline = time.monotonic() + 5
+        while guard.count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert guard.count == 0
