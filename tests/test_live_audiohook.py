@@ -450,9 +450,23 @@ def quick_gateway(tiny_server, keys):
         "1",
         "--live-idle-s",
         "1.5",
+        "--live-sessions",
+        "1",
     )
     with process:
         yield process
+
+
+def test_a_full_gateway_refuses_with_a_retry_hint(quick_gateway):
+    from e2v.contract import CLOSE_TRY_AGAIN
+
+    with AudioHookClient(quick_gateway) as first, AudioHookClient(quick_gateway) as second:
+        failure = second.failure()
+        assert failure["reason"] == "error" and "retry in" in failure["info"], failure
+        assert second.close_code() == CLOSE_TRY_AGAIN
+        assert first.open()["type"] == "opened"  # the one slot stays usable
+        first.ws.send(mulaw_stereo_frames(1)[0])
+        assert first.close_transaction()[-1]["type"] == "event"
 
 
 def test_no_open_in_time_and_idle_streams_time_out_but_pauses_do_not(quick_gateway):

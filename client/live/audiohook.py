@@ -20,7 +20,11 @@ the reference's own TypeScript client:
   info = the reason), the client's close transaction (`close` -> `closed`), then the
   WebSocket closes with the contract's code (`CLOSE_*`, the same as `/v1/live`'s).
 - Draining (SIGTERM): `reconnect` at once, so Genesys moves the stream to another instance;
-  at the drain deadline the session is finished (finals, summary) and `disconnect`ed.
+  a session still open DRAIN_MARGIN_S before the drain deadline is finished (finals,
+  summary), `disconnect`ed (reason `completed`) and closed with 1001, its slot held until
+  then so the server does not stop under it.
+- Admission (busy, draining) and every bound of docs/live.md come from the hub: refusals
+  and limits end in a `disconnect` and the contract's close code too.
 
 Authentication: `X-API-KEY` must be the gateway's key when it has one; with
 `--audiohook-secret-file`, the upgrade's HTTP message signature must verify too
@@ -250,6 +254,8 @@ class AudioHookSession:
     # ------------------------------------------------------------- entry
 
     async def run(self) -> None:
+        session_id = self.ws.headers.get("audiohook-session-id", "")
+        self.id = session_id if is_uuid(session_id) else NULL_UUID  # checked in _authenticate
         await self.ws.accept()
         try:
             self.outbox = self.hub.admit()
@@ -268,6 +274,13 @@ class AudioHookSession:
                 log.exception("audiohook %s: internal error", self.id)
                 await self._fail(LiveError(CLOSE_INTERNAL, "internal", "internal server error"))
         await self._close_socket()
+        log.info(
+            "audiohook %s: ended (%s), %.1f s of audio, %.1f s discarded by the client",
+            self.id,
+            self.close_code,
+            self.received_s,
+            self.discarded_s,
+        )
 
     # ------------------------------------------------------------- auth
 
@@ -276,7 +289,6 @@ class AudioHookSession:
         session_id = headers.get("audiohook-session-id", "")
         if not is_uuid(session_id):
             raise _protocol('Missing or invalid "audiohook-session-id" header field')
-        self.id = session_id
         config = self.hub.gateway.config
         supplied = headers.get("x-api-key", "")
         if config.api_key is not None and not hmac.compare_digest(
