@@ -174,6 +174,7 @@ class LiveSession:
         self._window_size = info.bucket(round(settings.window_s * SAMPLE_RATE))
         self._key = object()  # this session's part of the scheduler's interim keys
         self._seq = 0
+        self._frame_bytes = fmt.frame_bytes
         self._remainder = [b""] * (fmt.channels + 1)  # partial frames: [interleaved, per channel]
         self._received = [0] * fmt.channels  # samples received per channel (source rate)
         self._stream_s = [0.0] * fmt.channels  # party time received, pause breaks included
@@ -203,9 +204,10 @@ class LiveSession:
     async def feed(self, payload: bytes) -> None:
         """Interleaved frames of `fmt`; a partial frame waits for the next payload."""
         self._check_open()
-        data = self._whole(0, payload, self.fmt.frame_bytes)
+        data = self._whole(0, payload, self._frame_bytes)
+        frames = len(data) // self._frame_bytes
         for i in range(self.fmt.channels):
-            self._account(i, len(data) // self.fmt.frame_bytes)
+            self._account(i, frames)
         if data:
             await self._enqueue(("audio", data))
 
@@ -214,7 +216,7 @@ class LiveSession:
         self._check_open()
         if not 0 <= index < self.fmt.channels:
             raise _bad("channel", f"no channel {index} in a {self.fmt.channels}-channel stream")
-        width = codecs.bytes_per_sample(self.fmt.encoding)
+        width = self._frame_bytes // self.fmt.channels
         data = self._whole(index + 1, payload, width)
         self._account(index, len(data) // width)
         if data:
