@@ -258,7 +258,7 @@ def test_audio_faster_than_the_gateway_allows_is_closed_with_its_reason(gateway,
         str(key_file),
     )
     assert code == 1
-    assert "4429" in stderr, stderr
+    assert f"above this gateway's {MAX_SPEED}x" in stderr and "4429" in stderr, stderr
     assert any(e["type"] == "error" and e["code"] == 4429 for e in events), events[-3:]
 
 

@@ -451,7 +451,7 @@ class NativeClient(Client):
                 self.unexpected(started)
                 await self.drain(ws)
                 raise PlayError(self.closed_reason(ws))
-            _note_model(started)
+            _note_model(started, self.options.speed)
             reader = asyncio.create_task(self.drain(ws))
             try:
                 async for frame in self.audio.frames(FRAME_S["live"]):
@@ -666,12 +666,19 @@ class TwilioClient(Client):
 # ---------------------------------------------------------------------------- printing
 
 
-def _note_model(started: dict) -> None:
+def _note_model(started: dict, speed: float) -> None:
     model = started.get("model", "?")
     print(f"note: call {started.get('call_id')}, model {model}", file=sys.stderr)
     if started.get("synthetic"):
         print(
             "note: the served model is SYNTHETIC (random weights): labels are meaningless",
+            file=sys.stderr,
+        )
+    limit = (started.get("limits") or {}).get("max_speed")
+    if isinstance(limit, (int, float)) and speed > limit:
+        print(
+            f"note: --speed {speed:g} is above this gateway's {limit:g}x: "
+            "expect it to close the call as too fast",
             file=sys.stderr,
         )
 
