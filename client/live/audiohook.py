@@ -413,16 +413,16 @@ class AudioHookSession:
                 await self._common(item)
 
     async def _common(self, item: dict) -> None:
-        """Messages answered in any state: ping, update, error (noted)."""
+        """ping (any state), update (once open), error (noted); others are ignored."""
         kind = item["type"]
         if kind == "ping":
             await self._send("pong", {})
-        elif kind == "update":
+        elif kind == "update" and self.state in ("ACTIVE", "PAUSED"):  # as the reference
             await self._send("updated", {})
         elif kind == "error":
             p = item["parameters"]
             log.warning("audiohook %s: client error %s: %s", self.id, p["code"], p["message"])
-        else:  # open again, or paused/resumed/discarded before open: the reference ignores
+        else:  # open again, update or paused/resumed/discarded before open: the reference ignores
             log.info("audiohook %s: ignoring %s in state %s", self.id, kind, self.state)
 
     async def _audio(self, data: bytes) -> None:
