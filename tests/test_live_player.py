@@ -168,6 +168,7 @@ def test_a_stereo_call_gives_each_party_the_finals_of_classify(
         *extra,
     )
     assert code == 0, stderr
+    assert "SYNTHETIC" in stderr  # every protocol says so (AudioHook/Twilio: from the summary)
     assert events and events[-1]["type"] == "summary", events[-3:]
     assert all(e["call_id"] == call_id for e in events)
     seqs = [e["seq"] for e in events]
@@ -195,6 +196,7 @@ def test_the_table_names_each_event(gateway, key_file):
     assert any(" customer " in line and " utterance.end " in line for line in lines), lines
     assert any(" agent " in line and " utterance.end " in line for line in lines), lines
     assert " summary " in lines[-1] and "customer:" in lines[-1] and "agent:" in lines[-1]
+    assert lines[-1].endswith("[synthetic model]")
     assert "SYNTHETIC" in result.stderr
 
 

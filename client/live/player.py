@@ -51,7 +51,6 @@ from e2v.contract import (
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PROTOCOLS = ("live", "audiohook", "twilio")
-PATHS = {"live": LIVE_PATH, "audiohook": AUDIOHOOK_PATH, "twilio": TWILIO_PATH}
 # Audio per paced frame: ours ~100 ms (Hume's realtime API's size), AudioHook's reference
 # client sends 200 ms; Twilio sends 20 ms media messages, paced here in groups of 100 ms.
 FRAME_S = {"live": 0.1, "audiohook": 0.2, "twilio": 0.1}
@@ -63,6 +62,7 @@ SEND_TIMEOUT_S = 30.0  # one frame stuck this long: the gateway stopped reading
 END_TIMEOUT_S = 60.0  # after `stop`, longest silence before the summary
 POLL_S = 0.5
 MAX_MESSAGE_BYTES = 1 << 20  # an event is a few hundred bytes; a summary a few KiB
+SYNTHETIC_NOTE = "note: the served model is SYNTHETIC (random weights): labels are meaningless"
 
 
 class PlayError(Exception):
@@ -399,6 +399,8 @@ class Client:
         self.emit(event)
         if event.get("type") == EVENT_SUMMARY:
             self.summary = event
+            if event.get("synthetic") and self.options.protocol != "live":  # no `started`
+                print(SYNTHETIC_NOTE, file=sys.stderr)
 
     def stop(self) -> None:
         self.stopped_at = time.monotonic()
@@ -588,7 +590,7 @@ class AudioHookClient(Client):
 
 class TwilioClient(Client):
     """`/v1/twilio`, as Twilio Media Streams speaks it: `connected`, `start`, 20 ms `media`
-    messages per track (inbound: the caller, outbound: the agent), `stop`. Results are read
+    messages per track (inbound: the caller, outbound: the callee), `stop`. Results are read
     from the call's event subscription, opened first so that none is missed."""
 
     TRACKS = ("inbound", "outbound")
@@ -670,10 +672,7 @@ def _note_model(started: dict, speed: float) -> None:
     model = started.get("model", "?")
     print(f"note: call {started.get('call_id')}, model {model}", file=sys.stderr)
     if started.get("synthetic"):
-        print(
-            "note: the served model is SYNTHETIC (random weights): labels are meaningless",
-            file=sys.stderr,
-        )
+        print(SYNTHETIC_NOTE, file=sys.stderr)
     limit = (started.get("limits") or {}).get("max_speed")
     if isinstance(limit, (int, float)) and speed > limit:
         print(
@@ -694,9 +693,8 @@ def _print_line(event: dict) -> None:
 def format_event(event: dict) -> str:
     """One readable line: audio time, party, type, what it says."""
     start, end = event.get("start_s"), event.get("end_s")
-    span = (
-        f"{start:7.2f}-{end:7.2f} s" if isinstance(start, (int, float)) and end is not None else ""
-    )
+    timed = isinstance(start, (int, float)) and isinstance(end, (int, float))
+    span = f"{start:7.2f}-{end:7.2f} s" if timed else ""
     party = str(event.get("party") or "-")
     return f"{span:<18} {party:<10} {event.get('type', '?'):<16} {_detail(event)}".rstrip()
 
@@ -721,7 +719,8 @@ def _detail(event: dict) -> str:
         )
     if kind == "summary":
         parts = [_party_summary(p) for p in event.get("parties") or [] if isinstance(p, dict)]
-        return "; ".join(parts + [f"overlap {event.get('overlap_s') or 0:.1f} s"])
+        synthetic = ["[synthetic model]"] if event.get("synthetic") else []
+        return "; ".join(parts + [f"overlap {event.get('overlap_s') or 0:.1f} s"] + synthetic)
     if kind == "error":
         return f"{event.get('code', '')} {event.get('error_kind', '')}: {event.get('message', '')}"
     return json.dumps(event)[:200]
