@@ -224,9 +224,12 @@ def test_a_stereo_call_gives_events_in_order_to_the_socket_and_subscribers(gatew
     assert ws_events == events
 
 
-def read_sse(gateway, call_id: str) -> list[dict]:
+def read_sse(gateway, call_id: str, last_event_id: int | None = None) -> list[dict]:
+    headers = {"X-API-Key": KEY}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = str(last_event_id)
     request = urllib.request.Request(
-        gateway.url + CALL_EVENTS_PATH.format(call_id=call_id), headers={"X-API-Key": KEY}
+        gateway.url + CALL_EVENTS_PATH.format(call_id=call_id), headers=headers
     )
     events, kind = [], None
     with urllib.request.urlopen(request, timeout=60) as response:
@@ -267,6 +270,25 @@ def test_a_client_that_leaves_without_stop_still_gets_its_call_finished(gateway)
     events = asyncio.run(run())
     assert events[-1]["type"] == EVENT_SUMMARY
     assert any(e["type"] == EVENT_UTTERANCE_END for e in events)
+
+
+def test_an_sse_client_reconnecting_with_last_event_id_gets_what_it_missed(gateway):
+    async def run():
+        async with websockets.connect(gateway.ws(), **AUTH) as ws:
+            await ws.send(start(call_id="call-again", hop_s=0.5))
+            await ws.recv()
+            await ws.send(speech(6))
+            seen = [json.loads(await ws.recv()) for _ in range(3)]
+            sse = asyncio.create_task(asyncio.to_thread(read_sse, gateway, "call-again", 2))
+            while metrics(gateway.url)["e2v_live_subscriptions"] < 1:
+                await asyncio.sleep(0.05)
+            await ws.send(json.dumps({"type": "stop"}))
+            events = seen + await asyncio.wait_for(drain(ws), 60)
+        return events, await sse
+
+    events, replayed = asyncio.run(run())
+    assert replayed == [e for e in events if e["seq"] > 2]
+    assert replayed[0]["seq"] == 3 and replayed[-1]["type"] == EVENT_SUMMARY
 
 
 # ------------------------------------------------------------------ keys
@@ -519,6 +541,7 @@ def test_a_client_that_stops_reading_is_closed_4409_and_its_work_stops(tiny_serv
                 await slow.send(start(channels=2, hop_s=0.5, window_s=1))
                 await asyncio.sleep(0.3)
                 shrink_server_buffers(gw)
+                other = asyncio.create_task(other_call())
                 audio, ended = speech(120, channels=2), None
                 began = time.monotonic()
                 with contextlib.suppress(websockets.ConnectionClosed):
@@ -530,15 +553,34 @@ def test_a_client_that_stops_reading_is_closed_4409_and_its_work_stops(tiny_serv
                 took = time.monotonic() - began
                 after = metrics(gw.url)
                 ended = after.get(ended_key)
+                other_events, other_code, other_s = await other
                 events = await asyncio.wait_for(drain(slow), 30)
-                return ended, took, after, events, slow.close_code
+                return (
+                    ended,
+                    took,
+                    after,
+                    events,
+                    slow.close_code,
+                    (other_events, other_code, other_s),
+                )
 
-        ended, took, after, events, code = asyncio.run(run())
+        async def other_call():  # a reading client meanwhile is not slowed down
+            async with websockets.connect(gw.ws()) as ws:
+                await ws.send(start())
+                await ws.recv()
+                began = time.monotonic()
+                await stream(ws, speech(6), RATE * 2 // 5, 0.02)
+                events = await asyncio.wait_for(drain(ws), 30)
+                return events, ws.close_code, time.monotonic() - began
+
+        ended, took, after, events, code, (other_events, other_code, other_s) = asyncio.run(run())
     assert ended == 1, after
     assert took < 20
     assert after["e2v_live_calls"] == 0  # its work stopped (the slot goes with the close)
     assert_error(events[-1], CLOSE_SLOW_READER, code, "slow_reader")
     assert events[0]["type"] == "started"
+    assert other_code == CLOSE_NORMAL and other_events[-1]["type"] == EVENT_SUMMARY
+    assert other_s < 10
 
 
 def shrink_server_buffers(gw: InProcessGateway) -> None:

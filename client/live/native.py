@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 
 from client.live.hub import LiveHub, Outbox
@@ -28,6 +29,8 @@ from e2v.contract import (
     CLOSE_TIMEOUT,
     LIVE_MAX_CHANNELS,
 )
+
+log = logging.getLogger("e2v.live")
 
 CALL_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 DEFAULT_PARTIES = {1: ("caller",), 2: ("customer", "agent")}
@@ -49,6 +52,7 @@ MAX_ALERT_WINDOWS = 100
 # `stop` -> every final scored and the summary sent, within this (Triton restarting
 # included: the scheduler retries finals); past it the session ends with CLOSE_INTERNAL.
 FINISH_S = 120.0
+INTERNAL_MESSAGE = "internal error (a bug; the gateway log has details)"
 
 
 def bad(kind: str, message: str) -> LiveError:
@@ -76,6 +80,10 @@ async def serve(websocket, hub: LiveHub) -> None:
                 await _stream(socket, session, outbox, hub)
         except LiveError as exc:
             error = exc
+        except Exception:  # a bug: this session's own close, never the gateway's
+            log.exception("live session failed")
+            error = LiveError(CLOSE_INTERNAL, "internal", INTERNAL_MESSAGE)
+            published = False
         await socket.close(error, published)
 
 
@@ -115,8 +123,9 @@ async def _stream(socket: Socket, session: LiveSession, outbox: Outbox, hub: Liv
             return
         if isinstance(message, bytes):
             pace.take(len(message) / second_bytes)
-            await outbox.guard(session.feed(message))
-            last_audio = loop.time()
+            if message:  # empty frames are no audio: they keep nothing alive
+                await outbox.guard(session.feed(message))
+                last_audio = loop.time()
             continue
         request = parse_json(message)
         if request["type"] == "stop":

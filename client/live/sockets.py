@@ -53,7 +53,11 @@ class Socket:
         if query_key:
             from_query = _pop_query_key(self.ws.scope)
             supplied = supplied if supplied is not None else from_query
-        await self.ws.accept()
+        try:
+            await self.ws.accept()
+        except _GONE:
+            self.gone = True
+            raise LiveError(CLOSE_NORMAL, "gone", "the client left during the upgrade") from None
         if key is None:
             return
         if not supplied:
