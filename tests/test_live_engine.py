@@ -61,6 +61,7 @@ def calls(tmp_path_factory):
     customer16, _ = fx.bursts(CUSTOMER, sr=16_000, seed=10)
     files = {
         "mulaw": fx.write_audio(root / "mono-mulaw.wav", customer8, 8000, "pcm_mulaw"),
+        "alaw": fx.write_audio(root / "mono-alaw.wav", customer8, 8000, "pcm_alaw"),
         "pcm16": fx.write_audio(root / "mono-pcm16.wav", customer16, 16_000, "pcm_s16le"),
         "stereo": fx.write_audio(
             root / "stereo.wav", np.stack([customer8, agent8]), 8000, "pcm_mulaw"
@@ -168,12 +169,12 @@ def assert_well_formed(events: list[dict], parties: tuple[str, ...]) -> None:
 # ------------------------------------------------------------------- finals = offline
 
 
-@pytest.mark.parametrize("kind", ["mulaw", "pcm16"])
+@pytest.mark.parametrize("kind", ["mulaw", "alaw", "pcm16"])
 def test_finals_equal_classify_on_a_long_mono_recording(tiny_server, calls, kind):
     path = calls[kind]
     offline = classify_json(tiny_server, [path])[str(path)]
     assert offline["duration_s"] > 30 and len(offline["segments"]) >= 4
-    encoding, rate = ("mulaw", 8000) if kind == "mulaw" else ("pcm_s16le", 16_000)
+    encoding, rate = (kind, 8000) if kind != "pcm16" else ("pcm_s16le", 16_000)
     fmt = StreamFormat(encoding, rate, ("caller",))
     events, _ = asyncio.run(run_session(tiny_server.config.grpc_url, wav_payload(path), fmt))
     assert_well_formed(events, ("caller",))
