@@ -128,10 +128,6 @@ def parse_duration(text: str) -> float:
     return float(match.group(1))
 
 
-def format_duration(seconds: float) -> str:
-    return f"PT{max(0.0, seconds):.3f}".rstrip("0").rstrip(".") + "S"
-
-
 def _is_str(v) -> bool:
     return isinstance(v, str)
 
