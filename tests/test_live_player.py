@@ -200,6 +200,24 @@ def test_the_table_names_each_event(gateway, key_file):
     assert "SYNTHETIC" in result.stderr
 
 
+def test_one_party_name_mixes_a_stereo_call_into_one_party(gateway, key_file):
+    code, events, stderr = live(
+        str(ROOT / "samples" / "call-8k-stereo.wav"),
+        "--url",
+        ws_url(gateway),
+        "--speed",
+        "20",
+        "--parties",
+        "line",
+        "--api-key-file",
+        str(key_file),
+    )
+    assert code == 0, stderr
+    assert [p["party"] for p in events[-1]["parties"]] == ["line"]
+    assert {e["party"] for e in events[:-1]} == {"line"}
+    assert any(e["type"] == "utterance.end" for e in events)
+
+
 # -------------------------------------------------------------------------- hostile cases
 
 
