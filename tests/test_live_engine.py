@@ -382,6 +382,8 @@ def test_bad_formats_settings_and_order_are_refused_with_4400(tiny_server):
         lambda: LiveSettings(window_s=0.2),
         lambda: LiveSettings(hop_s=float("nan")),
         lambda: LiveSettings(window_s="3"),
+        lambda: LiveSettings(alert_windows=0),
+        lambda: LiveSettings(alert_windows=True),
     ):
         with pytest.raises(LiveError) as caught:
             bad()

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from client.live import codecs
+from client.live.alerts import MAX_ALERT_WINDOWS
 from client.live.party import BREAK_S, Final, PartyStream, Start, Window
 from client.live.pump import audio_executor, pump_for
 from client.live.scheduler import Scheduler
@@ -140,8 +141,12 @@ class LiveSettings:
                 raise _bad(name, f"{name} {value!r}: between {low:g} and {high:g} s")
         if self.alerts is not None and not isinstance(self.alerts, str):
             raise _bad("alerts", "alerts must be a string like 'customer:angry=0.7'")
-        if isinstance(self.alert_windows, bool) or not isinstance(self.alert_windows, int):
+        windows = self.alert_windows
+        if isinstance(windows, bool) or not isinstance(windows, int):
             raise _bad("alert_windows", "alert_windows must be an integer")
+        if not 1 <= windows <= MAX_ALERT_WINDOWS:
+            limit = f"between 1 and {MAX_ALERT_WINDOWS}"
+            raise _bad("alert_windows", f"alert_windows {windows}: {limit}")
 
 
 _PAUSE, _FINISH = "pause", "finish"
