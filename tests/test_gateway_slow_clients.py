@@ -587,3 +587,37 @@ def test_admission_order_evicts_the_oldest_idle_connection_never_one_at_work():
         while guard.count and time.monotonic() < deadline:
             time.sleep(0.05)
         assert guard.count == 0
+
+
+def test_a_client_that_does_not_read_its_answer_is_cut_off():
+    from client.gateway.server import ConnectionLimits
+
+    outcome: dict = {}
+
+    async def big_answer(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(256):  # 256 MiB: far more than the socket buffers hold
+            await send({"type": "http.response.body", "body": b"\0" * (1 << 20), "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        outcome["ended"] = time.monotonic()
+
+    limits = ConnectionLimits(max_connections=8, per_client=4, send_timeout_s=1.0)
+    with _Uvicorn(big_answer, limits) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = time.monotonic()
+        deadline = started + 10
+        while not server.protocol.guard.count and time.monotonic() < deadline:
+            time.sleep(0.01)  # accepted
+        while server.protocol.guard.count and time.monotonic() < deadline:
+            time.sleep(0.05)  # then cut off
+        elapsed = time.monotonic() - started
+        sock.close()
+        guard = server.protocol.guard
+        assert guard.count == 0 and guard.slow_readers == 1 and 1.0 <= elapsed < 4, elapsed
+        deadline = time.monotonic() + 5
+        while "ended" not in outcome and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "ended" in outcome  # the handler was not left waiting on a full buffer

@@ -220,7 +220,8 @@ class _GuardCounters:
         "evicted": ("evicted", "to make room for a new connection"),
         "refused": ("refused", "at accept: every connection carried a request"),
         "header_timeout": ("header_timeouts", "headers too slow (408)"),
-        "drained": ("drained", "after an early answer, once the rest of the body was drained"),
+        "drained": ("drained", "after an early answer (the rest of the body drained first)"),
+        "slow_reader": ("slow_readers", "its answer not read for 30 s"),
     }
 
     def __init__(self, guard, uploads):

@@ -8,7 +8,8 @@ adds three things on the hooks h11 exposes:
 
 - Deadlines. A request's line and headers must be in within `header_timeout_s` of the
   connection opening or of the previous response ending (408, then close). An idle
-  keep-alive connection is closed after `keep_alive_s` (uvicorn's own timer).
+  keep-alive connection is closed after `keep_alive_s` (uvicorn's own timer). A client
+  that stops reading its answer (the send buffer stays full for `send_timeout_s`) is cut.
 - Connection caps, total and per client address (IPv6: per /64), apart from the requests at
   work. Admission order guarantees that a new connection is served: at a cap, the oldest
   connection that holds no request (idle, still sending headers, or lingering after an
@@ -61,12 +62,16 @@ class ConnectionLimits:
     per_client: int = 32  # per client address (0: no cap, e.g. behind a proxy)
     header_timeout_s: float = 10.0
     keep_alive_s: float = 5.0
+    # An answer the client does not read: its buffer must drain within this, else closed.
+    send_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_connections < 1 or self.per_client < 0:
             raise ValueError("--max-connections must be >= 1 and --max-connections-per-client >= 0")
-        if not 0 < self.header_timeout_s <= 600 or not 0 < self.keep_alive_s <= 600:
+        if not all(0 < t <= 600 for t in (self.header_timeout_s, self.keep_alive_s)):
             raise ValueError("--header-timeout-s and --keep-alive-s must be in (0, 600]")
+        if not 0 < self.send_timeout_s <= 3600:
+            raise ValueError("the send timeout must be in (0, 3600] seconds")
 
 
 def client_key(client: tuple[str, int] | None) -> str:
@@ -109,6 +114,7 @@ class ConnectionGuard:
         self.idle_by_client: dict[str, OrderedDict[GuardedProtocol, None]] = {}
         # Closed by the guard: to make room, at accept, headers too slow; answered early.
         self.evicted = self.refused = self.header_timeouts = self.drained = 0
+        self.slow_readers = 0  # closed: an answer not read within send_timeout_s
 
     def admit(self, conn: GuardedProtocol) -> bool:
         key, cap = conn.client_key, self.limits.per_client
@@ -207,6 +213,7 @@ class GuardedProtocol(H11Protocol):
         self._raw: asyncio.Transport | None = None
         self._header_timer: asyncio.TimerHandle | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
         self._linger_left = LINGER_BYTES
         self._partial = False  # bytes of the next request arrived
         self.app = self._closing_early(self.app)
@@ -304,11 +311,30 @@ class GuardedProtocol(H11Protocol):
             self.guard.header_timeouts += 1
         self._raw.close()
 
+    def pause_writing(self) -> None:
+        """The client is not reading its answer: it gets send_timeout_s to catch up."""
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(
+                self.guard.limits.send_timeout_s, self._reader_too_slow
+            )
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _reader_too_slow(self) -> None:
+        self._send_timer = None
+        self.guard.slow_readers += 1
+        self._raw.abort()  # drops the unsent answer; the handler's send returns
+
     def _cancel_timers(self) -> None:
-        for timer in (self._header_timer, self._linger_timer):
+        for timer in (self._header_timer, self._linger_timer, self._send_timer):
             if timer is not None:
                 timer.cancel()
-        self._header_timer = self._linger_timer = None
+        self._header_timer = self._linger_timer = self._send_timer = None
         self._unset_keepalive_if_required()
 
     # -- lingering close
