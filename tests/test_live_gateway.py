@@ -326,6 +326,29 @@ def test_the_key_is_required_and_a_refusal_reaches_the_client(gateway, connect, 
         assert "key" in reason.lower() and not rest
 
 
+def test_a_key_in_the_query_never_reaches_the_log(tiny_server, tmp_path):
+    """`?key=` (browsers) is taken out of the request before uvicorn logs the upgrade."""
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    gateway = GatewayProcess(
+        tiny_server.config.grpc_url, "--api-key-file", str(key_file), "--log-level", "info"
+    )
+    with gateway.start(ready=True):
+        url = gateway.url.replace("http://", "ws://") + LIVE_PATH + f"?key={KEY}&x=1"
+
+        async def run():
+            async with websockets.connect(url) as ws:
+                await ws.send(start())
+                return json.loads(await ws.recv())
+
+        answer = asyncio.run(run())
+        time.sleep(0.5)
+        log = gateway.log_path.read_text(errors="replace")
+    assert answer["type"] == "started"
+    assert "/v1/live?x=1" in log and "[accepted]" in log, log[-2000:]
+    assert KEY not in log
+
+
 def test_subscriptions_need_the_key_in_a_header(gateway):
     path = gateway.url + CALL_EVENTS_PATH.format(call_id="c1")
     assert http_status(path) == 401
