@@ -223,10 +223,13 @@ def local_triton(
     from e2v.serve import ServerConfig, TritonServer
 
     config = ServerConfig.on_free_ports(repo, instances=instances, threads=threads)
-    with TritonServer(config):
+    with TritonServer(config) as server:
         url = config.grpc_url if protocol == "grpc" else config.http_url
         label = f"triton-{protocol}" + (f"-{instances}x{threads}" if instances else "")
-        yield triton_target(label, protocol, url, config.http_url)
+        target = triton_target(label, protocol, url, config.http_url)
+        target.settings["grpc_url"] = config.grpc_url
+        target.settings["shm_prefix"] = server.shm_prefix  # finds its stubs (memory phase)
+        yield target
 
 
 @contextmanager

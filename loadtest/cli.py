@@ -161,6 +161,7 @@ class Plan:
     def __init__(self, args: argparse.Namespace, configs: list[tuple[int, int]], ramp):
         self.args, self.configs, self.ramp = args, configs, ramp
         self.config_of: dict[str, tuple[int | None, int | None]] = {}  # run label -> setting
+        self.baseline_in_process: dict | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
@@ -222,6 +223,7 @@ class Plan:
                 report.served = self.fixed_run(max(runs, key=lambda r: r.summary.audio_s_per_s))
                 report.baseline = self.baseline_run()
                 report.baseline_in_process = self.baseline_in_process
+                report.memory = self.memory_run(report.served)
                 report.ort = self.ort_runs(report.served)
             return write_report(report, report_dir)
 
@@ -319,6 +321,22 @@ class Plan:
             )
         log_result(run)
         return run
+
+    def memory_run(self, served) -> dict | None:
+        """The served model's memory around a maximum-size batch, on a fresh local server
+        in the served run's setting (a remote --url server's processes are not visible)."""
+        from loadtest.memory import max_batch_memory
+
+        if self.args.url:
+            return None
+        with self.server(*self.config_of[served.target.label]) as target:
+            log("memory: the model's stubs around a maximum-size batch")
+            memory = max_batch_memory(target.settings["grpc_url"], target.settings["shm_prefix"])
+        log(
+            f"  steady {memory['steady_mib']} MiB, peak {memory['peak_mib']} MiB, after "
+            f"{memory['after_mib']} MiB"
+        )
+        return memory
 
     def baseline_run(self):
         from loadtest.baseline_server import measure_in_process, resolve_model_dir

@@ -36,6 +36,7 @@ class Report:
     served: RunResult | None = None  # fixed-concurrency run compared with the others
     baseline: RunResult | None = None
     baseline_in_process: dict | None = None  # FunASR alone in this process, same threads
+    memory: dict | None = None  # the served model's stubs around a maximum-size batch
     ort: list[dict] = field(default_factory=list)
     price_per_hour: float | None = None
     gateway: list[dict] = field(default_factory=list)  # direct classify vs gateway, per config
@@ -57,6 +58,7 @@ def write_report(report: Report, directory: Path) -> Path:
         *_results(report),
         *_ramps(report),
         *_comparison(report),
+        *_memory(report),
         *_gateway(report),
         *_server_breakdown(report),
         "## Figures",
@@ -271,6 +273,24 @@ def _comparison(report: Report) -> list[str]:
     return lines + [""]
 
 
+def _memory(report: Report) -> list[str]:
+    m = report.memory
+    if not m:
+        return []
+    verdict = "back at its steady level" if m["returned"] else "NOT back at its steady level"
+    return [
+        "## Memory around a maximum-size batch",
+        "",
+        f"Resident anonymous memory of the served model's Python-backend stubs, after the "
+        f"fixed-concurrency run ({m['requests']}; peak sampled every 5 ms, a lower bound):",
+        "",
+        "| steady | peak | after | |",
+        "| --- | --- | --- | --- |",
+        f"| {m['steady_mib']} MiB | {m['peak_mib']} MiB | {m['after_mib']} MiB | {verdict} |",
+        "",
+    ]
+
+
 def _gateway(report: Report) -> list[str]:
     if not report.gateway:
         return []
@@ -404,6 +424,7 @@ def _summary_json(report: Report) -> dict:
         "served": report.served.target.label if report.served else None,
         "baseline": report.baseline.as_dict() if report.baseline else None,
         "baseline_in_process": report.baseline_in_process,
+        "memory": report.memory,
         "ort_alone": report.ort,
         "ratios": {k: round(v, 3) for k, v in comparison_ratios(report).items()},
         "price_per_hour": report.price_per_hour,

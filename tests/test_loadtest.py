@@ -268,6 +268,9 @@ def test_http_local_server_with_baseline_and_ort_comparison(tiny_cpu_repo, smoke
     cores = os.cpu_count()
     assert baseline["settings"]["torch_threads_running"] == cores
     assert summary["baseline_in_process"]["torch_threads"] == cores
+    memory = summary["memory"]  # the stub around a maximum batch (docs/deploy.md's sizing)
+    assert memory["returned"] and memory["peak_mib"] > memory["steady_mib"] > 0, memory
+    assert memory["after_mib"] <= memory["steady_mib"] + 16, memory
     assert (report / "comparison.png").exists()
     assert "Served vs baseline" in (report / "README.md").read_text()
 
