@@ -23,8 +23,9 @@ import numpy as np
 from client.audio import AudioError, AudioSource, stream_audio
 from client.inputs import open_input
 from client.names import display_name, one_line
+from client.parties import split_result
 from client.results import FileResult, aggregate, restrict_scores, segment_result
-from client.segment import Segment, SegmentMode, segment_stream
+from client.segment import Segment, SegmentCutter, SegmentMode, segment_stream
 from client.triton import (
     InferenceError,
     ServerError,
@@ -50,6 +51,10 @@ class JobOptions:
     workers: int = 0  # decoding threads in each process; 0: one per core, at least 2
     processes: int = 1  # worker processes (--workers): >1 spreads files over processes
     labels: tuple[str, ...] | None = None  # --labels: scores renormalised over these
+    # --channels split: one party per channel, named in order (None: channels mixed)
+    parties: tuple[str, ...] | None = None
+    # split: --alert thresholds per party (None: `thresholds` for every party)
+    party_thresholds: dict[str, dict[str, float]] | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -62,6 +67,8 @@ class JobOptions:
             raise ValueError(f"retries must be >= 0, not {self.retries}")
         if not 0 < self.max_duration_s < float("inf"):
             raise ValueError(f"max duration must be a positive number of seconds, not {self}")
+        if self.parties is not None and not self.parties:
+            raise ValueError("--channels split needs at least one party name")
 
 
 @dataclass
@@ -167,11 +174,13 @@ async def classify_source(
         )
 
     try:
-        segments, samples = await _predict_stream(
+        found, producer = await _predict_stream(
             source, client, requests, options, decoders, times or StageTimes()
         )
     except ServerUnavailable:
         raise
+    except ChannelsError as exc:
+        return error("channels", str(exc))
     except AudioError as exc:
         return error(exc.kind, str(exc))
     except InferenceError as exc:
@@ -182,31 +191,46 @@ async def classify_source(
         return error("internal", "out of memory while processing this file")
     except Exception as exc:  # noqa: BLE001 - one file's failure must not stop the job
         return error("internal", f"unexpected {type(exc).__name__}: {exc}")
-    results = [segment_result(s, p, info) for s, p in segments]
+    results = [(channel, segment_result(s, p, info)) for channel, s, p in found]
     if options.labels:
-        for result in results:
+        for _, result in results:
             result.scores = restrict_scores(result.scores, options.labels)
-    return aggregate(label, samples / SAMPLE_RATE, results, info, options.thresholds or {})
+    duration_s = producer.samples / SAMPLE_RATE
+    if options.parties is None:
+        segments = [result for _, result in results]
+        return aggregate(label, duration_s, segments, info, options.thresholds or {})
+    return _split(label, duration_s, results, producer.channels, info, options)
+
+
+def _split(label, duration_s, results, channels: int, info, options: JobOptions) -> FileResult:
+    """Channel i is party i: its segments alone, its own alert thresholds."""
+    names = options.parties[:channels]
+    thresholds = options.party_thresholds
+    if thresholds is None:
+        thresholds = {name: options.thresholds or {} for name in names}
+    by_channel = [(name, [r for c, r in results if c == i]) for i, name in enumerate(names)]
+    return split_result(label, duration_s, by_channel, info, thresholds)
 
 
 async def _predict_stream(source, client, requests, options, decoders, times):
-    """[(segment, prediction)] and the number of samples, requests sent while decoding."""
+    """[(channel, segment, prediction)] and the producer (samples, channels), requests
+    sent while decoding."""
     tasks: list[asyncio.Task] = []
-    segments: list[Segment] = []
+    segments: list[tuple[int, Segment]] = []
     producer = _SegmentProducer(source, options, client.info.max_samples, times)
     try:
-        async for segment, samples in producer.run(decoders):
+        async for channel, segment, samples in producer.run(decoders):
             if len(samples) < MIN_SAMPLES:
                 continue
             await requests.acquire()
-            segments.append(segment)
+            segments.append((channel, segment))
             tasks.append(asyncio.create_task(_predict(client, samples, requests, times)))
         predictions = await asyncio.gather(*tasks)
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    return list(zip(segments, predictions)), producer.samples
+    return [(c, s, p) for (c, s), p in zip(segments, predictions)], producer
 
 
 async def _predict(client: TritonEmotionClient, samples: np.ndarray, requests, times):
@@ -218,12 +242,18 @@ async def _predict(client: TritonEmotionClient, samples: np.ndarray, requests, t
         times.inference_s.append(time.perf_counter() - start)
 
 
+class ChannelsError(ValueError):
+    """A `--channels split` file with more channels than party names."""
+
+
 class _Stopped(Exception):
     """The consumer went away: the decoding thread stops at its next step."""
 
 
 class _SegmentProducer:
-    """Decodes and segments one source in a worker thread, feeding a bounded queue."""
+    """Decodes and segments one source in a worker thread, feeding a bounded queue with
+    (channel, segment, samples): channel 0 of the mix, or each channel on its own
+    (`options.parties`: one decode, one resampler, VAD and cutter per channel)."""
 
     def __init__(
         self, source: AudioSource, options: JobOptions, max_samples: int, times: StageTimes
@@ -232,10 +262,12 @@ class _SegmentProducer:
         self.mode = options.segment or SegmentMode("vad")
         self.max_segment_s = max_samples / SAMPLE_RATE
         self.max_duration_s = options.max_duration_s
-        self.samples = 0
+        self.parties = options.parties
+        self.samples = 0  # per channel
+        self.channels = 0
         self._stop = threading.Event()
 
-    async def run(self, decoders) -> AsyncIterator[tuple[Segment, np.ndarray]]:
+    async def run(self, decoders) -> AsyncIterator[tuple[int, Segment, np.ndarray]]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue(SEGMENTS_AHEAD)
         thread = loop.run_in_executor(decoders, self._produce, loop, queue)
@@ -255,7 +287,7 @@ class _SegmentProducer:
             await asyncio.gather(thread, return_exceptions=True)
 
     def _produce(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
-        segments = segment_stream(self._chunks(), self.mode, self.max_segment_s, self._count)
+        segments = self._mixed() if self.parties is None else self._split()
         try:
             while (item := self._timed_next(segments)) is not None:
                 self._put(loop, queue, ("segment", item))
@@ -268,7 +300,38 @@ class _SegmentProducer:
             except _Stopped:
                 return
 
-    def _timed_next(self, segments: Iterator) -> tuple[Segment, np.ndarray] | None:
+    def _mixed(self) -> Iterator[tuple[int, Segment, np.ndarray]]:
+        self.channels = 1
+        for segment, samples in segment_stream(
+            self._chunks(), self.mode, self.max_segment_s, self._count
+        ):
+            yield 0, segment, samples
+
+    def _split(self) -> Iterator[tuple[int, Segment, np.ndarray]]:
+        """`segment_stream` per channel, fed from one decode of (channels, n) chunks."""
+        cutters: list[SegmentCutter] = []
+        for chunk in self._chunks(mix=False):
+            if not cutters:
+                self._check_channels(len(chunk))
+                cutters = [SegmentCutter(self.mode, self.max_segment_s) for _ in chunk]
+            self._count(chunk.shape[-1])
+            for channel, (cutter, row) in enumerate(zip(cutters, chunk)):
+                for segment, samples in cutter.push(row):
+                    yield channel, segment, samples
+        for channel, cutter in enumerate(cutters):
+            for segment, samples in cutter.finish():
+                yield channel, segment, samples
+
+    def _check_channels(self, channels: int) -> None:
+        if channels > len(self.parties):
+            names = ",".join(self.parties)
+            raise ChannelsError(
+                f"{channels} channels but {len(self.parties)} party name(s) ({names}): "
+                f"give --parties one name per channel"
+            )
+        self.channels = channels
+
+    def _timed_next(self, segments: Iterator) -> tuple[int, Segment, np.ndarray] | None:
         """The next segment or None; the time taken, less decoding, counts as VAD."""
         decoded, start = self.times.decode_s, time.perf_counter()
         try:
@@ -276,11 +339,11 @@ class _SegmentProducer:
         finally:
             self.times.vad_s += time.perf_counter() - start - (self.times.decode_s - decoded)
 
-    def _chunks(self) -> Iterator[np.ndarray]:
+    def _chunks(self, mix: bool = True) -> Iterator[np.ndarray]:
         named = isinstance(self.source, (str, Path))
         source = open_input(str(self.source)) if named else self.source
         name = display_name(str(self.source)) if named else None
-        chunks = stream_audio(source, max_duration_s=self.max_duration_s, name=name)
+        chunks = stream_audio(source, max_duration_s=self.max_duration_s, name=name, mix=mix)
         try:
             while True:
                 start = time.perf_counter()
@@ -312,6 +375,7 @@ class _SegmentProducer:
 
 
 __all__ = [
+    "ChannelsError",
     "JobOptions",
     "ServerUnavailable",
     "StageTimes",

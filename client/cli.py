@@ -6,6 +6,9 @@ files or URIs; a DEST ending in "/" gets the shard's part (part-00007-of-00016.j
 --webhook URL posts each file that crossed --alert as it finishes, signed with the
 --webhook-secret-file secret (docs/live.md, "Alerts and webhooks"); a slow or failing
 receiver never changes the exit status and delays the exit by at most 10 s.
+--channels split (or --parties customer,agent) analyses each channel of a call as its
+own party: JSON gets a `parties` list and `conversation` figures, CSV / Parquet one row
+per (file, party); --alert customer:angry=0.7 watches one party, angry=0.7 every party.
 
 Exit status (bit flags, so pipelines can test each): 0 all good; 2 bad arguments, no
 input or an output that cannot be written or resumed; 3 server unreachable (job
@@ -20,9 +23,11 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from itertools import chain
 from pathlib import Path
 
+from client.parties import add_arguments as add_party_arguments
 from e2v.contract import GRPC_PORT, MAX_DURATION_S, MODEL_NAME
 
 EXIT_INTERNAL, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_FILE_ERRORS, EXIT_ALERT = 1, 2, 3, 4, 8
@@ -58,7 +63,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=500,
         help="rows per committed chunk of a URI or Parquet output (also every 30 s)",
     )
-    parser.add_argument("--alert", metavar="LABEL=P,...", help="e.g. angry=0.7,sad=0.8")
+    parser.add_argument(
+        "--alert",
+        metavar="[PARTY:]LABEL=P,...",
+        help="e.g. angry=0.7,sad=0.8; with --channels split, customer:angry=0.7 is one "
+        "party's (a bare LABEL=P is every party's)",
+    )
+    add_party_arguments(parser)
     parser.add_argument(
         "--webhook",
         metavar="URL",
@@ -108,18 +119,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_classify(args: argparse.Namespace) -> int:
     from client.classify import JobOptions
     from client.inputs import Shard, parse_shard
+    from client.parties import from_arguments
     from client.results import parse_alerts
     from client.segment import parse_segment_mode
     from client.webhooks import webhook_options
 
     try:
+        parties = from_arguments(args)
+        if parties is None and ":" in (args.alert or ""):
+            raise ValueError(f"--alert {args.alert}: PARTY:LABEL=P needs --channels split")
         options = JobOptions(
             url=args.url,
             protocol=args.protocol,
             model=args.model,
             segment=parse_segment_mode(args.segment),
             concurrency=args.concurrency,
-            thresholds=parse_alerts(args.alert),
+            thresholds=parse_alerts(args.alert) if parties is None else None,
+            parties=parties,
             retries=args.retries,
             max_duration_s=args.max_duration_s,
             processes=args.workers,
@@ -164,6 +180,7 @@ async def _run(args, options, shard, outputs, webhook=None) -> int:
     from client.classify import classify_files
     from client.inputs import InputError
     from client.output import EmbeddingWriter, OutputError, ResultWriter, previous_results
+    from client.parties import party_thresholds
     from client.results import by_vote, resolve_alerts, resolve_labels, short_label
     from client.triton import ServerUnavailable, TritonEmotionClient
     from client.webhooks import file_alert
@@ -185,8 +202,12 @@ async def _run(args, options, shard, outputs, webhook=None) -> int:
         labels = [short_label(label) for label in model_labels if not label.startswith("unuse")]
         thresholds = resolve_alerts(options.thresholds or {}, model_labels)
         options = _with_thresholds(options, thresholds, keep)
+        split = options.parties is not None
+        if split:
+            per_party = party_thresholds(args.alert, options.parties, model_labels)
+            options = replace(options, party_thresholds=per_party)
         if args.resume:
-            done = previous_results(outputs, labels=labels)
+            done = previous_results(outputs, labels=labels, split=split)
         writer = ResultWriter(
             labels,
             outputs,
@@ -194,9 +215,12 @@ async def _run(args, options, shard, outputs, webhook=None) -> int:
             table=not args.json,
             append=args.resume,
             chunk_rows=args.chunk_rows,
+            split=split,
         )
         if args.embeddings:
-            embeddings = EmbeddingWriter(args.embeddings, info.embed_dim, resume=args.resume)
+            embeddings = EmbeddingWriter(
+                args.embeddings, info.embed_dim, resume=args.resume, split=split
+            )
             if args.resume:
                 embeddings.drop_incomplete_last(done)
     except (ValueError, OutputError, InputError) as exc:
@@ -224,7 +248,7 @@ async def _run(args, options, shard, outputs, webhook=None) -> int:
             status["errors"] += not result.ok
             status["alerts"] += bool(result.alerts)
             if sender and result.ok and result.alerts:
-                sender.post(file_alert(result.to_json()))
+                sender.post(file_alert(_without_segments(result.to_json())))
         if embeddings:
             embeddings.add(result)
         if progress:
@@ -334,9 +358,14 @@ async def _stop_webhooks(sender) -> None:
 
 
 def _with_thresholds(options, thresholds, labels=None):
-    from dataclasses import replace
-
     return replace(options, thresholds=thresholds, labels=labels)
+
+
+def _without_segments(row: dict) -> dict:
+    """A split row's parties without their segments (file_alert drops the file's)."""
+    if "parties" in row:
+        row["parties"] = [{k: v for k, v in p.items() if k != "segments"} for p in row["parties"]]
+    return row
 
 
 def _progress(disabled: bool):

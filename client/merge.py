@@ -2,8 +2,9 @@
 
 Parts are `part-KKKKK-of-NNNNN.<fmt>` files (local, appended) and their chunks
 `part-KKKKK-of-NNNNN-CCCCC.<fmt>` (object storage, Parquet). A file classified twice (a
-server-side error retried by --resume) keeps its last row. The summary counts files,
-failures by kind and hours of audio.
+server-side error retried by --resume) keeps its last row, or its last group of party
+rows (`--channels split`: one row per party). The summary counts files, failures by
+kind and hours of audio.
 """
 
 from __future__ import annotations
@@ -70,11 +71,16 @@ def list_parts(fs, folder: str) -> list[tuple[tuple[int, int, int], str, str]]:
 
 
 def latest_rows(fs, parts) -> list[dict]:
-    """The last row of each file across the parts (dict order: first appearance)."""
-    rows: dict[str, dict] = {}
+    """The last row of each file across the parts (dict order: first appearance); for a
+    split file the last group of its party rows (a party seen again starts a new group)."""
+    rows: dict[str, dict[str | None, dict]] = {}
     for row in _all_rows(fs, parts):
-        rows[row["file"]] = row
-    return list(rows.values())
+        party = row.get("party") or None
+        group = rows.get(row["file"])
+        if group is None or party is None or None in group or party in group:
+            group = rows[row["file"]] = {}
+        group[party] = row
+    return [row for group in rows.values() for row in group.values()]
 
 
 def _all_rows(fs, parts) -> Iterator[dict]:
@@ -102,13 +108,14 @@ def _local(path: str):
 
 def summary(rows: list[dict], parts) -> dict:
     """Files, failures by kind, audio hours and which shards are present."""
-    failures = Counter(row.get("error_kind") for row in rows if row.get("error_kind"))
-    seconds = sum(float(row.get("duration_s") or 0) for row in rows)
+    files = {row["file"]: row for row in rows}  # a split file's party rows count once
+    failures = Counter(row.get("error_kind") for row in files.values() if row.get("error_kind"))
+    seconds = sum(float(row.get("duration_s") or 0) for row in files.values())
     shards = sorted({key[0] for key, _, _ in parts})
     count = parts[0][0][1] if parts else 0
     return {
-        "files": len(rows),
-        "ok": len(rows) - sum(failures.values()),
+        "files": len(files),
+        "ok": len(files) - sum(failures.values()),
         "failures": dict(sorted(failures.items())),
         "audio_hours": round(seconds / 3600, 4),
         "shards_present": f"{len(shards)} of {count}",

@@ -6,6 +6,12 @@ back: a line cut short by a crash is dropped (the file is redone), a file that i
 ours (another header, not UTF-8, a directory) is refused before any inference, and
 files whose last row is a server-side error are tried again.
 
+With `--channels split` a CSV / Parquet output has one row per (file, party), all of a
+file's rows written together (one `write()`, one chunk), each saying how many `parties`
+the file has: `--resume` counts a file done only when all its rows are there, and cuts
+off an incomplete last group (a crash mid-write) so that redoing the file duplicates
+nothing.
+
 Embeddings go to an append-only journal (`FILE.part` + `FILE.index.csv`) while the job
 runs and become `FILE.npy` / `FILE.parquet` when it ends; a resumed job continues the
 journal, so killed jobs lose no embedding and write none twice.
@@ -18,7 +24,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -43,7 +49,12 @@ CSV_FIXED = [
     "model",
     "synthetic",
 ]
+# --channels split: after `file`, which party and channel; after `segments`, the party's
+# speech and the call's conversation figures, and the number of party rows of the file.
+CSV_PARTY = ["party", "channel"]
+CSV_CONVERSATION = ["speech_s", "overlap_s", "silence_s", "longest_silence_s", "parties"]
 INDEX_HEADER = ["row", "file", "start_s", "end_s"]
+INDEX_HEADER_SPLIT = ["row", "file", "party", "start_s", "end_s"]
 # Rows whose error is the server's or ours, not the file's: --resume tries these again.
 RETRY_ON_RESUME = {"server", "internal", "storage"}
 
@@ -77,20 +88,30 @@ class Output:
         return self.fmt == "parquet" or is_uri(self.dest)
 
 
-def previous_results(outputs: list[Output], labels: list[str] | None = None) -> dict[str, Finished]:
-    """The last row per file in existing outputs (for --resume).
+def previous_results(
+    outputs: list[Output], labels: list[str] | None = None, split: bool = False
+) -> dict[str, Finished]:
+    """The last row per file in existing outputs (for --resume); with `split`, a file
+    whose party rows are not all there is left out (it is redone).
 
-    Repairs a local tail cut by a crash (drops the partial line, says so on stderr) and
-    raises OutputError for an output that is not one of ours.
+    Repairs a local tail cut by a crash (drops the partial line, or an incomplete last
+    group of party rows, says so on stderr) and raises OutputError for an output that is
+    not one of ours.
     """
     found: dict[str, Finished] = {}
     for output in outputs:
-        for file, finished in _previous_rows(output, labels):
+        rows = _previous_rows(output, labels, split)
+        if split and output.fmt != "jsonl":
+            rows = _complete(rows)
+        for file, finished, *_ in rows:
             found[file] = finished
     return found
 
 
-def _previous_rows(output: Output, labels: list[str] | None) -> Iterator[tuple[str, Finished]]:
+def _previous_rows(
+    output: Output, labels: list[str] | None, split: bool
+) -> Iterator[tuple[str, Finished, str | None, int]]:
+    """(file, finished, party, parties) per row, in order."""
     if output.chunked:
         try:
             for row in read_rows(output.dest, output.fmt):
@@ -105,17 +126,74 @@ def _previous_rows(output: Output, labels: list[str] | None) -> Iterator[tuple[s
     dropped = repair_tail(path)
     if dropped:
         stderr(f"resume: dropped an incomplete last line ({dropped} bytes) in {path}")
-    yield from _read_csv(path, labels) if output.fmt == "csv" else _read_jsonl(path)
+    if output.fmt == "csv":
+        if split:
+            _repair_last_group(path)
+        yield from _read_csv(path, labels, split)
+    else:
+        yield from _read_jsonl(path)
 
 
-def _finished_from_row(row: dict, output: Output) -> tuple[str, Finished]:
+def _finished_from_row(row: dict, output: Output) -> tuple[str, Finished, str | None, int]:
     kind = row.get("error_kind") or None
     if output.fmt == "jsonl":
-        return row["file"], Finished(kind, 0 if kind else len(row.get("segments") or []))
+        return row["file"], Finished(kind, 0 if kind else _json_segments(row)), None, 1
     segments = row.get("segments")
     count = int(segments) if str(segments or "").isdigit() else 0
     file = row["file"]
-    return (csv_unsafe(file) if output.fmt == "csv" else file), Finished(kind, count)
+    file = csv_unsafe(file) if output.fmt == "csv" else file
+    return file, Finished(kind, count), row.get("party") or None, _parties(row)
+
+
+def _json_segments(row: dict) -> int:
+    """Segments of a JSON row, every party's for a split one."""
+    parties = row.get("parties")
+    if isinstance(parties, list):
+        return sum(len(p.get("segments") or []) for p in parties if isinstance(p, dict))
+    return len(row.get("segments") or [])
+
+
+def _parties(row: dict) -> int:
+    """How many party rows a split file has (an error row stands alone)."""
+    value = str(row.get("parties") if row.get("parties") is not None else "")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+def _complete(rows: Iterable[tuple[str, Finished, str | None, int]]) -> Iterator[tuple]:
+    """(file, finished) for each file whose party rows are all there, consecutively (its
+    segments summed); a file retried later replaces what came before."""
+    group: list = []
+
+    def done() -> Iterator[tuple[str, Finished]]:
+        if group and len({party for _, _, party, _ in group}) == group[0][3]:
+            segments = sum(f.segments for _, f, _, _ in group)
+            yield group[0][0], Finished(group[-1][1].error_kind, segments)
+
+    for row in rows:
+        file, _, party, _ = row
+        if group and (file != group[0][0] or any(p == party for _, _, p, _ in group)):
+            yield from done()
+            group = []
+        group.append(row)
+    yield from done()
+
+
+def _repair_last_group(path: Path) -> None:
+    """Cut off the last file's party rows when fewer than its `parties` (a crash between
+    two lines of one write): that file is redone, and its rows must not stay twice."""
+    tail: list[tuple] = []
+    for row in _read_csv(path, None, True, offsets=True):
+        file, _, party, _, _ = row
+        if tail and (file != tail[0][0] or party is None or any(r[2] == party for r in tail)):
+            tail = []
+        tail.append(row)
+    if not tail or tail[0][2] is None or len(tail) >= tail[0][3]:
+        return
+    start, size = tail[0][4], path.stat().st_size
+    os.truncate(path, start)
+    stderr(
+        f"resume: dropped {len(tail)} row(s) of an unfinished file ({size - start} bytes) in {path}"
+    )
 
 
 def repair_tail(path: Path) -> int:
@@ -144,16 +222,21 @@ def _read_text_lines(path: Path) -> Iterator[str]:
         raise OutputError(f"{path} is not UTF-8: not written by e2v classify") from None
 
 
-def _read_csv(path: Path, labels: list[str] | None) -> Iterator[tuple[str, Finished]]:
-    reader = csv.reader(_read_text_lines(path))
+def _read_csv(
+    path: Path, labels: list[str] | None, split: bool = False, offsets: bool = False
+) -> Iterator[tuple]:
+    """(file, finished, party, parties) per row; with `offsets`, also where it starts."""
+    lines = _OffsetLines(path)
+    reader = csv.reader(line for line, _ in lines)
     header = next(reader, None)
     if header is None:
         return
-    expected = csv_fields(labels) if labels is not None else None
+    expected = csv_fields(labels, split) if labels is not None else None
     if (expected and header != expected) or header[:1] != ["file"]:
+        hint = " or of another --channels mode" if expected else ""
         raise OutputError(
             f"{path} has another header ({','.join(header[:6])}...): not results of this "
-            f"model; write to a new file instead of --resume"
+            f"model{hint}; write to a new file instead of --resume"
         )
     for values in reader:
         row = dict(zip(header, values))
@@ -161,10 +244,27 @@ def _read_csv(path: Path, labels: list[str] | None) -> Iterator[tuple[str, Finis
             raise OutputError(f"{path}: malformed row {reader.line_num}; not written by e2v")
         kind = row.get("error_kind") or None
         segments = int(row["segments"]) if row.get("segments", "").isdigit() else 0
-        yield csv_unsafe(row["file"]), Finished(kind, segments)
+        found = (csv_unsafe(row["file"]), Finished(kind, segments))
+        found += (row.get("party") or None, _parties(row))
+        yield found + (lines.start,) if offsets else found
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Finished]]:
+class _OffsetLines:
+    """The text lines of a file, remembering the byte offset of the row being read (a
+    CSV row is one line: e2v writes no newline inside a cell)."""
+
+    def __init__(self, path: Path):
+        self.path, self.start = path, 0
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        position = 0
+        for line in _read_text_lines(self.path):
+            self.start = position
+            position += len(line.encode("utf-8"))
+            yield line, self.start
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Finished, None, int]]:
     for number, line in enumerate(_read_text_lines(path), 1):
         if not line.strip():
             continue
@@ -174,11 +274,15 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Finished]]:
         except (ValueError, KeyError, TypeError):
             raise OutputError(f"{path}: line {number} is not a result of e2v classify") from None
         kind = row.get("error_kind")
-        yield file, Finished(kind, 0 if kind else len(row.get("segments") or []))
+        yield file, Finished(kind, 0 if kind else _json_segments(row)), None, 1
 
 
-def csv_fields(labels: list[str]) -> list[str]:
-    return CSV_FIXED[:4] + [f"score_{label}" for label in labels] + CSV_FIXED[4:]
+def csv_fields(labels: list[str], split: bool = False) -> list[str]:
+    scores = [f"score_{label}" for label in labels]
+    if not split:
+        return CSV_FIXED[:4] + scores + CSV_FIXED[4:]
+    head, tail = CSV_FIXED[1:4], CSV_FIXED[4:6]
+    return ["file", *CSV_PARTY, *head, *scores, *tail, *CSV_CONVERSATION, *CSV_FIXED[6:]]
 
 
 class LineFile:
@@ -233,8 +337,10 @@ class ResultWriter:
         table: bool = False,
         append: bool = False,
         chunk_rows: int = CHUNK_ROWS,
+        split: bool = False,
     ):
         self.labels = labels
+        self.split = split  # --channels split: one CSV / Parquet row per (file, party)
         self.chunk_rows = chunk_rows
         self.json_stream = json_stream
         self.table = table
@@ -259,7 +365,7 @@ class ResultWriter:
         return sink
 
     def csv_fields(self) -> list[str]:
-        return csv_fields(self.labels)
+        return csv_fields(self.labels, self.split)
 
     def write(self, result: FileResult) -> None:
         self.results += 1
@@ -268,19 +374,46 @@ class ResultWriter:
         if self.json_stream is not None:
             print(line, file=self.json_stream, flush=True)
         for output, sink in self._sinks:
-            if isinstance(sink, ChunkWriter):
-                row = data if output.fmt == "jsonl" else self._table_dict(result, output.fmt)
-                sink.write(row)
+            if isinstance(sink, ChunkWriter):  # a file's rows always in one chunk
+                rows = [data] if output.fmt == "jsonl" else self._table_rows(result, output.fmt)
+                sink.write_rows(rows)
             elif output.fmt == "jsonl":
                 sink.write(line + "\n")
-            else:
-                row = self._table_dict(result, "csv")
-                sink.write(_csv_line([row[field] for field in self.csv_fields()]))
+            else:  # all of a file's rows in one write()
+                rows = self._table_rows(result, "csv")
+                fields = self.csv_fields()
+                sink.write("".join(_csv_line([row[f] for f in fields]) for row in rows))
         if self.table:
-            print(_table_row(result), flush=True)
+            for row in _table_lines(result):
+                print(row, flush=True)
+
+    def _table_rows(self, result: FileResult, fmt: str) -> list[dict]:
+        """The CSV columns of a file's rows: one per party with --channels split."""
+        if not self.split:
+            return [self._table_dict(result, fmt)]
+        if not result.ok or result.parties is None:
+            typed = self._typed(result) | dict.fromkeys(CSV_PARTY + CSV_CONVERSATION)
+            return [self._formatted(typed, fmt)]
+        talk = result.conversation or {}
+        rows = []
+        for party in result.parties:
+            typed = self._typed(party.result) | {
+                "party": party.party,
+                "channel": party.channel,
+                "speech_s": talk.get("speech_s", {}).get(party.party),
+                "overlap_s": talk.get("overlap_s"),
+                "silence_s": talk.get("silence_s"),
+                "longest_silence_s": talk.get("longest_silence_s"),
+                "parties": len(result.parties),
+            }
+            rows.append(self._formatted(typed, fmt))
+        return rows
 
     def _table_dict(self, result: FileResult, fmt: str) -> dict:
         """The CSV columns: text for CSV (formulas neutralised), typed for Parquet."""
+        return self._formatted(self._typed(result), fmt)
+
+    def _typed(self, result: FileResult) -> dict:
         typed = {
             "file": result.file,
             "duration_s": result.duration_s,
@@ -295,6 +428,9 @@ class ResultWriter:
             "synthetic": result.synthetic,
         }
         typed |= {f"score_{label}": result.scores.get(label) for label in self.labels}
+        return typed
+
+    def _formatted(self, typed: dict, fmt: str) -> dict:
         if fmt == "parquet":
             return typed
         row = {}
@@ -314,8 +450,16 @@ class ResultWriter:
             sink.close()
 
 
-def _table_row(result: FileResult) -> str:
-    name = result.file if len(result.file) <= 48 else "..." + result.file[-45:]
+def _table_lines(result: FileResult) -> list[str]:
+    """The terminal table: one line per file, or per party of a split file."""
+    if not result.ok or result.parties is None:
+        return [_table_row(result)]
+    return [_table_row(p.result, f"{result.file} [{p.party}]") for p in result.parties]
+
+
+def _table_row(result: FileResult, name: str | None = None) -> str:
+    name = name or result.file
+    name = name if len(name) <= 48 else "..." + name[-45:]
     if not result.ok:
         return f"{name:<48} {'':>7} {'ERROR':<12} {'':>6}  {result.error}"
     note = "no speech" if result.no_speech else f"{len(result.segments)} segment(s)"
@@ -336,15 +480,17 @@ class EmbeddingWriter:
     """Segment embeddings: a journal while the job runs, `.npy` or `.parquet` at the end.
 
     The journal is `FILE.part` (float32 rows) plus `FILE.index.csv` (row, file, start_s,
-    end_s). A file's vectors are written before its index lines, and its index lines in
-    one write, so after a crash the index says exactly which files are complete.
+    end_s; with --channels split: row, file, party, start_s, end_s). A file's vectors are
+    written before its index lines, and its index lines in one write, so after a crash
+    the index says exactly which files are complete.
     """
 
-    def __init__(self, path: Path, dim: int, resume: bool = False):
+    def __init__(self, path: Path, dim: int, resume: bool = False, split: bool = False):
         if path.suffix not in (".npy", ".parquet"):
             raise OutputError(f"--embeddings must end in .npy or .parquet, not {path.name}")
         _check_writable_file(path)
         self.path, self.dim = path, dim
+        self.header = INDEX_HEADER_SPLIT if split else INDEX_HEADER
         self.part = path.with_name(path.name + ".part")
         self.index_path = path.with_suffix(".index.csv")
         self.row_bytes = 4 * dim
@@ -358,7 +504,7 @@ class EmbeddingWriter:
         self._data = LineFile(self.part, append=True)
         self._index = LineFile(self.index_path, append=True)
         if self._index.empty:
-            self._index.write(_csv_line(INDEX_HEADER))
+            self._index.write(_csv_line(self.header))
 
     def has(self, file: str) -> bool:
         return file in self.counts
@@ -383,19 +529,26 @@ class EmbeddingWriter:
         self._index = LineFile(self.index_path, append=True)
 
     def add(self, result: FileResult) -> None:
-        if not result.segments or result.file in self.counts:
+        named = [(None, s) for s in result.segments]
+        named += [(p.party, s) for p in result.parties or () for s in p.result.segments]
+        if not named or result.file in self.counts:
             return
-        matrix = np.stack([np.asarray(s.embedding, dtype=np.float32) for s in result.segments])
+        matrix = np.stack([np.asarray(s.embedding, dtype=np.float32) for _, s in named])
         if matrix.shape[1] != self.dim:
             raise OutputError(f"embedding width {matrix.shape[1]} != {self.dim}")
         os.write(self._data.fd, matrix.tobytes())
+        split = self.header is INDEX_HEADER_SPLIT
         lines = "".join(
-            _csv_line([self.rows + i, csv_safe(result.file), f"{s.start_s:.3f}", f"{s.end_s:.3f}"])
-            for i, s in enumerate(result.segments)
+            _csv_line(
+                [self.rows + i, csv_safe(result.file)]
+                + ([csv_safe(party or "")] if split else [])
+                + [f"{s.start_s:.3f}", f"{s.end_s:.3f}"]
+            )
+            for i, (party, s) in enumerate(named)
         )
         self._index.write(lines)
-        self.rows += len(result.segments)
-        self.counts[result.file] = len(result.segments)
+        self.rows += len(named)
+        self.counts[result.file] = len(named)
 
     def close(self) -> None:
         """Turn the journal into the final file (atomically) and remove it."""
@@ -420,7 +573,7 @@ class EmbeddingWriter:
 
     def _recover(self) -> None:
         """Continue a previous run: its journal, or its final file turned back into one."""
-        index = _read_index(self.index_path)
+        index = _read_index(self.index_path, self.header)
         if not self.part.exists() and self.path.exists():
             self._journal_from_final(len(index))
         data_rows = self.part.stat().st_size // self.row_bytes if self.part.exists() else 0
@@ -463,35 +616,36 @@ class EmbeddingWriter:
             import pyarrow.parquet as pq
         except ImportError as exc:
             raise OutputError("writing .parquet needs pyarrow: pip install pyarrow") from exc
-        index = _read_index_rows(self.index_path)
-        table = pa.table(
-            {
-                "file": [r[1] for r in index],
-                "start_s": [float(r[2]) for r in index],
-                "end_s": [float(r[3]) for r in index],
-                "embedding": pa.FixedSizeListArray.from_arrays(
-                    pa.array(np.asarray(vectors).reshape(-1)), self.dim
-                ),
-            }
+        index = _read_index_rows(self.index_path, self.header)
+        columns = {name: [r[i] for r in index] for i, name in enumerate(self.header) if i}
+        columns["start_s"] = [float(v) for v in columns["start_s"]]
+        columns["end_s"] = [float(v) for v in columns["end_s"]]
+        columns["embedding"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(np.asarray(vectors).reshape(-1)), self.dim
         )
+        table = pa.table(columns)
         pq.write_table(table, path)
 
 
-def _read_index_rows(path: Path) -> list[list[str]]:
+def _read_index_rows(path: Path, header: list[str]) -> list[list[str]]:
     if not path.exists():
         return []
     repair_tail(path)
     rows = list(csv.reader(_read_text_lines(path)))
-    if rows and rows[0] != INDEX_HEADER:
-        raise OutputError(f"{path} is not an embeddings index (header {rows[0][:4]})")
+    if rows and rows[0] != header:
+        other = (
+            " (another --channels mode)" if rows[0] in (INDEX_HEADER, INDEX_HEADER_SPLIT) else ""
+        )
+        raise OutputError(f"{path} is not this job's embeddings index{other}: {rows[0][:5]}")
     body = rows[1:]
-    if any(len(r) != len(INDEX_HEADER) or not r[0].isdigit() for r in body):
+    if any(len(r) != len(header) or not r[0].isdigit() for r in body):
         raise OutputError(f"{path}: malformed rows; not written by e2v classify")
-    return [[r[0], csv_unsafe(r[1]), r[2], r[3]] for r in body]
+    text = {header.index(name) for name in ("file", "party") if name in header}
+    return [[csv_unsafe(v) if i in text else v for i, v in enumerate(r)] for r in body]
 
 
-def _read_index(path: Path) -> list[tuple[int, str]]:
-    return [(int(r[0]), r[1]) for r in _read_index_rows(path)]
+def _read_index(path: Path, header: list[str]) -> list[tuple[int, str]]:
+    return [(int(r[0]), r[1]) for r in _read_index_rows(path, header)]
 
 
 def _read_parquet_vectors(path: Path) -> np.ndarray:

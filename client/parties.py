@@ -13,10 +13,14 @@ more parties speak at once, silence where none does.
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
-from client.results import SegmentResult
+if TYPE_CHECKING:  # kept out of `e2v --help`'s imports (the CLIs add our flags)
+    from client.results import FileResult, SegmentResult
+    from client.triton import ModelInfo
 
 # `e2v classify --channels split` without --parties: the call-centre convention.
 DEFAULT_PARTIES = ("customer", "agent")
@@ -43,6 +47,50 @@ def parse_parties(text: str | None) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ValueError(f"--parties {text!r}: party names must differ")
     return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--channels mix|split` and `--parties NAME,...` (shared by classify, evaluate and
+    train-head)."""
+    parser.add_argument(
+        "--channels",
+        choices=("mix", "split"),
+        help="mix: channels averaged to mono (the default); split: each channel its own "
+        "party (own decode, VAD, segments and result)",
+    )
+    parser.add_argument(
+        "--parties",
+        metavar="NAME,...",
+        help="names of the channels in order (implies --channels split; default "
+        + ",".join(DEFAULT_PARTIES)
+        + "); a file with more channels than names is an error row",
+    )
+
+
+def from_arguments(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """The party names of `--channels split` / `--parties`, or None for a mix."""
+    if args.parties is not None:
+        if args.channels == "mix":
+            raise ValueError("--parties names the channels of --channels split, not of a mix")
+        return parse_parties(args.parties)
+    return DEFAULT_PARTIES if args.channels == "split" else None
+
+
+def party_thresholds(
+    text: str | None, parties: tuple[str, ...], labels: list[str]
+) -> dict[str, dict[str, float]]:
+    """`--alert customer:angry=0.7,sad=0.8` -> {party: {label: threshold}} (a bare item is
+    every party's), parsed by the live calls' parser: unknown parties and labels refused."""
+    from client.live.alerts import parse_live_alerts
+
+    thresholds: dict[str, dict[str, float]] = {party: {} for party in parties}
+    try:
+        rules = parse_live_alerts(text, parties, labels)
+    except ValueError as exc:
+        raise ValueError(f"--alert: {exc}") from None
+    for rule in rules:
+        thresholds[rule.party][rule.label] = rule.threshold
+    return thresholds
 
 
 def speech_s(segments: Iterable[SegmentResult]) -> float:
@@ -87,15 +135,48 @@ def conversation(parties: Mapping[str, list[SegmentResult]], duration_s: float) 
     }
 
 
+def split_result(
+    file: str,
+    duration_s: float,
+    channels: list[tuple[str, list[SegmentResult]]],
+    info: ModelInfo,
+    thresholds: Mapping[str, Mapping[str, float]],
+) -> FileResult:
+    """A `--channels split` file's result: per party (in channel order) what `aggregate`
+    gives for that channel alone, with that party's alert thresholds, and the
+    conversation figures of the whole call."""
+    from client.results import FileResult, PartyResult, aggregate, with_parties
+
+    parties = [
+        PartyResult(
+            party, i, aggregate(file, duration_s, segs, info, dict(thresholds.get(party, {})))
+        )
+        for i, (party, segs) in enumerate(channels)
+    ]
+    result = FileResult(
+        file=file,
+        duration_s=duration_s,
+        model=info.name,
+        synthetic=info.synthetic,
+        parties=parties,
+        conversation=conversation(dict(channels), duration_s),
+    )
+    return with_parties(result)
+
+
 def _r(value: float) -> float:
     return round(float(value), 6)
 
 
 __all__ = [
     "DEFAULT_PARTIES",
+    "add_arguments",
+    "from_arguments",
+    "party_thresholds",
     "conversation",
     "overlap_s",
     "parse_parties",
     "silences",
     "speech_s",
+    "split_result",
 ]

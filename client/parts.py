@@ -95,7 +95,11 @@ class ChunkWriter:
         self._check_writable()
 
     def write(self, row: dict) -> None:
-        self.rows.append(row)
+        self.write_rows([row])
+
+    def write_rows(self, rows: list[dict]) -> None:
+        """Rows that must land in one chunk (a split file's party rows): never cut apart."""
+        self.rows.extend(rows)
         due = time.monotonic() - self.last_flush >= self.max_seconds
         if len(self.rows) >= self.max_rows or due:
             self.flush()

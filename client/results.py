@@ -26,6 +26,22 @@ class SegmentResult:
 
 
 @dataclass
+class PartyResult:
+    """One party of a `--channels split` file: its channel's own aggregate."""
+
+    party: str
+    channel: int  # 0-based channel of the file
+    result: FileResult  # aggregate() of this channel's segments (alerts: this party's)
+
+    def to_json(self) -> dict:
+        data = self.result.to_json()
+        fields = ("emotion", "confidence", "scores", "no_speech", "segments", "alerts", "votes")
+        body = {k: data[k] for k in fields if k in data}
+        speech = sum(s.duration_s for s in self.result.segments)  # client.parties.speech_s
+        return {"party": self.party, "channel": self.channel} | body | {"speech_s": _round(speech)}
+
+
+@dataclass
 class FileResult:
     file: str
     duration_s: float | None = None
@@ -40,16 +56,38 @@ class FileResult:
     model: str | None = None
     synthetic: bool = False
     votes: dict[str, int] | None = None  # set by `by_vote`: segments won per label
+    # `--channels split`: one result per channel; emotion, confidence and scores above are
+    # then the first party's, alerts every party's (each names its party), segments empty.
+    parties: list[PartyResult] | None = None
+    conversation: dict | None = None  # client.parties.conversation(): speech, overlap, silence
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def segment_count(self) -> int:
+        """Segments (embeddings) of the file, every party's."""
+        return len(self.segments) + sum(len(p.result.segments) for p in self.parties or ())
 
     def to_json(self) -> dict:
         """One JSON Lines object (the `--json` contract)."""
         data: dict = {"file": self.file}
         if self.error is not None:
             data |= {"error": self.error, "error_kind": self.error_kind}
+        elif self.parties is not None:
+            data |= {
+                "duration_s": _round(self.duration_s),
+                "channels": "split",
+                "reported_party": self.parties[0].party,  # whose emotion and confidence
+                "emotion": self.emotion,
+                "confidence": _round(self.confidence),
+                "scores": {k: _round(v) for k, v in self.scores.items()},
+                "no_speech": self.no_speech,
+                "parties": [party.to_json() for party in self.parties],
+                "conversation": self.conversation,
+                "alerts": self.alerts,
+            }
         else:
             data |= {
                 "duration_s": _round(self.duration_s),
@@ -132,6 +170,9 @@ def by_vote(result: FileResult) -> FileResult:
     """The file's label by majority vote of its segments' top labels (the old web app's
     rule); ties go to the higher mean score. `confidence` stays the voted label's mean
     score, so thresholds mean the same thing for both aggregations."""
+    if result.parties is not None:
+        parties = [replace(p, result=by_vote(p.result)) for p in result.parties]
+        return with_parties(replace(result, parties=parties))
     if not result.ok or not result.scores:
         return result
     votes: dict[str, int] = {}
@@ -146,6 +187,21 @@ def by_vote(result: FileResult) -> FileResult:
     emotion = max(tied, key=result.scores.get)
     ordered = {label: votes[label] for label in result.scores if label in votes}
     return replace(result, emotion=emotion, confidence=result.scores[emotion], votes=ordered)
+
+
+def with_parties(result: FileResult) -> FileResult:
+    """The file-level fields of a split result from its parties: the first party's
+    emotion, confidence and scores; every party's alerts, each naming its party."""
+    first = result.parties[0].result
+    return replace(
+        result,
+        emotion=first.emotion,
+        confidence=first.confidence,
+        scores=first.scores,
+        no_speech=all(p.result.no_speech for p in result.parties),
+        alerts=[{"party": p.party} | a for p in result.parties for a in p.result.alerts],
+        segments=[],
+    )
 
 
 def _best(scores: dict[str, float]) -> tuple[str | None, float | None]:
