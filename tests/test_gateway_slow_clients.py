@@ -621,3 +621,12 @@ def test_a_client_that_does_not_read_its_answer_is_cut_off():
         while "ended" not in outcome and time.monotonic() < deadline:
             time.sleep(0.05)
         assert "ended" in outcome  # the handler was not left waiting on a full buffer
+
+
+def test_per_client_caps_count_an_ipv6_host_by_its_64():
+    from client.gateway.server import client_key
+
+    assert client_key(("2001:db8:1:2::1", 1)) == client_key(("2001:db8:1:2:ffff::9", 2))
+    assert client_key(("2001:db8:1:2::1", 1)) != client_key(("2001:db8:1:3::1", 1))
+    assert client_key(("::ffff:10.0.0.7", 1)) == client_key(("10.0.0.7", 2)) == "10.0.0.7"
+    assert client_key(None) == ""
