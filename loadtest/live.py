@@ -283,13 +283,14 @@ def finals_check(logs: list[CallLog], calls: list[CallRecording]) -> dict:
     interim results per second of that speech (1 / hop_s when none is lost to overload)."""
     cache: dict[tuple[int, int, int], list] = {}
     expected = arrived = lost = results = 0
-    speech_s = 0.0
+    speech_s = audio_s = 0.0
     for log in logs:
         if log.close_code != CLOSE_NORMAL or log.error or not log.sent:
             continue  # a failed session's finals are not owed (its error is counted)
         if not any(e.get("type") == EVENT_SUMMARY for _, e in log.events):
             continue
         n = log.samples_sent * SAMPLE_RATE // RATE
+        audio_s += log.samples_sent / RATE
         for p, party in enumerate(PARTIES):
             key = (log.recording, p, n)
             if key not in cache:
@@ -310,6 +311,10 @@ def finals_check(logs: list[CallLog], calls: list[CallRecording]) -> dict:
         "arrived": arrived,
         "lost": lost,
         "interims_per_speech_s": round(results / speech_s, 3) if speech_s else None,
+        # What a call asks of Triton: a window per hop of speech and a final per utterance.
+        "requests_per_call_s": round((speech_s / LIVE_HOP_S + expected) / audio_s, 3)
+        if audio_s
+        else None,
     }
 
 

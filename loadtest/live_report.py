@@ -212,19 +212,28 @@ def _batches(levels: list[dict]) -> list[str]:
     lines = [
         "## Triton batch sizes",
         "",
-        "| channels | requests | executions | avg batch | executions by batch size "
-        "| queue ms | infer ms |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| channels | requests | req/s | executions | avg batch | executions by batch size "
+        "| queue ms | infer ms | calls' demand req/s per call | ceiling calls |",
+        "|" + " --- |" * 10,
     ]
     for lv in rows:
         t = lv["triton"]
         sizes = ", ".join(f"{k}: {v}" for k, v in t["executions_by_batch_size"].items())
         lines.append(
-            f"| {lv['channels']} | {t['success']} | {t['execution_count']} "
-            f"| {t['avg_batch_size']:.2f} | {sizes} | {t['avg_ms']['queue']:.1f} "
-            f"| {t['avg_ms']['compute_infer']:.1f} |"
+            f"| {lv['channels']} | {t['success']} | {_num(lv.get('triton_requests_per_s'), 1)} "
+            f"| {t['execution_count']} | {t['avg_batch_size']:.2f} | {sizes} "
+            f"| {t['avg_ms']['queue']:.1f} | {t['avg_ms']['compute_infer']:.1f} "
+            f"| {_num(lv['finals'].get('requests_per_call_s'), 2)} "
+            f"| {_num(lv.get('model_ceiling_calls'), 1)} |"
         )
-    return lines + ["", "Whole level, ramp and stop included.", ""]
+    return lines + [
+        "",
+        "Whole level, ramp and stop included. Demand: the windows (one per hop_s of speech) "
+        "and finals a call of these recordings asks for, per second of call. Ceiling: "
+        "requests served per second / demand, the most calls the model tier answers in real "
+        "time; it means that only where Triton was saturated (its queue time growing).",
+        "",
+    ]
 
 
 def _num(value, digits: int) -> str:

@@ -75,11 +75,19 @@ def run_level(stack: dict, calls: list, load: LiveLoad) -> dict:
     stats_url = stack.get("stats_url")
     load_before = os.getloadavg()[0]
     before = triton_stats.snapshot(stats_url) if stats_url else None
+    started = time.monotonic()
     run = asyncio.run(drive(stack["url"], calls, load, stack.get("pid")))
+    wall_s = time.monotonic() - started
     figures = measure(run, calls, load)
     if stats_url:
         time.sleep(0.5)  # Triton counts a request just after answering it
         figures["triton"] = (triton_stats.snapshot(stats_url) - before).as_dict()
+        served = figures["triton"]["success"] / wall_s
+        demand = figures["finals"]["requests_per_call_s"]
+        # When Triton is the limit (queue growing), what it served over what a call needs
+        # is the model tier's ceiling in calls.
+        figures["triton_requests_per_s"] = round(served, 2)
+        figures["model_ceiling_calls"] = round(served / demand, 2) if demand else None
     figures["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     figures["duration_s"], figures["ramp_s"] = load.duration_s, load.ramp_s
     figures["within_target"] = within_target(figures)
