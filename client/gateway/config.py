@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from client.live.limits import LiveLimits
 from e2v.contract import GATEWAY_MAX_UPLOAD_MB, GATEWAY_PORT, GRPC_PORT, MAX_DURATION_S, MODEL_NAME
+
+if TYPE_CHECKING:  # server.py needs uvicorn (the gateway extra); config.py must not
+    from client.gateway.server import ConnectionLimits
 
 # Files per request: a form is a handful of recordings, not an archive.
 MAX_FILES = 16
@@ -71,7 +75,8 @@ class GatewayConfig:
             validate_url(self.webhook)
 
     @property
-    def connection_limits(self):
+    def connection_limits(self) -> ConnectionLimits:
+        """The connection guard's settings (ValueError when out of range)."""
         from client.gateway.server import ConnectionLimits
 
         return ConnectionLimits(
