@@ -15,7 +15,6 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -110,7 +109,7 @@ def ws_url(gateway: GatewayProcess) -> str:
     return gateway.url.replace("http://", "ws://")
 
 
-def live(*args: str, timeout: float = 120) -> tuple[int, list[dict], str]:
+def live(*args: str, timeout: float = 120, env=None) -> tuple[int, list[dict], str]:
     """`e2v live ARGS --json`: (exit status, events, stderr)."""
     started = time.monotonic()
     result = subprocess.run(
@@ -118,6 +117,7 @@ def live(*args: str, timeout: float = 120) -> tuple[int, list[dict], str]:
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
     events = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     print(f"e2v live {' '.join(args)}: {time.monotonic() - started:.1f} s, rc {result.returncode}")
@@ -218,6 +218,27 @@ def test_one_party_name_mixes_a_stereo_call_into_one_party(gateway, key_file):
     assert any(e["type"] == "utterance.end" for e in events)
 
 
+def test_a_call_in_object_storage_plays_from_its_uri(gateway, key_file):
+    """s3:// through the batch path's inputs (fsspec), on a real S3-protocol server."""
+    pytest.importorskip("s3fs", reason="the s3 extra is not installed")
+    import s3fs
+    from servers import S3Server
+
+    server = S3Server()
+    try:
+        fs = s3fs.S3FileSystem(endpoint_url=server.url, key="testing", secret="testing")
+        fs.mkdir("calls")
+        fs.put(str(ROOT / "samples" / "call-8k-stereo.wav"), "calls/2026/call.wav")
+        common = ["--url", ws_url(gateway), "--speed", "20", "--api-key-file", str(key_file)]
+        code, events, stderr = live("s3://calls/2026/call.wav", *common, env=server.env())
+        assert code == 0, stderr
+        assert [p["party"] for p in events[-1]["parties"]] == ["customer", "agent"]
+        code, events, stderr = live("s3://calls/2026/absent.wav", *common, env=server.env())
+        assert code == 1 and events == [] and "no such object" in stderr, stderr
+    finally:
+        server.stop()
+
+
 # -------------------------------------------------------------------------- hostile cases
 
 
@@ -231,21 +252,21 @@ def test_no_gateway_listening_fails_in_one_line():
     assert time.monotonic() - started < 30
 
 
-def test_a_peer_that_never_answers_the_handshake_times_out():
-    """A TCP listener that accepts and then says nothing: bounded by the connect timeout."""
+def test_a_peer_that_never_answers_the_handshake_times_out(monkeypatch):
+    """A TCP listener that never speaks (the kernel completes the TCP handshake, nobody
+    answers the upgrade): bounded by CONNECT_TIMEOUT_S (shortened here)."""
+    import asyncio
+
+    from client.live import player
+
+    monkeypatch.setattr(player, "CONNECT_TIMEOUT_S", 1.0)
     with socket.create_server(("127.0.0.1", 0)) as server:
-        port = server.getsockname()[1]
-        accepted = []
-        thread = threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True)
-        thread.start()
+        url = f"ws://127.0.0.1:{server.getsockname()[1]}"
+        options = player.PlayOptions(str(ROOT / "samples" / "complaint.mp3"), url)
         started = time.monotonic()
-        sample = str(ROOT / "samples" / "complaint.mp3")
-        code, _, stderr = live(sample, "--url", f"ws://127.0.0.1:{port}")
-        elapsed = time.monotonic() - started
-        for connection, _ in accepted:
-            connection.close()
-    assert code == 1 and "no WebSocket handshake" in stderr, stderr
-    assert 9 < elapsed < 30
+        with pytest.raises(player.PlayError, match="no WebSocket handshake within 1 s"):
+            asyncio.run(player.play(options, lambda event: None))
+    assert time.monotonic() - started < 8
 
 
 @pytest.mark.parametrize("protocol", ["live", "audiohook", "twilio"])
