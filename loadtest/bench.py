@@ -60,6 +60,7 @@ class RunResult:
     locust: dict
     out_dir: Path
     load_average: tuple[float, float]  # 1-min load average before and after the run
+    cpu: dict | None = None  # CPU seconds by process during the run (process_cpu)
 
     def as_dict(self) -> dict:
         return {
@@ -74,6 +75,7 @@ class RunResult:
             "overall": self.overall.as_dict(),
             "steps": [s.as_dict() for s in self.steps],
             "server": self.server.as_dict() if self.server else None,
+            "cpu_s": self.cpu,
             "locust": self.locust,
             "load_average": self.load_average,
         }
@@ -96,7 +98,9 @@ def run_load(
     warmups = warm_up(target, workload, files)
     before = triton_stats.settled(stats, initial.handled + warmups) if stats else None
     load_before = os.getloadavg()[0]
+    cpu_before = process_cpu(target)
     locust = drive(target, workload_path, load, out_dir, files)
+    cpu = {k: round(v - cpu_before[k], 2) for k, v in process_cpu(target).items()}
     load_after = os.getloadavg()[0]
     server = None
     if stats:
@@ -109,9 +113,40 @@ def run_load(
         steps, summary = [], summarize(requests, load.users, load.duration_s)
     overall = summarize(requests, load.users, float(requests.end_s.max(initial=0.0)) + 1e-6)
     loadavg = (round(load_before, 2), round(load_after, 2))
-    result = RunResult(target, load, summary, overall, steps, server, locust, out_dir, loadavg)
+    if server:
+        cpu["triton_compute_infer"] = round(server.ns["compute_infer"] / 1e9, 2)
+    result = RunResult(target, load, summary, overall, steps, server, locust, out_dir, loadavg, cpu)
     (out_dir / "summary.json").write_text(json.dumps(result.as_dict(), indent=2))
     return result
+
+
+def process_cpu(target: Target) -> dict[str, float]:
+    """CPU seconds so far of the load driver (this process's waited-for children: the
+    driver runs as one) and, for a local server, of tritonserver and its model stubs.
+
+    Triton's compute_infer time of the same run, next to the stubs' CPU, shows what the
+    Python backend costs beyond ONNX Runtime's run; the driver's share shows how much of
+    the machine the load generator itself took from the server."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = {"driver": children.ru_utime + children.ru_stime}
+    pid, prefix = target.settings.get("server_pid"), target.settings.get("shm_prefix")
+    if pid and prefix:
+        from e2v import leftovers
+
+        cpu["tritonserver"] = _pid_cpu_s(pid)
+        cpu["stubs"] = sum(_pid_cpu_s(p) for p in leftovers.stub_processes(prefix))
+    return cpu
+
+
+def _pid_cpu_s(pid: int) -> float:
+    """utime + stime of one process, in seconds (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def drive(
@@ -228,7 +263,8 @@ def local_triton(
         label = f"triton-{protocol}" + (f"-{instances}x{threads}" if instances else "")
         target = triton_target(label, protocol, url, config.http_url)
         target.settings["grpc_url"] = config.grpc_url
-        target.settings["shm_prefix"] = server.shm_prefix  # finds its stubs (memory phase)
+        target.settings["shm_prefix"] = server.shm_prefix  # finds its stubs (memory, CPU)
+        target.settings["server_pid"] = server.process.pid
         yield target
 
 

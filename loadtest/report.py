@@ -61,6 +61,7 @@ def write_report(report: Report, directory: Path) -> Path:
         *_memory(report),
         *_gateway(report),
         *_server_breakdown(report),
+        *_cpu(report),
         "## Figures",
         "",
         *[f"![{name}]({name})" for name in figures],
@@ -334,6 +335,37 @@ def _gateway(report: Report) -> list[str]:
             "CPU s).",
             "",
         ]
+    return lines
+
+
+def _cpu(report: Report) -> list[str]:
+    """CPU seconds by process per run: what serving costs beyond ONNX Runtime's run."""
+    runs = [r for r in report.all_runs if r.cpu and "stubs" in r.cpu]
+    if not runs:
+        return []
+    lines = [
+        "## CPU by process (seconds over the whole run, drain included)",
+        "",
+        "| run | wall s | driver (load generator) | tritonserver | model stubs "
+        "| Triton compute_infer | stubs beyond compute_infer |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in runs:
+        c, wall = run.cpu, run.overall.window_s
+        extra = c["stubs"] - c.get("triton_compute_infer", 0.0)
+        lines.append(
+            f"| {run.target.label} | {wall:.0f} | {c['driver']:.1f} "
+            f"({c['driver'] / wall:.0%} of a core) | {c['tritonserver']:.1f} | {c['stubs']:.1f} "
+            f"| {c.get('triton_compute_infer', 0.0):.1f} | {extra:.1f} |"
+        )
+    lines += [
+        "",
+        "The driver shares this machine's cores with the server: its CPU is taken from the "
+        "served arm (ONNX Runtime alone runs without it). compute_infer is wall time inside "
+        "the model's execute, summed over executions: with parallel instances it can exceed "
+        "one core's CPU seconds.",
+        "",
+    ]
     return lines
 
 

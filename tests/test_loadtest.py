@@ -271,6 +271,9 @@ def test_http_local_server_with_baseline_and_ort_comparison(tiny_cpu_repo, smoke
     memory = summary["memory"]  # the stub around a maximum batch (docs/deploy.md's sizing)
     assert memory["returned"] and memory["peak_mib"] > memory["steady_mib"] > 0, memory
     assert memory["after_mib"] <= memory["steady_mib"] + 16, memory
+    cpu = served["cpu_s"]  # CPU by process: the load generator's share is visible
+    assert cpu["driver"] > 0 and cpu["tritonserver"] > 0 and cpu["stubs"] > 0, cpu
+    assert "CPU by process" in (report / "README.md").read_text()
     assert (report / "comparison.png").exists()
     assert "Served vs baseline" in (report / "README.md").read_text()
 
