@@ -254,16 +254,7 @@ class LiveCall {
   }
 
   async begin() {
-    // A 16 kHz context: the browser resamples the microphone (the worklet passes through).
-    try {
-      this.context = new AudioContext({ sampleRate: 16000 });
-    } catch {
-      this.context = new AudioContext();
-    }
-    await this.context.audioWorklet.addModule("static/live-worklet.js");
-    this.node = new AudioWorkletNode(this.context, "pcm-sender");
-    this.context.createMediaStreamSource(this.stream).connect(this.node);
-    this.node.connect(this.context.destination); // pulls the graph; the node outputs silence
+    ({ context: this.context, node: this.node } = await audioGraph(this.stream));
     this.node.port.onmessage = (event) => this.onAudio(event.data);
     this.socket = new WebSocket(liveUrl());
     this.socket.binaryType = "arraybuffer";
@@ -402,6 +393,27 @@ class LiveCall {
     $("record").disabled = false;
     $("record-time").textContent = "";
     setStatus(message, isError);
+  }
+}
+
+// Microphone -> worklet. A 16 kHz context first: the browser resamples (the worklet passes
+// samples through); where it cannot (some browsers refuse a mic at another rate), the
+// device rate, and the worklet resamples.
+async function audioGraph(stream) {
+  for (const options of [{ sampleRate: 16000 }, {}]) {
+    let context = null;
+    try {
+      context = new AudioContext(options);
+      await context.audioWorklet.addModule("static/live-worklet.js");
+      const node = new AudioWorkletNode(context, "pcm-sender");
+      context.createMediaStreamSource(stream).connect(node);
+      node.connect(context.destination); // pulls the graph; the node outputs silence
+      await context.resume();
+      return { context, node };
+    } catch (error) {
+      if (context) context.close();
+      if (!options.sampleRate) throw error;
+    }
   }
 }
 
