@@ -89,7 +89,7 @@ async def serve(websocket, hub: LiveHub) -> None:
 
 async def _handshake(socket: Socket, outbox: Outbox, timeout_s: float) -> dict:
     try:
-        message = await outbox.guard(socket.receive(), timeout_s)
+        message = await socket.next(outbox, timeout_s)
     except asyncio.TimeoutError:
         raise LiveError(
             CLOSE_TIMEOUT, "handshake", f"no start message within {timeout_s:g} s"
@@ -114,7 +114,7 @@ async def _stream(socket: Socket, session: LiveSession, outbox: Outbox, hub: Liv
     while True:
         idle_left = limits.idle_s - (loop.time() - last_audio)
         try:
-            message = await outbox.guard(socket.receive(), max(0.0, idle_left))
+            message = await socket.next(outbox, idle_left)
         except asyncio.TimeoutError:
             raise LiveError(CLOSE_TIMEOUT, "idle", f"no audio for {limits.idle_s:g} s") from None
         if message is None:  # gone without stop: finish for subscribers and webhooks
@@ -124,7 +124,8 @@ async def _stream(socket: Socket, session: LiveSession, outbox: Outbox, hub: Liv
         if isinstance(message, bytes):
             pace.take(len(message) / second_bytes)
             if message:  # empty frames are no audio: they keep nothing alive
-                await outbox.guard(session.feed(message))
+                # Not guarded: feed waits only while this session's audio is processed.
+                await session.feed(message)
                 last_audio = loop.time()
             continue
         request = parse_json(message)

@@ -32,6 +32,7 @@ def _gone_errors() -> tuple[type[Exception], ...]:
 
 
 _GONE = _gone_errors()
+_TIMEOUT, _STOPPED = object(), object()  # what wakes `Socket.next` besides a message
 
 
 class Socket:
@@ -44,6 +45,8 @@ class Socket:
         self.outbox: Outbox | None = None
         self.gone = False
         self.writer: asyncio.Task | None = None
+        self._inbox: asyncio.Queue | None = None
+        self._reader: asyncio.Task | None = None
 
     async def accept(self, key: bytes | None, query_key: bool) -> None:
         """Accept, then LiveError(CLOSE_POLICY) unless the key is right. `?key=` counts
@@ -96,6 +99,43 @@ class Socket:
             )
         return data
 
+    async def next(self, outbox: Outbox, timeout_s: float) -> str | bytes | None:
+        """`receive`, unless `timeout_s` passes first (asyncio.TimeoutError) or the session
+        is stopped (its reason is raised). The hot path of every audio frame: a reader task
+        reads one message ahead into a one-place queue, so no task is made per message."""
+        if self._inbox is None:
+            self._inbox = asyncio.Queue(1)
+            self._reader = asyncio.create_task(self._read())
+            outbox.stopped.add_done_callback(lambda _: self._wake(_STOPPED))
+        if outbox.stopped.done():
+            raise outbox.stopped.result()
+        timer = asyncio.get_running_loop().call_later(max(0.0, timeout_s), self._wake, _TIMEOUT)
+        try:
+            item = await self._inbox.get()
+        finally:
+            timer.cancel()
+        if outbox.stopped.done():
+            raise outbox.stopped.result()
+        if item is _TIMEOUT:
+            raise asyncio.TimeoutError
+        if isinstance(item, LiveError):
+            raise item
+        return item
+
+    def _wake(self, marker: object) -> None:
+        if self._inbox is not None and self._inbox.empty():
+            self._inbox.put_nowait(marker)  # else a message waits: it is taken first
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                item = await self.receive()
+            except LiveError as exc:
+                item = exc
+            await self._inbox.put(item)
+            if item is None or isinstance(item, LiveError):
+                return
+
     def attach(self, outbox: Outbox) -> None:
         """Send `outbox`'s events from now on (a writer task per socket)."""
         self.outbox = outbox
@@ -121,6 +161,9 @@ class Socket:
             event = error_event(error, None)
             if self.outbox is None or not self.outbox.put(event, last=True):
                 await self.send_now(event)
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
         if self.outbox is not None:
             self.outbox.close()
         if self.writer is not None:
