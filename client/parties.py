@@ -93,6 +93,59 @@ def party_thresholds(
     return thresholds
 
 
+MANIFEST_COLUMNS = ("party", "channel")  # e2v evaluate / train-head: whose speech a row labels
+
+
+def manifest_parties(args: argparse.Namespace, columns: list[str]) -> tuple[str, ...] | None:
+    """The parties for a labelled set: --channels / --parties, and a manifest with a
+    `party` or `channel` column is split even without them (its labels are per party)."""
+    parties = from_arguments(args)
+    per_party = [c for c in MANIFEST_COLUMNS if c in columns]
+    if per_party and args.channels == "mix":
+        raise ValueError(f"the manifest's {per_party[0]!r} column needs --channels split")
+    if per_party and parties is None:
+        return DEFAULT_PARTIES
+    return parties
+
+
+def manifest_channel(fields: Mapping[str, str], parties: tuple[str, ...]) -> int | None:
+    """The channel a manifest row's label is about: its `party` (one of `parties`) or
+    `channel` (0-based) cell; None when neither is set (the file's first party).
+    ValueError, one line, for a name or number that is neither."""
+    party = (fields.get("party") or "").strip()
+    channel = (fields.get("channel") or "").strip()
+    if party and party not in parties:
+        raise ValueError(f"party {party!r} is not one of --parties: " + ", ".join(parties))
+    index = parties.index(party) if party else None
+    if channel:
+        if not channel.isdigit() or int(channel) >= len(parties):
+            raise ValueError(f"channel {channel!r}: 0 to {len(parties) - 1} (0-based)")
+        if index is not None and index != int(channel):
+            raise ValueError(f"party {party!r} is channel {index}, not {channel}")
+        index = int(channel)
+    return index
+
+
+def party_result(result: FileResult, channel: int | None) -> FileResult:
+    """One channel's part of a split result (None: the first party's; a mixed result or
+    an error row is itself); an error row when the file has no such channel."""
+    if result.parties is None:
+        return result
+    channel = channel or 0
+    if channel >= len(result.parties):
+        from client.results import FileResult
+
+        return FileResult(
+            file=result.file,
+            error=f"the file has {len(result.parties)} channel(s), the row names channel "
+            f"{channel} (0-based)",
+            error_kind="channels",
+            model=result.model,
+            synthetic=result.synthetic,
+        )
+    return result.parties[channel].result
+
+
 def speech_s(segments: Iterable[SegmentResult]) -> float:
     """Seconds of one party's speech (its segments never overlap each other)."""
     return sum(s.duration_s for s in segments)
@@ -172,6 +225,9 @@ __all__ = [
     "DEFAULT_PARTIES",
     "add_arguments",
     "from_arguments",
+    "manifest_channel",
+    "manifest_parties",
+    "party_result",
     "party_thresholds",
     "conversation",
     "overlap_s",

@@ -5,6 +5,9 @@ manifest; other columns such as `speaker` are kept), or a folder with one sub-fo
 label. Labels match the model's case-insensitively (`angry`, `生气/angry`); `--map`
 renames others. Every (segmentation, aggregation) pair given is scored on the same files:
 the default compares the whole file (VAD, mean) with 3-second windows (vote and mean).
+A `party` or `channel` column (or --channels split / --parties) scores each channel of a
+stereo call as its own party: a row's label is that party's; --group-by party reports
+per party.
 
 Exit status, as `e2v classify`: 0 all good; 2 bad arguments or an unusable data set;
 3 server unreachable; 4 some files failed (each is listed in the report).
@@ -19,6 +22,7 @@ import sys
 from pathlib import Path
 
 from client.cli import EXIT_FILE_ERRORS, EXIT_UNAVAILABLE, EXIT_USAGE
+from client.parties import add_arguments as add_party_arguments
 from e2v.contract import GRPC_PORT, MODEL_NAME
 
 
@@ -52,7 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="score among these of the model's labels only (probabilities renormalised): "
         "angry,happy,neutral,sad is EmoBox's 4-class protocol",
     )
-    parser.add_argument("--group-by", metavar="COLUMN", help="metrics per value of a column")
+    parser.add_argument(
+        "--group-by",
+        metavar="COLUMN",
+        help="metrics per value of a column (e.g. party, with a per-party manifest)",
+    )
+    add_party_arguments(parser)
     parser.add_argument(
         "--report", type=Path, metavar="DIR", help="write the report here (else: summary only)"
     )
@@ -67,6 +76,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from client.evaluation.dataset import DatasetError, group_column, read_labelled
     from client.evaluation.labels import parse_map
     from client.evaluation.run import parse_methods
+    from client.parties import manifest_parties
 
     try:
         methods = parse_methods(args.segment, args.aggregate)
@@ -77,6 +87,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"--report {args.report} exists and is not a directory")
         dataset = read_labelled(args.data)
         group_by = group_column(dataset, args.group_by)
+        args.party_names = manifest_parties(args, dataset.columns)
     except (ValueError, DatasetError) as exc:
         return _usage_error(exc)
     for warning in dataset.warnings:
@@ -97,6 +108,7 @@ async def _run(args, dataset, methods, mapping, group_by) -> int:
         model=args.model,
         concurrency=max(1, args.concurrency),
         retries=args.retries,
+        parties=args.party_names,
     )
     client = TritonEmotionClient(args.url, args.protocol, args.model, retries=args.retries)
     try:

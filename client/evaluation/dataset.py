@@ -1,7 +1,9 @@
 """Read a labelled set of recordings: a CSV / JSON Lines manifest or one folder per label.
 
 Manifests have `path` and `label` columns (other columns, e.g. `speaker`, are kept);
-relative paths are relative to the manifest. Problems with the manifest as a whole (not
+relative paths are relative to the manifest. An optional `party` or `channel` column
+says whose speech of a stereo call a row labels (`--channels split`): the same file may
+then appear once per party. Problems with the manifest as a whole (not
 UTF-8, no rows, no `label` column, a malformed line, over the size limits) raise
 `DatasetError` with a one-line reason. Problems with one row (an empty cell, a missing
 file, a path that is not a regular file, a repeated path) are recorded on that row, so
@@ -217,7 +219,10 @@ def _mark_duplicates(items: list[LabelledItem]) -> list[LabelledItem]:
     first: dict[str, LabelledItem] = {}
     marked = []
     for item in items:
-        key = os.path.normcase(os.path.abspath(item.path)) if item.path else None
+        key = None
+        if item.path:
+            party = tuple(item.fields.get(c, "").strip() for c in ("party", "channel"))
+            key = (os.path.normcase(os.path.abspath(item.path)), party)
         if key in first:
             item = replace(item, duplicate_of=first[key].row)
         elif key is not None and item.error is None:

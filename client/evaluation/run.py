@@ -17,6 +17,7 @@ from client.classify import JobOptions, classify_files
 from client.evaluation.dataset import LabelledItem, LabelledSet
 from client.evaluation.labels import LabelMatcher
 from client.evaluation.metrics import evaluate_method
+from client.parties import manifest_channel, party_result
 from client.results import FileResult, by_vote
 from client.segment import SegmentMode, parse_segment_mode
 from client.triton import ModelInfo, TritonEmotionClient
@@ -106,7 +107,7 @@ async def evaluate(
 
     `client` must be connected. Raises ServerUnavailable when the server goes away.
     """
-    paths = [item.path for item in dataset.items if item.usable]
+    paths = list(dict.fromkeys(item.path for item in dataset.items if item.usable))  # per party
     by_method: dict[str, dict[str, FileResult]] = {}
     for mode in dict.fromkeys(method.segment for method in methods):
         log(f"classifying {len(paths)} file(s) with --segment {mode}")
@@ -116,7 +117,7 @@ async def evaluate(
             if method.segment == mode:
                 vote = method.aggregate == "vote"
                 by_method[method.name] = {p: by_vote(r) if vote else r for p, r in found.items()}
-    rows = _rows(dataset, matcher, methods, by_method)
+    rows = _rows(dataset, matcher, methods, by_method, options.parties)
     scored = [row for row in rows if row.scored]
     if resamples and scored:
         log(f"bootstrap: {resamples} resamples of {len(scored)} scored row(s) per method")
@@ -154,16 +155,28 @@ def _rows(
     matcher: LabelMatcher,
     methods: list[Method],
     by_method: dict[str, dict[str, FileResult]],
+    parties: tuple[str, ...] | None = None,
 ) -> list[Row]:
+    """With `parties` (split), a row's result is that of its `party` / `channel`."""
     first = {item.row: item for item in dataset.items if item.duplicate_of is None}
     rows = []
     for item in dataset.items:
         source = first[item.duplicate_of] if item.duplicate_of else item
         row = Row(item, matcher(item.label) if item.label else None)
-        if source.usable:
-            row.results = {m.name: by_method[m.name][source.path] for m in methods}
+        channel, bad_party = None, None
+        if parties is not None:
+            try:
+                channel = manifest_channel(item.fields, parties)
+            except ValueError as exc:
+                bad_party = f"row {item.row}: {exc}"
+        if source.usable and bad_party is None:
+            row.results = {
+                m.name: party_result(by_method[m.name][source.path], channel) for m in methods
+            }
         failed = [r for r in row.results.values() if not r.ok]
-        if item.error is not None:
+        if bad_party is not None:
+            row.error, row.error_kind = bad_party, "bad_party"
+        elif item.error is not None:
             row.error, row.error_kind = item.error, item.error_kind
         elif item.duplicate_of is not None:
             other = "" if source.label == item.label else f" (which says {source.label!r})"

@@ -60,7 +60,13 @@ class EmbeddingCache:
         self.max_bytes = max_bytes
         self.hits = self.misses = self.repaired = 0
 
-    def key(self, sha256: str, segment: str, span: tuple[float, float] | None) -> str:
+    def key(
+        self,
+        sha256: str,
+        segment: str,
+        span: tuple[float, float] | None,
+        channel: int | None = None,
+    ) -> str:
         document = {
             "format": CACHE_FORMAT,
             "model": self.identity,
@@ -68,6 +74,8 @@ class EmbeddingCache:
             "segment": segment,
             "span": list(span) if span else None,
         }
+        if channel is not None:  # --channels split: one channel's speech (mixes keep their keys)
+            document["channel"] = channel
         text = json.dumps(document, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from client.cli import EXIT_FILE_ERRORS, EXIT_UNAVAILABLE, EXIT_USAGE
+from client.parties import add_arguments as add_party_arguments
 from e2v.contract import GRPC_PORT, MODEL_NAME
 
 
@@ -69,12 +70,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples (0: none)")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     parser.add_argument("--retries", type=int, default=12, help="retries on transient errors")
+    add_party_arguments(parser)
     parser.set_defaults(func=run_train_head)
 
 
 def run_train_head(args: argparse.Namespace) -> int:
     from client.evaluation.dataset import DatasetError, group_column, read_labelled
     from client.evaluation.labels import parse_map
+    from client.parties import manifest_parties
     from client.segment import parse_segment_mode
     from export.heads import HeadExportError, check_name
 
@@ -93,6 +96,7 @@ def run_train_head(args: argparse.Namespace) -> int:
         _check_writable(args.repo)
         dataset = read_labelled(args.data)
         group_by = group_column(dataset, args.group_by)
+        args.party_names = manifest_parties(args, dataset.columns)
     except (ValueError, DatasetError, HeadExportError) as exc:
         return _usage_error(exc)
     for warning in dataset.warnings:
@@ -131,7 +135,7 @@ async def _run(args, dataset, segment, mapping, group_by) -> int:
         cache = None
         if not args.no_cache:
             cache = EmbeddingCache(args.cache_dir or default_cache_dir(), identity)
-        rows = plan_rows(dataset, mapping)
+        rows = plan_rows(dataset, mapping, args.party_names)
         options = JobOptions(
             url=args.url,
             protocol=args.protocol,
@@ -139,6 +143,7 @@ async def _run(args, dataset, segment, mapping, group_by) -> int:
             segment=segment,
             concurrency=args.concurrency,
             retries=args.retries,
+            parties=args.party_names,
         )
         _say(f"embedding {sum(r.error is None and r.excluded is None for r in rows)} row(s)")
         try:

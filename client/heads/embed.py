@@ -1,7 +1,8 @@
 """Embeddings of a labelled set from the served base model, through the classify pipeline.
 
 A row is a whole file (every segment of it carries the row's label) or, with `start` and
-`end` columns (seconds), a labelled span of a file. Whole files go through
+`end` columns (seconds), a labelled span of a file; with `--channels split` (or a
+`party` / `channel` column) a row is one channel's speech, its party's. Whole files go through
 `classify_source` exactly as `e2v classify` sends them; a span is decoded, cut out and
 segmented the same way. Each row's result is cached (`cache.EmbeddingCache`), so only
 new or changed files reach the server.
@@ -25,6 +26,7 @@ from client.classify import JobOptions, classify_source
 from client.evaluation.dataset import LabelledItem, LabelledSet
 from client.heads.cache import Embedded, EmbeddingCache, file_sha256
 from client.names import one_line
+from client.parties import manifest_channel, party_result
 from client.segment import SegmentMode, segment_stream
 from client.triton import InferenceError, ServerError, ServerUnavailable, TritonEmotionClient
 from e2v.contract import MAX_DURATION_S, MIN_SAMPLES, SAMPLE_RATE
@@ -39,6 +41,7 @@ class Row:
     item: LabelledItem
     label: str
     span: tuple[float, float] | None = None
+    channel: int | None = None  # --channels split: the party's channel (0-based)
     embedded: Embedded | None = None
     error: str | None = None
     error_kind: str | None = None
@@ -49,8 +52,11 @@ class Row:
         return self.error is None and self.excluded is None and self.embedded is not None
 
 
-def plan_rows(dataset: LabelledSet, mapping: dict[str, str]) -> list[Row]:
-    """Rows with labels mapped, spans parsed, and data-set problems recorded on each row."""
+def plan_rows(
+    dataset: LabelledSet, mapping: dict[str, str], parties: tuple[str, ...] | None = None
+) -> list[Row]:
+    """Rows with labels mapped, spans parsed, and data-set problems recorded on each row;
+    with `parties` (split), each row's channel (its `party` / `channel` cell, else 0)."""
     spans = all(column in dataset.columns for column in SPAN_COLUMNS)
     rows, seen = [], {}
     for item in dataset.items:
@@ -60,6 +66,12 @@ def plan_rows(dataset: LabelledSet, mapping: dict[str, str]) -> list[Row]:
         if item.error is not None:
             row.error, row.error_kind = item.error, item.error_kind
             continue
+        if parties is not None:
+            try:
+                row.channel = manifest_channel(item.fields, parties) or 0
+            except ValueError as exc:
+                row.error, row.error_kind = f"row {item.row}: {exc}", "bad_party"
+                continue
         if spans:
             try:
                 row.span = parse_span(item.fields.get("start", ""), item.fields.get("end", ""))
@@ -69,7 +81,7 @@ def plan_rows(dataset: LabelledSet, mapping: dict[str, str]) -> list[Row]:
         elif item.duplicate_of is not None:
             row.excluded = f"duplicate of row {item.duplicate_of}"
             continue
-        key = (item.path, row.span)
+        key = (item.path, row.span, row.channel)
         if key in seen:
             row.excluded = f"duplicate of row {seen[key]}"
         else:
@@ -143,16 +155,18 @@ async def _embed_row(row, client, options, cache, requests, decoders, hashes) ->
         reason = getattr(exc, "strerror", None) or exc
         row.error, row.error_kind = one_line(f"cannot read {path}: {reason}"), "unreadable"
         return
-    key = cache.key(sha256, str(options.segment), row.span) if cache else None
+    key = cache.key(sha256, str(options.segment), row.span, row.channel) if cache else None
     if cache is not None and (hit := cache.get(key, client.info.embed_dim)) is not None:
         row.embedded = hit
         _mark_no_speech(row)
         return
     try:
         if row.span is None:
-            row.embedded = await _embed_file(path, client, options, requests, decoders)
+            row.embedded = await _embed_file(path, row.channel, client, options, requests, decoders)
         else:
-            row.embedded = await _embed_span(path, row.span, client, options, requests, decoders)
+            row.embedded = await _embed_span(
+                path, row.span, row.channel, client, options, requests, decoders
+            )
     except ServerUnavailable:
         raise
     except _RowFailed as exc:
@@ -186,8 +200,9 @@ class _RowFailed(Exception):
         self.kind, self.message = kind, one_line(message)
 
 
-async def _embed_file(path, client, options, requests, decoders) -> Embedded:
+async def _embed_file(path, channel, client, options, requests, decoders) -> Embedded:
     result = await classify_source(path, client, requests, options, decoders, name=path)
+    result = party_result(result, channel)
     if not result.ok:
         raise _RowFailed(result.error_kind or "internal", result.error or "failed")
     vectors = [segment.embedding for segment in result.segments]
@@ -195,12 +210,13 @@ async def _embed_file(path, client, options, requests, decoders) -> Embedded:
     return _embedded(vectors, bounds, result.duration_s or 0.0, client.info.embed_dim)
 
 
-async def _embed_span(path, span, client, options, requests, decoders) -> Embedded:
-    """Decode `path` up to the span's end, cut it, segment it, and embed every segment."""
+async def _embed_span(path, span, channel, client, options, requests, decoders) -> Embedded:
+    """Decode `path` up to the span's end, cut it (from `channel` alone unless None),
+    segment it, and embed every segment."""
     loop = asyncio.get_running_loop()
     max_segment_s = client.info.max_samples / SAMPLE_RATE
     pieces, covered = await loop.run_in_executor(
-        decoders, _cut_span, path, span, options.segment, max_segment_s
+        decoders, _cut_span, path, span, options.segment, max_segment_s, channel
     )
 
     async def embed(samples: np.ndarray) -> np.ndarray:
@@ -212,12 +228,19 @@ async def _embed_span(path, span, client, options, requests, decoders) -> Embedd
     return _embedded(list(vectors), bounds, covered / SAMPLE_RATE, client.info.embed_dim)
 
 
-def _cut_span(path, span, mode, max_segment_s) -> tuple[list, int]:
+def _cut_span(path, span, mode, max_segment_s, channel=None) -> tuple[list, int]:
     """([(segment, samples)], samples covered) for the span [start, end) of `path` (cut
-    at the audio's end), holding only the span in memory."""
+    at the audio's end; one channel's samples unless `channel` is None), holding only
+    the span in memory."""
     first, last = (round(t * SAMPLE_RATE) for t in span)
     kept, position = [], 0
-    for chunk in stream_audio(path, max_duration_s=MAX_DURATION_S):
+    for chunk in stream_audio(path, max_duration_s=MAX_DURATION_S, mix=channel is None):
+        if channel is not None:
+            if channel >= len(chunk):
+                raise _RowFailed(
+                    "channels", f"the file has {len(chunk)} channel(s), the row names {channel}"
+                )
+            chunk = chunk[channel]
         lo, hi = max(first - position, 0), min(last - position, len(chunk))
         if lo < hi:
             kept.append(chunk[lo:hi])
