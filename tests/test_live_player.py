@@ -137,6 +137,22 @@ def assert_finals_equal_offline(finals: list[dict], segments: list[dict], party:
                 assert abs(final["scores"][label] - score) <= SCORE_TOLERANCE, (party, label)
 
 
+def test_the_decoder_keeps_the_channels_of_a_stereo_file_apart(tmp_path):
+    """stream_audio(mix=False): each channel is what that channel alone decodes to, and
+    their mean is the mono decode (the one decode loop; resampled per channel)."""
+    from client.audio import load_audio, stream_audio
+
+    left, right = fx.speech_like(3.1, 44_100, seed=1), fx.speech_like(3.1, 44_100, seed=2)
+    stereo = fx.write_audio(tmp_path / "s.wav", np.stack([left, right]), 44_100)
+    chunks = list(stream_audio(str(stereo), 8000, mix=False))
+    assert all(c.ndim == 2 and len(c) == 2 and c.dtype == np.float32 for c in chunks)
+    channels = np.concatenate(chunks, axis=1)
+    alone = [fx.write_audio(tmp_path / f"{i}.wav", w, 44_100) for i, w in enumerate((left, right))]
+    for channel, path in zip(channels, alone):
+        assert np.array_equal(channel, load_audio(str(path), 8000))
+    assert np.abs(channels.mean(axis=0) - load_audio(str(stereo), 8000)).max() < 1e-6
+
+
 # ------------------------------------------------------------------- calls, per protocol
 
 
