@@ -411,6 +411,21 @@ def test_bad_messages_mid_session_close_4400_after_the_events(gateway, second):
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
 
 
+def test_a_call_id_already_live_is_refused_4400(gateway):
+    async def run():
+        async with websockets.connect(gateway.ws(), **AUTH) as first:
+            await first.send(start(call_id="call-twice"))
+            assert json.loads(await first.recv())["type"] == "started"
+            second = await refused(gateway.ws(), start(call_id="call-twice"), **AUTH)
+            await first.send(json.dumps({"type": "stop"}))
+            await drain(first)
+            return second, first.close_code
+
+    (event, code, _), first_code = asyncio.run(run())
+    assert_error(event, CLOSE_BAD_MESSAGE, code, "call_in_use")
+    assert first_code == CLOSE_NORMAL
+
+
 def test_a_message_over_the_limit_closes_1009(gateway):
     limit = gateway.config.live.max_message_bytes
 
