@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from importlib import resources
+from typing import Literal
 
 from client.gateway.config import GatewayConfig
 from client.gateway.docs import add_docs_routes
@@ -231,6 +232,12 @@ def create_app(config: GatewayConfig):
             None, max_length=1024, description="thresholds, e.g. `angry=0.7,sad=0.8`"
         ),
         embeddings: bool = Query(False, description="add each segment's embedding vector"),
+        channels: Literal["mix", "split"] = Query(
+            "mix", description="`split`: each channel its own party (`parties` list)"
+        ),
+        parties: str | None = Query(
+            None, max_length=1024, description="channel names in order (implies `split`)"
+        ),
         filename: str | None = Query(
             None, max_length=MAX_FILENAME_QUERY, description="the name of a raw-body upload"
         ),
@@ -247,7 +254,7 @@ def create_app(config: GatewayConfig):
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > config.max_upload_bytes:
             raise GatewayError(413, TOO_LARGE, too_large_message(config.max_upload_bytes))
-        options = gateway.options(segment, alert)
+        options = gateway.options(segment, alert, channels, parties)
         gateway.admission.check_room()
         uploads = Uploads()
         try:

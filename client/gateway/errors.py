@@ -12,6 +12,7 @@ FILE_ERROR_STATUS = {
     "out_of_range": 422,
     "too_short": 422,
     "too_long": 422,
+    "channels": 422,  # ?channels=split: more channels than party names
     "inference": 502,  # Triton rejected the padded request the gateway built
     "server": 502,  # Triton failed on it (after retries)
     "internal": 500,  # a bug in the gateway

@@ -25,6 +25,28 @@ class AlertOut(BaseModel):
     start_s: float = Field(description="the segment with that score")
     end_s: float
     segments: int = Field(description="segments at or above the threshold")
+    party: str | None = Field(None, description="`channels=split`: whose speech crossed it")
+
+
+class PartyOut(BaseModel):
+    """`channels=split`: one channel of the file, analysed on its own."""
+
+    party: str
+    channel: int = Field(description="0-based channel of the file")
+    emotion: str | None
+    confidence: float | None
+    scores: dict[str, float]
+    no_speech: bool
+    speech_s: float = Field(description="seconds of this party's segments")
+    segments: list[SegmentOut]
+    alerts: list[AlertOut]
+
+
+class ConversationOut(BaseModel):
+    speech_s: dict[str, float] = Field(description="party -> seconds of speech")
+    overlap_s: float = Field(description="seconds during which two or more parties speak")
+    silence_s: float = Field(description="seconds during which no party speaks")
+    longest_silence_s: float
 
 
 class FileOut(BaseModel):
@@ -39,6 +61,10 @@ class FileOut(BaseModel):
     no_speech: bool | None = Field(None, description="true when VAD found no speech")
     segments: list[SegmentOut] | None = None
     alerts: list[AlertOut] | None = None
+    channels: str | None = Field(None, description="`split` when each channel is a party")
+    reported_party: str | None = Field(None, description="split: whose emotion this is")
+    parties: list[PartyOut] | None = None
+    conversation: ConversationOut | None = None
     model: str | None = None
     synthetic: bool | None = Field(None, description="random weights: labels are meaningless")
     note: str | None = None

@@ -21,6 +21,7 @@ from client.gateway.errors import BAD_PARAMETER, UNAVAILABLE, GatewayError
 from client.gateway.limits import Admission
 from client.gateway.metrics import GatewayMetrics
 from client.gateway.uploads import Upload
+from client.parties import parse_parties, party_thresholds
 from client.results import FileResult, parse_alerts, resolve_alerts, short_label
 from client.segment import parse_segment_mode
 from client.triton import ModelInfo, ServerUnavailable, TritonEmotionClient
@@ -118,12 +119,21 @@ class Gateway:
             )
         return self.info
 
-    def options(self, segment: str, alert: str | None) -> JobOptions:
-        """Job options from the query values; 400 naming the problem (and the labels)."""
+    def options(
+        self, segment: str, alert: str | None, channels: str = "mix", parties: str | None = None
+    ) -> JobOptions:
+        """Job options from the query values; 400 naming the problem (and the labels).
+        `channels=split` (or `parties`) analyses each channel as its own party, with
+        `alert` rules like `customer:angry=0.7` (client/parties.py)."""
         info = self.require_model()
+        names, per_party, thresholds = None, None, {}
         try:
             mode = parse_segment_mode(segment)
-            thresholds = resolve_alerts(parse_alerts(alert), info.labels)
+            if channels == "split" or parties is not None:
+                names = parse_parties(parties)
+                per_party = party_thresholds(alert, names, info.labels)
+            else:
+                thresholds = resolve_alerts(parse_alerts(alert), info.labels)
         except ValueError as exc:
             message = str(exc).replace("--alert", "alert")
             raise GatewayError(400, BAD_PARAMETER, message) from None
@@ -134,6 +144,8 @@ class Gateway:
             segment=mode,
             thresholds=thresholds,
             max_duration_s=self.config.max_duration_s,
+            parties=names,
+            party_thresholds=per_party,
         )
 
     async def classify(
@@ -180,8 +192,14 @@ def file_json(result: FileResult, embeddings: bool) -> dict:
     data["timestamp"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     data |= row
     if embeddings and result.ok:
-        for segment, source in zip(data["segments"], result.segments):
-            segment["embedding"] = [round(float(v), 6) for v in source.embedding]
+        pairs = [(data.get("segments", []), result.segments)]
+        pairs += [
+            (p["segments"], s.result.segments)
+            for p, s in zip(data.get("parties", []), result.parties or [])
+        ]
+        for segments, sources in pairs:
+            for segment, source in zip(segments, sources):
+                segment["embedding"] = [round(float(v), 6) for v in source.embedding]
     return data
 
 
