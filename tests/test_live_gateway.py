@@ -613,6 +613,40 @@ def test_a_client_that_stops_reading_is_closed_4409_and_its_work_stops(tiny_serv
     assert other_s < 10
 
 
+def test_a_subscriber_that_stops_reading_is_dropped_4409_and_the_call_goes_on(tiny_server):
+    """A WebSocket subscriber with small buffers reads nothing: its own queue overflows and
+    it is dropped; the call it watched ends normally with every event on its socket."""
+    limits = dict(outbox_events=8, outbox_bytes=4096, **FAST)
+    with InProcessGateway(tiny_server.config.grpc_url, **limits) as gw:
+
+        async def run():
+            raw = socket.socket()
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+            raw.connect(("127.0.0.1", gw.port))
+            url = gw.ws(CALL_EVENTS_WS_PATH.format(call_id="call-watched"))
+            async with websockets.connect(url, sock=raw, max_queue=1) as slow:
+                await asyncio.sleep(0.3)
+                shrink_server_buffers(gw)
+                async with websockets.connect(gw.ws()) as ws:
+                    await ws.send(start(call_id="call-watched", channels=2, hop_s=0.5))
+                    await ws.recv()
+                    began = time.monotonic()
+                    # 3 s of sending: the dropped subscriber reads again within the
+                    # gateway's 5 s flush of its queue, so it sees the error and the code.
+                    sender = asyncio.create_task(stream(ws, speech(30, 2), 6400, 0.02))
+                    events = await asyncio.wait_for(drain(ws), 120)
+                    await sender
+                    call = (events, ws.close_code, time.monotonic() - began)
+                dropped = await asyncio.wait_for(drain(slow), 30)
+                return call, dropped, slow.close_code
+
+        (events, code, took), dropped, slow_code = asyncio.run(run())
+    assert code == CLOSE_NORMAL and events[-1]["type"] == EVENT_SUMMARY
+    assert len(events) > 20 and took < 30
+    assert_error(dropped[-1], CLOSE_SLOW_READER, slow_code, "slow_reader")
+    assert len(dropped) < len(events)
+
+
 def shrink_server_buffers(gw: InProcessGateway) -> None:
     """Small kernel send buffers and asyncio write limits on the gateway's open sockets."""
     for connection in list(gw.server.server_state.connections):
