@@ -791,6 +791,10 @@ def test_page_uploads_a_sample_and_draws_the_timeline(gateway, tmp_path):
             .startswith("blob:")
         )
         assert browser.find_element(By.CSS_SELECTOR, ".emotion").text
+        # <unk> is in the JSON's scores (compatibility) but never an answer: not on the page
+        bars = browser.find_element(By.CSS_SELECTOR, ".scores").text
+        assert "angry" in bars and "<unk>" not in bars, bars
+        assert all("<unk>" not in s.get_attribute("title") for s in segments)
         errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert errors == []
         out = ROOT / "build"

@@ -96,7 +96,7 @@ function card(result) {
   q(".axis .end").textContent = `${Number(result.duration_s).toFixed(1)} s`;
   timeline(q(".timeline"), q(".segment-detail"), result);
   legend(q(".legend"), result);
-  for (const [label, score] of Object.entries(result.scores || {}).sort((a, b) => b[1] - a[1])) {
+  for (const [label, score] of answers(result.scores)) {
     const item = document.createElement("li");
     const bar = document.createElement("span");
     bar.className = "bar";
@@ -116,6 +116,18 @@ function card(result) {
   return node;
 }
 
+// Labels the model can never answer (`<unk>`, `unuse*`): left out of what the page shows,
+// as client/results.py's `predictable` rules; the JSON and CSV keep every column.
+function predictable(label) {
+  return !(label.startsWith("unuse") || label === "<unk>");
+}
+
+function answers(scores) {
+  return Object.entries(scores || {})
+    .filter(([label]) => predictable(label))
+    .sort((a, b) => b[1] - a[1]);
+}
+
 function timeline(bar, detail, result) {
   const total = Math.max(Number(result.duration_s) || 0, 1e-6);
   for (const segment of result.segments || []) {
@@ -125,8 +137,7 @@ function timeline(bar, detail, result) {
     block.style.left = `${(100 * segment.start_s) / total}%`;
     block.style.width = `${(100 * (segment.end_s - segment.start_s)) / total}%`;
     block.style.background = colour(segment.emotion);
-    const scores = Object.entries(segment.scores || {})
-      .sort((a, b) => b[1] - a[1])
+    const scores = answers(segment.scores)
       .map(([label, score]) => `${label} ${pct(score)}`)
       .join(", ");
     const who = segment.party ? `${segment.party}, ` : "";
