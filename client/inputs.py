@@ -49,7 +49,7 @@ def filesystem(uri: str):
         import fsspec
     except ImportError:
         raise InputError(
-            f"{uri}: URIs need fsspec: pip install 'emotion2vec-triton[storage]'"
+            f"{uri}: URIs need fsspec: pip install './[storage]' in the clone"
         ) from None
     protocol = uri.split("://", 1)[0].lower()
     try:
@@ -58,7 +58,7 @@ def filesystem(uri: str):
         extra = PROTOCOL_EXTRAS.get(protocol, "storage")
         raise InputError(
             f"{uri}: {protocol}:// needs its fsspec back end: "
-            f"pip install 'emotion2vec-triton[{extra}]' ({exc})"
+            f"pip install './[{extra}]' in the clone ({exc})"
         ) from None
     except ValueError as exc:
         raise InputError(f"{uri}: {exc}") from None

@@ -49,7 +49,7 @@ MAX_SECRET_BYTES = 4096
 MIN_SECRET_BYTES = 16
 MAX_HEADER_CHARS = 1024
 _RETRIED = frozenset({408, 425, 429})
-_INSTALL = "pip install 'emotion2vec-triton[webhooks]'"
+_INSTALL = "pip install './[webhooks]' in the clone"
 
 
 def sign(secret: bytes, timestamp: int, body: bytes) -> str:

@@ -1,4 +1,4 @@
-"""The lean client: `pip install emotion2vec-triton` alone (no torch, FunASR or Triton
+"""The lean client: `pip install ./` (the clone) alone (no torch, FunASR or Triton
 server) classifies recordings against a real server. Installed into a fresh virtual
 environment from this checkout, as a batch pod or the gateway image would."""
 

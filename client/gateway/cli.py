@@ -4,7 +4,7 @@
     curl -F file=@call.wav http://127.0.0.1:8080/predict
 
 Listens on loopback unless --host says otherwise. Needs the `gateway` extra
-(pip install 'emotion2vec-triton[gateway]'). Exit status: 0 after SIGTERM/Ctrl-C, 2 for
+(pip install './[gateway]' in the clone). Exit status: 0 after SIGTERM/Ctrl-C, 2 for
 bad arguments or a missing extra, 1 when the server cannot start (e.g. port taken).
 """
 
@@ -177,7 +177,7 @@ def run_gateway(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(
             f"error: the gateway needs its extra ({exc.name} is missing): "
-            "pip install 'emotion2vec-triton[gateway]'",
+            "pip install './[gateway]' in the clone",
             file=sys.stderr,
         )
         return EXIT_USAGE

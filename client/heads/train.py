@@ -105,7 +105,7 @@ def fit(kind: str, class_weight: str, seed: int, x: np.ndarray, y: np.ndarray):
         if "sample_weight" not in inspect.signature(pipeline[-1].fit).parameters:
             raise TrainingError(
                 "--head mlp --class-weight balanced needs scikit-learn 1.7+ "
-                "(pip install 'emotion2vec-triton[train]')"
+                "(pip install './[train]' in the clone)"
             )
         kwargs["head__sample_weight"] = compute_sample_weight("balanced", y)
     with warnings.catch_warnings():

@@ -162,9 +162,7 @@ def _options(args: argparse.Namespace) -> PlayOptions:
     try:
         import websockets  # noqa: F401
     except ImportError:
-        raise UsageError(
-            "e2v live needs websockets: pip install 'emotion2vec-triton[live]'"
-        ) from None
+        raise UsageError("e2v live needs websockets: pip install './[live]' in the clone") from None
     if not 0 < args.speed <= MAX_SPEED:
         raise UsageError(f"--speed must be in (0, {MAX_SPEED:g}], not {args.speed:g}")
     if args.protocol != "live" and (
