@@ -132,6 +132,8 @@ class Gateway:
             if channels == "split" or parties is not None:
                 names = parse_parties(parties)
                 per_party = party_thresholds(alert, names, info.labels)
+            elif ":" in (alert or ""):
+                raise ValueError(f"alert {alert}: PARTY:LABEL=P needs channels=split")
             else:
                 thresholds = resolve_alerts(parse_alerts(alert), info.labels)
         except ValueError as exc:
