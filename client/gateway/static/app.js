@@ -31,6 +31,11 @@ function predictUrl() {
   const query = new URLSearchParams({ segment: $("segment").value });
   const alert = $("alert").value.trim();
   if (alert) query.set("alert", alert);
+  if ($("channels").value === "split") {
+    query.set("channels", "split");
+    const parties = $("parties").value.trim();
+    if (parties) query.set("parties", parties);
+  }
   return `predict?${query}`;
 }
 
@@ -94,7 +99,14 @@ function card(result) {
   q(".confidence").textContent = result.confidence == null ? "" : pct(result.confidence);
   q(".duration").textContent = `${Number(result.duration_s).toFixed(1)} s`;
   q(".axis .end").textContent = `${Number(result.duration_s).toFixed(1)} s`;
-  timeline(q(".timeline"), q(".segment-detail"), result);
+  if (result.parties) {
+    lanes(q(".timeline"), q(".segment-detail"), result);
+    q(".conversation").hidden = false;
+    q(".conversation").textContent = conversationText(result);
+    q(".overall .emotion").title = `the emotion of ${result.reported_party}, named first`;
+  } else {
+    timeline(q(".timeline"), q(".segment-detail"), result);
+  }
   legend(q(".legend"), result);
   for (const [label, score] of answers(result.scores)) {
     const item = document.createElement("li");
@@ -108,7 +120,7 @@ function card(result) {
   for (const alert of result.alerts || []) {
     const item = document.createElement("li");
     item.className = "alert";
-    item.textContent = `ALERT ${alert.label} reached ${pct(alert.max_score)} (threshold ` +
+    item.textContent = `ALERT ${alert.party ? `${alert.party}: ` : ""}${alert.label} reached ${pct(alert.max_score)} (threshold ` +
       `${pct(alert.threshold)}) at ${alert.start_s.toFixed(1)}-${alert.end_s.toFixed(1)} s, ` +
       `${alert.segments} segment(s)`;
     q(".alerts").append(item);
@@ -152,8 +164,41 @@ function timeline(bar, detail, result) {
   }
 }
 
+// `channels=split`: one lane per party (channel), each with its own timeline.
+function lanes(bar, detail, result) {
+  const node = document.createElement("div");
+  node.className = "lanes";
+  for (const party of result.parties) {
+    const lane = document.createElement("div");
+    lane.className = "lane";
+    lane.dataset.party = party.party;
+    const name = document.createElement("span");
+    name.className = "lane-name";
+    const emotion = party.no_speech ? "no speech" : party.emotion ?? "-";
+    name.textContent = `${party.party}: ${emotion} ${pct(party.confidence)}, ` +
+      `${Number(party.speech_s).toFixed(1)} s speech`;
+    const track = document.createElement("div");
+    track.className = "timeline";
+    track.setAttribute("role", "list");
+    track.setAttribute("aria-label", `Emotion per segment of ${party.party}`);
+    const segments = party.segments.map((s) => ({ ...s, party: party.party }));
+    timeline(track, detail, { segments, duration_s: result.duration_s });
+    lane.append(name, track);
+    node.append(lane);
+  }
+  bar.replaceWith(node);
+}
+
+function conversationText(result) {
+  const c = result.conversation || {};
+  const s = (value) => `${Number(value).toFixed(1)} s`;
+  return `overlap ${s(c.overlap_s)} · silence ${s(c.silence_s)} · ` +
+    `longest silence ${s(c.longest_silence_s)}`;
+}
+
 function legend(node, result) {
-  const labels = new Set((result.segments || []).map((s) => s.emotion).filter(Boolean));
+  const all = [...(result.segments || []), ...(result.parties || []).flatMap((p) => p.segments)];
+  const labels = new Set(all.map((s) => s.emotion).filter(Boolean));
   for (const label of labels) {
     const item = document.createElement("span");
     const swatch = document.createElement("i");
