@@ -156,7 +156,9 @@ def test_replayed_signature_is_refused(signed_gateway, reference_client):
 class AudioHookClient:
     """Speaks AudioHook v2 (or not, on purpose) over a real WebSocket."""
 
-    def __init__(self, process: GatewayProcess, headers: dict | None = None, key=API_KEY):
+    def __init__(
+        self, process: GatewayProcess, headers: dict | None = None, key=API_KEY, **options
+    ):
         self.id = str(uuid.uuid4())
         self.org = str(uuid.uuid4())
         self.seq = 0
@@ -172,7 +174,11 @@ class AudioHookClient:
         else:
             self.id = headers.get("Audiohook-Session-Id", self.id)
         self._connection = websockets.connect(
-            ws_url(process), additional_headers=headers, open_timeout=10, max_size=None
+            ws_url(process),
+            additional_headers=headers,
+            open_timeout=10,
+            max_size=None,
+            **options,
         )
         self.ws = self._connection.__enter__()
 
@@ -492,3 +498,80 @@ def test_no_open_in_time_and_idle_streams_time_out_but_pauses_do_not(quick_gatew
         client.ws.send(mulaw_stereo_frames(1)[0])
         events = client.close_transaction()
         assert events[-1]["parameters"]["entities"][0]["data"]["type"] == "summary"
+
+
+def _raw_upgrade(process: GatewayProcess, session_id: str, org: str):
+    """A WebSocket by hand (a TCP socket), so the test can write without ever reading."""
+    import os
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", process.port), timeout=10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET {AUDIOHOOK_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{process.port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"X-API-KEY: {API_KEY}\r\nAudiohook-Session-Id: {session_id}\r\n"
+            f"Audiohook-Organization-Id: {org}\r\n\r\n"
+        ).encode()
+    )
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(1)
+    assert answer.startswith(b"HTTP/1.1 101"), answer
+    return sock
+
+
+def _frame(text: str) -> bytes:
+    """One masked text frame (clients must mask)."""
+    import os
+
+    data, mask = text.encode(), os.urandom(4)
+    size = len(data)
+    head = bytes([0x81]) + (
+        bytes([0x80 | size]) if size < 126 else bytes([0x80 | 126]) + size.to_bytes(2, "big")
+    )
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+
+def test_a_client_that_stops_reading_loses_its_slot(quick_gateway):
+    """Pings answered into a socket nobody reads: once a pong cannot be sent for 10 s the
+    session ends (4409) and its slot is free (the gateway allows one session here)."""
+    client = AudioHookClient.__new__(AudioHookClient)  # messages only, no connection
+    client.id, client.org, client.seq, client.serverseq = str(uuid.uuid4()), "", 0, 0
+    client.org = str(uuid.uuid4())  # (the open message's organizationId)
+    sock = _raw_upgrade(quick_gateway, client.id, client.org)
+    try:
+        open_message = client.message(
+            "open",
+            {
+                "organizationId": client.org,
+                "conversationId": str(uuid.uuid4()),
+                "participant": {"id": str(uuid.uuid4()), "ani": "", "aniName": "", "dnis": ""},
+                "media": OFFERS,
+            },
+        )
+        sock.sendall(_frame(json.dumps(open_message)))
+        sock.settimeout(1.0)
+        started = time.monotonic()
+        try:
+            while time.monotonic() - started < 60:  # until the buffers on the way are full
+                sock.sendall(_frame(json.dumps(client.message("ping", {}))))
+        except (TimeoutError, OSError):
+            pass
+        # The slot comes free: a new session opens (the first one never reads again).
+        while True:
+            with AudioHookClient(quick_gateway) as other:
+                other.send("open", open_message["parameters"] | {"organizationId": other.org})
+                answer = other.receive()
+                if answer["type"] == "opened":
+                    # Freed by the 10 s send bound (not the 1.5 s idle one: no receive
+                    # loop runs while a pong waits to be sent).
+                    assert time.monotonic() - started >= 10
+                    break
+                assert "busy" in answer["parameters"]["info"], answer
+            assert time.monotonic() - started < 40, "the slot was not freed"
+            time.sleep(1)
+    finally:
+        sock.close()

@@ -602,6 +602,8 @@ class AudioHookSession:
         if failure.code in (CLOSE_BAD_MESSAGE, CLOSE_TOO_BIG, CLOSE_TOO_FAST, CLOSE_TIMEOUT):
             info = f"Client Error: {info}"  # the reference's prefix for the client's faults
         self.state = "ERROR"
+        if failure.code == CLOSE_SLOW_READER:  # it would not read a disconnect either
+            return
         try:
             await self._send("disconnect", {"reason": reason, "info": info})
             await self._await_close()
@@ -642,8 +644,10 @@ class AudioHookSession:
                 if message["type"] == "websocket.disconnect":
                     return
         self._client_closed = True  # closed once
-        with contextlib.suppress(Exception):
-            await self.ws.close(self.close_code, close_reason(self.close_info))
+        with contextlib.suppress(Exception):  # bounded: a client not reading takes no frame
+            await asyncio.wait_for(
+                self.ws.close(self.close_code, close_reason(self.close_info)), CLOSE_WAIT_S
+            )
 
 
 class _ClientGone(Exception):
