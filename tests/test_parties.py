@@ -337,3 +337,22 @@ def test_jsonl_parquet_and_merge(tiny_server, calls, tmp_path):
         pairs = sorted((Path(r["file"]).name, r["party"] or "") for r in rows)
         assert pairs == expected
         assert {"party", "channel", "speech_s", "overlap_s", "parties"} <= set(rows[0])
+
+
+def test_webhook_body_names_the_party_without_segments(tiny_server, calls, tmp_path):
+    from test_webhooks import SECRET, Receiver
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    first, _ = classify(tiny_server, [calls["mulaw"]], "--channels", "split")
+    label = next(iter(first["call-mulaw.wav"]["parties"][0]["scores"]))
+    with Receiver() as receiver:
+        rows, err = classify(tiny_server, [calls["mulaw"]], "--channels", "split",
+                             "--alert", f"agent:{label}=0", "--webhook", receiver.url,
+                             "--webhook-secret-file", str(secret), code=8)  # fmt: skip
+        assert "webhooks: 1 delivered" in err and receiver.verified()
+        (body,) = receiver.bodies()
+    assert [a["party"] for a in body["alerts"]] == ["agent"]
+    assert [p["party"] for p in body["parties"]] == ["customer", "agent"]
+    assert all("segments" not in p for p in body["parties"]) and "segments" not in body
+    assert body["alerts"] == rows["call-mulaw.wav"]["alerts"]
