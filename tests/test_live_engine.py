@@ -478,6 +478,25 @@ def test_party_finals_are_the_batch_cut_of_the_same_audio_in_any_chunking(seed):
         assert first <= start.start <= first + FRAME
 
 
+def test_windows_run_on_a_grid_during_speech_and_count_the_ones_a_big_push_skips():
+    from client.live.party import Window
+
+    wav, spans = fx.bursts([("silence", 1.0), ("speech", 9.0), ("silence", 2.5)], seed=1)
+    small, big = PartyStream(16_000, 3.0, 0.5), PartyStream(16_000, 3.0, 0.5)
+    fine = [a for i in range(0, len(wav), 320) for a in small.push(wav[i : i + 320])]
+    coarse = [a for i in range(0, len(wav), 40_000) for a in big.push(wav[i : i + 40_000])]
+    fine = [a for a in fine if isinstance(a, Window)]
+    coarse = [a for a in coarse if isinstance(a, Window)]
+    assert all(w.skipped == 0 for w in fine) and len(fine) >= 14  # every 0.5 s of speech
+    steps = {b.end - a.end for a, b in zip(fine, fine[1:])}
+    assert steps == {8000}  # on the grid, 0.5 s apart
+    assert all(w.end - w.start <= 48_000 and w.end <= spans[0][1] + 8000 for w in fine)
+    # 2.5 s pushes: each window stands for the ones due in its push, on the same grid.
+    assert {w.end for w in coarse} <= {w.end for w in fine}
+    assert sum(1 + w.skipped for w in coarse) == pytest.approx(len(fine), abs=2)
+    assert any(w.skipped >= 3 for w in coarse)
+
+
 def test_live_cutting_sends_short_clips_as_vad_segments_not_whole():
     from client.segment import SegmentCutter
 

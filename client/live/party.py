@@ -41,6 +41,7 @@ class Window:
     start: int
     end: int
     samples: np.ndarray
+    skipped: int = 0  # older windows due in the same push, left out for this one
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,11 @@ class PartyStream:
         actions = self._finals(self.cutter.push(samples))
         if self.open is None and (start := self.cutter.open_start) is not None:
             actions.append(self._start(start))
-        if self.open is not None and self.cutter.speaking:
-            actions += self._windows()
+        if self.open is not None:
+            if self.cutter.speaking:
+                actions += self._windows()
+            else:
+                self._pass_silence()
         return actions
 
     def _start(self, start: int) -> Start:
@@ -119,14 +123,21 @@ class PartyStream:
             self.open = None
         return actions
 
+    def _pass_silence(self) -> None:
+        """No window is due while the utterance pauses: the grid moves past the pause."""
+        end = self.cutter.end
+        if end >= self.next_window:
+            self.next_window += ((end - self.next_window) // self.hop + 1) * self.hop
+
     def _windows(self) -> list[Action]:
-        """Windows due in the audio just pushed; only the newest of them when several
-        are (the older ones would be coalesced anyway)."""
+        """Windows due in the audio just pushed: the newest of them, carrying how many
+        older ones it stands for (a push of more than `hop_s`: the session was behind)."""
         end = self.cutter.end
         if end < self.next_window:
             return []
-        due = self.next_window + (end - self.next_window) // self.hop * self.hop
+        skipped = (end - self.next_window) // self.hop
+        due = self.next_window + skipped * self.hop
         self.next_window = due + self.hop
         retained_from = self.cutter.end - self.cutter.retained
         start = max(self.open, due - self.window, retained_from)
-        return [Window(self.utterance, start, due, self.cutter.window(start, due))]
+        return [Window(self.utterance, start, due, self.cutter.window(start, due), skipped)]

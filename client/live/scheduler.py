@@ -115,16 +115,23 @@ class Scheduler:
             delay = min(FINAL_BACKOFF_CAP_S, delay * 2)
 
     def interim(
-        self, key: Hashable, samples: np.ndarray, done: Done, size: int | None = None
+        self,
+        key: Hashable,
+        samples: np.ndarray,
+        done: Done,
+        size: int | None = None,
+        skipped: int = 0,
     ) -> None:
         """Score `samples` (padded to the bucket of `size` samples) and call `done` once
         with the prediction (None on failure) and the windows this one replaced.
 
-        A window of `key` still waiting is replaced: its `done` is never called."""
+        A window of `key` still waiting is replaced: its `done` is never called.
+        `skipped`: windows the caller already left out for this one (counted the same)."""
         replaced = self._interims.pop(key, None)
-        coalesced = 0
+        coalesced = skipped
+        self.stats.coalesced += skipped
         if replaced is not None:
-            coalesced = replaced.coalesced + 1
+            coalesced += replaced.coalesced + 1
             self.stats.coalesced += 1
         self._interims[key] = _Waiting(samples, size, done, coalesced, time.monotonic())
         self._dispatch()

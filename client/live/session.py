@@ -397,6 +397,7 @@ class LiveSession:
                 action.samples,
                 functools.partial(self._on_interim, index, action),
                 self._window_size,
+                action.skipped,
             )
         elif isinstance(action, Final):
             self._finals_seen[index] = action.utterance
