@@ -308,11 +308,11 @@ def test_mono_offer_and_connection_probe(gateway):
                     "aniName": "",
                     "dnis": "",
                 },
-                "media": [OFFERS[1], {**OFFERS[1], "format": "L16", "channels": ["internal"]}],
+                "media": [{**OFFERS[1], "format": "L16", "channels": ["internal"]}, OFFERS[1]],
             },
         )
         opened = client.receive()
-        assert opened["parameters"]["media"] == [OFFERS[1]]  # one channel, the first offer
+        assert opened["parameters"]["media"] == [OFFERS[1]]  # one channel, PCMU before L16
         assert client.close_transaction() == []  # a probe: no session, no events
 
 
@@ -575,3 +575,30 @@ def test_a_client_that_stops_reading_loses_its_slot(quick_gateway):
             time.sleep(1)
     finally:
         sock.close()
+
+
+def test_l16_when_only_l16_is_offered(gateway):
+    """L16 (little-endian, as the reference sends it) is decoded like PCMU: the same
+    speech gives the same utterance starts."""
+    from client.live import codecs
+
+    stereo = [{**OFFERS[0], "format": "L16"}]
+    pcm = (codecs.decode(b"".join(mulaw_stereo_frames(6)), "mulaw") * 32768).round()
+    body = pcm.clip(-32768, 32767).astype("<i2").tobytes()
+    starts = {}
+    for media, payload in ((stereo, body), ([OFFERS[0]], b"".join(mulaw_stereo_frames(6)))):
+        with AudioHookClient(gateway) as client:
+            assert client.open(media=media)["parameters"]["media"] == media
+            step = len(payload) // 30
+            for i in range(0, len(payload), step - step % 4):
+                client.ws.send(payload[i : i + step - step % 4])
+                time.sleep(0.1)
+            data = [
+                m["parameters"]["entities"][0]["data"]
+                for m in client.close_transaction()
+                if m["type"] == "event"
+            ]
+            starts[media[0]["format"]] = [
+                (d["party"], d["start_s"]) for d in data if d["type"] == "utterance.start"
+            ]
+    assert starts["L16"] and starts["L16"] == starts["PCMU"], starts

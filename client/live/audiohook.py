@@ -63,7 +63,9 @@ VERSION = "2"
 NULL_UUID = "00000000-0000-0000-0000-000000000000"  # a connection probe's conversationId
 MAX_TEXT_CHARS = 65535  # the reference's largest text message
 RATE = 8000
-FORMATS = {"PCMU": "mulaw", "L16": "pcm_s16le"}  # L16 little-endian, as the reference reads it
+# L16 little-endian, as the reference reads and writes it (host order; RFC 2586 would say
+# big-endian): taken only when no PCMU of as many channels is offered.
+FORMATS = {"PCMU": "mulaw", "L16": "pcm_s16le"}
 # How long the client gets for its side of a close transaction, and to close the socket.
 CLOSE_WAIT_S = 5.0
 SEND_TIMEOUT_S = 10.0  # longest wait for the client to take one message
@@ -193,13 +195,11 @@ PARAMETERS = {
 
 
 def choose_media(offers: list[dict]) -> dict | None:
-    """The offer we take: stereo first, then one channel, each in the client's order."""
+    """The offer we take: stereo first, then one channel; PCMU before L16 (the byte order
+    of L16 is the one thing the reference leaves to the host), then the client's order."""
     usable = [m for m in offers if len(set(m["channels"])) == len(m["channels"])]
-    for channels in (2, 1):
-        for media in usable:
-            if len(media["channels"]) == channels:
-                return media
-    return None
+    ranked = sorted(usable, key=lambda m: (-len(m["channels"]), m["format"] != "PCMU"))
+    return ranked[0] if ranked else None
 
 
 def stream_format(media: dict) -> StreamFormat:
