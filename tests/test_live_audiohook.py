@@ -602,3 +602,14 @@ def test_l16_when_only_l16_is_offered(gateway):
                 (d["party"], d["start_s"]) for d in data if d["type"] == "utterance.start"
             ]
     assert starts["L16"] and starts["L16"] == starts["PCMU"], starts
+
+
+def test_a_conversation_live_already_is_refused(gateway):
+    conversation = str(uuid.uuid4())
+    with AudioHookClient(gateway) as first, AudioHookClient(gateway) as second:
+        assert first.open(conversationId=conversation)["type"] == "opened"
+        second.open(conversationId=conversation, wait=False)
+        failure = second.failure()
+        assert "already live" in failure["info"], failure
+        assert second.close_code() == CLOSE_BAD_MESSAGE
+        assert first.close_transaction()[-1]["type"] == "event"  # the first goes on
