@@ -367,3 +367,58 @@ def test_no_start_in_time_and_no_media_time_out(quick_gateway):
         client.media("inbound", 1, 0, b"\xff" * CHUNK)
         code, reason = client.close_code()
         assert code == CLOSE_TIMEOUT and "no media for 1.5 s" in reason
+
+
+def test_the_summary_of_a_twilio_call_is_a_signed_webhook(tiny_server, tmp_path):
+    """No subscriber at all: the call's summary reaches a real HTTP receiver, signed."""
+    import http.server
+
+    from client.webhooks import verify
+    from e2v.contract import WEBHOOK_SIGNATURE_HEADER
+
+    secret = "s" * 32
+    (tmp_path / "key").write_text(API_KEY)
+    (tmp_path / "secret").write_text(secret)
+    received: list[tuple[dict, bool]] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            signed = verify(secret.encode(), self.headers[WEBHOOK_SIGNATURE_HEADER], body)
+            received.append((json.loads(body), signed))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    process = GatewayProcess(
+        tiny_server.config.grpc_url,
+        "--api-key-file",
+        str(tmp_path / "key"),
+        "--webhook",
+        f"http://127.0.0.1:{server.server_address[1]}/hook",
+        "--webhook-secret-file",
+        str(tmp_path / "secret"),
+    )
+    try:
+        with process, TwilioClient(process) as client:
+            inbound, outbound = tracks()
+            client.start()
+            client.play(inbound[: 8000 * 6], outbound[: 8000 * 6])
+            client.send("stop", {"callSid": client.call_sid})
+            assert client.close_code() == (1000, "done")
+            deadline = time.monotonic() + 20
+            while not any(e["type"] == "summary" for e, _ in received):
+                assert time.monotonic() < deadline, received
+                time.sleep(0.2)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    (summary, signed), *_ = [(e, s) for e, s in received if e["type"] == "summary"]
+    assert signed and summary["call_id"] == client.call_sid
+    assert [p["party"] for p in summary["parties"]] == ["caller", "callee"]
