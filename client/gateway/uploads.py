@@ -123,11 +123,13 @@ class BodyReader:
         wait = min(self.read_timeout_s, deadline - time.monotonic())
         if wait > 0 and not self._evicted.done():
             receive = asyncio.ensure_future(self.receive())
-            pending = (receive, self._evicted)
-            await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-            if receive.done():
-                return receive.result()
-            receive.cancel()
+            try:
+                pending = (receive, self._evicted)
+                await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                if receive.done():
+                    return receive.result()
+            finally:
+                receive.cancel()  # no-op once done; never left waiting after a timeout
         if self._evicted.done() and self._evicted.result() is not None:
             raise self._evicted.result()
         raise GatewayError(
