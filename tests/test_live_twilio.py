@@ -422,3 +422,26 @@ def test_the_summary_of_a_twilio_call_is_a_signed_webhook(tiny_server, tmp_path)
     (summary, signed), *_ = [(e, s) for e, s in received if e["type"] == "summary"]
     assert signed and summary["call_id"] == client.call_sid
     assert [p["party"] for p in summary["parties"]] == ["caller", "callee"]
+
+
+def test_drain_scores_the_call_for_its_subscriber(tiny_server, tmp_path):
+    """SIGTERM mid-call: past --live-drain-s the session is scored (finals, summary) for
+    the subscriber, then the Twilio socket is closed."""
+    import signal
+
+    (tmp_path / "key").write_text(API_KEY)
+    process = GatewayProcess(
+        tiny_server.config.grpc_url, "--api-key-file", str(tmp_path / "key"), "--live-drain-s", "2"
+    )
+    with process, TwilioClient(process) as client:
+        subscriber = Subscriber(process, client.call_sid)
+        subscriber.start()
+        inbound, outbound = tracks()
+        client.start()
+        client.play(inbound[: 8000 * 5], outbound[: 8000 * 5])
+        process.process.send_signal(signal.SIGTERM)
+        events = subscriber.result(timeout=30)
+        code, _ = client.close_code(timeout=30)
+    kinds = [e["type"] for e in events]
+    assert "utterance.end" in kinds and "summary" in kinds, kinds
+    assert code in (1001, 1012), code  # going away (1012 if uvicorn's shutdown came first)
