@@ -356,3 +356,28 @@ def test_webhook_body_names_the_party_without_segments(tiny_server, calls, tmp_p
     assert [p["party"] for p in body["parties"]] == ["customer", "agent"]
     assert all("segments" not in p for p in body["parties"]) and "segments" not in body
     assert body["alerts"] == rows["call-mulaw.wav"]["alerts"]
+
+
+def test_conversation_figures_and_party_names():
+    """Edge cases of client/parties.py without a server: nobody speaks, three parties,
+    touching segments; party names as --parties parses them."""
+    from client.parties import conversation, parse_parties
+    from client.results import SegmentResult
+
+    def segs(*spans):
+        return [SegmentResult(a, b, {}, np.zeros(1)) for a, b in spans]
+
+    quiet = conversation({"customer": [], "agent": []}, 12.5)
+    assert quiet == {"speech_s": {"customer": 0.0, "agent": 0.0}, "overlap_s": 0.0,
+                     "silence_s": 12.5, "longest_silence_s": 12.5}  # fmt: skip
+    three = conversation({"a": segs((0, 4)), "b": segs((1, 2), (3, 5)), "c": segs((1.5, 3.5))}, 8)
+    # two or more speak throughout [1, 4] (a with b or c); only b on [4, 5]; nobody after
+    assert three["overlap_s"] == pytest.approx(3.0)
+    assert three["silence_s"] == pytest.approx(3.0) and three["longest_silence_s"] == 3.0
+    touching = conversation({"a": segs((0, 2)), "b": segs((2, 3))}, 3)
+    assert (touching["overlap_s"], touching["silence_s"]) == (0.0, 0.0)
+    assert parse_parties(None) == ("customer", "agent")
+    assert parse_parties(" caller , callee ") == ("caller", "callee")
+    for bad in ("", "a,", "a,a", "a:b", "a=b", "x" * 65, ",".join(map(str, range(65)))):
+        with pytest.raises(ValueError, match="--parties"):
+            parse_parties(bad)
