@@ -5,6 +5,10 @@ in flight, and a bounded queue between them holds memory to a few segments per f
 Results reach the writer as each file finishes, so a long batch job loses nothing when
 it stops. Every failure that belongs to one file becomes that file's error row; only an
 unreachable server stops the job (and `--resume` finishes it).
+
+With `JobOptions.parties` (`--channels split`) the file is decoded once with its channels
+kept apart: each channel has its own resampler, VAD and cutter, and its segments make
+that party's result (client/parties.py), the same as the channel alone in a mono file.
 """
 
 from __future__ import annotations
