@@ -275,7 +275,9 @@ def local_gateway(triton: Target, concurrency: int) -> Iterator[Target]:
 
     if triton.user != "grpc":
         raise ValueError("the gateway load test talks to Triton over gRPC: use --protocol grpc")
-    with GatewayProcess(triton.url, "--concurrency", str(concurrency)).start(ready=True) as gw:
+    # Every Locust user connects from 127.0.0.1: no per-address connection cap here.
+    flags = ("--concurrency", str(concurrency), "--max-connections-per-client", "0")
+    with GatewayProcess(triton.url, *flags).start(ready=True) as gw:
         settings = {**triton.settings, "gateway_concurrency": concurrency, "gateway_pid": gw.pid}
         label = triton.label.replace("triton-grpc", "gateway")
         yield Target(label, "gateway", gw.url.removeprefix("http://"), triton.stats_url, settings)
