@@ -723,6 +723,8 @@ def test_openapi_documents_the_upload(gateway):
         "alert",
         "embeddings",
         "filename",
+        "channels",
+        "parties",
     }
     assert set(spec["components"]["securitySchemes"]) == {"bearer", "apiKey"}
     assert request(gateway, "GET", "/docs")[0] == 200
