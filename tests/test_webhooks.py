@@ -37,20 +37,11 @@ from e2v.contract import (
     WEBHOOK_ID_HEADER,
     WEBHOOK_SIGNATURE_HEADER,
 )
+from export.config_template import PUBLISHED_LABELS
 
 SECRET = b"test-secret-0123456789abcdef"
 # emotion2vec's published labels (the synthetic models carry the same names, meaninglessly).
-LABELS = [
-    "生气/angry",
-    "厌恶/disgusted",
-    "恐惧/fearful",
-    "开心/happy",
-    "中立/neutral",
-    "其他/other",
-    "难过/sad",
-    "吃惊/surprised",
-    "<unk>",
-]
+LABELS = list(PUBLISHED_LABELS)
 
 
 # ------------------------------------------------------------------------------ receiver
