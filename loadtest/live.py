@@ -217,11 +217,13 @@ def measure(run: dict, calls: list[CallRecording], load: LiveLoad) -> dict:
     low, high = run["start"] + load.ramp_s, run["deadline"]
     interim, since_end, since_due = [], [], []
     lags: dict[str, list[float]] = {EVENT_RESULT: [], EVENT_UTTERANCE_END: []}
-    results = coalesced = 0
+    results = coalesced = stale = 0
     for log in (log for log in logs if log.sent):  # events about audio need audio
         last_s = log.samples_sent / RATE
         for arrived, event in log.events:
             kind = event.get("type")
+            if kind == EVENT_SUMMARY and low <= arrived:
+                stale += int(event.get("stale") or 0)
             if not low <= arrived <= high or kind not in lags:
                 continue
             end_s = float(event["end_s"])
@@ -248,6 +250,7 @@ def measure(run: dict, calls: list[CallRecording], load: LiveLoad) -> dict:
         "results": results,
         "coalesced": coalesced,
         "coalesced_share": round(coalesced / (results + coalesced), 4) if results else 0.0,
+        "stale": stale,
         "finals": finals_check(logs, calls),
         **cpu,
     }

@@ -115,10 +115,10 @@ def _markdown(s: dict) -> list[str]:
         "## Results",
         "",
         "| channels | calls ok / failed | interim p50 / p95 / p99 ms | final p50 / p95 / p99 ms "
-        "| final since utterance end p50 / p95 ms | results (per speech s) | coalesced "
+        "| final since utterance end p50 / p95 ms | results (per speech s) | coalesced | stale "
         "| finals expected / arrived / lost | gateway cores | channels per core "
         "| avg Triton batch | load avg | within target | kept up |",
-        "|" + " --- |" * 14,
+        "|" + " --- |" * 15,
     ]
     for lv in s["levels"]:
         i, f, e = lv["interim_latency_ms"], lv["final_latency_ms"], lv["final_since_end_ms"]
@@ -130,7 +130,7 @@ def _markdown(s: dict) -> list[str]:
             f"| {_ms(f, 'p50')} / {_ms(f, 'p95')} / {_ms(f, 'p99')} "
             f"| {_ms(e, 'p50')} / {_ms(e, 'p95')} "
             f"| {lv['results']} ({_num(fin.get('interims_per_speech_s'), 2)}) "
-            f"| {lv['coalesced']} ({100 * lv['coalesced_share']:.1f}%) "
+            f"| {lv['coalesced']} ({100 * lv['coalesced_share']:.1f}%) | {lv.get('stale', '-')} "
             f"| {fin['expected']} / {fin['arrived']} / {fin['lost']} "
             f"| {_num(lv['gateway_cores'], 2)} | {_num(lv['channels_per_core'], 0)} "
             f"| {_num(batch, 2)} | {lv['load_average'][0]:.1f} -> {lv['load_average'][1]:.1f} "
@@ -167,7 +167,11 @@ def _markdown(s: dict) -> list[str]:
         "lost; fewer when Triton answers a window after its utterance's final, which the "
         "gateway then drops as stale);",
         "- coalesced: interim windows replaced by a newer one of the same party before Triton "
-        "took them (the `coalesced` field of results); finals are never coalesced;",
+        "took them (the `coalesced` field of results); each party has at most one interim "
+        "in flight, so a slow model shows here rather than as windows queued in Triton; "
+        "finals are never coalesced;",
+        "- stale: interim results Triton answered after their utterance's final was cut, not "
+        "sent (the `stale` field of summaries of calls that ended in the measured window);",
         "- finals: expected are the offline utterances (`e2v classify --segment vad`'s cutter "
         "on each party's track, up to where the session's audio stopped) of every call that "
         "ended with its summary; lost are those no final covers;",

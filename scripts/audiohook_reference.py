@@ -4,7 +4,7 @@
         --wavfile samples/call-8k-stereo.wav --api-key KEY [--client-secret BASE64]
 
 The client (purecloudlabs/audiohook-reference-implementation, MIT) is vendored under
-third_party/audiohook-reference/ without its lockfile (it points at a private registry).
+tests/vendor/audiohook-reference/ without its lockfile (it points at a private registry).
 It is copied to build/audiohook-client/ and `npm install`ed there on first use (git-ignored;
 one shared node_modules for client/ and app/audiohook/, as the reference's layout needs),
 then run through `script`, because it puts stdin in raw mode and needs a terminal. Prints
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VENDORED = ROOT / "third_party" / "audiohook-reference"
+VENDORED = ROOT / "tests" / "vendor" / "audiohook-reference"
 BUILD = ROOT / "build" / "audiohook-client"
 INSTALL_TIMEOUT_S = 600
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

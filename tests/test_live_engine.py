@@ -348,6 +348,36 @@ def test_waiting_interims_are_replaced_by_newer_ones_and_finals_go_first(tiny_se
     assert stats.coalesced == 1 and stats.finals == 1 and stats.interims == 2
 
 
+def test_a_party_has_one_interim_in_flight_so_overload_is_counted_not_queued(tiny_server):
+    """Free slots do not let one party pile windows into Triton's queue: its next window
+    waits for the one in flight and is coalesced if a newer one comes; other parties go."""
+
+    async def run():
+        async with TritonEmotionClient(tiny_server.config.grpc_url) as client:
+            scheduler = Scheduler(client, max_in_flight=4)
+            done: list[tuple[str, bool, int]] = []
+            windows = [fx.speech_like(1.5, seed=i) for i in range(4)]
+
+            def record(name):
+                return lambda p, n: done.append((name, p is not None, n))
+
+            scheduler.interim("a", windows[0], record("a0"), size=48_000)  # sent at once
+            scheduler.interim("a", windows[1], record("a1"), size=48_000)  # waits for a0
+            scheduler.interim("b", windows[2], record("b0"), size=48_000)  # sent at once
+            in_flight, waiting = scheduler.in_flight, scheduler.waiting
+            scheduler.interim("a", windows[3], record("a2"), size=48_000)  # replaces a1
+            while len(done) < 3:
+                await asyncio.sleep(0.01)
+            await scheduler.close()
+            return in_flight, waiting, done, scheduler.stats
+
+    in_flight, waiting, done, stats = asyncio.run(run())
+    assert (in_flight, waiting) == (2, 1)
+    assert sorted(done) == [("a0", True, 0), ("a2", True, 1), ("b0", True, 0)]
+    assert done.index(("a0", True, 0)) < done.index(("a2", True, 1))
+    assert stats.coalesced == 1 and stats.interims == 3
+
+
 # ------------------------------------------------------------------ pause, bad input
 
 

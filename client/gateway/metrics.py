@@ -187,6 +187,10 @@ class _LiveCounters:
         "e2v_live_coalesced_windows": ("coalesced", "Interim windows replaced by a newer one"),
         "e2v_live_final_retries": ("final_retries", "Final requests that failed and were retried"),
         "e2v_live_interim_failures": ("interim_failures", "Interim requests that failed"),
+        "e2v_live_stale_interims": (
+            "stale",
+            "Interim results not sent: their utterance's final was cut meanwhile",
+        ),
         "e2v_live_finals": ("finals", "Utterance finals scored"),
         "e2v_live_interims": ("interims", "Interim windows scored"),
     }

@@ -6,9 +6,12 @@ overload the scheduler degrades visibly, never silently:
 - a final (an utterance's whole segment) is never dropped: it waits for a slot ahead of
   any interim, and a failed request is retried with capped backoff, across a Triton
   restart, until it succeeds or its session ends (cancellation);
+- each key (session, party) has at most one interim in flight, so a slow model makes
+  windows wait here, where they are counted, instead of queueing inside Triton and coming
+  back late; one call cannot take more than its share of the slots either;
 - an interim window still waiting for a slot is replaced by the newer window of the same
-  key (session, party): the newer one carries how many it replaced (`coalesced`), and an
-  interim that fails is reported as None rather than retried (a newer one is coming).
+  key: the newer one carries how many it replaced (`coalesced`), and an interim that fails
+  is reported as None rather than retried (a newer one is coming).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class SchedulerStats:
     interims: int = 0  # interim windows scored
     coalesced: int = 0  # interim windows replaced by a newer one before they were sent
     interim_failures: int = 0  # interim windows that failed (reported as None)
+    stale: int = 0  # interim results not sent: their utterance's final was cut meanwhile
 
 
 class Scheduler:
@@ -77,6 +81,7 @@ class Scheduler:
         self._free = max_in_flight
         self._finals: deque[asyncio.Future] = deque()  # finals waiting for a slot
         self._interims: OrderedDict[Hashable, _Waiting] = OrderedDict()
+        self._sending: set[Hashable] = set()  # keys with an interim in flight
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -175,14 +180,19 @@ class Scheduler:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        while self._free > 0 and self._interims and not self._finals:
-            key, window = self._interims.popitem(last=False)
+        if self._finals or not self._interims:
+            return
+        for key in [k for k in self._interims if k not in self._sending]:  # oldest first
+            if self._free <= 0:
+                return
+            window = self._interims.pop(key)
             self._free -= 1
-            task = asyncio.create_task(self._send_interim(window))
+            self._sending.add(key)
+            task = asyncio.create_task(self._send_interim(key, window))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _send_interim(self, window: _Waiting) -> None:
+    async def _send_interim(self, key: Hashable, window: _Waiting) -> None:
         prediction = None
         try:
             left = self.interim_timeout_s - (time.monotonic() - window.since)
@@ -195,6 +205,7 @@ class Scheduler:
         except Exception:  # noqa: BLE001 - any failure of an interim is reported as None
             prediction = None
         finally:
+            self._sending.discard(key)  # before the release, which dispatches this key's next
             self._release()
         if prediction is None:
             self.stats.interim_failures += 1

@@ -414,6 +414,7 @@ class LiveSession:
             return
         if window.utterance <= self._finals_seen[index]:
             self.stale += 1
+            self.scheduler.stats.stale += 1
             return
         party = self.fmt.parties[index]
         fields = _fields(segment_result(Segment(window.start, window.end), prediction, self.info))
@@ -503,6 +504,7 @@ class LiveSession:
             "overlap_s": _r(overlap_s(self._finals)),
             "duration_s": _r(duration_s),
             "coalesced": self.coalesced,
+            "stale": self.stale,
             "model": self.info.name,
             "synthetic": self.info.synthetic,
         }
