@@ -2,15 +2,19 @@
 
 Real encoded files of the call-centre mix (telephony mu-law WAV at 8 kHz, MP3 and FLAC):
 utterances cut to the call-centre profile's lengths, and 5-minute calls with turns and
-pauses. Each stage is timed in CPU seconds, so the figures are audio-s/s per core:
-decode (+ resampling to 16 kHz), VAD alone, and decode + VAD + segmentation as
-`e2v classify` runs them. Then the whole preprocessing with 1..N workers, as threads and
-as processes, in wall-clock audio-s/s, each against one worker in the same run.
+pauses (mixed formats, and 8 kHz mu-law telephony). Each stage is timed in CPU seconds,
+so the figures are audio-s/s per core: decode (+ resampling to 16 kHz), VAD alone, and
+decode + VAD + segmentation as `e2v classify` runs them. The VAD and the whole
+preprocessing are also timed on the previous code path (Silero's own sequence model, one
+ONNX call per block: `client.vad.SequenceVad`), interleaved with the current one in the
+same run, and the ratio printed. Then the whole preprocessing with 1..N workers, as
+threads and as processes, in wall-clock audio-s/s, each against one worker.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import tempfile
@@ -25,6 +29,8 @@ from loadtest.synth import speech_like
 from loadtest.workload import RECORDINGS, encode
 
 LONG_CALL_S = 300.0
+ROUNDS = 2  # current and previous path alternate; the best of each is kept
+TELEPHONY = ("wav", "pcm_mulaw", 8_000)
 
 
 @dataclass(frozen=True)
@@ -49,9 +55,16 @@ def build_sets(directory: Path, utterances: int = 48, long_calls: int = 3) -> li
         long_.append(
             encode(directory / f"call{i}-{name}", _call(rate, seed=i), rate, container, codec)
         )
+    container, codec, rate = TELEPHONY
+    telephony = [
+        encode(directory / f"tel{i}-call.wav", _call(rate, seed=50 + i), rate, container, codec)
+        for i in range(long_calls)
+    ]
+    minutes = f"{LONG_CALL_S / 60:g} min"
     return [
         AudioSet("utterances (call-centre profile)", short, float(lengths.sum()) / 16_000),
-        AudioSet(f"calls ({LONG_CALL_S / 60:g} min)", long_, long_calls * LONG_CALL_S),
+        AudioSet(f"calls ({minutes}, WAV 8 kHz / MP3 / FLAC)", long_, long_calls * LONG_CALL_S),
+        AudioSet(f"telephony calls ({minutes}, mu-law 8 kHz)", telephony, long_calls * LONG_CALL_S),
     ]
 
 
@@ -81,13 +94,27 @@ def preprocess(path: Path) -> int:
     return sum(len(s) for _, s in segment_stream(stream_audio(path), SegmentMode("vad")))
 
 
-def vad_only(wavs: list[np.ndarray]) -> None:
+def vad_only(wavs: list[np.ndarray], vad_class=None) -> None:
     from client.vad import StreamingVad
 
     for wav in wavs:
-        vad = StreamingVad()
+        vad = (vad_class or StreamingVad)()
         vad.feed(wav)
         vad.finish()
+
+
+@contextlib.contextmanager
+def previous_path():
+    """`e2v classify`'s cutter on the previous VAD (Silero's own model, `SequenceVad`)."""
+    import client.segment as segment
+    from client.vad import SequenceVad
+
+    current = segment.StreamingVad
+    segment.StreamingVad = SequenceVad
+    try:
+        yield
+    finally:
+        segment.StreamingVad = current
 
 
 def cpu_rate(seconds: float, work, *args) -> float:
@@ -98,14 +125,36 @@ def cpu_rate(seconds: float, work, *args) -> float:
 
 
 def stage_rates(audio: AudioSet) -> dict[str, float]:
+    """Per-core rates; `*_previous` on the previous VAD path, alternating with the current."""
     from client.audio import load_audio
+    from client.vad import SequenceVad
 
     wavs = [load_audio(p) for p in audio.files]
-    return {
-        "decode+resample": cpu_rate(audio.seconds, lambda: [decode_only(p) for p in audio.files]),
-        "vad": cpu_rate(audio.seconds, vad_only, wavs),
-        "total": cpu_rate(audio.seconds, lambda: [preprocess(p) for p in audio.files]),
+
+    segmented: dict[str, list[int]] = {}
+
+    def total() -> None:
+        segmented["current"] = [preprocess(path) for path in audio.files]
+
+    def total_previous() -> None:
+        with previous_path():
+            segmented["previous"] = [preprocess(path) for path in audio.files]
+
+    arms = {
+        "decode+resample": lambda: [decode_only(p) for p in audio.files],
+        "vad": lambda: vad_only(wavs),
+        "vad_previous": lambda: vad_only(wavs, SequenceVad),
+        "total": total,
+        "total_previous": total_previous,
     }
+    rates: dict[str, float] = {}
+    for _ in range(ROUNDS):
+        for name, work in arms.items():
+            rates[name] = max(rates.get(name, 0.0), cpu_rate(audio.seconds, work))
+    rates["vad_vs_previous"] = rates["vad"] / rates["vad_previous"]
+    rates["total_vs_previous"] = rates["total"] / rates["total_previous"]
+    rates["same_segments"] = float(segmented["current"] == segmented["previous"])
+    return rates
 
 
 def worker_scaling(audio: AudioSet, counts: list[int]) -> list[dict]:
@@ -138,8 +187,15 @@ def run_bench_client(args) -> int:
         for audio in sets:
             print(f"== {audio.name}: {len(audio.files)} files, {audio.seconds:.0f} s of audio")
             rates = stage_rates(audio)
-            for stage, rate in rates.items():
-                print(f"  {stage:<16} {rate:8.0f}x real time per core")
+            print(f"  {'decode+resample':<16} {rates['decode+resample']:8.0f}x real time per core")
+            for stage in ("vad", "total"):
+                print(
+                    f"  {stage:<16} {rates[stage]:8.0f}x real time per core "
+                    f"(previous path {rates[stage + '_previous']:.0f}x: "
+                    f"{rates[stage + '_vs_previous']:.2f}x faster)"
+                )
+            same = "yes" if rates["same_segments"] else "NO"
+            print(f"  segmented audio equal on both paths: {same}")
             scaling = worker_scaling(audio, counts)
             for row in scaling:
                 print(

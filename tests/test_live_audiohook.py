@@ -274,7 +274,7 @@ def mulaw_stereo_frames(seconds: float, frame_s: float = 0.2) -> list[bytes]:
 def test_open_ping_pause_update_and_close(gateway):
     with AudioHookClient(gateway) as client:
         opened = client.open(customConfig={"window_s": 2, "unrelated": {"x": 1}})
-        assert opened["type"] == "opened"
+        assert opened["type"] == "opened", opened
         assert opened["parameters"] == {"media": [OFFERS[0]], "startPaused": False}
         client.send("ping", {"rtt": "PT0.01S"})
         pong = client.receive()

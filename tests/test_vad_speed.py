@@ -110,3 +110,27 @@ def test_segments_equal_the_previous_path(call, seed, monkeypatch):
     old = list(segment_stream(chunks, SegmentMode("vad")))
     assert [s for s, _ in new] == [s for s, _ in old] and len(new) >= 3
     assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(new, old, strict=True))
+
+
+def test_bench_client_times_the_previous_path_in_the_same_run(tmp_path):
+    """`e2v bench client` prints the previous VAD path's rates and the ratio, on 8 kHz
+    telephony too, and both paths cut the same audio (speed itself is not asserted)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "e2v", "bench", "client", "--utterances", "3", "--calls", "1",
+         "--workers", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "previous path" in run.stdout and "mu-law 8 kHz" in run.stdout
+    sets = json.loads(out.read_text())["sets"]
+    assert [s["name"].split(" (")[0] for s in sets] == ["utterances", "calls", "telephony calls"]
+    for row in sets:
+        rates = row["per_core"]
+        assert rates["same_segments"] == 1.0
+        assert rates["vad_vs_previous"] == pytest.approx(rates["vad"] / rates["vad_previous"])
+        assert rates["total_previous"] > 0 and rates["total"] > 0
