@@ -265,7 +265,10 @@ def _reason(err: BaseException) -> str:
 
 def _to_mono(frame: av.AudioFrame) -> np.ndarray:
     """Average the channels of a decoded frame into float32 samples in [-1, 1]."""
-    return _planes(frame).mean(axis=0, dtype=np.float64).astype(np.float32)
+    planes = _planes(frame)
+    if len(planes) == 1:  # the mean of one value is that value: skip the reduction per frame
+        return planes[0].astype(np.float32)
+    return planes.mean(axis=0, dtype=np.float64).astype(np.float32)
 
 
 def _planes(frame: av.AudioFrame) -> np.ndarray:
