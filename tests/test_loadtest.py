@@ -328,8 +328,9 @@ def test_gateway_load_test_and_direct_comparison(tiny_server, smoke_profile, tmp
 def test_funasr_baseline_runs_the_threads_it_is_given(tiny_model_dir):
     """AutoModel resets torch's threads from `ncpu` (default 4): the baseline passes it, and
     the server reports the count FunASR actually runs with (checked, not timed)."""
+    from servers import free_ports
+
     from loadtest.baseline_server import BaselineServer
-    from tests.servers import free_ports
 
     code = (
         "import sys, torch; from export.parity import funasr_model; "
