@@ -121,6 +121,7 @@ class BaselineServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:]
+                self.__exit__()
                 raise RuntimeError("baseline server exited:\n  " + "\n  ".join(tail))
             try:
                 with urllib.request.urlopen(f"http://{self.url}/health", timeout=2) as answer:
@@ -128,8 +129,11 @@ class BaselineServer:
                     return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.5)
+        tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:]
         self.__exit__()
-        raise RuntimeError(f"baseline server not ready after {timeout_s:.0f} s: {self.log_path}")
+        raise RuntimeError(
+            f"baseline server not ready after {timeout_s:.0f} s:\n  " + "\n  ".join(tail)
+        )
 
     def __exit__(self, *exc) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -139,6 +143,7 @@ class BaselineServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.log_path.unlink(missing_ok=True)
 
 
 def measure_in_process(

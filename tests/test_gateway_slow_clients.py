@@ -179,7 +179,10 @@ class Attack:
 
     @staticmethod
     def _closed_by_server(sock: socket.socket) -> bool:
-        return bool(select.select([sock], [], [], 0)[0])  # answered (408, 503) or closed
+        # poll, not select: the attack holds hundreds of sockets, past select's FD_SETSIZE.
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        return bool(poller.poll(0))  # answered (408, 503) or closed
 
     @staticmethod
     def _trickle(sock: socket.socket, kind: str) -> bool:

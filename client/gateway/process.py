@@ -46,7 +46,7 @@ class GatewayProcess:
             *args,
         ]
         self.env = {**os.environ, **(env or {})}
-        self.log_path = log_path or Path(tempfile.mkstemp(prefix="e2v-gateway-", suffix=".log")[1])
+        self.log_path = log_path
         self.process: subprocess.Popen | None = None
 
     @property
@@ -55,6 +55,8 @@ class GatewayProcess:
 
     def start(self, timeout_s: float = 60.0, ready: bool = False) -> GatewayProcess:
         """Start and wait for /health (and /ready when `ready`)."""
+        if self.log_path is None:  # made here, not in __init__: stop() removes it
+            self.log_path = Path(tempfile.mkstemp(prefix="e2v-gateway-", suffix=".log")[1])
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT
@@ -63,12 +65,15 @@ class GatewayProcess:
         path = GATEWAY_READY_PATH if ready else GATEWAY_LIVE_PATH
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"gateway exited ({self.process.returncode}): {self.log()}")
+                message = f"gateway exited ({self.process.returncode}): {self.log()}"
+                self.stop()
+                raise RuntimeError(message)
             if self.status(path) == 200:
                 return self
             time.sleep(0.2)
+        message = f"gateway not answering {path} after {timeout_s:.0f} s: {self.log()}"
         self.stop()
-        raise RuntimeError(f"gateway not answering {path} after {timeout_s:.0f} s: {self.log()}")
+        raise RuntimeError(message)
 
     def status(self, path: str) -> int | None:
         try:
@@ -80,7 +85,8 @@ class GatewayProcess:
             return None
 
     def log(self) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        exists = self.log_path is not None and self.log_path.exists()
+        text = self.log_path.read_text(errors="replace") if exists else ""
         return "\n".join(text.strip().splitlines()[-10:])
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -91,7 +97,8 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.log_path.unlink(missing_ok=True)
+        if self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> GatewayProcess:
         return self if self.process is not None else self.start()
