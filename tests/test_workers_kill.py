@@ -19,6 +19,8 @@ import audio_fixtures as fx
 import psutil
 
 E2V = [sys.executable, "-m", "e2v"]
+# Enough that the job outlasts the check a second after the kill (30 were not, once, in CI).
+FILES = 120
 
 
 def csv_rows(path: Path) -> list[dict]:
@@ -34,7 +36,8 @@ def workers_of(pid: int) -> list[psutil.Process]:
 
 def test_a_killed_worker_costs_only_the_file_it_held(tiny_server, tmp_path):
     files = [
-        fx.write_audio(tmp_path / f"f{i:02d}.wav", fx.speech_like(4.0, seed=i)) for i in range(30)
+        fx.write_audio(tmp_path / f"f{i:03d}.wav", fx.speech_like(4.0, seed=i))
+        for i in range(FILES)
     ]
     out = tmp_path / "rows.csv"
     command = [*E2V, "classify", "--no-progress", *map(str, files), "--csv", str(out)]
@@ -51,6 +54,7 @@ def test_a_killed_worker_costs_only_the_file_it_held(tiny_server, tmp_path):
         victim, others = workers[0], workers[1:]
         os.kill(victim.pid, signal.SIGKILL)
         time.sleep(1.0)
+        assert job.poll() is None, "the job ended before the check: it needs more files"
         assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in others)
         replaced = {w.pid for w in workers_of(job.pid)}
         assert {w.pid for w in others} <= replaced and victim.pid not in replaced
