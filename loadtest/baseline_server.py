@@ -120,7 +120,7 @@ class BaselineServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:]
+                tail = self._log_tail()
                 self.__exit__()
                 raise RuntimeError("baseline server exited:\n  " + "\n  ".join(tail))
             try:
@@ -129,11 +129,14 @@ class BaselineServer:
                     return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.5)
-        tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:]
+        tail = self._log_tail()
         self.__exit__()
         raise RuntimeError(
             f"baseline server not ready after {timeout_s:.0f} s:\n  " + "\n  ".join(tail)
         )
+
+    def _log_tail(self) -> list[str]:
+        return self.log_path.read_text(errors="replace").strip().splitlines()[-5:]
 
     def __exit__(self, *exc) -> None:
         if self.process is not None and self.process.poll() is None:

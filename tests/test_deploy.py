@@ -912,7 +912,7 @@ def _gateway_metric_names() -> frozenset[str]:
 
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
     with (
-        GatewayProcess(f"127.0.0.1:{contract.GRPC_PORT}").start() as gateway,
+        GatewayProcess(f"127.0.0.1:{contract.GRPC_PORT}").start(ready=False) as gateway,
         urllib.request.urlopen(gateway.url + contract.GATEWAY_METRICS_PATH) as response,
     ):
         text = response.read().decode()

@@ -665,7 +665,7 @@ def test_triton_unreachable_then_up_then_gone(tiny_cpu_repo, files):
     config = ServerConfig(
         tiny_cpu_repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port
     )
-    with GatewayProcess(config.grpc_url) as gateway:
+    with GatewayProcess(config.grpc_url).start(ready=False) as gateway:
         assert gateway.status("/health") == 200
         status, headers, body = request(gateway, "GET", "/ready")
         assert status == 503 and headers["retry-after"] == "5"

@@ -49,9 +49,7 @@ def keys(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def gateway(tiny_server, keys):
     """API key, no client secret: what the Python protocol client talks to."""
-    with GatewayProcess(tiny_server.config.grpc_url, "--api-key-file", str(keys[0])).start(
-        ready=True
-    ) as process:
+    with GatewayProcess(tiny_server.config.grpc_url, "--api-key-file", str(keys[0])) as process:
         yield process
 
 
@@ -65,7 +63,7 @@ def signed_gateway(tiny_server, keys):
         "--audiohook-secret-file",
         str(keys[1]),
     )
-    with process.start(ready=True):
+    with process:
         yield process
 
 
@@ -404,7 +402,7 @@ def test_drain_sends_reconnect_then_scores_and_disconnects(tiny_server, keys):
     process = GatewayProcess(
         tiny_server.config.grpc_url, "--api-key-file", str(keys[0]), "--live-drain-s", "3"
     )
-    with process.start(ready=True), AudioHookClient(process) as client:
+    with process, AudioHookClient(process) as client:
         assert client.open()["type"] == "opened"
         frames = mulaw_stereo_frames(12)
         for frame in frames[:25]:  # 5 s: speech of both parties, some of it still open
@@ -461,7 +459,7 @@ def quick_gateway(tiny_server, keys):
         "--live-sessions",
         "1",
     )
-    with process.start(ready=True):
+    with process:
         yield process
 
 

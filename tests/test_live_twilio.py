@@ -40,9 +40,7 @@ SPEED = 1.8  # under the gateway's default 2x
 def gateway(tiny_server, tmp_path_factory):
     key = tmp_path_factory.mktemp("twilio-key") / "key"
     key.write_text(API_KEY)
-    with GatewayProcess(tiny_server.config.grpc_url, "--api-key-file", str(key)).start(
-        ready=True
-    ) as process:
+    with GatewayProcess(tiny_server.config.grpc_url, "--api-key-file", str(key)) as process:
         yield process
 
 
@@ -353,7 +351,7 @@ def quick_gateway(tiny_server, tmp_path_factory):
         "--live-idle-s",
         "1.5",
     )
-    with process.start(ready=True):
+    with process:
         yield process
 
 
@@ -407,7 +405,7 @@ def test_the_summary_of_a_twilio_call_is_a_signed_webhook(tiny_server, tmp_path)
         str(tmp_path / "secret"),
     )
     try:
-        with process.start(ready=True), TwilioClient(process) as client:
+        with process, TwilioClient(process) as client:
             inbound, outbound = tracks()
             client.start()
             client.play(inbound[: 8000 * 6], outbound[: 8000 * 6])
@@ -435,7 +433,7 @@ def test_drain_scores_the_call_for_its_subscriber(tiny_server, tmp_path):
     process = GatewayProcess(
         tiny_server.config.grpc_url, "--api-key-file", str(tmp_path / "key"), "--live-drain-s", "2"
     )
-    with process.start(ready=True), TwilioClient(process) as client:
+    with process, TwilioClient(process) as client:
         subscriber = Subscriber(process, client.call_sid)
         subscriber.start()
         inbound, outbound = tracks()

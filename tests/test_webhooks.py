@@ -558,7 +558,7 @@ def test_gateway_posts_live_alerts_and_the_summary(tiny_server, secret_file):
     pcm = (speech * 32767).clip(-32768, 32767).astype("<i2").tobytes()
     with Receiver() as receiver:
         args = ("--webhook", receiver.url, "--webhook-secret-file", str(secret_file))
-        with GatewayProcess(tiny_server.config.grpc_url, *args).start(ready=True) as gateway:
+        with GatewayProcess(tiny_server.config.grpc_url, *args) as gateway:
             url = gateway.url.replace("http://", "ws://") + LIVE_PATH
             # Threshold 0: fires after two windows and can never re-arm (score < 0).
             events = asyncio.run(_live_call(url, pcm, "angry=0.0"))
@@ -585,7 +585,7 @@ def test_a_hanging_receiver_never_holds_a_live_call_or_the_shutdown(tiny_server,
     pcm = (fx.speech_like(6.0, seed=5) * 32767).astype("<i2").tobytes()
     with Receiver(default=("hang", 60.0)) as receiver:
         args = ("--webhook", receiver.url, "--webhook-secret-file", str(secret_file))
-        gateway = GatewayProcess(tiny_server.config.grpc_url, *args).start(ready=True)
+        gateway = GatewayProcess(tiny_server.config.grpc_url, *args).start()
         try:
             url = gateway.url.replace("http://", "ws://") + LIVE_PATH
             started = time.monotonic()

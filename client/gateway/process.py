@@ -53,8 +53,9 @@ class GatewayProcess:
     def pid(self) -> int:
         return self.process.pid
 
-    def start(self, timeout_s: float = 60.0, ready: bool = False) -> GatewayProcess:
-        """Start and wait for /health (and /ready when `ready`)."""
+    def start(self, timeout_s: float = 60.0, ready: bool = True) -> GatewayProcess:
+        """Start and wait for /ready (Triton's model known: sessions and uploads are served);
+        `ready=False` waits only for /health, for a gateway whose Triton is not up."""
         if self.log_path is None:  # made here, not in __init__: stop() removes it
             self.log_path = Path(tempfile.mkstemp(prefix="e2v-gateway-", suffix=".log")[1])
         with open(self.log_path, "wb") as log:
