@@ -21,8 +21,8 @@ from typing import BinaryIO, Literal
 import av
 import numpy as np
 import soxr
+from e2v.client.names import display_name
 
-from client.names import display_name
 from e2v.contract import MIN_SAMPLES, SAMPLE_RATE
 
 ErrorKind = Literal[

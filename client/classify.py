@@ -23,19 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from client.audio import AudioError, AudioSource, stream_audio
-from client.inputs import open_input
-from client.names import display_name, one_line
-from client.parties import split_result
-from client.results import FileResult, aggregate, restrict_scores, segment_result
-from client.segment import Segment, SegmentCutter, SegmentMode, segment_stream
-from client.triton import (
+from e2v.client.audio import AudioError, AudioSource, stream_audio
+from e2v.client.inputs import open_input
+from e2v.client.names import display_name, one_line
+from e2v.client.parties import split_result
+from e2v.client.results import FileResult, aggregate, restrict_scores, segment_result
+from e2v.client.segment import Segment, SegmentCutter, SegmentMode, segment_stream
+from e2v.client.triton import (
     InferenceError,
     ServerError,
     ServerUnavailable,
     TritonEmotionClient,
 )
+
 from e2v.contract import MAX_DURATION_S, MIN_SAMPLES, SAMPLE_RATE
 
 # Segments decoded ahead of the requests, per file: enough to keep requests flowing.
@@ -97,19 +97,16 @@ async def classify_files(
     it may be a long stream that lists object storage.
 
     Raises ServerUnavailable (after retries) when the server goes away: items not yet
-    reported are left for a `--resume` run. With `options.processes` > 1 the files are
-    spread over worker processes (client/workers.py).
+    reported are left for a `--resume` run. Everything runs in this process: the batch
+    job spreads files over worker processes itself (`options.processes`,
+    client/batch/workers.py), each running this function.
     """
-    if options.processes > 1:
-        from client.workers import classify_in_processes
-
-        return await classify_in_processes(items, client, options, on_result, on_audio)
     requests = asyncio.Semaphore(options.concurrency)
     threads = options.workers or max(2, os.cpu_count() or 1)
     # More files in flight than decoding threads: short files have one request each, and
     # the dynamic batcher needs `concurrency` of them at once.
     workers = max(threads, options.concurrency)
-    source = _SharedIterator(iter(items))
+    source = SharedIterator(iter(items))
     decoders = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="e2v-decode")
 
     async def worker() -> None:
@@ -132,7 +129,7 @@ async def classify_files(
         decoders.shutdown(wait=False, cancel_futures=True)
 
 
-class _SharedIterator:
+class SharedIterator:
     """One iterator shared by the workers; each `next` runs in a thread (listing may block)."""
 
     def __init__(self, iterator: Iterator):

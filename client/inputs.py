@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from client.audio import AUDIO_SUFFIXES, AudioError, open_regular_file
-from client.names import display_name
-from client.results import FileResult
+from e2v.client.audio import AUDIO_SUFFIXES, AudioError, open_regular_file
+from e2v.client.names import display_name
+from e2v.client.results import FileResult
 
 # Read-ahead of remote objects: large enough for few requests per file, small enough that
 # many files in flight stay cheap.

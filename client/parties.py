@@ -19,8 +19,8 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # kept out of `e2v --help`'s imports (the CLIs add our flags)
-    from client.results import FileResult, SegmentResult
-    from client.triton import ModelInfo
+    from e2v.client.results import FileResult, SegmentResult
+    from e2v.client.triton import ModelInfo
 
 # `e2v classify --channels split` without --parties: the call-centre convention.
 DEFAULT_PARTIES = ("customer", "agent")
@@ -81,7 +81,7 @@ def party_thresholds(
 ) -> dict[str, dict[str, float]]:
     """`--alert customer:angry=0.7,sad=0.8` -> {party: {label: threshold}} (a bare item is
     every party's), parsed by the live calls' parser: unknown parties and labels refused."""
-    from client.live.alerts import parse_live_alerts
+    from e2v.client.alerts import parse_live_alerts
 
     thresholds: dict[str, dict[str, float]] = {party: {} for party in parties}
     try:
@@ -133,7 +133,7 @@ def party_result(result: FileResult, channel: int | None) -> FileResult:
         return result
     channel = channel or 0
     if channel >= len(result.parties):
-        from client.results import FileResult
+        from e2v.client.results import FileResult
 
         return FileResult(
             file=result.file,
@@ -198,7 +198,7 @@ def split_result(
     """A `--channels split` file's result: per party (in channel order) what `aggregate`
     gives for that channel alone, with that party's alert thresholds, and the
     conversation figures of the whole call."""
-    from client.results import FileResult, PartyResult, aggregate, with_parties
+    from e2v.client.results import FileResult, PartyResult, aggregate, with_parties
 
     parties = [
         PartyResult(

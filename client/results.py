@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-
-from client.segment import Segment
-from client.triton import ModelInfo, Prediction
+from e2v.client.segment import Segment
+from e2v.client.triton import ModelInfo, Prediction
 
 
 @dataclass
@@ -124,6 +123,11 @@ def short_label(label: str) -> str:
 def predictable(label: str) -> bool:
     """Whether a label may be an answer: `unuse*` placeholders and `<unk>` never are."""
     return not (label.startswith("unuse") or label == "<unk>")
+
+
+def model_labels(info: ModelInfo) -> list[str]:
+    """The model's labels as answers name them (short form), `unuse*` placeholders left out."""
+    return [short_label(label) for label in info.labels if not label.startswith("unuse")]
 
 
 def segment_result(segment: Segment, prediction: Prediction, info: ModelInfo) -> SegmentResult:

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-
-from client.audio import AudioError
-from client.vad import (
+from e2v.client.audio import AudioError
+from e2v.client.vad import (
     FRAME,
     RegionPadder,
     SpeechTracker,
@@ -30,6 +29,7 @@ from client.vad import (
     VadParams,
     silero_model_path,
 )
+
 from e2v.contract import MAX_SEGMENT_S, MIN_SAMPLES, SAMPLE_RATE
 
 # Silero's recommended default; lower admits breathing and music, higher drops soft speech.

@@ -69,6 +69,12 @@ def silero_model_path() -> Path:
     return Path(__file__).parent / "silero" / "silero_vad_16k_sequence.onnx"
 
 
+def batched_model_paths() -> tuple[Path, Path]:
+    """The batched graph built from it (e2v/export/vad_graph.py): encoder, recurrent part."""
+    folder = Path(__file__).parent / "silero"
+    return folder / "silero_vad_16k_encoder.onnx", folder / "silero_vad_16k_recurrent.onnx"
+
+
 def wheel_model_path() -> Path | None:
     """The same model inside an installed silero-vad wheel (located, not imported)."""
     spec = importlib.util.find_spec("silero_vad")
@@ -93,14 +99,12 @@ def silero_session():
 
 @functools.lru_cache(maxsize=1)
 def batched_sessions():
-    """The batched graph's two sessions (see client/vad_graph.py), one per process.
+    """The batched graph's two sessions (built by export/vad_graph.py), one per process.
 
     The encoder runs without weight prepacking, the recurrent part with it: each then
     sums in the order Silero's own session does, so the probabilities are the same bits.
     """
     import onnxruntime as ort
-
-    from client.vad_graph import batched_model_paths
 
     sessions = []
     for path, prepack in zip(batched_model_paths(), (False, True), strict=True):
@@ -160,7 +164,7 @@ class _FrameFeed:
 class StreamingVad:
     """Per-frame speech probabilities of audio fed in chunks of any size.
 
-    Runs the batched graph (client/vad_graph.py): Silero's weights and Silero's
+    Runs the batched graph (export/vad_graph.py): Silero's weights and Silero's
     probabilities, bit for bit (tested), at about three times the speed, because its
     convolutions run as one GEMM over all frames instead of one per frame. Several
     streams can share ONNX calls: see `feed_streams`.

@@ -7,22 +7,21 @@ import os
 import sys
 from collections.abc import Sequence
 
-EXIT_INTERNAL = 1  # documented in README: a bug, never a bad input
+from e2v.contract import EXIT_INTERNAL
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `e2v` parser with every subcommand registered."""
-    from client import cli as client_cli
-    from client import merge
-    from client.evaluation import cli as evaluate_cli
-    from client.gateway import cli as gateway_cli
-    from client.heads import bench as heads_bench
-    from client.heads import cli as heads_cli
-    from client.live import player as live_player
     from e2v import serve
-    from export import cli as export_cli
-    from loadtest import cli as loadtest_cli
-    from loadtest import client_bench
+    from e2v.client.batch import cli as client_cli
+    from e2v.client.batch import merge
+    from e2v.client.evaluation import cli as evaluate_cli
+    from e2v.client.gateway import cli as gateway_cli
+    from e2v.client.heads import cli as heads_cli
+    from e2v.client.live import player as live_player
+    from e2v.export import cli as export_cli
+    from e2v.loadtest import cli as loadtest_cli
+    from e2v.loadtest import client_bench, heads_bench
 
     parser = argparse.ArgumentParser(
         prog="e2v", description="emotion2vec speech emotion recognition on Triton."

@@ -35,6 +35,14 @@ MAX_SAMPLES = int(LENGTH_BUCKETS_S[-1] * SAMPLE_RATE)  # 480,000: the largest bu
 # (emotion2vec_plus_base: +1.26 GiB for one such call, see docs/deploy.md "Memory").
 MAX_BATCH_SAMPLES = 2 * MAX_SAMPLES
 
+# Exit status of every `e2v` command: bit flags, so a pipeline can test each (README).
+EXIT_OK = 0
+EXIT_INTERNAL = 1  # a bug, never a bad input (`e2v live`: the call failed)
+EXIT_USAGE = 2  # bad arguments, or an output that cannot be written or resumed
+EXIT_UNAVAILABLE = 3  # the server is unreachable (rerun with --resume)
+EXIT_FILE_ERRORS = 4  # some files failed (each has its row)
+EXIT_ALERT = 8  # an --alert fired
+
 HTTP_PORT = 8000
 GRPC_PORT = 8001
 METRICS_PORT = 8002

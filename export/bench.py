@@ -17,9 +17,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from e2v.export.parity import funasr_model, pad_batch
 
 from e2v.contract import SAMPLE_RATE, bucket_samples
-from export.parity import funasr_model, pad_batch
 
 
 def call_centre_clips(count: int, seed: int = 0) -> list[np.ndarray]:
@@ -85,10 +85,10 @@ def _batches(clips: list[np.ndarray], batch_size: int) -> list[tuple[np.ndarray,
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from export.checkpoint import load_model, resolve_source
-    from export.exporter import default_cache_dir
-    from export.formats import export_onnx
-    from export.network import BatchedEmotion2vec
+    from e2v.export.checkpoint import load_model, resolve_source
+    from e2v.export.exporter import default_cache_dir
+    from e2v.export.formats import export_onnx
+    from e2v.export.network import BatchedEmotion2vec
 
     if args.repo and not (args.repo / args.name / "model_card.json").is_file():
         print(
@@ -142,7 +142,7 @@ def _format(source, synthetic, count, total, rows, threads: int) -> str:
 
 def _record(model_dir: Path, report: str) -> None:
     """Add the figures to the model card of an exported model."""
-    from export.repository import write_model_card
+    from e2v.export.repository import write_model_card
 
     card_path = model_dir / "model_card.json"
     card = json.loads(card_path.read_text())

@@ -53,7 +53,7 @@ class LoadedModel:
 def resolve_source(source: str, cache_dir: Path) -> tuple[Path, bool]:
     """Turn `--model SOURCE` into a local model directory; returns (dir, synthetic)."""
     if source.startswith(SYNTHETIC_PREFIX):
-        from export.synthetic import write_synthetic_model
+        from e2v.export.synthetic import write_synthetic_model
 
         variant = source[len(SYNTHETIC_PREFIX) :]
         return write_synthetic_model(variant, cache_dir / f"synthetic-{variant}"), True

@@ -9,8 +9,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from e2v.export.repository import PRECISIONS, TARGETS, default_options
+
 from e2v.contract import MODEL_NAME
-from export.repository import PRECISIONS, TARGETS, default_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,7 +65,7 @@ def register_bench(bench_sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from export.exporter import ExportError, export_model
+    from e2v.export.exporter import ExportError, export_model
 
     if args.target not in TARGETS:
         print(
@@ -116,6 +117,6 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from export.bench import run_benchmark
+    from e2v.export.bench import run_benchmark
 
     return run_benchmark(args)

@@ -8,11 +8,10 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from e2v.contract import MODEL_NAME
-from export.checkpoint import CheckpointError, LoadedModel, load_model, resolve_source
-from export.formats import ONNX_EXPORTER, ONNX_OPSET, export_onnx, export_torchscript
-from export.network import BatchedEmotion2vec
-from export.repository import (
+from e2v.export.checkpoint import CheckpointError, LoadedModel, load_model, resolve_source
+from e2v.export.formats import ONNX_EXPORTER, ONNX_OPSET, export_onnx, export_torchscript
+from e2v.export.network import BatchedEmotion2vec
+from e2v.export.repository import (
     LABELS_FILE,
     PRECISIONS,
     TARGETS,
@@ -23,7 +22,9 @@ from export.repository import (
     write_model_card,
     write_warmup_data,
 )
-from model_repository import TORCH_BACKEND_MODEL, install_python_backend
+from e2v.model_repository import TORCH_BACKEND_MODEL, install_python_backend
+
+from e2v.contract import MODEL_NAME
 
 TORCHSCRIPT_TARGETS = ("torchscript", "torch")
 
@@ -108,7 +109,7 @@ def _write_model_dir(
         if target == "cpu":
             install_python_backend(version_dir)
         if check_parity:
-            from export.parity import onnx_parity
+            from e2v.export.parity import onnx_parity
 
             parity = onnx_parity(onnx_path, loaded.model_dir, loaded.labels)
     if loaded.has_head:
@@ -128,7 +129,7 @@ def _write_model_dir(
 
 def _torch_checks(ts_path: Path, loaded: LoadedModel, precision: str, check_parity: bool) -> dict:
     """FunASR parity of the fp32 module (CPU) and, for fp16/bf16, their distance from fp32."""
-    from export.parity import precision_difference, torchscript_parity
+    from e2v.export.parity import precision_difference, torchscript_parity
 
     checks = torchscript_parity(ts_path, loaded.model_dir, loaded.labels) if check_parity else {}
     if precision != "fp32":

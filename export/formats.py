@@ -12,9 +12,9 @@ import warnings
 from pathlib import Path
 
 import torch
+from e2v.export.network import BatchedEmotion2vec
 
 from e2v.contract import INPUT_WAV, INPUT_WAV_LENS, OUTPUT_EMBEDDING, OUTPUT_SCORES
-from export.network import BatchedEmotion2vec
 
 ONNX_OPSET = 17
 ONNX_EXPORTER = "torch.onnx.export(dynamo=False)"

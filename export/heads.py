@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from e2v.export.repository import LABELS_FILE, publish_model_dir
+from e2v.model_repository import PYTHON_BACKEND, TEMPLATES
 
 from e2v.contract import (
     HEAD_EMBEDDING_OUTPUT,
@@ -38,8 +40,6 @@ from e2v.contract import (
     ensemble_model_name,
     head_model_name,
 )
-from export.repository import LABELS_FILE, publish_model_dir
-from model_repository import PYTHON_BACKEND, TEMPLATES
 
 HEAD_KINDS = ("logistic", "mlp")
 HEAD_TARGETS = ("cpu", "gpu")

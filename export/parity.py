@@ -134,8 +134,7 @@ def precision_difference(ts_path: Path, precision: str, device: str | None = Non
 
 def _run_torch(ts_path: Path, device: str, precision: str, clips: list) -> dict[str, np.ndarray]:
     import torch
-
-    from model_repository.python_backend.torch_model import TorchRunner
+    from e2v.model_repository.python_backend.torch_model import TorchRunner
 
     runner = TorchRunner(str(ts_path), device=device, precision=precision)
     wav, lens = pad_batch(clips)

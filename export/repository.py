@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from e2v.model_repository import TEMPLATES
 
 from e2v.contract import (
     LENGTH_BUCKETS_S,
@@ -26,7 +27,6 @@ from e2v.contract import (
     OUTPUT_SCORES,
     bucket_lengths_samples,
 )
-from model_repository import TEMPLATES
 
 LABELS_FILE = "labels.txt"
 TARGETS = ("cpu", "gpu", "tensorrt", "torchscript", "torch")

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 import yaml
-
-from export.config_template import PUBLISHED_LABELS, SIZES, configuration_json, model_config
+from e2v.export.config_template import PUBLISHED_LABELS, SIZES, configuration_json, model_config
 
 VARIANTS = tuple(SIZES) + tuple(f"{size}-nohead" for size in SIZES)
 

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from e2v.loadtest.workload import Workload
 
 from e2v.contract import INPUT_WAV, INPUT_WAV_LENS
-from loadtest.workload import Workload
 
 
 def session(onnx_path: Path, threads: int, device: str = "cpu"):

@@ -5,7 +5,7 @@ one-worker Flask/FastAPI app): `POST /infer` takes raw little-endian float32 16 
 mono PCM (the clip, unpadded) and answers `{"labels": [...], "scores": [...]}` from
 `AutoModel.generate`. `GET /health` answers 200 once the model is loaded.
 
-    python -m loadtest.baseline_server --model synthetic:base --port 8500
+    python -m e2v.loadtest.baseline_server --model synthetic:base --port 8500
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 def load_model(model_dir: Path, device: str, threads: int):
     """FunASR's AutoModel as its README shows, with exactly `threads` torch threads
     (`ncpu`; see export.parity.funasr_model for why it must be passed)."""
-    from export.parity import funasr_model
+    from e2v.export.parity import funasr_model
 
     return funasr_model(model_dir, device, threads)
 
@@ -80,7 +80,7 @@ def serve(model_dir: Path, host: str, port: int, device: str, threads: int) -> N
 
 
 class BaselineServer:
-    """`python -m loadtest.baseline_server` as a subprocess; a context manager."""
+    """`python -m e2v.loadtest.baseline_server` as a subprocess; a context manager."""
 
     def __init__(
         self,
@@ -95,7 +95,7 @@ class BaselineServer:
         self.command = [
             sys.executable,
             "-m",
-            "loadtest.baseline_server",
+            "e2v.loadtest.baseline_server",
             "--model",
             str(model_dir),
             "--host",
@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def resolve_model_dir(source: str) -> Path:
     """A FunASR model directory for `source` (a directory, synthetic:*, or a hub name)."""
-    from export.checkpoint import resolve_source
-    from export.exporter import default_cache_dir
+    from e2v.export.checkpoint import resolve_source
+    from e2v.export.exporter import default_cache_dir
 
     return resolve_source(source, default_cache_dir())[0]
 

@@ -2,7 +2,7 @@
 
 Targets are a Triton endpoint (gRPC or HTTP; local servers are started here on free
 ports) or the FunASR baseline server. The Locust driver runs as a subprocess
-(`python -m loadtest.driver`), so this process never imports gevent-patched Locust.
+(`python -m e2v.loadtest.driver`), so this process never imports gevent-patched Locust.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from e2v.loadtest import triton_stats
+from e2v.loadtest.baseline_server import BaselineServer
+from e2v.loadtest.metrics import Requests, Summary, ramp_steps, saturation, summarize
+from e2v.loadtest.spec import DriveSpec, Ramp
+from e2v.loadtest.triton_stats import ModelStats
+from e2v.loadtest.workload import Workload
+
 from e2v.contract import GATEWAY_PREDICT_PATH, INPUT_WAV, INPUT_WAV_LENS, MODEL_NAME
 from e2v.serve import free_ports
-from loadtest import triton_stats
-from loadtest.baseline_server import BaselineServer
-from loadtest.metrics import Requests, Summary, ramp_steps, saturation, summarize
-from loadtest.spec import DriveSpec, Ramp
-from loadtest.triton_stats import ModelStats
-from loadtest.workload import Workload
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -152,7 +153,7 @@ def _pid_cpu_s(pid: int) -> float:
 def drive(
     target: Target, workload_path: Path, load: Load, out_dir: Path, files: Path | None = None
 ) -> dict:
-    """Run `python -m loadtest.driver` on a spec; returns its Locust totals."""
+    """Run `python -m e2v.loadtest.driver` on a spec; returns its Locust totals."""
     spec = DriveSpec(
         url=target.url,
         user=target.user,
@@ -171,7 +172,7 @@ def drive(
     with open(out_dir / "driver.log", "wb") as log:
         try:
             code = subprocess.run(
-                [sys.executable, "-m", "loadtest.driver", str(spec_path)],
+                [sys.executable, "-m", "e2v.loadtest.driver", str(spec_path)],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -197,7 +198,7 @@ def warm_up(target: Target, workload: Workload, files: Path | None = None) -> in
         if target.user == "gateway":
             _upload(target.url, uploads[index])
         elif target.user == "baseline":
-            from loadtest.baseline_server import infer
+            from e2v.loadtest.baseline_server import infer
 
             infer(target.url, workload.clip(index))
         else:
@@ -209,7 +210,7 @@ def _upload(url: str, path: Path) -> dict:
     """POST one file to the gateway at `url` (HOST:PORT); its JSON answer."""
     import urllib.request
 
-    from loadtest.workload import multipart_upload
+    from e2v.loadtest.workload import multipart_upload
 
     content_type, body = multipart_upload(path)
     request = urllib.request.Request(
@@ -271,7 +272,7 @@ def local_triton(
 @contextmanager
 def local_gateway(triton: Target, concurrency: int) -> Iterator[Target]:
     """`e2v gateway` on a free loopback port in front of the gRPC Triton `triton`."""
-    from client.gateway.process import GatewayProcess
+    from e2v.loadtest.gateway_process import GatewayProcess
 
     if triton.user != "grpc":
         raise ValueError("the gateway load test talks to Triton over gRPC: use --protocol grpc")

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from e2v.loadtest.synth import speech_like
 
 from e2v.contract import MAX_SEGMENT_S, MIN_SAMPLES, SAMPLE_RATE
-from loadtest.synth import speech_like
 
 RATE = 8_000  # telephony: G.711 mu-law at 8 kHz, one byte per sample and channel
 PARTIES = ("customer", "agent")
@@ -48,9 +48,8 @@ def make_calls(directory: Path, count: int, seconds: float, seed: int = 0) -> li
 
 def _make_call(directory: Path, index: int, seconds: float, seed: int) -> CallRecording:
     import soxr
-
-    from client.audio import load_audio
-    from loadtest.workload import encode
+    from e2v.client.audio import load_audio
+    from e2v.loadtest.workload import encode
 
     channels = _conversation(seconds, np.random.default_rng(seed))
     tracks, raw = [], []
@@ -92,7 +91,7 @@ def _conversation(seconds: float, rng: np.random.Generator) -> list[np.ndarray]:
 def offline_utterances(track: np.ndarray) -> list:
     """The utterances `e2v classify --segment vad` cuts from `track` (16 kHz) when it is
     longer than one segment: Silero regions, split to the maximum, close ones merged."""
-    from client.segment import merge_close, speech_regions, split_evenly
+    from e2v.client.segment import merge_close, speech_regions, split_evenly
 
     if len(track) < MIN_SAMPLES:
         return []

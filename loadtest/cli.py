@@ -132,10 +132,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_loadtest(args: argparse.Namespace) -> int:
-    from loadtest.profiles import ProfileError, load_profile
+    from e2v.loadtest.profiles import ProfileError, load_profile
 
     if args.live:
-        from loadtest.live_run import run_live
+        from e2v.loadtest.live_run import run_live
 
         return run_live(args)
     try:
@@ -165,7 +165,7 @@ class Plan:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
-        from loadtest.spec import Ramp
+        from e2v.loadtest.spec import Ramp
 
         if args.url and args.configs:
             raise ValueError("--configs needs the local server: drop --url")
@@ -185,8 +185,8 @@ class Plan:
         return cls(args, parse_configs(args.configs), ramp)
 
     def run(self, profile, report_dir: Path) -> Path:
-        from loadtest.report import Report, write_report
-        from loadtest.workload import prepare_workload
+        from e2v.loadtest.report import Report, write_report
+        from e2v.loadtest.workload import prepare_workload
 
         args = self.args
         with tempfile.TemporaryDirectory(prefix="e2v-loadtest-") as tmp:
@@ -196,7 +196,7 @@ class Plan:
             self.workload, self.workload_path = workload, workload.save(workdir / "workload.npz")
             self.files = None
             if args.gateway:
-                from loadtest.workload import encode_clips
+                from e2v.loadtest.workload import encode_clips
 
                 self.files = workdir / "files"
                 encode_clips(workload, self.files)
@@ -212,7 +212,7 @@ class Plan:
                 price_per_hour=args.price_per_hour,
             )
             if args.gateway:
-                from loadtest.gateway_compare import preprocessing_per_core
+                from e2v.loadtest.gateway_compare import preprocessing_per_core
 
                 log("preprocessing alone: load_audio + segment_audio on one thread")
                 report.gateway = self.gateway_results
@@ -228,13 +228,13 @@ class Plan:
             return write_report(report, report_dir)
 
     def load(self):
-        from loadtest.bench import Load
+        from e2v.loadtest.bench import Load
 
         return Load(self.args.users, self.args.duration, self.ramp, self.args.html)
 
     def sweep(self) -> list:
         """One run per server setting (or the one --url server)."""
-        from loadtest.bench import run_load
+        from e2v.loadtest.bench import run_load
 
         runs = []
         self.gateway_results = []
@@ -259,7 +259,7 @@ class Plan:
 
     def front(self, triton):
         """The gateway in front of `triton` with --gateway, else `triton` itself."""
-        from loadtest.bench import local_gateway
+        from e2v.loadtest.bench import local_gateway
 
         if not self.args.gateway:
             return nullcontext(triton)
@@ -270,7 +270,7 @@ class Plan:
         """Direct classify vs the gateway on the same files, each arm about --duration."""
         import math
 
-        from loadtest.gateway_compare import chunks, compare, totals
+        from e2v.loadtest.gateway_compare import chunks, compare, totals
 
         files = sorted(self.files.iterdir())
         pass_s = float(self.workload.lengths.sum()) / SAMPLE_RATE
@@ -305,7 +305,7 @@ class Plan:
 
     def fixed_run(self, best):
         """The best setting at fixed --users (reused when the sweep was already fixed)."""
-        from loadtest.bench import Load, run_load
+        from e2v.loadtest.bench import Load, run_load
 
         if best.load.ramp is None:
             return best
@@ -325,7 +325,7 @@ class Plan:
     def memory_run(self, served) -> dict | None:
         """The served model's memory around a maximum-size batch, on a fresh local server
         in the served run's setting (a remote --url server's processes are not visible)."""
-        from loadtest.memory import max_batch_memory
+        from e2v.loadtest.memory import max_batch_memory
 
         if self.args.url:
             return None
@@ -339,8 +339,8 @@ class Plan:
         return memory
 
     def baseline_run(self):
-        from loadtest.baseline_server import measure_in_process, resolve_model_dir
-        from loadtest.bench import Load, local_baseline, run_load
+        from e2v.loadtest.baseline_server import measure_in_process, resolve_model_dir
+        from e2v.loadtest.bench import Load, local_baseline, run_load
 
         load = Load(self.args.users, self.args.duration, None, self.args.html)
         model_dir = resolve_model_dir(self.args.model)
@@ -361,7 +361,7 @@ class Plan:
 
     def ort_runs(self, served) -> list[dict]:
         """ORT alone in the served run's layout (instances x threads), batch 1 and --users."""
-        from loadtest.bare_ort import measure
+        from e2v.loadtest.bare_ort import measure
 
         onnx_path = self.repo() / MODEL_NAME / "1" / "model.onnx"
         settings = served.target.settings
@@ -391,7 +391,7 @@ class Plan:
         return results
 
     def server(self, instances: int | None, threads: int | None):
-        from loadtest.bench import local_triton, triton_target
+        from e2v.loadtest.bench import local_triton, triton_target
 
         if self.args.url:
             return nullcontext(
@@ -410,7 +410,7 @@ class Plan:
             return self.args.repo
         repo = self.workdir / "repository"
         if not (repo / MODEL_NAME).exists():
-            from export.exporter import ExportError, export_model
+            from e2v.export.exporter import ExportError, export_model
 
             log(f"exporting {self.args.model} ({self.args.target})")
             try:

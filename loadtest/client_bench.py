@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from loadtest.profiles import clip_lengths, load_profile
-from loadtest.synth import speech_like
-from loadtest.workload import RECORDINGS, encode
+from e2v.loadtest.profiles import clip_lengths, load_profile
+from e2v.loadtest.synth import speech_like
+from e2v.loadtest.workload import RECORDINGS, encode
 
 LONG_CALL_S = 300.0
 ROUNDS = 2  # current and previous path alternate; the best of each is kept
@@ -81,21 +80,21 @@ def _call(rate: int, seed: int) -> np.ndarray:
 
 
 def decode_only(path: Path) -> int:
-    from client.audio import stream_audio
+    from e2v.client.audio import stream_audio
 
     return sum(len(chunk) for chunk in stream_audio(path))
 
 
 def preprocess(path: Path) -> int:
     """What `e2v classify` does before inference: decode, resample, VAD, segment."""
-    from client.audio import stream_audio
-    from client.segment import SegmentMode, segment_stream
+    from e2v.client.audio import stream_audio
+    from e2v.client.segment import SegmentMode, segment_stream
 
     return sum(len(s) for _, s in segment_stream(stream_audio(path), SegmentMode("vad")))
 
 
 def vad_only(wavs: list[np.ndarray], vad_class=None) -> None:
-    from client.vad import StreamingVad
+    from e2v.client.vad import StreamingVad
 
     for wav in wavs:
         vad = (vad_class or StreamingVad)()
@@ -106,8 +105,8 @@ def vad_only(wavs: list[np.ndarray], vad_class=None) -> None:
 @contextlib.contextmanager
 def previous_path():
     """`e2v classify`'s cutter on the previous VAD (Silero's own model, `SequenceVad`)."""
-    import client.segment as segment
-    from client.vad import SequenceVad
+    import e2v.client.segment as segment
+    from e2v.client.vad import SequenceVad
 
     current = segment.StreamingVad
     segment.StreamingVad = SequenceVad
@@ -126,8 +125,8 @@ def cpu_rate(seconds: float, work, *args) -> float:
 
 def stage_rates(audio: AudioSet) -> dict[str, float]:
     """Per-core rates; `*_previous` on the previous VAD path, alternating with the current."""
-    from client.audio import load_audio
-    from client.vad import SequenceVad
+    from e2v.client.audio import load_audio
+    from e2v.client.vad import SequenceVad
 
     wavs = [load_audio(p) for p in audio.files]
 

@@ -18,11 +18,11 @@ import time
 import urllib.request
 
 import numpy as np
+from e2v.loadtest import triton_stats
+from e2v.loadtest.metrics import Requests
+from e2v.loadtest.workload import Workload
 
 from e2v.contract import INPUT_WAV, INPUT_WAV_LENS, MODEL_NAME, OUTPUT_EMBEDDING, OUTPUT_SCORES
-from loadtest import triton_stats
-from loadtest.metrics import Requests
-from loadtest.workload import Workload
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

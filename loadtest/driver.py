@@ -1,4 +1,4 @@
-"""`python -m loadtest.driver SPEC.json`: one bounded, headless Locust run.
+"""`python -m e2v.loadtest.driver SPEC.json`: one bounded, headless Locust run.
 
 Locust runs in-process here (Environment + LocalRunner + gevent), in a process of its
 own: importing Locust monkey-patches everything for gevent, which must not leak into
@@ -17,6 +17,10 @@ import time
 from pathlib import Path
 
 import gevent
+from e2v.loadtest.shapes import FixedUsers, StepRamp
+from e2v.loadtest.spec import DriveSpec
+from e2v.loadtest.users import PreparedClips, user_class
+from e2v.loadtest.workload import Workload
 from locust import events  # Locust monkey-patches this process for gevent on import
 from locust.env import Environment
 from locust.html import get_html_report
@@ -28,11 +32,6 @@ from locust.stats import (
     StatsCSVFileWriter,
     stats_history,
 )
-
-from loadtest.shapes import FixedUsers, StepRamp
-from loadtest.spec import DriveSpec
-from loadtest.users import PreparedClips, user_class
-from loadtest.workload import Workload
 
 REQUEST_COLUMNS = ("end_s", "latency_ms", "audio_s", "bucket", "ok", "users", "error")
 
@@ -123,7 +122,7 @@ def _totals(runner: Runner, wall_s: float) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m loadtest.driver SPEC.json", file=sys.stderr)
+        print("usage: python -m e2v.loadtest.driver SPEC.json", file=sys.stderr)
         return 2
     setup_logging("WARNING")
     run(DriveSpec.load(Path(args[0])))

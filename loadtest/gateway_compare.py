@@ -98,8 +98,8 @@ def totals(runs: list[ArmRun]) -> dict:
 
 
 async def _direct(triton_url: str, files: list[Path], in_flight: int, number: int) -> ArmRun:
-    from client.classify import JobOptions, classify_files
-    from client.triton import TritonEmotionClient
+    from e2v.client.classify import JobOptions, classify_files
+    from e2v.client.triton import TritonEmotionClient
 
     done = {"audio": 0.0, "errors": 0}
 
@@ -117,8 +117,7 @@ async def _direct(triton_url: str, files: list[Path], in_flight: int, number: in
 
 async def _through_gateway(url: str, files: list[Path], in_flight: int, number: int) -> ArmRun:
     import aiohttp
-
-    from loadtest.workload import multipart_upload
+    from e2v.loadtest.workload import multipart_upload
 
     uploads = iter([multipart_upload(p) for p in files])  # built before the clock starts
     done = {"audio": 0.0, "errors": 0}
@@ -155,8 +154,8 @@ def gateway_cpu_s(url: str) -> float:
 def preprocessing_per_core(files: list[Path], budget_s: float = 10.0) -> dict:
     """Audio seconds per CPU second of decoding (`load_audio`) and VAD (`segment_audio`),
     one file at a time on one thread, over `files` (repeated until `budget_s` of CPU)."""
-    from client.audio import load_audio
-    from client.segment import SegmentMode, segment_audio
+    from e2v.client.audio import load_audio
+    from e2v.client.segment import SegmentMode, segment_audio
 
     audio = decode = vad = 0.0
     while decode + vad < budget_s:

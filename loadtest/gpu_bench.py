@@ -1,11 +1,11 @@
 """The one-shot GPU benchmark (`scripts/gpu-bench.sh`): models, model alone, served, report.
 
-Each phase runs in its own process under a hard time budget (`python -m loadtest.gpu_bench
+Each phase runs in its own process under a hard time budget (`python -m e2v.loadtest.gpu_bench
 --phase NAME`), appending one JSON line per measurement to `<work>/results/<phase>.jsonl`,
 so a phase cut short by its budget keeps what it measured. The parent prints progress,
 stops what a killed phase left running, and always writes the report.
 
-    python -m loadtest.gpu_bench [--cpu] [--work DIR] [--report DIR]
+    python -m e2v.loadtest.gpu_bench [--cpu] [--work DIR] [--report DIR]
 
 `--cpu` is the dry run CI uses: synthetic:tiny on the CPU, a small sweep, same code.
 """
@@ -125,7 +125,7 @@ def read_results(work: Path, name: str) -> list[dict]:
 def run_phase_process(name: str, plan: Plan, work: Path, log) -> dict:
     """Run one phase in a child process under its budget; returns its status row."""
     budget = plan.budgets[name]
-    command = [sys.executable, "-m", "loadtest.gpu_bench", "--phase", name, "--work", str(work)]
+    command = [sys.executable, "-m", "e2v.loadtest.gpu_bench", "--phase", name, "--work", str(work)]
     command += ["--mode", plan.mode]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
@@ -191,7 +191,7 @@ def _stop_leftovers(work: Path) -> None:
 
 
 def _served_model_exported(plan: Plan, work: Path) -> bool:
-    from loadtest.gpu_phases import torchscript_path
+    from e2v.loadtest.gpu_phases import torchscript_path
 
     return torchscript_path(work, plan.served_model).exists()
 
@@ -203,7 +203,7 @@ def _echo(log, line: str) -> None:
 
 
 def orchestrate(plan: Plan, work: Path, report_dir: Path, price_per_hour: float) -> int:
-    from loadtest import gpu_report
+    from e2v.loadtest import gpu_report
 
     work.mkdir(parents=True, exist_ok=True)
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +229,7 @@ def orchestrate(plan: Plan, work: Path, report_dir: Path, price_per_hour: float)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.gpu_bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m e2v.loadtest.gpu_bench", description=__doc__)
     parser.add_argument("--cpu", action="store_true", help="dry run: synthetic:tiny on the CPU")
     parser.add_argument("--mode", choices=("gpu", "cpu"), help=argparse.SUPPRESS)
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = args.mode or ("cpu" if args.cpu else "gpu")
     plan = plan_for(mode)
     if args.phase:
-        from loadtest import gpu_phases
+        from e2v.loadtest import gpu_phases
 
         return gpu_phases.run(
             args.phase, plan, Phase(args.phase, args.work, plan.budgets[args.phase])

@@ -29,7 +29,7 @@ import numpy as np
 from e2v.contract import SAMPLE_RATE, bucket_samples
 
 if TYPE_CHECKING:
-    from loadtest.gpu_bench import Phase, Plan
+    from e2v.loadtest.gpu_bench import Phase, Plan
 
 P95_TARGET_MS = 150.0  # the latency goal of live events (issue 17); loadtest.live too
 CALL_S = 60.0  # length of a call timeline; channels loop over them at random phases
@@ -150,7 +150,7 @@ def _replay(
     ok), times since the start."""
     import http.client
 
-    from loadtest.closed_loop import Connection, InferError
+    from e2v.loadtest.closed_loop import Connection, InferError
 
     work: queue.Queue = queue.Queue()
     log: list[tuple[float, float, float, float, float]] = []
@@ -200,12 +200,13 @@ def _replay(
 
 def phase(plan: Plan, phase: Phase) -> int:
     """Serve the live layout, then step up the channels until p95 passes the target."""
+    from e2v.loadtest import closed_loop
+    from e2v.loadtest.gpu_phases import _warm_up, layout_repo, served_workload
+    from e2v.loadtest.synth import speech_like
+    from e2v.loadtest.triton_stats import config_summary
+
     from e2v.contract import LIVE_HOP_S, LIVE_WINDOW_S
     from e2v.serve import ServeError, ServerConfig, TritonServer
-    from loadtest import closed_loop
-    from loadtest.gpu_phases import _warm_up, layout_repo, served_workload
-    from loadtest.synth import speech_like
-    from loadtest.triton_stats import config_summary
 
     instances, precision = plan.live_layout
     label = f"{instances} instance{'s' * (instances > 1)}, {precision}"

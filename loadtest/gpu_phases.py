@@ -28,13 +28,13 @@ import numpy as np
 from e2v.contract import MODEL_NAME, SAMPLE_RATE
 
 if TYPE_CHECKING:
-    from loadtest.gpu_bench import Phase, Plan
+    from e2v.loadtest.gpu_bench import Phase, Plan
 
 
 def run(name: str, plan: Plan, phase: Phase) -> int:
     """Run phase `name`; SIGTERM (budget spent) unwinds so servers are stopped."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
-    from loadtest import gpu_live
+    from e2v.loadtest import gpu_live
 
     phases = {"models": models, "alone": alone, "served": served, "live": gpu_live.phase}
     return phases[name](plan, phase)
@@ -58,8 +58,7 @@ def models(plan: Plan, phase: Phase) -> int:
     """The served model first (the later phases need it), then the others; FunASR parity
     while time allows (the served model's always)."""
     import torch
-
-    from export.exporter import export_model
+    from e2v.export.exporter import export_model
 
     phase.emit({"kind": "environment", **environment(plan.device)})
     if plan.device == "cuda" and not torch.cuda.is_available():
@@ -150,8 +149,7 @@ def _parameter_count(path: Path) -> int:
 
 def alone(plan: Plan, phase: Phase) -> int:
     import torch
-
-    from loadtest import model_alone
+    from e2v.loadtest import model_alone
 
     workload = served_workload(plan.profile)
     total = phase.left_s()
@@ -185,7 +183,7 @@ def alone(plan: Plan, phase: Phase) -> int:
 def _alone_precision(plan, phase, size, precision, deadline, workload, cpu_fp32, reference):
     """Accuracy, the bucket x batch sweep and (served model) the workload for one precision.
     `reference` receives fp32's outputs on the device (fp32 runs first)."""
-    from loadtest import model_alone
+    from e2v.loadtest import model_alone
 
     phase.say(f"{size} {precision}: sweep {plan.buckets_s} s x batch {plan.batches}")
     runner = model_alone.load(torchscript_path(phase.work, size), plan.device, precision)
@@ -228,7 +226,7 @@ def _printing(phase: Phase):
 
 def _probes(plan: Plan, phase: Phase) -> None:
     """Would CUDA graphs or TorchScript's optimising executor pay? (the served model)"""
-    from loadtest import model_alone
+    from e2v.loadtest import model_alone
 
     path = torchscript_path(phase.work, plan.served_model)
     for precision in ("fp32", "fp16"):
@@ -249,8 +247,8 @@ def _probes(plan: Plan, phase: Phase) -> None:
 def served_workload(profile_name: str):
     """The profile's clips cut from speech-like signals. (`loadtest.workload.prepare_workload`
     encodes and decodes real files with PyAV, which bare GPU machines do not have.)"""
-    from loadtest.profiles import load_profile
-    from loadtest.workload import RECORDING_S, cut_clips, speech_like
+    from e2v.loadtest.profiles import load_profile
+    from e2v.loadtest.workload import RECORDING_S, cut_clips, speech_like
 
     sources = [speech_like(RECORDING_S, SAMPLE_RATE, seed=i) for i in range(3)]
     return cut_clips(load_profile(profile_name), sources)
@@ -282,7 +280,7 @@ def served(plan: Plan, phase: Phase) -> int:
 def layout_repo(work: Path, size: str, instances: int, precision: str) -> Path:
     """A repository whose config is what `e2v export --target torch --instances N
     --precision P` writes; the version directory is a symlink to the exported one."""
-    from export.repository import ServingOptions, render_config
+    from e2v.export.repository import ServingOptions, render_config
 
     source = repo_dir(work, size) / MODEL_NAME
     card = _read_card(source)
@@ -308,10 +306,11 @@ def layout_repo(work: Path, size: str, instances: int, precision: str) -> Path:
 
 
 def _serve_layout(plan, phase, workload, instances: int, precision: str) -> int:
+    from e2v.loadtest import closed_loop
+    from e2v.loadtest.metrics import summarize
+    from e2v.loadtest.triton_stats import config_summary
+
     from e2v.serve import ServeError, ServerConfig, TritonServer
-    from loadtest import closed_loop
-    from loadtest.metrics import summarize
-    from loadtest.triton_stats import config_summary
 
     label = f"{instances} instance{'s' * (instances > 1)}, {precision}"
     repo = layout_repo(phase.work, plan.served_model, instances, precision)
@@ -390,7 +389,7 @@ def client_processes() -> int:
 
 def _warm_up(http_url: str, workload, outputs: list[str]) -> None:
     """One request per length bucket, outside the measurement."""
-    from loadtest.closed_loop import Connection
+    from e2v.loadtest.closed_loop import Connection
 
     connection = Connection(http_url)
     try:

@@ -10,8 +10,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from loadtest import gpu_live
-from loadtest.metrics import cost_per_1000_audio_hours
+from e2v.loadtest import gpu_live
+from e2v.loadtest.metrics import cost_per_1000_audio_hours
 
 SYNTHETIC_NOTE = (
     "> **SYNTHETIC MODELS**: seeded random weights in the published architectures. Speed and\n"

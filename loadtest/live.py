@@ -35,8 +35,9 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from e2v.client.segment import MERGE_GAP_S, VAD_SPEECH_PAD_MS
+from e2v.loadtest.calls import PARTIES, RATE, CallRecording, offline_utterances
 
-from client.segment import MERGE_GAP_S, VAD_SPEECH_PAD_MS
 from e2v.contract import (
     CLOSE_NORMAL,
     EVENT_RESULT,
@@ -47,7 +48,6 @@ from e2v.contract import (
     LIVE_WINDOW_S,
     SAMPLE_RATE,
 )
-from loadtest.calls import PARTIES, RATE, CallRecording, offline_utterances
 
 STOP_WAIT_S = 60.0  # after `stop`: the longest wait for the finals, summary and close
 MATCH_SHARE = 0.5  # a final covers an offline utterance when it overlaps half of it

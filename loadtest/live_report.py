@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from loadtest.calls import PARTIES, RATE
-from loadtest.gpu_live import P95_TARGET_MS
-from loadtest.report import SYNTHETIC_NOTE, machine_description
+from e2v.loadtest.calls import PARTIES, RATE
+from e2v.loadtest.gpu_live import P95_TARGET_MS
+from e2v.loadtest.report import SYNTHETIC_NOTE, machine_description
 
 
 def best_level(levels: list[dict]) -> dict | None:

@@ -18,9 +18,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from e2v.loadtest.gpu_live import P95_TARGET_MS
+from e2v.loadtest.live import LiveLoad, drive, measure, ws_url
+
 from e2v.contract import LIVE_HOP_S
-from loadtest.gpu_live import P95_TARGET_MS
-from loadtest.live import LiveLoad, drive, measure, ws_url
 
 SESSION_HEADROOM = 8  # --live-sessions above the channels: the limit is not what is measured
 SUSTAIN_FINAL_S = 3.0  # "kept up": finals within this of being due (p95)...
@@ -33,9 +34,9 @@ def live_stack(args: argparse.Namespace, workdir: Path, channels: int) -> Iterat
     if args.live_url:
         yield {"url": ws_url(args.live_url), "pid": args.gateway_pid, "stats_url": args.stats_url}
         return
-    from client.gateway.process import GatewayProcess
-    from loadtest.bench import local_triton, triton_target
-    from loadtest.cli import Plan, parse_configs, stats_url
+    from e2v.loadtest.bench import local_triton, triton_target
+    from e2v.loadtest.cli import Plan, parse_configs, stats_url
+    from e2v.loadtest.gateway_process import GatewayProcess
 
     if args.url:
         triton = _nullcontext(triton_target("triton-grpc", "grpc", args.url, stats_url(args)))
@@ -70,7 +71,7 @@ def _nullcontext(value):
 
 def run_level(stack: dict, calls: list, load: LiveLoad) -> dict:
     """One level: the load, Triton's counters around it, the load average before and after."""
-    from loadtest import triton_stats
+    from e2v.loadtest import triton_stats
 
     stats_url = stack.get("stats_url")
     load_before = os.getloadavg()[0]
@@ -134,9 +135,9 @@ def parse_channels(text: str) -> list[int]:
 
 def run_live(args: argparse.Namespace) -> int:
     """The --live sweep; prints the report's path."""
-    from loadtest.calls import make_calls
-    from loadtest.cli import command_line, log
-    from loadtest.live_report import write_live_report
+    from e2v.loadtest.calls import make_calls
+    from e2v.loadtest.cli import command_line, log
+    from e2v.loadtest.live_report import write_live_report
 
     try:
         levels = parse_channels(args.channels)
@@ -177,7 +178,7 @@ def run_live(args: argparse.Namespace) -> int:
 
 
 def log_level(level: dict) -> None:
-    from loadtest.cli import log
+    from e2v.loadtest.cli import log
 
     i, f, s = level["interim_latency_ms"], level["final_latency_ms"], level["sessions"]
     log(

@@ -17,19 +17,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from locust import events
-
-from loadtest import shapes
-from loadtest.profiles import load_profile
-from loadtest.spec import Ramp
-from loadtest.users import (
+from e2v.loadtest import shapes
+from e2v.loadtest.profiles import load_profile
+from e2v.loadtest.spec import Ramp
+from e2v.loadtest.users import (
     BaselineHttpUser,
     GatewayUser,
     PreparedClips,
     TritonGrpcUser,
     TritonHttpUser,
 )
-from loadtest.workload import encode_clips, prepare_workload
+from e2v.loadtest.workload import encode_clips, prepare_workload
+from locust import events
 
 _audio = {"seconds": 0.0, "start": None}
 

@@ -7,8 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-
-from loadtest.spec import Ramp
+from e2v.loadtest.spec import Ramp
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from e2v.export.parity import pad_batch, parity_clips
+from e2v.loadtest.bare_ort import in_flight_batches, stack
+from e2v.loadtest.workload import Workload
+from e2v.model_repository.python_backend.torch_model import TorchRunner
 
 from e2v.contract import SAMPLE_RATE
-from export.parity import pad_batch, parity_clips
-from loadtest.bare_ort import in_flight_batches, stack
-from loadtest.workload import Workload
-from model_repository.python_backend.torch_model import TorchRunner
 
 Emit = Callable[[dict], None]
 

@@ -8,8 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
-
-from loadtest.bench import RunResult  # noqa: E402
+from e2v.loadtest.bench import RunResult  # noqa: E402
 
 
 def ramp_plot(results: list[RunResult], path: Path) -> Path:

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from e2v.loadtest import plots
+from e2v.loadtest.bench import RunResult
+from e2v.loadtest.metrics import cost_per_1000_audio_hours
+from e2v.loadtest.profiles import Profile
+from e2v.loadtest.workload import Workload, bucket_name, bucket_order
 
 from e2v.contract import SAMPLE_RATE
-from loadtest import plots
-from loadtest.bench import RunResult
-from loadtest.metrics import cost_per_1000_audio_hours
-from loadtest.profiles import Profile
-from loadtest.workload import Workload, bucket_name, bucket_order
 
 # A baseline server slower than this fraction of FunASR in-process is flagged in the report.
 FAIR_BASELINE = 0.8
@@ -126,7 +126,7 @@ def _workload(report: Report) -> list[str]:
         f"{report.profile.description}",
         "",
         f"- {len(report.workload)} distinct clips cut from encoded recordings "
-        f"(mu-law WAV 8 kHz, MP3, FLAC) decoded by `client.audio.load_audio`; users send them "
+        f"(mu-law WAV 8 kHz, MP3, FLAC) decoded by `e2v.client.audio.load_audio`; users send them "
         "round robin, padded to their length bucket (baseline: unpadded)",
         f"- clip length: mean {seconds.mean():.2f} s, median {np.median(seconds):.2f} s, "
         f"min {seconds.min():.2f} s, max {seconds.max():.2f} s",

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from e2v.loadtest.spec import Ramp
 from locust import LoadTestShape
-
-from loadtest.spec import Ramp
 
 
 class FixedUsers(LoadTestShape):

@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-
-from loadtest.synth import speech_like
+from e2v.loadtest.synth import speech_like
 
 SR = 16_000
 CLASSES = ("hum", "noise", "clicks", "speech")

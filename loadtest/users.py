@@ -17,10 +17,10 @@ from pathlib import Path
 
 import grpc.experimental.gevent as grpc_gevent
 import numpy as np
+from e2v.loadtest.workload import Workload, bucket_name, multipart_upload
 from locust import User, constant, task
 
 from e2v.contract import GATEWAY_PREDICT_PATH, INPUT_WAV, INPUT_WAV_LENS, MODEL_NAME
-from loadtest.workload import Workload, bucket_name, multipart_upload
 
 grpc_gevent.init_gevent()  # tritonclient.grpc blocks the gevent loop without it
 

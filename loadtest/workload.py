@@ -1,7 +1,7 @@
 """Prepared audio for a load test: real encoded recordings, decoded and cut ONCE.
 
 A few speech-like recordings are encoded with FFmpeg (through PyAV) as telephony
-mu-law WAV, MP3 and FLAC, decoded back with `client.audio.load_audio` (the client's own
+mu-law WAV, MP3 and FLAC, decoded back with `e2v.client.audio.load_audio` (the client's own
 path), then cut to the profile's clip lengths. The load generator only slices
 ready-made arrays, so what it measures is the server, not decoding.
 """
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from e2v.loadtest.profiles import Profile, clip_lengths
+from e2v.loadtest.synth import speech_like
 
 from e2v.contract import LENGTH_BUCKETS_S, MAX_SEGMENT_S, SAMPLE_RATE, bucket_samples
-from loadtest.profiles import Profile, clip_lengths
-from loadtest.synth import speech_like
 
 # (file name, container, codec, sample rate): a phone line, a compressed upload, a studio take.
 RECORDINGS = (
@@ -146,6 +146,6 @@ def multipart_upload(path: Path) -> tuple[str, bytes]:
 
 def decode(path: Path) -> np.ndarray:
     """16 kHz mono float32 through the client's own loader."""
-    from client.audio import load_audio
+    from e2v.client.audio import load_audio
 
     return load_audio(path)

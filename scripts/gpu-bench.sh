@@ -40,6 +40,18 @@ started=$(date +%s)
 say() { printf '[install %3ds] %s\n' "$(($(date +%s) - started))" "$*"; }
 fail() { echo "error: $*" >&2; exit 2; }
 
+# Our packages are one import namespace over several folders (pyproject's package-dir:
+# e2v.client -> client/, ...). Nothing is installed here, so a folder of links gives
+# Python the same view of this tree.
+source_view() {
+    local view=$WORK/source/e2v
+    rm -rf "$WORK/source"
+    mkdir -p "$view"
+    ln -s "$PWD"/e2v/*.py "$view/"
+    for folder in client export loadtest model_repository; do ln -s "$PWD/$folder" "$view/$folder"; done
+    echo "$WORK/source"
+}
+
 # Unpacks the carry into $WORK and writes $WORK/env.sh (the exports the run needs).
 install_carried() {
     local site=$WORK/site lib=$WORK/lib env=$WORK/env.sh
@@ -70,7 +82,7 @@ install_carried() {
     fi
     {
         echo "export LD_LIBRARY_PATH=$libdir\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
-        echo "export PYTHONPATH=$PWD:$site\${PYTHONPATH:+:\$PYTHONPATH}"
+        echo "export PYTHONPATH=$(source_view):$site\${PYTHONPATH:+:\$PYTHONPATH}"
         echo "export MPLCONFIGDIR=$WORK/matplotlib"
     } >"$env"
     # shellcheck source=/dev/null
@@ -91,7 +103,7 @@ print(" ".join(n for n in names if u.find_spec(n) is None))')
 
 mkdir -p "$WORK"
 if [ "$install" = 1 ]; then
-    export -f install_carried say fail
+    export -f install_carried source_view say fail
     export PYTHON CARRY WORK started
     rm -f "$WORK/env.sh"
     timeout "$INSTALL_BUDGET_S" bash -c install_carried \
@@ -99,10 +111,14 @@ if [ "$install" = 1 ]; then
     # shellcheck source=/dev/null
     source "$WORK/env.sh"
 else
-    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    PYTHONPATH=$(source_view)${PYTHONPATH:+:$PYTHONPATH}
+    export PYTHONPATH
 fi
 
 args=(--work "$WORK" --report "$REPORT")
 [ -n "${PRICE_PER_HOUR:-}" ] && args+=(--price-per-hour "$PRICE_PER_HOUR")
 [ "$mode" = cpu ] && args+=(--cpu)
-exec "$PYTHON" -m loadtest.gpu_bench "${args[@]}"
+# The tree's own e2v/ must not shadow the view: no current directory on sys.path, in this
+# process and in the phases it starts.
+export PYTHONSAFEPATH=1
+exec "$PYTHON" -m e2v.loadtest.gpu_bench "${args[@]}"

@@ -21,7 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client.audio import load_audio  # noqa: E402 - the repository's own decoder
+from e2v.client.audio import load_audio  # noqa: E402 - the repository's own decoder
 
 OUT = ROOT / "samples" / "call-8k-stereo.wav"
 RATE = 8000

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import av
 import numpy as np
-
-from loadtest.synth import speech_like
+from e2v.loadtest.synth import speech_like
 
 __all__ = ["speech_like"]  # the synthesizer lives in the package: benchmarks use it too
 

@@ -19,7 +19,7 @@ def cache_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(cache_dir: Path) -> Path:
-    from export.synthetic import write_synthetic_model
+    from e2v.export.synthetic import write_synthetic_model
 
     return write_synthetic_model("tiny", cache_dir / "synthetic-tiny")
 
@@ -27,7 +27,7 @@ def tiny_model_dir(cache_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cpu_repo(tmp_path_factory) -> Path:
     """A Triton repository with synthetic:tiny exported for the cpu target."""
-    from export.exporter import export_model
+    from e2v.export.exporter import export_model
 
     repo = tmp_path_factory.mktemp("repo-tiny-cpu")
     export_model("synthetic:tiny", repo, target="cpu", check_parity=False)

@@ -9,8 +9,8 @@ import audio_fixtures as fx
 import av
 import numpy as np
 import pytest
+from e2v.client.audio import AudioError, audio_duration_s, check_min_length, load_audio
 
-from client.audio import AudioError, audio_duration_s, check_min_length, load_audio
 from e2v.contract import MIN_SAMPLES, SAMPLE_RATE
 
 SECONDS = 1.5

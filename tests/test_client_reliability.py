@@ -358,8 +358,8 @@ def test_any_failure_inside_one_file_is_that_files_row(tiny_server, tmp_path):
     import asyncio
     import io
 
-    from client.classify import JobOptions, classify_source
-    from client.triton import TritonEmotionClient
+    from e2v.client.classify import JobOptions, classify_source
+    from e2v.client.triton import TritonEmotionClient
 
     class Exploding(io.BytesIO):
         def read(self, size=-1):
@@ -393,8 +393,7 @@ def test_failures_are_told_apart_by_status(tiny_server):
     import asyncio
 
     import tritonclient.grpc.aio as grpcaio
-
-    from client.triton import failure_kind
+    from e2v.client.triton import failure_kind
 
     async def errors():
         client = grpcaio.InferenceServerClient(tiny_server.config.grpc_url)

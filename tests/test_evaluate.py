@@ -19,6 +19,13 @@ from pathlib import Path
 import audio_fixtures as fx
 import numpy as np
 import pytest
+from e2v.client.evaluation import DatasetError, read_labelled
+from e2v.client.evaluation.labels import LabelError, LabelMatcher, parse_map
+from e2v.client.evaluation.metrics import evaluate_method, intervals
+from e2v.client.evaluation.report import csv_safe
+from e2v.client.evaluation.run import parse_methods
+from e2v.client.results import FileResult, SegmentResult, by_vote
+from e2v.export.config_template import PUBLISHED_LABELS
 from servers import free_ports
 from sklearn.metrics import (
     accuracy_score,
@@ -27,14 +34,6 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
     recall_score,
 )
-
-from client.evaluation import DatasetError, read_labelled
-from client.evaluation.labels import LabelError, LabelMatcher, parse_map
-from client.evaluation.metrics import evaluate_method, intervals
-from client.evaluation.report import csv_safe
-from client.evaluation.run import parse_methods
-from client.results import FileResult, SegmentResult, by_vote
-from export.config_template import PUBLISHED_LABELS
 
 BOOTSTRAP = "200"
 # Scores of one clip differ by up to 1e-5 with the other clips Triton batches it with.

@@ -17,15 +17,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from e2v.export.checkpoint import CheckpointError, load_model
+from e2v.export.exporter import ExportError, export_model
+from e2v.export.formats import export_onnx, export_torchscript
+from e2v.export.network import BatchedEmotion2vec
+from e2v.export.parity import funasr_reference, pad_batch
+from e2v.export.synthetic import write_synthetic_model
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
-
-from export.checkpoint import CheckpointError, load_model
-from export.exporter import ExportError, export_model
-from export.formats import export_onnx, export_torchscript
-from export.network import BatchedEmotion2vec
-from export.parity import funasr_reference, pad_batch
-from export.synthetic import write_synthetic_model
 
 SCORES_TOL = 1e-5
 EMBEDDING_TOL = 1e-4

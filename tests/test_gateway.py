@@ -24,9 +24,8 @@ from pathlib import Path
 import audio_fixtures as fx
 import numpy as np
 import pytest
+from e2v.loadtest.gateway_process import GatewayProcess
 from servers import free_ports
-
-from client.gateway.process import GatewayProcess
 
 pytest.importorskip("fastapi", reason="the gateway extra is not installed")
 

@@ -7,9 +7,8 @@ import re
 import urllib.request
 
 import pytest
+from e2v.loadtest.gateway_process import GatewayProcess
 from test_gateway import _browser
-
-from client.gateway.process import GatewayProcess
 
 
 @pytest.fixture(scope="module")

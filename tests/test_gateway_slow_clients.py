@@ -27,8 +27,8 @@ import numpy as np
 import psutil
 import pytest
 import requests
+from e2v.loadtest.gateway_process import GatewayProcess
 
-from client.gateway.process import GatewayProcess
 from e2v.contract import MODEL_NAME
 
 pytest.importorskip("fastapi", reason="the gateway extra is not installed")
@@ -235,9 +235,8 @@ class _Uvicorn:
         import asyncio
 
         import uvicorn
+        from e2v.client.gateway.server import guarded_protocol
         from servers import free_ports
-
-        from client.gateway.server import guarded_protocol
 
         self.port = free_ports(1)[0]
         self.protocol = guarded_protocol(limits)
@@ -481,9 +480,8 @@ def test_a_client_that_hangs_up_cancels_its_work(refusing, long_call, tiny_serve
 def test_websocket_upgrades_pass_through_the_guard():
     """A real uvicorn with the guarded protocol, a WebSocket echo app and a real client:
     the upgrade works, and the socket is counted until it closes."""
+    from e2v.client.gateway.server import ConnectionLimits
     from websockets.sync.client import connect
-
-    from client.gateway.server import ConnectionLimits
 
     async def echo(scope, receive, send):
         if scope["type"] == "websocket":
@@ -553,7 +551,7 @@ def test_draining_after_a_refusal_is_bounded_in_bytes_and_time(refusing):
 
 
 def test_admission_order_evicts_the_oldest_idle_connection_never_one_at_work():
-    from client.gateway.server import ConnectionLimits
+    from e2v.client.gateway.server import ConnectionLimits
 
     limits = ConnectionLimits(max_connections=4, per_client=2)
     with _Uvicorn(_reads_its_body, limits) as server:
@@ -593,7 +591,7 @@ def test_admission_order_evicts_the_oldest_idle_connection_never_one_at_work():
 
 
 def test_a_client_that_does_not_read_its_answer_is_cut_off():
-    from client.gateway.server import ConnectionLimits
+    from e2v.client.gateway.server import ConnectionLimits
 
     outcome: dict = {}
 
@@ -627,7 +625,7 @@ def test_a_client_that_does_not_read_its_answer_is_cut_off():
 
 
 def test_per_client_caps_count_an_ipv6_host_by_its_64():
-    from client.gateway.server import client_key
+    from e2v.client.gateway.server import client_key
 
     assert client_key(("2001:db8:1:2::1", 1)) == client_key(("2001:db8:1:2:ffff::9", 2))
     assert client_key(("2001:db8:1:2::1", 1)) != client_key(("2001:db8:1:3::1", 1))

@@ -4,11 +4,11 @@ the rendered `config.pbtxt`, parsed with Triton's own ModelConfig protobuf."""
 from __future__ import annotations
 
 import pytest
+from e2v.export.repository import default_options, render_config
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from e2v.contract import MAX_SAMPLES, bucket_lengths_samples
-from export.repository import default_options, render_config
 
 
 def config_for(target: str) -> model_config_pb2.ModelConfig:

@@ -22,13 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from servers import free_ports
-
-from client.heads.cache import Embedded, EmbeddingCache
-from client.heads.embed import parse_span, plan_rows
-from client.results import resolve_labels, restrict_scores
-from e2v.contract import ADMIN_KEY_HEADER, HEAD_EMBEDDING_OUTPUT
-from export.heads import (
+from e2v.client.heads.cache import Embedded, EmbeddingCache
+from e2v.client.heads.embed import parse_span, plan_rows
+from e2v.client.results import resolve_labels, restrict_scores
+from e2v.export.heads import (
     BaseModel,
     HeadExportError,
     check_labels,
@@ -40,7 +37,10 @@ from export.heads import (
     render_ensemble_config,
     render_head_config,
 )
-from loadtest.sounds import CLASSES, sound, write_labelled_set, write_wav
+from e2v.loadtest.sounds import CLASSES, sound, write_labelled_set, write_wav
+from servers import free_ports
+
+from e2v.contract import ADMIN_KEY_HEADER, HEAD_EMBEDDING_OUTPUT
 
 BOOTSTRAP = "100"
 CHANCE = 1 / len(CLASSES)
@@ -249,9 +249,9 @@ def test_cache_keys_roundtrip_corruption_and_bound(tmp_path):
 
 
 def test_cross_validation_never_splits_a_group():
-    from client.evaluation.dataset import LabelledItem
-    from client.heads import train
-    from client.heads.embed import Row
+    from e2v.client.evaluation.dataset import LabelledItem
+    from e2v.client.heads import train
+    from e2v.client.heads.embed import Row
 
     rng = np.random.default_rng(0)
     rows = []
@@ -278,7 +278,7 @@ def test_cross_validation_never_splits_a_group():
 
 
 def test_plan_rows_spans_and_duplicates(tmp_path):
-    from client.evaluation import read_labelled
+    from e2v.client.evaluation import read_labelled
 
     write_wav(tmp_path / "a.wav", sound("hum", 0, 2.0))
     (tmp_path / "m.csv").write_text(
@@ -438,7 +438,7 @@ def _infer(url: str, model: str, clip: np.ndarray, outputs: list[str]):
 def test_head_present_at_start_is_served_and_labels_come_from_triton(served):
     import asyncio
 
-    from client.triton import TritonEmotionClient
+    from e2v.client.triton import TritonEmotionClient
 
     async def info():
         async with TritonEmotionClient(f"127.0.0.1:{served.grpc}", model="emotion2vec_pre") as c:
@@ -677,12 +677,12 @@ def test_labelled_spans_embed_the_span(served, tmp_path):
     """A `start,end` row is the embedding of that stretch of the file, as if sent alone."""
     import asyncio
 
-    from client.audio import load_audio
-    from client.classify import JobOptions
-    from client.evaluation import read_labelled
-    from client.heads.embed import embed_rows
-    from client.segment import SegmentMode
-    from client.triton import TritonEmotionClient
+    from e2v.client.audio import load_audio
+    from e2v.client.classify import JobOptions
+    from e2v.client.evaluation import read_labelled
+    from e2v.client.heads.embed import embed_rows
+    from e2v.client.segment import SegmentMode
+    from e2v.client.triton import TritonEmotionClient
 
     hum, noise = sound("hum", 1, 2.0), sound("noise", 2, 1.5)
     write_wav(tmp_path / "call.wav", np.concatenate([hum, noise]))
@@ -758,7 +758,7 @@ def test_hot_add_waits_reports_failures_and_retries_changed_files(served, head_r
 
 def test_bench_heads_smoke(served, head_repo, tmp_path):
     """`e2v bench heads` against the running server, on a few clips."""
-    from client.heads.bench import benchmark, report
+    from e2v.loadtest.heads_bench import benchmark, report
 
     figures = benchmark(
         f"127.0.0.1:{served.grpc}", f"127.0.0.1:{served.http}", head_repo, tmp_path, 40, 10

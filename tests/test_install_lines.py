@@ -102,5 +102,9 @@ def test_the_wheel_built_from_the_clone_holds_every_package(tmp_path):
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     for package in packages["packages"]:
         assert f"{package.replace('.', '/')}/__init__.py" in names, package
-    assert "client/silero/silero_vad_16k_sequence.onnx" in names
-    assert "client/gateway/static/index.html" in names
+    assert "e2v/client/silero/silero_vad_16k_sequence.onnx" in names
+    assert "e2v/client/gateway/static/index.html" in names
+    assert "e2v/model_repository/templates/cpu.pbtxt" in names
+    # One import namespace: nothing else lands at the top of site-packages.
+    tops = {name.split("/", 1)[0] for name in names}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"e2v"}

@@ -14,6 +14,8 @@ import audio_fixtures as fx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Published packages with the names of our folders (export/, loadtest/), pinned.
+NAMESAKES = ("export==0.2.1", "loadtest==0.0.2")
 HEAVY = ("torch", "funasr", "nvidia-pytriton", "locust", "scikit-learn", "silero-vad")
 
 
@@ -23,6 +25,8 @@ def lean_env(tmp_path_factory) -> Path:
     venv.create(home, with_pip=True)
     python = home / "bin" / "python"
     install = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    # PyPI's own `export` and `loadtest` first: ours live under `e2v.` and must not collide.
+    subprocess.run([*install, *NAMESAKES], check=True, timeout=300, capture_output=True)
     subprocess.run([*install, str(ROOT)], check=True, timeout=900, capture_output=True)
     return home
 
@@ -39,6 +43,30 @@ def test_lean_install_has_no_heavy_dependencies(lean_env):
     assert not installed & set(HEAVY), installed & set(HEAVY)
     size = sum(f.stat().st_size for f in lean_env.rglob("*") if f.is_file()) / 2**20
     print(f"lean client environment: {size:.0f} MiB")
+
+
+def test_our_packages_install_beside_their_pypi_namesakes(lean_env):
+    """Everything of ours is under `e2v.`: PyPI's `export` and `loadtest` stay theirs."""
+    probe = (
+        "import importlib.util as u, json, export, loadtest, e2v.client.audio\n"
+        "print(json.dumps({n: u.find_spec(n).origin for n in "
+        "('export', 'loadtest', 'e2v.export', 'e2v.loadtest', 'e2v.client')}))\n"
+        "print(hasattr(export, 'api') or u.find_spec('export.api') is not None)"
+    )
+    shown = subprocess.run(
+        [str(lean_env / "bin" / "python"), "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=lean_env,  # not the clone, whose folders would shadow the installed packages
+    ).stdout.splitlines()
+    origins = json.loads(shown[0])
+    site = Path(origins["e2v.client"]).parent.parent
+    assert origins["export"] == str(site / "export" / "__init__.py")
+    assert origins["loadtest"] == str(site / "loadtest" / "__init__.py")
+    assert origins["e2v.export"] == str(site / "e2v" / "export" / "__init__.py")
+    assert origins["e2v.loadtest"] == str(site / "e2v" / "loadtest" / "__init__.py")
+    assert shown[1] == "True", "PyPI's export package was overwritten"
 
 
 def test_lean_client_classifies_against_a_real_server(lean_env, tiny_server, tmp_path):

@@ -16,8 +16,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from e2v.loadtest.gateway_process import GatewayProcess
 
-from client.gateway.process import GatewayProcess
 from e2v.contract import (
     AUDIOHOOK_ENTITY_TYPE,
     AUDIOHOOK_PATH,
@@ -580,7 +580,7 @@ def test_a_client_that_stops_reading_loses_its_slot(quick_gateway):
 def test_l16_when_only_l16_is_offered(gateway):
     """L16 (little-endian, as the reference sends it) is decoded like PCMU: the same
     speech gives the same utterance starts."""
-    from client.live import codecs
+    from e2v.client.live import codecs
 
     stereo = [{**OFFERS[0], "format": "L16"}]
     pcm = (codecs.decode(b"".join(mulaw_stereo_frames(6)), "mulaw") * 32768).round()

@@ -8,9 +8,8 @@ import audio_fixtures as fx
 import av
 import numpy as np
 import pytest
-
-from client.audio import load_audio
-from client.live import codecs
+from e2v.client.audio import load_audio
+from e2v.client.live import codecs
 
 G711_FORMAT_TAGS = {"mulaw": 7, "alaw": 6}
 

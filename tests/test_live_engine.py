@@ -17,16 +17,16 @@ import time
 import audio_fixtures as fx
 import numpy as np
 import pytest
+from e2v.client.audio import load_audio
+from e2v.client.live import codecs
+from e2v.client.live.party import BREAK_S, PartyStream
+from e2v.client.live.scheduler import Scheduler
+from e2v.client.live.session import LiveError, LiveSession, LiveSettings, StreamFormat
+from e2v.client.segment import SegmentMode, segment_stream
+from e2v.client.triton import TritonEmotionClient
+from e2v.client.vad import FRAME
 from test_live_codecs import g711_wav, wav_payload
 
-from client.audio import load_audio
-from client.live import codecs
-from client.live.party import BREAK_S, PartyStream
-from client.live.scheduler import Scheduler
-from client.live.session import LiveError, LiveSession, LiveSettings, StreamFormat
-from client.segment import SegmentMode, segment_stream
-from client.triton import TritonEmotionClient
-from client.vad import FRAME
 from e2v.contract import (
     CLOSE_BAD_MESSAGE,
     EVENT_RESULT,
@@ -458,7 +458,7 @@ def test_bad_formats_settings_and_order_are_refused_with_4400(tiny_server):
 def test_the_resampler_gives_the_same_samples_in_any_chunking():
     """The batch path's Resampler, pushed 20 ms at a time or in random pieces, gives the
     samples of one whole-run resampling; it refuses audio after its flush."""
-    from client.audio import Resampler
+    from e2v.client.audio import Resampler
 
     wav = fx.speech_like(4.0, sr=8000, seed=6)
     whole = Resampler(8000)
@@ -480,7 +480,7 @@ def test_the_resampler_gives_the_same_samples_in_any_chunking():
 
 def party_finals(wav: np.ndarray, rate: int, seed: int, max_chunk: int = 3000):
     """PartyStream's finals and start actions for `wav` pushed in random-sized chunks."""
-    from client.live.party import Final, Start
+    from e2v.client.live.party import Final, Start
 
     party = PartyStream(rate, 3.0, 1.0)
     rng = np.random.default_rng(seed)
@@ -509,7 +509,7 @@ def test_party_finals_are_the_batch_cut_of_the_same_audio_in_any_chunking(seed):
 
 
 def test_windows_run_on_a_grid_during_speech_and_count_the_ones_a_big_push_skips():
-    from client.live.party import Window
+    from e2v.client.live.party import Window
 
     wav, spans = fx.bursts([("silence", 1.0), ("speech", 9.0), ("silence", 2.5)], seed=1)
     small, big = PartyStream(16_000, 3.0, 0.5), PartyStream(16_000, 3.0, 0.5)
@@ -528,7 +528,7 @@ def test_windows_run_on_a_grid_during_speech_and_count_the_ones_a_big_push_skips
 
 
 def test_live_cutting_sends_short_clips_as_vad_segments_not_whole():
-    from client.segment import SegmentCutter
+    from e2v.client.segment import SegmentCutter
 
     wav, spans = fx.bursts([("silence", 1.0), ("speech", 3.0), ("silence", 2.0),
                             ("speech", 2.0), ("silence", 1.0)], seed=4)  # fmt: skip

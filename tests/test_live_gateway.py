@@ -23,10 +23,12 @@ import pytest
 websockets = pytest.importorskip("websockets")
 uvicorn = pytest.importorskip("uvicorn")
 
-from client.gateway.config import GatewayConfig  # noqa: E402
-from client.gateway.process import GatewayProcess  # noqa: E402
-from client.live.codecs import encode, interleave  # noqa: E402
-from client.live.limits import LiveLimits  # noqa: E402
+from e2v.client.gateway.config import GatewayConfig  # noqa: E402
+from e2v.client.live.codecs import encode, interleave  # noqa: E402
+from e2v.client.live.limits import LiveLimits  # noqa: E402
+from e2v.loadtest.gateway_process import GatewayProcess  # noqa: E402
+from e2v.loadtest.synth import speech_like  # noqa: E402
+
 from e2v.contract import (  # noqa: E402
     CALL_EVENTS_PATH,
     CALL_EVENTS_WS_PATH,
@@ -46,7 +48,6 @@ from e2v.contract import (  # noqa: E402
     EVENT_UTTERANCE_START,
     LIVE_PATH,
 )
-from loadtest.synth import speech_like  # noqa: E402
 
 KEY = "live-test-key-0123456789"
 RATE = 8000
@@ -58,8 +59,9 @@ class InProcessGateway:
     thread, on a free loopback port."""
 
     def __init__(self, triton: str, api_key: str | None = None, **limits):
-        from client.gateway.app import create_app
-        from client.live.shutdown import DrainingServer, websocket_options
+        from e2v.client.gateway.app import create_app
+        from e2v.client.live.shutdown import DrainingServer, websocket_options
+
         from e2v.serve import free_ports
 
         self.port = free_ports(1)[0]

@@ -22,8 +22,8 @@ from pathlib import Path
 import audio_fixtures as fx
 import numpy as np
 import pytest
+from e2v.loadtest.gateway_process import GatewayProcess
 
-from client.gateway.process import GatewayProcess
 from e2v.contract import AUDIOHOOK_PARTIES, TWILIO_PARTIES
 
 pytest.importorskip("fastapi", reason="the gateway extra is not installed")
@@ -140,7 +140,7 @@ def assert_finals_equal_offline(finals: list[dict], segments: list[dict], party:
 def test_the_decoder_keeps_the_channels_of_a_stereo_file_apart(tmp_path):
     """stream_audio(mix=False): each channel is what that channel alone decodes to, and
     their mean is the mono decode (the one decode loop; resampled per channel)."""
-    from client.audio import load_audio, stream_audio
+    from e2v.client.audio import load_audio, stream_audio
 
     left, right = fx.speech_like(3.1, 44_100, seed=1), fx.speech_like(3.1, 44_100, seed=2)
     stereo = fx.write_audio(tmp_path / "s.wav", np.stack([left, right]), 44_100)
@@ -273,7 +273,7 @@ def test_a_peer_that_never_answers_the_handshake_times_out(monkeypatch):
     answers the upgrade): bounded by CONNECT_TIMEOUT_S (shortened here)."""
     import asyncio
 
-    from client.live import player
+    from e2v.client.live import player
 
     monkeypatch.setattr(player, "CONNECT_TIMEOUT_S", 1.0)
     with socket.create_server(("127.0.0.1", 0)) as server:
@@ -324,9 +324,8 @@ def test_a_peer_that_goes_silent_after_stop_is_given_up_on(monkeypatch):
     summary: the player gives up END_TIMEOUT_S after `stop` (shortened here)."""
     import asyncio
 
+    from e2v.client.live import player
     from websockets.asyncio.server import serve
-
-    from client.live import player
 
     monkeypatch.setattr(player, "END_TIMEOUT_S", 1.5)
     received: list[str] = []

@@ -15,8 +15,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from e2v.loadtest.gateway_process import GatewayProcess
 
-from client.gateway.process import GatewayProcess
 from e2v.contract import (
     CALL_EVENTS_PATH,
     CLOSE_BAD_MESSAGE,
@@ -373,7 +373,8 @@ def test_the_summary_of_a_twilio_call_is_a_signed_webhook(tiny_server, tmp_path)
     """No subscriber at all: the call's summary reaches a real HTTP receiver, signed."""
     import http.server
 
-    from client.webhooks import verify
+    from e2v.client.webhooks import verify
+
     from e2v.contract import WEBHOOK_SIGNATURE_HEADER
 
     secret = "s" * 32

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from e2v.contract import LENGTH_BUCKETS_S, MODEL_NAME, SAMPLE_RATE, bucket_samples
-from loadtest.metrics import (
+from e2v.loadtest.metrics import (
     Requests,
     cost_per_1000_audio_hours,
     ramp_steps,
     saturation,
     summarize,
 )
-from loadtest.profiles import ProfileError, available_profiles, clip_lengths, load_profile
-from loadtest.spec import Ramp
+from e2v.loadtest.profiles import ProfileError, available_profiles, clip_lengths, load_profile
+from e2v.loadtest.spec import Ramp
+
+from e2v.contract import LENGTH_BUCKETS_S, MODEL_NAME, SAMPLE_RATE, bucket_samples
 
 # ------------------------------------------------------------------- profiles and numbers
 
@@ -113,7 +113,7 @@ def test_ramp_levels_and_saturation(tmp_path):
 
 
 def test_workload_is_decoded_cut_and_bucket_padded(tmp_path):
-    from loadtest.workload import Workload, prepare_workload
+    from e2v.loadtest.workload import Workload, prepare_workload
 
     profile_path = tmp_path / "mixed.json"
     profile_path.write_text(
@@ -328,12 +328,11 @@ def test_gateway_load_test_and_direct_comparison(tiny_server, smoke_profile, tmp
 def test_funasr_baseline_runs_the_threads_it_is_given(tiny_model_dir):
     """AutoModel resets torch's threads from `ncpu` (default 4): the baseline passes it, and
     the server reports the count FunASR actually runs with (checked, not timed)."""
+    from e2v.loadtest.baseline_server import BaselineServer
     from servers import free_ports
 
-    from loadtest.baseline_server import BaselineServer
-
     code = (
-        "import sys, torch; from export.parity import funasr_model; "
+        "import sys, torch; from e2v.export.parity import funasr_model; "
         "funasr_model(sys.argv[1], threads=1); print(torch.get_num_threads())"
     )
     out = subprocess.run(

@@ -7,10 +7,9 @@ import json
 
 import numpy as np
 import pytest
-
-from loadtest.calls import PARTIES, RATE, make_calls, offline_utterances
-from loadtest.live import CallLog, percentiles, ws_url
-from loadtest.live_run import parse_channels
+from e2v.loadtest.calls import PARTIES, RATE, make_calls, offline_utterances
+from e2v.loadtest.live import CallLog, percentiles, ws_url
+from e2v.loadtest.live_run import parse_channels
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,8 @@ from pathlib import Path
 import audio_fixtures as fx
 import numpy as np
 import pytest
+from e2v.client.audio import load_audio, stream_audio
 from test_live_codecs import g711_wav, wav_payload
-
-from client.audio import load_audio, stream_audio
 
 E2V = [sys.executable, "-m", "e2v"]
 TOL = 1e-5
@@ -361,8 +360,8 @@ def test_webhook_body_names_the_party_without_segments(tiny_server, calls, tmp_p
 def test_conversation_figures_and_party_names():
     """Edge cases of client/parties.py without a server: nobody speaks, three parties,
     touching segments; party names as --parties parses them."""
-    from client.parties import conversation, parse_parties
-    from client.results import SegmentResult
+    from e2v.client.parties import conversation, parse_parties
+    from e2v.client.results import SegmentResult
 
     def segs(*spans):
         return [SegmentResult(a, b, {}, np.zeros(1)) for a, b in spans]

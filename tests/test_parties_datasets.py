@@ -16,13 +16,12 @@ import subprocess
 
 import numpy as np
 import pytest
+from e2v.client.classify import JobOptions
+from e2v.client.evaluation import read_labelled
+from e2v.client.heads.embed import embed_rows, plan_rows
+from e2v.client.segment import SegmentMode
+from e2v.client.triton import TritonEmotionClient
 from test_parties import E2V, calls, classify  # noqa: F401 - `calls` is a fixture
-
-from client.classify import JobOptions
-from client.evaluation import read_labelled
-from client.heads.embed import embed_rows, plan_rows
-from client.segment import SegmentMode
-from client.triton import TritonEmotionClient
 
 
 def _manifest(path, rows: list[dict]) -> str:

@@ -10,10 +10,9 @@ model's labels are meaningless.
 from __future__ import annotations
 
 import pytest
+from e2v.loadtest.gateway_process import GatewayProcess
 from test_gateway import _browser, assert_same, comparable, upload
 from test_parties import calls, classify  # noqa: F401 - `calls` is a fixture
-
-from client.gateway.process import GatewayProcess
 
 pytest.importorskip("fastapi", reason="the gateway extra is not installed")
 

@@ -7,9 +7,8 @@ import shutil
 import audio_fixtures as fx
 import numpy as np
 import pytest
-
-from client.audio import AudioError, load_audio
-from client.segment import (
+from e2v.client.audio import AudioError, load_audio
+from e2v.client.segment import (
     Segment,
     SegmentMode,
     fixed_windows,
@@ -20,6 +19,7 @@ from client.segment import (
     speech_regions,
     split_evenly,
 )
+
 from e2v.contract import MAX_SEGMENT_S, MIN_SAMPLES, SAMPLE_RATE
 
 SR = SAMPLE_RATE
@@ -271,10 +271,9 @@ def long_call() -> np.ndarray:
 def test_streaming_vad_equals_silero_on_the_whole_array(long_call, seed):
     """Frame probabilities, the region state machine and the padding pass, fed in random
     chunks, give exactly Silero's own regions for the whole array."""
+    from e2v.client.segment import VAD_PARAMS
+    from e2v.client.vad import RegionPadder, SpeechTracker, StreamingVad, silero_model_path
     from silero_vad.sequence_vad import SileroVADSequence, get_speech_timestamps_sequence
-
-    from client.segment import VAD_PARAMS
-    from client.vad import RegionPadder, SpeechTracker, StreamingVad, silero_model_path
 
     model = SileroVADSequence(str(silero_model_path()))
     expected = get_speech_timestamps_sequence(long_call, model, **VAD_PARAMS.silero_kwargs())
@@ -311,10 +310,9 @@ def speech_probabilities(seed: int, frames: int = 40_000) -> np.ndarray:
 def test_speech_tracker_equals_silero_state_machine(seed, legacy_cut):
     from dataclasses import replace
 
+    from e2v.client.segment import VAD_PARAMS
+    from e2v.client.vad import FRAME, RegionPadder, SpeechTracker
     from silero_vad.utils_vad import get_speech_timestamps_from_probs
-
-    from client.segment import VAD_PARAMS
-    from client.vad import FRAME, RegionPadder, SpeechTracker
 
     params = replace(VAD_PARAMS, max_speech_s=20.0, use_max_poss_sil_at_max_speech=not legacy_cut)
     probs = speech_probabilities(seed)
@@ -397,7 +395,7 @@ def test_early_stop_of_the_vad_changes_no_segment(pattern):
 def test_vendored_silero_model_is_the_wheels():
     import hashlib
 
-    from client.vad import silero_model_path, wheel_model_path
+    from e2v.client.vad import silero_model_path, wheel_model_path
 
     wheel = wheel_model_path()
     assert wheel is not None and wheel.is_file(), "silero-vad is a dev dependency"

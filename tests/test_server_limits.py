@@ -22,11 +22,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
+from e2v.model_repository.python_backend import request_checks as checks
 from servers import free_ports, start_server
 
 from e2v import contract, leftovers
 from e2v.serve import TritonServer
-from model_repository.python_backend import request_checks as checks
 
 MAX = contract.MAX_SAMPLES
 BUDGET = contract.MAX_BATCH_SAMPLES

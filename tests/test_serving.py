@@ -14,11 +14,11 @@ import audio_fixtures as fx
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from e2v.client.triton import TritonEmotionClient
+from e2v.export.parity import funasr_reference
 from servers import free_ports, server_config, start_server
 
-from client.triton import TritonEmotionClient
 from e2v.serve import ServeError, TritonServer
-from export.parity import funasr_reference
 
 SCORES_TOL = 1e-4
 
@@ -325,9 +325,8 @@ def test_queue_full_rejections_are_retried_until_served(cache_dir, tmp_path):
     from dataclasses import replace
 
     import tritonclient.grpc.aio as grpcaio
-
-    from export.exporter import export_model
-    from export.repository import default_options
+    from e2v.export.exporter import export_model
+    from e2v.export.repository import default_options
 
     options = replace(
         default_options("cpu"),

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import audio_fixtures as fx
 import pytest
+from e2v.client.inputs import Shard, shard_of
 from servers import S3Server
-
-from client.inputs import Shard, shard_of
 
 E2V = [sys.executable, "-m", "e2v"]
 

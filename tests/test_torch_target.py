@@ -18,15 +18,14 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as httpclient
+from e2v.client.triton import TritonEmotionClient
+from e2v.export.exporter import export_model
+from e2v.export.parity import compare, funasr_reference, pad_batch
+from e2v.model_repository.python_backend.torch_model import TorchRunner
 from google.protobuf import text_format
 from servers import start_server
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
-
-from client.triton import TritonEmotionClient
-from export.exporter import export_model
-from export.parity import compare, funasr_reference, pad_batch
-from model_repository.python_backend.torch_model import TorchRunner
 
 SCORES_TOL = 1e-5
 EMBEDDING_TOL = 1e-4
@@ -231,8 +230,8 @@ def test_runner_pads_requests_of_different_lengths_exactly(torch_repo, precision
 def test_benchmark_client_counts_what_triton_counts(torch_server, processes):
     """The GPU benchmark's stdlib HTTP closed loop (threads, or forked processes): every
     request answered and plausible, and Triton's statistics see exactly as many."""
-    from loadtest import closed_loop
-    from loadtest.gpu_phases import served_workload
+    from e2v.loadtest import closed_loop
+    from e2v.loadtest.gpu_phases import served_workload
 
     url = torch_server.config.http_url
     workload = served_workload("fixed-3s")

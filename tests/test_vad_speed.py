@@ -5,17 +5,18 @@ from __future__ import annotations
 import audio_fixtures as fx
 import numpy as np
 import pytest
-
-from client.segment import VAD_PARAMS, SegmentMode, segment_stream
-from client.vad import (
+from e2v.client.segment import VAD_PARAMS, SegmentMode, segment_stream
+from e2v.client.vad import (
     RegionPadder,
     SequenceVad,
     SpeechTracker,
     StreamingVad,
+    batched_model_paths,
     feed_streams,
     silero_model_path,
 )
-from client.vad_graph import batched_model_paths, build
+from e2v.export.vad_graph import build
+
 from e2v.contract import SAMPLE_RATE
 
 
@@ -37,7 +38,7 @@ def probabilities(vad, chunks) -> np.ndarray:
 
 
 def test_vendored_batched_graph_is_a_fresh_build():
-    """The vendored encoder/recurrent files are what client/vad_graph.py builds now."""
+    """The vendored encoder/recurrent files are what export/vad_graph.py builds now."""
     for model, path in zip(build(silero_model_path()), batched_model_paths(), strict=True):
         assert model.SerializeToString() == path.read_bytes(), f"regenerate {path.name}"
 
@@ -101,7 +102,7 @@ def test_feed_streams_handles_empty_and_long_feeds(call):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_segments_equal_the_previous_path(call, seed, monkeypatch):
     """segment_stream through the new VAD gives the segments and samples of the old one."""
-    import client.segment as segment
+    import e2v.client.segment as segment
 
     rng = np.random.default_rng(seed)
     chunks = random_split(call, rng, 500)

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import audio_fixtures as fx
 import pytest
-
-from client.live.alerts import AlertTracker, parse_live_alerts
-from client.webhooks import (
+from e2v.client.alerts import AlertTracker, parse_live_alerts
+from e2v.client.webhooks import (
     WebhookSender,
     file_alert,
     read_secret,
@@ -31,13 +30,14 @@ from client.webhooks import (
     verify,
     webhook_options,
 )
+from e2v.export.config_template import PUBLISHED_LABELS
+
 from e2v.contract import (
     EVENT_ALERT,
     EVENT_FILE_ALERT,
     WEBHOOK_ID_HEADER,
     WEBHOOK_SIGNATURE_HEADER,
 )
-from export.config_template import PUBLISHED_LABELS
 
 SECRET = b"test-secret-0123456789abcdef"
 # emotion2vec's published labels (the synthetic models carry the same names, meaninglessly).
@@ -492,7 +492,7 @@ def test_live_alert_rules_parse_like_classify_and_refuse_unknowns():
 
 
 def test_gateway_webhook_flags_are_checked_at_start(tmp_path, secret_file):
-    from client.gateway.config import GatewayConfig
+    from e2v.client.gateway.config import GatewayConfig
 
     config = GatewayConfig(webhook="http://127.0.0.1:9/hook", webhook_secret=SECRET)
     assert config.webhook == "http://127.0.0.1:9/hook"
@@ -551,7 +551,8 @@ def _metrics(url: str) -> str:
 
 def test_gateway_posts_live_alerts_and_the_summary(tiny_server, secret_file):
     pytest.importorskip("websockets")
-    from client.gateway.process import GatewayProcess
+    from e2v.loadtest.gateway_process import GatewayProcess
+
     from e2v.contract import EVENT_SUMMARY, LIVE_PATH
 
     speech = fx.speech_like(8.0, seed=5)
@@ -579,7 +580,8 @@ def test_gateway_posts_live_alerts_and_the_summary(tiny_server, secret_file):
 
 def test_a_hanging_receiver_never_holds_a_live_call_or_the_shutdown(tiny_server, secret_file):
     pytest.importorskip("websockets")
-    from client.gateway.process import GatewayProcess
+    from e2v.loadtest.gateway_process import GatewayProcess
+
     from e2v.contract import EVENT_SUMMARY, LIVE_PATH
 
     pcm = (fx.speech_like(6.0, seed=5) * 32767).astype("<i2").tobytes()

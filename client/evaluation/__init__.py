@@ -4,6 +4,6 @@
 any tool that needs recordings with their labels.
 """
 
-from client.evaluation.dataset import DatasetError, LabelledItem, LabelledSet, read_labelled
+from e2v.client.evaluation.dataset import DatasetError, LabelledItem, LabelledSet, read_labelled
 
 __all__ = ["DatasetError", "LabelledItem", "LabelledSet", "read_labelled"]

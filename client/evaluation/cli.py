@@ -21,9 +21,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from client.cli import EXIT_FILE_ERRORS, EXIT_UNAVAILABLE, EXIT_USAGE
-from client.parties import add_arguments as add_party_arguments
-from e2v.contract import GRPC_PORT, MODEL_NAME
+from e2v.client.parties import add_arguments as add_party_arguments
+
+from e2v.contract import EXIT_FILE_ERRORS, EXIT_UNAVAILABLE, EXIT_USAGE, GRPC_PORT, MODEL_NAME
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,10 +73,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from client.evaluation.dataset import DatasetError, group_column, read_labelled
-    from client.evaluation.labels import parse_map
-    from client.evaluation.run import parse_methods
-    from client.parties import manifest_parties
+    from e2v.client.evaluation.dataset import DatasetError, group_column, read_labelled
+    from e2v.client.evaluation.labels import parse_map
+    from e2v.client.evaluation.run import parse_methods
+    from e2v.client.parties import manifest_parties
 
     try:
         methods = parse_methods(args.segment, args.aggregate)
@@ -96,11 +96,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 async def _run(args, dataset, methods, mapping, group_by) -> int:
-    from client.classify import JobOptions
-    from client.evaluation.labels import LabelError, LabelMatcher
-    from client.evaluation.run import evaluate
-    from client.results import short_label
-    from client.triton import ServerUnavailable, TritonEmotionClient
+    from e2v.client.classify import JobOptions
+    from e2v.client.evaluation.labels import LabelError, LabelMatcher
+    from e2v.client.evaluation.run import evaluate
+    from e2v.client.results import short_label
+    from e2v.client.triton import ServerUnavailable, TritonEmotionClient
 
     options = JobOptions(
         url=args.url,
@@ -137,8 +137,8 @@ async def _run(args, dataset, methods, mapping, group_by) -> int:
 
 
 def _restriction(text, labels):
-    from client.evaluation.labels import LabelError
-    from client.results import resolve_labels
+    from e2v.client.evaluation.labels import LabelError
+    from e2v.client.results import resolve_labels
 
     try:
         return resolve_labels(text, labels)
@@ -147,7 +147,7 @@ def _restriction(text, labels):
 
 
 def _check_labels(dataset, matcher) -> None:
-    from client.evaluation.labels import LabelError
+    from e2v.client.evaluation.labels import LabelError
 
     labelled = [item for item in dataset.items if item.error is None]
     unknown = sorted({item.label for item in labelled if matcher(item.label) is None})
@@ -164,7 +164,7 @@ def _check_labels(dataset, matcher) -> None:
 
 
 def _finish(evaluation, report_dir: Path | None) -> int:
-    from client.evaluation.report import write_report
+    from e2v.client.evaluation.report import write_report
 
     print(summary(evaluation), flush=True)
     if report_dir is not None:

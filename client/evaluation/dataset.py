@@ -97,7 +97,7 @@ def read_labelled(
 
 
 def _default_suffixes() -> set[str]:
-    from client.audio import AUDIO_SUFFIXES
+    from e2v.client.audio import AUDIO_SUFFIXES
 
     return AUDIO_SUFFIXES
 

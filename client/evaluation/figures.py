@@ -10,11 +10,10 @@ matplotlib.use("Agg")  # files only: no display needed, none opened
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from e2v.client.evaluation.metrics import CALIBRATION_BINS  # noqa: E402
+from e2v.client.evaluation.run import Evaluation  # noqa: E402
 from sklearn.calibration import CalibrationDisplay  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
-
-from client.evaluation.metrics import CALIBRATION_BINS  # noqa: E402
-from client.evaluation.run import Evaluation  # noqa: E402
 
 SYNTHETIC_TITLE = "SYNTHETIC model: labels and numbers meaningless"
 

@@ -8,7 +8,7 @@ are not targets either.
 
 from __future__ import annotations
 
-from client.results import predictable, short_label
+from e2v.client.results import predictable, short_label
 
 
 class LabelError(ValueError):

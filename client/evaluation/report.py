@@ -15,11 +15,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-
-from client.evaluation.metrics import CALIBRATION_BINS, CI_LEVEL, THRESHOLDS
-from client.evaluation.run import CONFIDENCE_DIGITS, Evaluation, Row
-from client.names import csv_safe
-from client.results import short_label
+from e2v.client.evaluation.metrics import CALIBRATION_BINS, CI_LEVEL, THRESHOLDS
+from e2v.client.evaluation.run import CONFIDENCE_DIGITS, Evaluation, Row
+from e2v.client.names import csv_safe
+from e2v.client.results import short_label
 
 SYNTHETIC_LINE = (
     "> **SYNTHETIC MODEL (seeded random weights): every number and label in this report is "
@@ -52,7 +51,7 @@ def write_report(evaluation: Evaluation, out_dir: Path) -> list[Path]:
         write_metrics(evaluation, out_dir / "metrics.json"),
     ]
     if evaluation.metrics.get(evaluation.primary.name):
-        from client.evaluation import figures
+        from e2v.client.evaluation import figures
 
         written += figures.write_all(evaluation, out_dir)
     written.append(_write_text(out_dir / "report.md", markdown(evaluation)))

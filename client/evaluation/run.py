@@ -13,14 +13,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from client.classify import JobOptions, classify_files
-from client.evaluation.dataset import LabelledItem, LabelledSet
-from client.evaluation.labels import LabelMatcher
-from client.evaluation.metrics import evaluate_method
-from client.parties import manifest_channel, party_result
-from client.results import FileResult, by_vote
-from client.segment import SegmentMode, parse_segment_mode
-from client.triton import ModelInfo, TritonEmotionClient
+from e2v.client.classify import JobOptions, classify_files
+from e2v.client.evaluation.dataset import LabelledItem, LabelledSet
+from e2v.client.evaluation.labels import LabelMatcher
+from e2v.client.evaluation.metrics import evaluate_method
+from e2v.client.parties import manifest_channel, party_result
+from e2v.client.results import FileResult, by_vote
+from e2v.client.segment import SegmentMode, parse_segment_mode
+from e2v.client.triton import ModelInfo, TritonEmotionClient
 
 AGGREGATIONS = ("mean", "vote")
 # Confidences are compared at the precision predictions.csv stores, so metrics

@@ -18,30 +18,29 @@ caps, lingering close after an early answer) are in server.py.
 # types (Request) are imported inside create_app, at definition time.
 
 import asyncio
-import hmac
 import time
 from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Literal
 
-from client.gateway.config import GatewayConfig
-from client.gateway.docs import add_docs_routes
-from client.gateway.errors import (
+from e2v.client.gateway.auth import check_key
+from e2v.client.gateway.config import GatewayConfig
+from e2v.client.gateway.docs import add_docs_routes
+from e2v.client.gateway.errors import (
     BAD_PARAMETER,
     BAD_REQUEST,
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
     TOO_LARGE,
-    UNAUTHORIZED,
     UNAVAILABLE,
     GatewayError,
     file_status,
 )
-from client.gateway.schemas import BatchOut, ErrorOut, FileOut, HealthOut, ReadyOut
-from client.gateway.server import client_key
-from client.gateway.service import Gateway, model_labels
-from client.gateway.uploads import (
+from e2v.client.gateway.schemas import BatchOut, ErrorOut, FileOut, HealthOut, ReadyOut
+from e2v.client.gateway.server import client_key
+from e2v.client.gateway.service import Gateway
+from e2v.client.gateway.uploads import (
     BodyReader,
     UploadPool,
     Uploads,
@@ -50,6 +49,8 @@ from client.gateway.uploads import (
     read_raw,
     too_large_message,
 )
+from e2v.client.results import model_labels
+
 from e2v.contract import (
     GATEWAY_LIVE_PATH,
     GATEWAY_METRICS_PATH,
@@ -278,7 +279,7 @@ def create_app(config: GatewayConfig):
             return JSONResponse({"results": results})
         return JSONResponse(results[0], file_status(results[0].get("error_kind")))
 
-    from client.live.routes import add_live_routes
+    from e2v.client.live.routes import add_live_routes
 
     add_live_routes(app, gateway)
     return app
@@ -306,29 +307,14 @@ async def _disconnect(receive) -> None:
         pass
 
 
-def check_key(request, key: bytes | None) -> None:
-    """401 unless the request carries the configured key (`Authorization: Bearer KEY` or
-    `X-API-Key: KEY`), compared in constant time."""
-    if key is None:
-        return
-    supplied = request.headers.get("x-api-key")
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if supplied is None and scheme.lower() == "bearer":
-        supplied = token.strip()
-    if not supplied:
-        raise GatewayError(401, UNAUTHORIZED, "API key required (Authorization: Bearer KEY)")
-    if not hmac.compare_digest(supplied.encode("utf-8", "surrogateescape"), key):
-        raise GatewayError(401, UNAUTHORIZED, "wrong API key")
-
-
 def _raw_name(filename: str | None) -> str:
-    from client.names import display_name
+    from e2v.client.names import display_name
 
     return display_name(filename) if filename else "upload"
 
 
 def _asset(name: str) -> bytes:
-    return (resources.files("client.gateway") / "static" / name).read_bytes()
+    return (resources.files("e2v.client.gateway") / "static" / name).read_bytes()
 
 
 class _Observe:

@@ -14,9 +14,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from e2v.contract import GATEWAY_MAX_UPLOAD_MB, GATEWAY_PORT, GRPC_PORT, MAX_DURATION_S, MODEL_NAME
+from e2v.contract import (
+    EXIT_USAGE,
+    GATEWAY_MAX_UPLOAD_MB,
+    GATEWAY_PORT,
+    GRPC_PORT,
+    MAX_DURATION_S,
+    MODEL_NAME,
+)
 
-EXIT_USAGE = 2
 GRACEFUL_SHUTDOWN_S = 30
 
 
@@ -133,8 +139,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_gateway(args: argparse.Namespace) -> int:
-    from client.gateway.config import GatewayConfig, read_api_key, read_audiohook_secret
-    from client.webhooks import webhook_options
+    from e2v.client.gateway.config import GatewayConfig, read_api_key, read_audiohook_secret
+    from e2v.client.webhooks import webhook_options
 
     try:
         webhook, secret = webhook_options(args.webhook, args.webhook_secret_file) or (None, None)
@@ -170,10 +176,9 @@ def run_gateway(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         import uvicorn
-
-        from client.gateway.app import create_app
-        from client.gateway.server import MAX_HEADER_BYTES, guarded_protocol, raise_file_limit
-        from client.live.shutdown import DrainingServer, websocket_options
+        from e2v.client.gateway.app import create_app
+        from e2v.client.gateway.server import MAX_HEADER_BYTES, guarded_protocol, raise_file_limit
+        from e2v.client.live.shutdown import DrainingServer, websocket_options
     except ImportError as exc:
         print(
             f"error: the gateway needs its extra ({exc.name} is missing): "
@@ -218,7 +223,7 @@ def run_gateway(args: argparse.Namespace) -> int:
 
 def add_live_arguments(parser: argparse.ArgumentParser) -> None:
     """The bounds of live sessions (WebSocket; docs/live.md, "Bounds")."""
-    from client.live.limits import LiveLimits
+    from e2v.client.live.limits import LiveLimits
 
     d = LiveLimits()
     group = parser.add_argument_group("live sessions (/v1/live, /v1/audiohook, /v1/twilio)")
@@ -264,7 +269,7 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def live_limits(args: argparse.Namespace):
-    from client.live.limits import LiveLimits
+    from e2v.client.live.limits import LiveLimits
 
     return LiveLimits(
         sessions=args.live_sessions,

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from client.live.limits import LiveLimits
+from e2v.client.live.limits import LiveLimits
+
 from e2v.contract import GATEWAY_MAX_UPLOAD_MB, GATEWAY_PORT, GRPC_PORT, MAX_DURATION_S, MODEL_NAME
 
 if TYPE_CHECKING:  # server.py needs uvicorn (the gateway extra); config.py must not
-    from client.gateway.server import ConnectionLimits
+    from e2v.client.gateway.server import ConnectionLimits
 
 # Files per request: a form is a handful of recordings, not an archive.
 MAX_FILES = 16
@@ -70,14 +71,14 @@ class GatewayConfig:
         if (self.webhook is None) != (self.webhook_secret is None):
             raise ValueError("--webhook and --webhook-secret-file go together (always signed)")
         if self.webhook is not None:
-            from client.webhooks import validate_url
+            from e2v.client.webhooks import validate_url
 
             validate_url(self.webhook)
 
     @property
     def connection_limits(self) -> ConnectionLimits:
         """The connection guard's settings (ValueError when out of range)."""
-        from client.gateway.server import ConnectionLimits
+        from e2v.client.gateway.server import ConnectionLimits
 
         return ConnectionLimits(
             self.max_connections,

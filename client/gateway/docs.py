@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from client.gateway.errors import NOT_FOUND, GatewayError
+from e2v.client.gateway.errors import NOT_FOUND, GatewayError
 
 DOCS_PATH = "/docs"
 ASSETS_PATH = "/docs/assets"

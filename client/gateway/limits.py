@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from client.gateway.errors import BUSY, GatewayError
+from e2v.client.gateway.errors import BUSY, GatewayError
 
 
 class Admission:

@@ -15,16 +15,16 @@ import concurrent.futures
 import logging
 from datetime import datetime, timezone
 
-from client.classify import JobOptions, StageTimes, classify_source
-from client.gateway.config import GatewayConfig
-from client.gateway.errors import BAD_PARAMETER, UNAVAILABLE, GatewayError
-from client.gateway.limits import Admission
-from client.gateway.metrics import GatewayMetrics
-from client.gateway.uploads import Upload
-from client.parties import parse_parties, party_thresholds
-from client.results import FileResult, parse_alerts, resolve_alerts, short_label
-from client.segment import parse_segment_mode
-from client.triton import ModelInfo, ServerUnavailable, TritonEmotionClient
+from e2v.client.classify import JobOptions, StageTimes, classify_source
+from e2v.client.gateway.config import GatewayConfig
+from e2v.client.gateway.errors import BAD_PARAMETER, UNAVAILABLE, GatewayError
+from e2v.client.gateway.limits import Admission
+from e2v.client.gateway.metrics import GatewayMetrics
+from e2v.client.gateway.uploads import Upload
+from e2v.client.parties import parse_parties, party_thresholds
+from e2v.client.results import FileResult, parse_alerts, resolve_alerts
+from e2v.client.segment import parse_segment_mode
+from e2v.client.triton import ModelInfo, ServerUnavailable, TritonEmotionClient
 
 log = logging.getLogger("e2v.gateway")
 
@@ -207,15 +207,11 @@ def file_json(result: FileResult, embeddings: bool) -> dict:
 
 def _live_hub(gateway: Gateway):
     """Live sessions (client/live/hub.py), with a webhook sender when --webhook is set."""
-    from client.live.hub import LiveHub
+    from e2v.client.live.hub import LiveHub
 
     config, webhook = gateway.config, None
     if config.webhook is not None:
-        from client.webhooks import WebhookSender
+        from e2v.client.webhooks import WebhookSender
 
         webhook = WebhookSender(config.webhook, config.webhook_secret)
     return LiveHub(gateway, config.live, webhook)
-
-
-def model_labels(info: ModelInfo) -> list[str]:
-    return [short_label(label) for label in info.labels if not label.startswith("unuse")]

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO
 
-from client.gateway.errors import (
+from e2v.client.gateway.errors import (
     BAD_REQUEST,
     BUSY,
     READ_TIMEOUT,
@@ -31,7 +31,7 @@ from client.gateway.errors import (
     UNSUPPORTED_MEDIA,
     GatewayError,
 )
-from client.names import display_name
+from e2v.client.names import display_name
 
 # Uploads up to this size stay in memory; larger ones continue in an unnamed disk file.
 SPOOL_MEMORY_BYTES = 1 << 20

@@ -20,9 +20,9 @@ import os
 import sys
 from pathlib import Path
 
-from client.cli import EXIT_FILE_ERRORS, EXIT_UNAVAILABLE, EXIT_USAGE
-from client.parties import add_arguments as add_party_arguments
-from e2v.contract import GRPC_PORT, MODEL_NAME
+from e2v.client.parties import add_arguments as add_party_arguments
+
+from e2v.contract import EXIT_FILE_ERRORS, EXIT_UNAVAILABLE, EXIT_USAGE, GRPC_PORT, MODEL_NAME
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -75,11 +75,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train_head(args: argparse.Namespace) -> int:
-    from client.evaluation.dataset import DatasetError, group_column, read_labelled
-    from client.evaluation.labels import parse_map
-    from client.parties import manifest_parties
-    from client.segment import parse_segment_mode
-    from export.heads import HeadExportError, check_name
+    from e2v.client.evaluation.dataset import DatasetError, group_column, read_labelled
+    from e2v.client.evaluation.labels import parse_map
+    from e2v.client.parties import manifest_parties
+    from e2v.client.segment import parse_segment_mode
+    from e2v.export.heads import HeadExportError, check_name
 
     try:
         check_name(args.name)
@@ -113,11 +113,11 @@ def _check_writable(repo: Path) -> None:
 
 
 async def _run(args, dataset, segment, mapping, group_by) -> int:
-    from client.classify import JobOptions
-    from client.heads.cache import EmbeddingCache, default_cache_dir
-    from client.heads.embed import embed_rows, plan_rows
-    from client.triton import ServerUnavailable, TritonEmotionClient
-    from export.heads import HeadExportError
+    from e2v.client.classify import JobOptions
+    from e2v.client.heads.cache import EmbeddingCache, default_cache_dir
+    from e2v.client.heads.embed import embed_rows, plan_rows
+    from e2v.client.triton import ServerUnavailable, TritonEmotionClient
+    from e2v.export.heads import HeadExportError
 
     client = TritonEmotionClient(args.url, args.protocol, args.model, retries=args.retries)
     try:
@@ -169,13 +169,13 @@ async def _run(args, dataset, segment, mapping, group_by) -> int:
 
 async def _base_model(args):
     """The served base model's config and versions (what the ensemble will chain to)."""
-    from export.heads import BaseModel
+    from e2v.export.heads import BaseModel
 
     if args.protocol == "grpc":
         import tritonclient.grpc.aio as module
     else:
         import tritonclient.http.aio as module
-    from client.triton import ServerUnavailable
+    from e2v.client.triton import ServerUnavailable
 
     client = module.InferenceServerClient(url=args.url)
     try:
@@ -195,7 +195,7 @@ async def _base_model(args):
 def _check_repo_base(repo: Path, base) -> None:
     """The ensemble runs `base.name` from the server that loads --repo: if --repo has that
     model, it must be the one that made the embeddings."""
-    from export.heads import HeadExportError, parse_config
+    from e2v.export.heads import HeadExportError, parse_config
 
     config_path = repo / base.name / "config.pbtxt"
     if not config_path.is_file():
@@ -221,10 +221,11 @@ def _train_and_export(args, dataset, rows, info, base, segment, group_by) -> int
     import time
     from dataclasses import replace
 
-    from client.evaluation.cli import summary
-    from client.heads import report, train
+    from e2v.client.evaluation.cli import summary
+    from e2v.client.heads import report, train
+    from e2v.export.heads import HeadExportError, check_labels, export_head, from_sklearn
+
     from e2v.contract import ensemble_model_name
-    from export.heads import HeadExportError, check_labels, export_head, from_sklearn
 
     ensemble = ensemble_model_name(base.name, args.name)
     try:

@@ -20,15 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
+from e2v.client.audio import AudioError, stream_audio
+from e2v.client.classify import JobOptions, classify_source
+from e2v.client.evaluation.dataset import LabelledItem, LabelledSet
+from e2v.client.heads.cache import Embedded, EmbeddingCache, file_sha256
+from e2v.client.names import one_line
+from e2v.client.parties import manifest_channel, party_result
+from e2v.client.segment import SegmentMode, segment_stream
+from e2v.client.triton import InferenceError, ServerError, ServerUnavailable, TritonEmotionClient
 
-from client.audio import AudioError, stream_audio
-from client.classify import JobOptions, classify_source
-from client.evaluation.dataset import LabelledItem, LabelledSet
-from client.heads.cache import Embedded, EmbeddingCache, file_sha256
-from client.names import one_line
-from client.parties import manifest_channel, party_result
-from client.segment import SegmentMode, segment_stream
-from client.triton import InferenceError, ServerError, ServerUnavailable, TritonEmotionClient
 from e2v.contract import MAX_DURATION_S, MIN_SAMPLES, SAMPLE_RATE
 
 SPAN_COLUMNS = ("start", "end")

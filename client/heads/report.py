@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from client.evaluation.dataset import LabelledSet
-from client.evaluation.run import Evaluation, Method, score_method
-from client.evaluation.run import Row as EvalRow
-from client.heads.embed import Row
-from client.results import FileResult, by_vote
-from client.segment import SegmentMode
-from client.triton import ModelInfo
+from e2v.client.evaluation.dataset import LabelledSet
+from e2v.client.evaluation.run import Evaluation, Method, score_method
+from e2v.client.evaluation.run import Row as EvalRow
+from e2v.client.heads.embed import Row
+from e2v.client.results import FileResult, by_vote
+from e2v.client.segment import SegmentMode
+from e2v.client.triton import ModelInfo
 
 
 def evaluation(
@@ -64,8 +64,8 @@ def evaluation(
 
 def write_cv_report(result: Evaluation, out_dir: Path, intro: list[str]) -> Path:
     """report.md, metrics.json, predictions.csv and figures under `out_dir`."""
-    from client.evaluation import figures
-    from client.evaluation.report import (
+    from e2v.client.evaluation import figures
+    from e2v.client.evaluation.report import (
         CONTEXT,
         markdown,
         write_metrics,

@@ -15,10 +15,9 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-
-from client.heads.embed import Row
-from client.results import FileResult, SegmentResult, aggregate
-from client.triton import ModelInfo
+from e2v.client.heads.embed import Row
+from e2v.client.results import FileResult, SegmentResult, aggregate
+from e2v.client.triton import ModelInfo
 
 HEAD_KINDS = ("logistic", "mlp")
 CLASS_WEIGHTS = ("none", "balanced")

@@ -41,8 +41,9 @@ import logging
 import re
 import time
 
-from client.live.session import LiveError, LiveSettings, StreamFormat
-from client.live.sockets import close_reason
+from e2v.client.live.session import LiveError, LiveSettings, StreamFormat
+from e2v.client.live.sockets import close_reason
+
 from e2v.contract import (
     AUDIOHOOK_ENTITY_TYPE,
     AUDIOHOOK_PARTIES,
@@ -660,7 +661,7 @@ _verifiers: dict[bytes, object] = {}
 
 def _verifier(secret: bytes):
     """One verifier per secret for the process, so nonces are remembered across sessions."""
-    from client.live.audiohook_signature import SignatureVerifier
+    from e2v.client.live.audiohook_signature import SignatureVerifier
 
     if secret not in _verifiers:
         _verifiers[secret] = SignatureVerifier(secret)

@@ -26,9 +26,10 @@ from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from client.live.limits import LiveLimits
-from client.live.scheduler import Scheduler
-from client.live.session import LiveError, LiveSession, LiveSettings, StreamFormat
+from e2v.client.live.limits import LiveLimits
+from e2v.client.live.scheduler import Scheduler
+from e2v.client.live.session import LiveError, LiveSession, LiveSettings, StreamFormat
+
 from e2v.contract import (
     CLOSE_BAD_MESSAGE,
     CLOSE_GOING_AWAY,
@@ -45,8 +46,8 @@ from e2v.contract import (
 )
 
 if TYPE_CHECKING:
-    from client.gateway.service import Gateway
-    from client.webhooks import WebhookSender
+    from e2v.client.gateway.service import Gateway
+    from e2v.client.webhooks import WebhookSender
 
 log = logging.getLogger("e2v.live")
 T = TypeVar("T")

@@ -20,9 +20,11 @@ import json
 import logging
 import re
 
-from client.live.hub import LiveHub, Outbox
-from client.live.session import LiveError, LiveSession, LiveSettings, StreamFormat
-from client.live.sockets import Socket
+from e2v.client.live.hub import LiveHub, Outbox
+from e2v.client.live.session import LiveError, LiveSession, LiveSettings, StreamFormat
+from e2v.client.live.sockets import Socket
+from e2v.client.results import model_labels
+
 from e2v.contract import (
     CLOSE_BAD_MESSAGE,
     CLOSE_INTERNAL,
@@ -188,8 +190,6 @@ def parse_start(start: dict) -> tuple[str | None, StreamFormat, LiveSettings]:
 def started(hub: LiveHub, session: LiveSession) -> dict:
     """The answer to `start`: ids, the model (synthetic models' labels mean nothing), the
     parties and the bounds this session runs under."""
-    from client.gateway.service import model_labels
-
     limits, info = hub.limits, session.info
     return {
         "type": "started",

@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from e2v.client.audio import AudioError, Resampler
+from e2v.client.segment import Segment, SegmentCutter, SegmentMode
 
-from client.audio import AudioError, Resampler
-from client.segment import Segment, SegmentCutter, SegmentMode
 from e2v.contract import MAX_SEGMENT_S, SAMPLE_RATE
 
 # Silence pushed at a pause (AudioHook pause, a gap in the stream): long enough that the

@@ -40,6 +40,9 @@ from e2v.contract import (
     CLOSE_NORMAL,
     EVENT_ERROR,
     EVENT_SUMMARY,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_USAGE,
     GATEWAY_PORT,
     LIVE_ENCODINGS,
     LIVE_EVENT_TYPES,
@@ -49,7 +52,7 @@ from e2v.contract import (
     TWILIO_PATH,
 )
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_FAILED = EXIT_INTERNAL  # the call failed: no summary came back
 PROTOCOLS = ("live", "audiohook", "twilio")
 # Audio per paced frame: ours ~100 ms (Hume's realtime API's size), AudioHook's reference
 # client sends 200 ms; Twilio sends 20 ms media messages, paced here in groups of 100 ms.
@@ -181,7 +184,7 @@ def _options(args: argparse.Namespace) -> PlayOptions:
             )
     api_key = None
     if args.api_key_file:
-        from client.gateway.config import read_api_key
+        from e2v.client.gateway.config import read_api_key
 
         try:
             api_key = read_api_key(args.api_key_file).decode("ascii")
@@ -226,8 +229,8 @@ class Recording:
     @classmethod
     async def open(cls, options: PlayOptions) -> Recording:
         """Decode the first chunk (so the channel count is known before connecting)."""
-        from client.audio import AudioError, stream_audio
-        from client.inputs import InputError, is_uri, open_input
+        from e2v.client.audio import AudioError, stream_audio
+        from e2v.client.inputs import InputError, is_uri, open_input
 
         rate, file = options.format[1], None
         try:
@@ -253,7 +256,7 @@ class Recording:
 
     async def frames(self, frame_s: float) -> AsyncIterator[np.ndarray]:
         """(channels, n) float32 frames of `frame_s`, each once its time has come."""
-        from client.audio import AudioError
+        from e2v.client.audio import AudioError
 
         size = round(frame_s * self.rate)
         started, buffered = time.monotonic(), sum(chunk.shape[1] for chunk in self._pending)
@@ -287,7 +290,7 @@ class Recording:
 
 def _encode(frame: np.ndarray, encoding: str) -> bytes:
     """Interleave the channels sample by sample and encode (the gateway's own codecs)."""
-    from client.live.codecs import encode
+    from e2v.client.live.codecs import encode
 
     return encode(np.ascontiguousarray(frame.T).reshape(-1), encoding)
 

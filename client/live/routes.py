@@ -15,10 +15,11 @@ Last-Event-ID gets the recent events it missed.
 import asyncio
 import contextlib
 
-from client.live import native
-from client.live.hub import LiveHub, Outbox, error_event, event_json
-from client.live.session import LiveError
-from client.live.sockets import Socket
+from e2v.client.live import native
+from e2v.client.live.hub import LiveHub, Outbox, error_event, event_json
+from e2v.client.live.session import LiveError
+from e2v.client.live.sockets import Socket
+
 from e2v.contract import (
     AUDIOHOOK_PATH,
     CALL_EVENTS_PATH,
@@ -39,11 +40,10 @@ SSE_HEADERS = {"X-Accel-Buffering": "no"}  # nginx: do not buffer the stream
 
 def add_live_routes(app, gateway) -> None:
     """Register the live endpoints on `app` (the gateway's FastAPI app)."""
+    from e2v.client.gateway.auth import check_key
+    from e2v.client.gateway.errors import BAD_PARAMETER, GatewayError
     from fastapi import Request, WebSocket
     from fastapi.responses import StreamingResponse
-
-    from client.gateway.app import check_key
-    from client.gateway.errors import BAD_PARAMETER, GatewayError
 
     hub: LiveHub = gateway.live
 
@@ -52,8 +52,8 @@ def add_live_routes(app, gateway) -> None:
         await native.serve(websocket, hub)
 
     for path, module, name in (
-        (AUDIOHOOK_PATH, "client.live.audiohook", "serve_audiohook"),
-        (TWILIO_PATH, "client.live.twilio", "serve_twilio"),
+        (AUDIOHOOK_PATH, "e2v.client.live.audiohook", "serve_audiohook"),
+        (TWILIO_PATH, "e2v.client.live.twilio", "serve_twilio"),
     ):
         handler = _protocol_handler(module, name)
         if handler is not None:

@@ -24,8 +24,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import numpy as np
-
-from client.triton import InferenceError, Prediction, ServerError, TritonEmotionClient
+from e2v.client.triton import InferenceError, Prediction, ServerError, TritonEmotionClient
 
 # Finals: backoff between attempts doubles from FINAL_BACKOFF_S up to this (each attempt
 # already retries inside the client), so a restart of any length is waited out.

@@ -28,16 +28,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
+from e2v.client.alerts import MAX_ALERT_WINDOWS
+from e2v.client.live import codecs
+from e2v.client.live.party import BREAK_S, Final, PartyStream, Start, Window
+from e2v.client.live.pump import audio_executor, pump_for
+from e2v.client.live.scheduler import Scheduler
+from e2v.client.parties import MAX_PARTY_CHARS, overlap_s, parse_parties, speech_s
+from e2v.client.results import FileResult, SegmentResult, aggregate, segment_result
+from e2v.client.segment import Segment
+from e2v.client.triton import InferenceError, ModelInfo, Prediction, ServerError
 
-from client.live import codecs
-from client.live.alerts import MAX_ALERT_WINDOWS
-from client.live.party import BREAK_S, Final, PartyStream, Start, Window
-from client.live.pump import audio_executor, pump_for
-from client.live.scheduler import Scheduler
-from client.parties import MAX_PARTY_CHARS, overlap_s, parse_parties, speech_s
-from client.results import FileResult, SegmentResult, aggregate, segment_result
-from client.segment import Segment
-from client.triton import InferenceError, ModelInfo, Prediction, ServerError
 from e2v.contract import (
     CLOSE_BAD_MESSAGE,
     CLOSE_INTERNAL,
@@ -129,7 +129,7 @@ class LiveSettings:
 
     window_s: float = LIVE_WINDOW_S
     hop_s: float = LIVE_HOP_S
-    alerts: str | None = None  # "customer:angry=0.7,sad=0.8" (client/live/alerts.py)
+    alerts: str | None = None  # "customer:angry=0.7,sad=0.8" (client/alerts.py)
     alert_windows: int = 2
 
     def __post_init__(self) -> None:
@@ -523,7 +523,7 @@ def _r(value: float, digits: int = 6) -> float:
 def _alert_tracker(settings: LiveSettings, parties: tuple[str, ...], labels: list[str]):
     if not settings.alerts:
         return None
-    from client.live.alerts import AlertTracker, parse_live_alerts
+    from e2v.client.alerts import AlertTracker, parse_live_alerts
 
     try:
         rules = parse_live_alerts(settings.alerts, parties, labels)

@@ -14,8 +14,7 @@ uvicorn's graceful timeout: Kubernetes' terminationGracePeriodSeconds must excee
 from __future__ import annotations
 
 import uvicorn
-
-from client.live.limits import LiveLimits
+from e2v.client.live.limits import LiveLimits
 
 # WebSocket keepalive: a ping every 20 s, a peer silent for 20 s more is gone (uvicorn's
 # defaults, stated here because the idle and drain arithmetic depends on them).

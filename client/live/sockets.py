@@ -12,8 +12,9 @@ import contextlib
 import hmac
 import logging
 
-from client.live.hub import CLOSE_WAIT_S, Outbox, error_event, event_json
-from client.live.session import LiveError
+from e2v.client.live.hub import CLOSE_WAIT_S, Outbox, error_event, event_json
+from e2v.client.live.session import LiveError
+
 from e2v.contract import CLOSE_BAD_MESSAGE, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TOO_BIG
 
 log = logging.getLogger("e2v.live")

@@ -33,9 +33,10 @@ import json
 import logging
 import re
 
-from client.live.hub import LiveHub, Outbox
-from client.live.session import LiveError, LiveSettings, StreamFormat
-from client.live.sockets import Socket
+from e2v.client.live.hub import LiveHub, Outbox
+from e2v.client.live.session import LiveError, LiveSettings, StreamFormat
+from e2v.client.live.sockets import Socket
+
 from e2v.contract import (
     CLOSE_BAD_MESSAGE,
     CLOSE_INTERNAL,

@@ -27,10 +27,17 @@ from dataclasses import replace
 from itertools import chain
 from pathlib import Path
 
-from client.parties import add_arguments as add_party_arguments
-from e2v.contract import GRPC_PORT, MAX_DURATION_S, MODEL_NAME
+from e2v.client.parties import add_arguments as add_party_arguments
 
-EXIT_INTERNAL, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_FILE_ERRORS, EXIT_ALERT = 1, 2, 3, 4, 8
+from e2v.contract import (
+    EXIT_ALERT,
+    EXIT_FILE_ERRORS,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    GRPC_PORT,
+    MAX_DURATION_S,
+    MODEL_NAME,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -117,12 +124,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_classify(args: argparse.Namespace) -> int:
-    from client.classify import JobOptions
-    from client.inputs import Shard, parse_shard
-    from client.parties import from_arguments
-    from client.results import parse_alerts
-    from client.segment import parse_segment_mode
-    from client.webhooks import webhook_options
+    from e2v.client.classify import JobOptions
+    from e2v.client.inputs import Shard, parse_shard
+    from e2v.client.parties import from_arguments
+    from e2v.client.results import parse_alerts
+    from e2v.client.segment import parse_segment_mode
+    from e2v.client.webhooks import webhook_options
 
     try:
         parties = from_arguments(args)
@@ -161,7 +168,7 @@ def run_classify(args: argparse.Namespace) -> int:
 
 def _outputs(args: argparse.Namespace, shard) -> list:
     """The --jsonl/--csv/--parquet destinations; DEST/ gets this shard's part name."""
-    from client.output import Output
+    from e2v.client.batch.output import Output
 
     outputs = []
     for fmt in ("jsonl", "csv", "parquet"):
@@ -177,13 +184,14 @@ def _outputs(args: argparse.Namespace, shard) -> list:
 
 
 async def _run(args, options, shard, outputs, webhook=None) -> int:
-    from client.classify import classify_files
-    from client.inputs import InputError
-    from client.output import EmbeddingWriter, OutputError, ResultWriter, previous_results
-    from client.parties import party_thresholds
-    from client.results import by_vote, resolve_alerts, resolve_labels, short_label
-    from client.triton import ServerUnavailable, TritonEmotionClient
-    from client.webhooks import file_alert
+    from e2v.client.batch.output import EmbeddingWriter, OutputError, ResultWriter, previous_results
+    from e2v.client.batch.workers import classify_in_processes
+    from e2v.client.classify import classify_files
+    from e2v.client.inputs import InputError
+    from e2v.client.parties import party_thresholds
+    from e2v.client.results import by_vote, resolve_alerts, resolve_labels, short_label
+    from e2v.client.triton import ServerUnavailable, TritonEmotionClient
+    from e2v.client.webhooks import file_alert
 
     client = TritonEmotionClient(
         options.url, options.protocol, options.model, retries=options.retries
@@ -261,7 +269,8 @@ async def _run(args, options, shard, outputs, webhook=None) -> int:
 
     code = 0
     try:
-        await classify_files(plan.items(), client, options, on_result, on_audio)
+        run = classify_in_processes if options.processes > 1 else classify_files
+        await run(plan.items(), client, options, on_result, on_audio)
     except ServerUnavailable as exc:
         print(
             f"\nerror: {exc}\n{writer.results} row(s) written; rerun with --resume to finish.",
@@ -296,9 +305,9 @@ class _Plan:
         self._seen: set[bytes] = set()
 
     def items(self) -> Iterator:
-        from client.inputs import iter_inputs, read_list
-        from client.names import display_name
-        from client.results import FileResult
+        from e2v.client.inputs import iter_inputs, read_list
+        from e2v.client.names import display_name
+        from e2v.client.results import FileResult
 
         listed = read_list(self.args.from_list) if self.args.from_list else ()
         for item in iter_inputs(chain(self.args.paths, listed)):
@@ -338,7 +347,7 @@ class _Plan:
 async def _webhook_sender(webhook: tuple[str, bytes] | None):
     if webhook is None:
         return None
-    from client.webhooks import WebhookSender
+    from e2v.client.webhooks import WebhookSender
 
     sender = WebhookSender(*webhook)
     await sender.start()
@@ -348,7 +357,7 @@ async def _webhook_sender(webhook: tuple[str, bytes] | None):
 async def _stop_webhooks(sender) -> None:
     """A bounded drain: a slow or dead receiver costs the job at most DRAIN_S at exit, and
     never its exit status (the counts are reported)."""
-    from client.webhooks import DRAIN_S
+    from e2v.client.webhooks import DRAIN_S
 
     await sender.stop(DRAIN_S)
     print(

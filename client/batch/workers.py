@@ -28,9 +28,10 @@ from dataclasses import replace
 from itertools import count as counter
 from typing import Any
 
-from client.names import display_name
-from client.results import FileResult
-from client.triton import ServerUnavailable, TritonEmotionClient
+from e2v.client.classify import SharedIterator, classify_files
+from e2v.client.names import display_name
+from e2v.client.results import FileResult
+from e2v.client.triton import ServerUnavailable, TritonEmotionClient
 
 # Batches per worker sent ahead, so no worker waits for the next one.
 BATCHES_AHEAD = 2
@@ -46,12 +47,10 @@ async def classify_in_processes(
     on_audio: Callable[[float], None] | None = None,
 ) -> None:
     """`classify_files` with `options.processes` worker processes (see the module doc)."""
-    from client.classify import _SharedIterator
-
     batch_size = max(1, options.concurrency // options.processes)  # each worker's share
     worker_options = replace(options, processes=1, workers=1, concurrency=batch_size)
     settings = (client.url, client.protocol, client.model, client.retries, worker_options)
-    source = _SharedIterator(iter(items))
+    source = SharedIterator(iter(items))
     pool = _Pool(options.processes, settings)
 
     def report(result: FileResult) -> None:
@@ -233,8 +232,6 @@ def _died(name: str) -> FileResult:
 def _worker_main(conn, settings: tuple) -> None:
     """A worker: one event loop, one connected Triton client, batches until told to stop.
     Each row goes back as soon as its file is done, then ("end", id, unavailable)."""
-    from client.classify import classify_files
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     url, protocol, model, retries, options = settings
     loop = asyncio.new_event_loop()

@@ -30,11 +30,10 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
-
-from client.inputs import is_uri
-from client.names import csv_safe, csv_unsafe
-from client.parts import CHUNK_ROWS, ChunkWriter, read_rows
-from client.results import FileResult
+from e2v.client.batch.parts import CHUNK_ROWS, ChunkWriter, read_rows
+from e2v.client.inputs import is_uri
+from e2v.client.names import csv_safe, csv_unsafe
+from e2v.client.results import FileResult
 
 CSV_FIXED = [
     "file",

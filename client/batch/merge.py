@@ -16,8 +16,8 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 
-from client.inputs import filesystem, is_uri
-from client.parts import decode, encode
+from e2v.client.batch.parts import decode, encode
+from e2v.client.inputs import filesystem, is_uri
 
 PART = re.compile(r"^part-(\d{5})-of-(\d{5})(?:-(\d{5,}))?\.(jsonl|csv|parquet)$")
 

@@ -8,7 +8,7 @@ and takes several streams at once: input [B, T, 576] frames -> the same encoder 
 frames -> the same LSTM with batch B and `sequence_lens` [B] -> speech_probs [B, T],
 hn/cn [1, B, 128]. Weights are Silero's, reshaped only.
 
-Run `python -m client.vad_graph` to regenerate the vendored file (needs the `onnx`
+Run `python -m e2v.export.vad_graph` to regenerate the vendored file (needs the `onnx`
 package, a dev dependency; the client itself needs only onnxruntime).
 `tests/test_vad_speed.py` checks that the vendored file equals a fresh build and that
 its probabilities match Silero's own model.
@@ -25,12 +25,6 @@ FRAME_INPUT = 576  # 64 samples of context + a 512-sample frame
 HIDDEN = 128
 # GEMM columns per MatMul: MLAS then sums K in one pass, as in Silero's per-frame Conv.
 GROUP = 32
-
-
-def batched_model_paths() -> tuple[Path, Path]:
-    """The encoder (run without weight prepacking) and the recurrent part (with it)."""
-    folder = Path(__file__).parent / "silero"
-    return folder / "silero_vad_16k_encoder.onnx", folder / "silero_vad_16k_recurrent.onnx"
 
 
 def build(source: Path):
@@ -171,7 +165,7 @@ def build(source: Path):
 
 
 def main() -> int:
-    from client.vad import silero_model_path
+    from e2v.client.vad import batched_model_paths, silero_model_path
 
     for model, path in zip(build(silero_model_path()), batched_model_paths(), strict=True):
         path.write_bytes(model.SerializeToString())

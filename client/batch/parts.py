@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from client.inputs import filesystem, is_uri
+from e2v.client.inputs import filesystem, is_uri
 
 CHUNK_ROWS = 500
 CHUNK_SECONDS = 30.0

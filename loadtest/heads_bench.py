@@ -71,9 +71,10 @@ def run_bench_heads(args: argparse.Namespace) -> int:
 
 
 def _with_own_server(args, workdir: Path) -> dict:
+    from e2v.export.exporter import export_model
+
     from e2v.hot_add import RepositoryWatcher
     from e2v.serve import ServerConfig, TritonServer, overlay_model
-    from export.exporter import export_model
 
     repo = workdir / ("repo-" + "".join(c if c.isalnum() else "-" for c in args.model))
     if not (repo / "emotion2vec" / "config.pbtxt").is_file():
@@ -115,7 +116,7 @@ def benchmark(
     load: Callable[[], object] | None = None,
 ) -> dict:
     """Every figure of the benchmark, as a dict (see `report`)."""
-    from loadtest.sounds import write_labelled_set
+    from e2v.loadtest.sounds import write_labelled_set
 
     manifest = workdir / f"clips-{clips}" / "manifest.csv"
     if not manifest.is_file():
@@ -161,13 +162,13 @@ def _per_request(before: dict, after: dict) -> dict:
 
 
 async def _embed(url: str, manifest: Path, cache_dir: Path):
-    from client.classify import JobOptions
-    from client.evaluation.dataset import read_labelled
-    from client.heads.cache import EmbeddingCache
-    from client.heads.cli import _base_model
-    from client.heads.embed import embed_rows, plan_rows
-    from client.segment import SegmentMode
-    from client.triton import TritonEmotionClient
+    from e2v.client.classify import JobOptions
+    from e2v.client.evaluation.dataset import read_labelled
+    from e2v.client.heads.cache import EmbeddingCache
+    from e2v.client.heads.cli import _base_model
+    from e2v.client.heads.embed import embed_rows, plan_rows
+    from e2v.client.segment import SegmentMode
+    from e2v.client.triton import TritonEmotionClient
 
     args = argparse.Namespace(url=url, protocol="grpc", model="emotion2vec")
     async with TritonEmotionClient(url) as client:
@@ -190,7 +191,7 @@ async def _embed(url: str, manifest: Path, cache_dir: Path):
 
 
 def _train(rows, kind: str, folds: int) -> dict:
-    from client.heads import train
+    from e2v.client.heads import train
 
     start = time.perf_counter()
     data = train.samples(rows, "speaker")
@@ -207,8 +208,8 @@ def _train(rows, kind: str, folds: int) -> dict:
 
 
 def _export(repo: Path, rows, base, pipeline) -> None:
-    from client.heads import train
-    from export.heads import export_head, from_sklearn
+    from e2v.client.heads import train
+    from e2v.export.heads import export_head, from_sklearn
 
     x = train.samples(rows, None).x.astype(np.float32)
     export_head(repo, BENCH_NAME, from_sklearn(pipeline, "logistic"), base, "cpu", "none", None, x)
@@ -230,8 +231,8 @@ def _wait_ready(http_url: str, model: str, load, timeout_s: float = 300.0) -> No
 def _latency(url: str, base: str, ensemble: str, rows, requests: int) -> dict:
     """Sequential requests, interleaved base/ensemble on the same clips (drift cancels)."""
     import tritonclient.grpc as grpcclient
+    from e2v.client.audio import load_audio
 
-    from client.audio import load_audio
     from e2v.contract import bucket_samples
 
     clips = [load_audio(row.item.path) for row in rows[: min(len(rows), 50)]]

@@ -15,7 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from client.results import parse_alerts, resolve_alerts
+from e2v.client.results import parse_alerts, resolve_alerts
+
 from e2v.contract import EVENT_ALERT
 
 # Re-arm below threshold - 0.1 (probability); thresholds under 0.2 re-arm below half of it,
