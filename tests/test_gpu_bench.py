@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from e2v.loadtest import gpu_report
-from e2v.loadtest.gpu_bench import CPU_PLAN, GPU_PLAN, PHASES
+from e2v.loadtest.gpu import report as gpu_report
+from e2v.loadtest.gpu.plan import CPU_PLAN, GPU_PLAN, PHASES
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu-bench.sh"
@@ -186,7 +186,7 @@ def test_live_phase_replays_the_gateways_requests():
     bucket (one shape), and one final per utterance in its own bucket, due after the merge
     gap; calls at random phases spread the load evenly."""
     import numpy as np
-    from e2v.loadtest import gpu_live
+    from e2v.loadtest.gpu import live as gpu_live
 
     rows = gpu_live.call_timeline(np.random.default_rng(3), 3.0, 1.0)
     interims, finals = rows[rows[:, 2] == 0], rows[rows[:, 2] == 1]

@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 from e2v.loadtest.calls import PARTIES, RATE, make_calls, offline_utterances
-from e2v.loadtest.live import CallLog, percentiles, ws_url
+from e2v.loadtest.live import CallLog, ws_url
 from e2v.loadtest.live_run import parse_channels
+from e2v.loadtest.metrics import percentiles
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_frame_times_and_percentiles():
     log = CallLog(0, 0, "c", sent=[1.0, 1.1, 1.2], frame_samples=800)  # 100 ms frames
     assert log.sent_at(0.05) == 1.0 and log.sent_at(0.1) == 1.0  # sample 799: frame 0
     assert log.sent_at(0.1001) == 1.1 and log.sent_at(9.0) == 1.2  # past the end: the last
-    figures = percentiles([0.01] * 99 + [1.0])
+    figures = percentiles([10.0] * 99 + [1000.0])  # milliseconds
     assert figures["count"] == 100 and figures["p50"] == 10.0 and figures["max"] == 1000.0
     assert percentiles([]) == {"count": 0}
     assert ws_url("http://127.0.0.1:8080") == "ws://127.0.0.1:8080/v1/live"
