@@ -11,6 +11,8 @@ from e2v.loadtest.machine import machine_description, software
 from e2v.loadtest.metrics import P95_TARGET_MS
 from e2v.loadtest.report import SYNTHETIC_NOTE
 
+from e2v.contract import LIVE_HOP_S, LIVE_WINDOW_S
+
 
 def best_level(levels: list[dict]) -> dict | None:
     """The level with the most channels per gateway core among those within the target."""
@@ -64,8 +66,8 @@ def _workload(calls, args) -> dict:
         "encoding": f"mu-law, {RATE} Hz, stereo (one party per channel)",
         "speech_share": round(sum(c.speech_share() for c in calls) / max(len(calls), 1), 3),
         "frame_ms": args.frame_ms,
-        "window_s": 3.0,
-        "hop_s": 1.0,
+        "window_s": LIVE_WINDOW_S,
+        "hop_s": LIVE_HOP_S,
     }
 
 

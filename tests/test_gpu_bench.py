@@ -44,6 +44,9 @@ def test_cpu_dry_run_writes_a_complete_report(tmp_path):
     }
     data = json.loads((report / "report.json").read_text())
     assert [p["status"] for p in data["phases"]] == ["ok"] * len(PHASES)
+    # The phases ran the script's view of the tree, as on a bare machine with nothing
+    # installed (the repository's own e2v/ folder lacks e2v.loadtest).
+    assert data["environment"]["e2v"] == str(tmp_path / "work" / "source" / "e2v")
     model = data["models"][0]
     assert model["size"] == "tiny" and model["parity"]["torch_batched_SCORES"] <= 1e-5
     measured = {r["precision"] for r in data["alone"]["sweep"] if r["status"] == "ok"}

@@ -81,7 +81,10 @@ def models(plan: Plan, phase: Phase) -> int:
 def environment(device: str) -> dict:
     import torch
 
+    import e2v
+
     info = {
+        "e2v": os.path.dirname(e2v.__file__),  # the package the phases ran (links kept)
         "python": platform.python_version(),
         "numpy": np.__version__,
         "torch": torch.__version__,
