@@ -55,7 +55,13 @@ def test_frame_times_and_percentiles():
 
 @pytest.mark.parametrize(
     "args",
-    [["--channels", "0"], ["--duration", "3"], ["--frame-ms", "5"], ["--gateway"]],
+    [
+        ["--channels", "0"],
+        ["--duration", "3"],
+        ["--frame-ms", "5"],
+        ["--gateway"],
+        ["--configs", "2y1"],
+    ],
 )
 def test_bad_arguments_exit_2(args, tmp_path, capsys):
     from e2v.cli import main
@@ -113,3 +119,26 @@ def test_live_load_test_against_a_real_gateway(tiny_server, tmp_path):
     assert text.splitlines()[0].endswith("(SYNTHETIC model: random weights)")
     assert "| channels | calls ok / failed |" in text and "load average" in text
     assert summary["machine"].split("(")[1].split(")")[0] in text  # the CPU model is named
+
+
+def test_calls_the_gateway_refuses_are_counted_with_its_close_code(tiny_server, tmp_path):
+    """A gateway that takes one live session: the second line's calls are refused, and the
+    report counts them by the gateway's close code and reason (not as client errors),
+    while the call it took completes with every final."""
+    from e2v.loadtest.gateway_process import GatewayProcess
+
+    from e2v.cli import main
+
+    flags = ("--live-sessions", "1", "--max-connections-per-client", "0")
+    with GatewayProcess(tiny_server.config.grpc_url, *flags).start() as gateway:
+        report = tmp_path / "report"
+        arguments = ["loadtest", "--live", "--live-url", gateway.url, "--gateway-pid"]
+        arguments += [str(gateway.pid), "--channels", "2", "--duration", "8", "--calls", "1"]
+        assert main([*arguments, "--call-s", "6", "--report", str(report)]) == 0
+    (level,) = json.loads((report / "summary.json").read_text())["levels"]
+    sessions = level["sessions"]
+    refused = {k: n for k, n in sessions["closes"].items() if k != "1000"}
+    assert sessions["ok"] >= 1 and sessions["failed"] >= 1, sessions
+    assert refused and all(k.startswith("1013 ") for k in refused), sessions
+    assert level["finals"]["expected"] >= 1 and level["finals"]["lost"] == 0, level["finals"]
+    assert level["gateway_cores"] > 0
