@@ -8,14 +8,13 @@ never imports gevent-patched Locust.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from e2v.loadtest import triton_stats
-from e2v.loadtest.machine import process_cpu_s
+from e2v.loadtest.machine import load_average, process_cpu_s
 from e2v.loadtest.metrics import Requests, Summary, ramp_steps, saturation, summarize
 from e2v.loadtest.spec import DriveSpec, Ramp
 from e2v.loadtest.targets import Target
@@ -83,11 +82,11 @@ def run_load(
     initial = triton_stats.snapshot(stats) if stats else None
     warmups = warm_up(target, workload, files)
     before = triton_stats.settled(stats, initial.handled + warmups) if stats else None
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     cpu_before = process_cpu(target)
     locust = drive(target, workload_path, load, out_dir, files)
     cpu = {k: round(v - cpu_before[k], 2) for k, v in process_cpu(target).items()}
-    load_after = os.getloadavg()[0]
+    load_after = load_average()
     server = None
     if stats:
         server = triton_stats.settled(stats, before.handled + locust["num_requests"]) - before
@@ -98,7 +97,7 @@ def run_load(
     else:
         steps, summary = [], summarize(requests, load.users, load.duration_s)
     overall = summarize(requests, load.users, float(requests.end_s.max(initial=0.0)) + 1e-6)
-    loadavg = (round(load_before, 2), round(load_after, 2))
+    loadavg = (load_before, load_after)
     if server:
         cpu["triton_compute_infer"] = round(server.ns["compute_infer"] / 1e9, 2)
     result = RunResult(target, load, summary, overall, steps, server, locust, out_dir, loadavg, cpu)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from e2v.loadtest import triton_stats
 from e2v.loadtest.command import command_line, log
 from e2v.loadtest.live import LiveLoad, drive, measure, ws_url
+from e2v.loadtest.machine import load_average
 from e2v.loadtest.metrics import P95_TARGET_MS
 from e2v.loadtest.targets import parse_configs, triton_server
 
@@ -63,7 +63,7 @@ def live_stack(args: argparse.Namespace, workdir: Path, channels: int) -> Iterat
 def run_level(stack: dict, calls: list, load: LiveLoad) -> dict:
     """One level: the load, Triton's counters around it, the load average before and after."""
     stats_url = stack.get("stats_url")
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     before = triton_stats.snapshot(stats_url) if stats_url else None
     started = time.monotonic()
     run = asyncio.run(drive(stack["url"], calls, load, stack.get("pid")))
@@ -78,7 +78,7 @@ def run_level(stack: dict, calls: list, load: LiveLoad) -> dict:
         # is the model tier's ceiling in calls.
         figures["triton_requests_per_s"] = round(served, 2)
         figures["model_ceiling_calls"] = round(served / demand, 2) if demand else None
-    figures["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    figures["load_average"] = [load_before, load_average()]
     figures["duration_s"], figures["ramp_s"] = load.duration_s, load.ramp_s
     figures["within_target"] = within_target(figures)
     figures["sustained"] = sustained(figures)
@@ -142,7 +142,7 @@ def run_live(args: argparse.Namespace) -> int:
     ramp_s = min(5.0, args.duration / 4)
     report_dir = args.report or Path("runs/loadtest") / f"live-{time.strftime('%Y%m%d-%H%M%S')}"
     levels_out: list[dict] = []
-    load_start = round(os.getloadavg()[0], 2)
+    load_start = load_average()
     with tempfile.TemporaryDirectory(prefix="e2v-loadtest-live-") as tmp:
         workdir = Path(tmp)
         log(f"writing {args.calls} stereo mu-law call recordings of {args.call_s:g} s")
@@ -158,7 +158,7 @@ def run_live(args: argparse.Namespace) -> int:
         except (ServeError, RuntimeError, OSError) as exc:  # servers, export: one message
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        loads = (load_start, round(os.getloadavg()[0], 2))
+        loads = (load_start, load_average())
         path = write_live_report(
             report_dir, command_line(args), args.model, settings, calls, levels_out, args, loads
         )

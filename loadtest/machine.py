@@ -35,6 +35,12 @@ def software(packages: Iterable[str], triton_versions: Iterable[str] = ()) -> st
     return ", ".join(found)
 
 
+def load_average() -> float:
+    """The 1-minute load average, to 0.01 (reports print it before and after a run: this
+    machine's cores may be shared)."""
+    return round(os.getloadavg()[0], 2)
+
+
 def process_cpu_s(pid: int | None) -> float | None:
     """User + system CPU seconds of process `pid` (its threads included), from /proc;
     None without a pid or once the process is gone."""

@@ -32,8 +32,13 @@ def run_phase(name: str, plan: Plan, phase: Phase) -> int:
     from e2v.loadtest.gpu import live, phases
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
-    run = {"models": phases.models, "alone": phases.alone, "served": phases.served}
-    return (run | {"live": live.phase})[name](plan, phase)
+    run = {
+        "models": phases.models,
+        "alone": phases.alone,
+        "served": phases.served,
+        "live": live.phase,
+    }
+    return run[name](plan, phase)
 
 
 def run_phase_process(name: str, plan: Plan, work: Path, log) -> dict:
