@@ -49,6 +49,9 @@ from e2v.contract import (
     LIVE_MAX_CHANNELS,
     LIVE_PATH,
     LIVE_SAMPLE_RATES,
+    LIVE_START,
+    LIVE_STARTED,
+    LIVE_STOP,
     TWILIO_PATH,
 )
 
@@ -442,15 +445,15 @@ class NativeClient(Client):
 
     async def run(self) -> dict:
         encoding, rate = self.options.format
-        start = {"type": "start", "call_id": self.call_id, "encoding": encoding}
+        start = {"type": LIVE_START, "call_id": self.call_id, "encoding": encoding}
         start |= {"sample_rate": rate, "channels": self.audio.channels}
         if self.options.parties:
             start["parties"] = list(self.options.parties)
         ws = await self.connect(self.url(LIVE_PATH), self.headers())
         async with ws:
             await self.send(ws, json.dumps(start))
-            started = await self.answer(ws, "'started'")
-            if started.get("type") != "started":
+            started = await self.answer(ws, f"'{LIVE_STARTED}'")
+            if started.get("type") != LIVE_STARTED:
                 self.unexpected(started)
                 await self.drain(ws)
                 raise PlayError(self.closed_reason(ws))
@@ -461,7 +464,7 @@ class NativeClient(Client):
                     if reader.done() or not await self.send(ws, _encode(frame, encoding)):
                         break
                 else:
-                    await self.send(ws, json.dumps({"type": "stop"}))
+                    await self.send(ws, json.dumps({"type": LIVE_STOP}))
                 self.stop()
                 await reader
             finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from e2v.client.live.errors import LiveError
 
@@ -26,13 +26,14 @@ KeyProblem = Literal["missing", "wrong"]
 
 
 class LiveMetrics(Protocol):
-    """The metric families live sessions count into (Prometheus: `.labels(...).inc()`)."""
+    """The metric families live sessions count into (prometheus_client's Counter and
+    Histogram: `.labels(...).inc()`, `.observe(seconds)`)."""
 
-    live_events: object  # by event type
-    live_ended: object  # by protocol and close code
-    live_refused: object  # by reason: busy, draining
-    live_latency: object  # by kind: interim, final
-    live_duration: object
+    live_events: Any  # counter, by event type
+    live_ended: Any  # counter, by protocol and close code
+    live_refused: Any  # counter, by reason: busy, draining
+    live_latency: Any  # histogram, by kind: interim, final
+    live_duration: Any  # histogram of session lengths
 
 
 @dataclass(frozen=True)
