@@ -25,7 +25,7 @@ from e2v.client.live.errors import LiveError
 from e2v.client.live.hub import GOING_AWAY_REASON, LiveHub
 from e2v.client.live.limits import AudioPace
 from e2v.client.live.outbox import event_json
-from e2v.client.live.session import LiveSession
+from e2v.client.live.session import LiveSession, StreamFormat
 from e2v.client.live.sockets import WOKEN, Socket
 from e2v.client.live.wire import ENDED, Opening, Wire
 
@@ -88,7 +88,7 @@ class Connection:
         opening = await self._handshake()
         if opening is None or opening is ENDED:
             return None
-        self._streams(opening)
+        self._set_format(opening.fmt)
         if opening.probe:
             ending = await self._probe()
         else:
@@ -188,8 +188,8 @@ class Connection:
 
     # ------------------------------------------------------------------ audio
 
-    def _streams(self, opening: Opening) -> None:
-        fmt = opening.fmt
+    def _set_format(self, fmt: StreamFormat) -> None:
+        """Bytes per second of audio: interleaved frames, and each channel's on its own."""
         self._widths[None] = fmt.frame_bytes * fmt.sample_rate
         for channel in range(fmt.channels):
             self._widths[channel] = fmt.frame_bytes // fmt.channels * fmt.sample_rate

@@ -9,9 +9,9 @@ Every event a session publishes goes, without ever blocking, to
 
 A socket takes a slot as soon as it is accepted (`admit`), before its first message, so
 sockets that never speak are bounded by the same limit and lose their slot after the
-handshake timeout. The session path (connection.py) uses `admit` -> `session` ->
-`finishing` and nothing else of the hub; what the hub needs from the gateway comes in
-`LiveServices` (services.py).
+handshake timeout. The session path (connection.py) uses `admit`, `session` (or
+`time_limit` for a probe), `session_id` and `finishing`, nothing else of the hub; what the
+hub needs from the gateway comes in `LiveServices` (services.py).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ Everything is checked: order (`start` before media, one `start`, `sequenceNumber
 from the last, the start's `streamSid`), tracks, base64, sizes, the format. A failure
 closes the socket with the contract's code and a reason. After `stop` (or when Twilio
 drops the socket) the session is finished: open utterances end, finals and the summary
-are published.
+are published. The session path (connection.py) does all but the translation.
 """
 
 from __future__ import annotations
