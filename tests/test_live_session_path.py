@@ -174,15 +174,20 @@ def test_no_protocol_makes_a_task_per_message(tiny_server, protocol, call, endin
     assert made < messages / 4, f"{protocol}: {made} tasks for {messages} messages"
 
 
+# `e2v live`, the client that plays calls into a gateway, is another application that
+# shares the package; the server side is what the gateway builds.
+CLIENT_SIDE = {"e2v.client.live.player"}
+
+
 def test_the_live_tier_imports_nothing_of_the_gateway():
-    """The gateway builds the live tier and hands it `LiveServices`; nothing in
-    client/live/ imports client/gateway/ (lazy imports count)."""
+    """The gateway builds the live tier and hands it `LiveServices`; nothing of the server
+    side of client/live/ imports client/gateway/ (lazy imports count)."""
     from test_structure import graph
 
     edges = graph()
     reaching = {
         module: sorted(t for t in targets if t.startswith("e2v.client.gateway"))
         for module, targets in edges.items()
-        if module.startswith("e2v.client.live")
+        if module.startswith("e2v.client.live") and module not in CLIENT_SIDE
     }
     assert {m: t for m, t in reaching.items() if t} == {}
