@@ -67,20 +67,25 @@ class Connection:
             await self.socket.accept(self.wire.query_key)
             self.wire.authenticate()
             outbox = self.hub.admit()
-        except LiveError as exc:
-            await self._close(exc, published=False)
+        except Exception as exc:  # noqa: BLE001 - refused (or a bug): said, then closed
+            await self._close(self._failure(exc), published=False)
             return
         with outbox:  # the slot is held until the close frame is sent (the drain waits for it)
             self.socket.attach(outbox, self.wire.frame)
             try:
                 error, published = await self._serve(), True
-            except LiveError as exc:
-                error, published = exc, self._in_session
-            except Exception:  # a bug: this session's own close, never the gateway's
-                log.exception("live %s session failed", self.wire.name)
-                error = LiveError(CLOSE_INTERNAL, "internal", INTERNAL_MESSAGE)
-                published = False
+            except Exception as exc:  # noqa: BLE001 - this session's own close, never the gateway's
+                # Inside a session the hub published a LiveError, not a bug's (it aborts).
+                error = self._failure(exc)
+                published = self._in_session and error is exc
             await self._close(error, published)
+
+    def _failure(self, exc: Exception) -> LiveError:
+        """`exc` if it is a LiveError; a bug (logged) is CLOSE_INTERNAL."""
+        if isinstance(exc, LiveError):
+            return exc
+        log.error("live %s session failed", self.wire.name, exc_info=exc)
+        return LiveError(CLOSE_INTERNAL, "internal", INTERNAL_MESSAGE)
 
     async def _serve(self) -> LiveError | None:
         """Handshake, session, stream, finish; the going-away error after our own drain
