@@ -49,6 +49,9 @@ from e2v.contract import (
     LIVE_MAX_CHANNELS,
     LIVE_PATH,
     LIVE_SAMPLE_RATES,
+    LIVE_START,
+    LIVE_STARTED,
+    LIVE_STOP,
     TWILIO_PATH,
 )
 
@@ -457,8 +460,8 @@ class NativeClient(Client):
         ws = await self.connect(self.url(LIVE_PATH), self.headers())
         async with ws:
             await self.send(ws, json.dumps(self.start_message()))
-            started = await self.answer(ws, "'started'")
-            if started.get("type") != "started":
+            started = await self.answer(ws, f"'{LIVE_STARTED}'")
+            if started.get("type") != LIVE_STARTED:
                 self.unexpected(started)
                 await self.drain(ws)
                 raise self.gateway_closed(ws)
@@ -469,7 +472,7 @@ class NativeClient(Client):
                     if reader.done() or not await self.send(ws, payload):
                         break
                 else:
-                    await self.send(ws, json.dumps({"type": "stop"}))
+                    await self.send(ws, json.dumps({"type": LIVE_STOP}))
                 self.stop()
                 await reader
             finally:
@@ -478,7 +481,7 @@ class NativeClient(Client):
 
     def start_message(self) -> dict:
         encoding, rate = self.options.format
-        start = {"type": "start", "call_id": self.call_id, "encoding": encoding}
+        start = {"type": LIVE_START, "call_id": self.call_id, "encoding": encoding}
         start |= {"sample_rate": rate, "channels": self.audio.channels}
         if self.options.parties:
             start["parties"] = list(self.options.parties)
