@@ -191,10 +191,10 @@ def _options(args: argparse.Namespace) -> PlayOptions:
             )
     api_key = None
     if args.api_key_file:
-        from e2v.client.gateway.config import read_api_key
+        from e2v.client.secrets import read_secret_file
 
         try:
-            api_key = read_api_key(args.api_key_file).decode("ascii")
+            api_key = read_secret_file(args.api_key_file, "--api-key-file").decode("ascii")
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     rate = args.sample_rate or (16_000 if args.encoding == "pcm_s16le" else 8000)
