@@ -39,6 +39,10 @@ def command_line(args: argparse.Namespace) -> str:
     if getattr(args, "live", False):
         parts = [p for p in parts if not p.startswith(("--users", "--profile"))]
         parts += ["--live", f"--channels {args.channels}", f"--frame-ms {args.frame_ms:g}"]
+        if getattr(args, "protocols", "live") != "live":
+            parts.append(f"--protocols {args.protocols}")
+        if getattr(args, "cpu_profile", False):
+            parts.append("--cpu-profile")
     if args.gateway:
         parts.append("--gateway")
         if args.gateway_rounds != 2:

@@ -325,13 +325,7 @@ class LiveHub:
         else:
             self._pending.setdefault(call_id, set()).add(queue)
             timer = asyncio.get_running_loop().call_later(
-                SUBSCRIBE_WAIT_S,
-                queue.stop,
-                LiveError(
-                    CLOSE_TIMEOUT,
-                    "no_such_call",
-                    f"no live call {call_id} within {SUBSCRIBE_WAIT_S:g} s",
-                ),
+                SUBSCRIBE_WAIT_S, self._still_waiting, call_id, queue
             )
         self._subscriptions += 1
         try:
@@ -347,6 +341,18 @@ class LiveHub:
                     del self._pending[call_id]
             for live in self._calls.values():
                 live.subscribers.discard(queue)
+
+    def _still_waiting(self, call_id: str, queue: Outbox) -> None:
+        """SUBSCRIBE_WAIT_S after a subscription to a call not live then: stopped, unless
+        the call has started meanwhile (its subscribers then go until it ends)."""
+        if queue in self._pending.get(call_id, ()):
+            queue.stop(
+                LiveError(
+                    CLOSE_TIMEOUT,
+                    "no_such_call",
+                    f"no live call {call_id} within {SUBSCRIBE_WAIT_S:g} s",
+                )
+            )
 
     def _attach(self, call: _Call, queue: Outbox, after_seq: int) -> None:
         if len(call.subscribers) >= SUBSCRIBERS_PER_CALL:
