@@ -199,20 +199,26 @@ class TritonEmotionClient:
             labels[int(index)] = label
         return labels
 
-    async def predict(self, segment: np.ndarray, size: int | None = None) -> Prediction:
+    async def predict(
+        self, segment: np.ndarray, size: int | None = None, embedding: bool = True
+    ) -> Prediction:
         """Scores and embedding for one segment, padded here to its length bucket (or to
-        the bucket `size`, so that windows of different lengths share one shape)."""
+        the bucket `size`, so that windows of different lengths share one shape).
+        `embedding=False`: scores only, when the model has them (live calls send no
+        embeddings; the embedding is then empty)."""
         if self.info is None:
             await self.connect()
         size = self.info.bucket(max(len(segment), size or 0))
         wav = np.zeros((1, size), dtype=np.float32)
         wav[0, : len(segment)] = segment
+        scores_only = not embedding and bool(self.info.labels)
         names = [OUTPUT_SCORES, OUTPUT_EMBEDDING] if self.info.labels else [OUTPUT_EMBEDDING]
+        names = [OUTPUT_SCORES] if scores_only else names
         result = await self._with_retries(
             lambda: self._infer(wav, np.array([[len(segment)]], dtype=np.int64), names)
         )
         scores = result.as_numpy(OUTPUT_SCORES)[0] if self.info.labels else None
-        embedding = result.as_numpy(OUTPUT_EMBEDDING)[0]
+        embedding = np.zeros(0, np.float32) if scores_only else result.as_numpy(OUTPUT_EMBEDDING)[0]
         for name, values in ((OUTPUT_SCORES, scores), (OUTPUT_EMBEDDING, embedding)):
             if values is not None and not np.isfinite(values).all():
                 raise ServerError(f"the server returned non-finite {name}")

@@ -20,6 +20,7 @@ samples instead, and threads py-spy cannot see (gRPC's C threads) are charged by
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -40,18 +41,19 @@ GRPC_THREADS = ("grpc", "default-executo", "resolver-execut", "timer_manager")
 
 @dataclass(frozen=True)
 class Rule:
-    """Frames of files whose path contains `path` (and, when given, functions whose
-    qualified name starts with one of `functions`) belong to `stage`."""
+    """Frames of files whose path contains `path` (and, when given, of functions whose
+    qualified name `pattern` matches, e.g. `^LiveSession\\.feed` or `\\.send$`) belong
+    to `stage`."""
 
     stage: str
     path: str
-    functions: tuple[str, ...] = ()
+    pattern: str = ""
 
     def matches(self, file: str, function: str) -> bool:
-        return self.path in file and (not self.functions or function.startswith(self.functions))
+        return self.path in file and (not self.pattern or re.search(self.pattern, function))
 
 
-_WS_SEND = ("send", "Protocol.send", "Frame.serialize", "Protocol.data_to_send")
+_WS_SEND = r"\.(send(_text|_binary|_frame|_bytes|_json)?|data_to_send|serialize)$"
 RULES = (
     # the audio path, below the socket
     Rule(VAD, "client/vad.py"),
@@ -59,8 +61,8 @@ RULES = (
     Rule(AUDIO, "client/live/codecs.py"),
     Rule(AUDIO, "client/audio.py"),
     Rule(AUDIO, "soxr/"),
-    Rule(AUDIO, "client/live/session.py", ("LiveSession._process",)),
-    Rule(AUDIO, "client/live/ticks.py", ("_decoded", "_channels")),
+    Rule(AUDIO, "client/live/session.py", r"^(LiveSession\.(prepare|process)|_decode)"),
+    Rule(AUDIO, "client/live/party.py", r"^(PartyStream\.resample|_QuickTail\.push)"),
     Rule(WINDOWS, "client/segment.py"),
     Rule(WINDOWS, "client/live/party.py"),
     # Triton
@@ -72,33 +74,38 @@ RULES = (
     # events out: made, numbered, serialised, fanned out, framed, sent
     Rule(EVENTS, "client/live/outbox.py"),
     Rule(EVENTS, "client/live/hub.py"),
-    Rule(EVENTS, "client/live/events.py"),
     Rule(EVENTS, "client/results.py"),
     Rule(EVENTS, "client/alerts.py"),
     Rule(EVENTS, "client/webhooks.py"),
-    Rule(EVENTS, "client/live/session.py", ("LiveSession._emit", "LiveSession._act")),
-    Rule(EVENTS, "client/live/session.py", ("LiveSession._on_interim", "LiveSession._final")),
-    Rule(EVENTS, "client/live/session.py", ("LiveSession._summary", "_fields", "_r")),
-    Rule(EVENTS, "client/live/sockets.py", ("Socket._write", "Socket.send", "Socket._send")),
-    Rule(EVENTS, "client/live/audiohook.py", ("AudioHookWire.frame", "AudioHookWire._message")),
-    Rule(EVENTS, "client/live/native.py", ("LiveWire.frame",)),
-    Rule(EVENTS, "uvicorn/protocols/websockets/", _WS_SEND),
+    Rule(
+        EVENTS,
+        "client/live/session.py",
+        r"^(LiveSession\._(emit|act|on_interim|final|summary)|_fields|_r$)",
+    ),
+    Rule(EVENTS, "client/live/sockets.py", r"^Socket\.(_write|send|_send)"),
+    Rule(EVENTS, "client/live/audiohook.py", r"^AudioHookWire\.(frame|_message)"),
+    Rule(EVENTS, "client/live/native.py", r"^LiveWire\.frame"),
+    Rule(EVENTS, "client/live/routes.py"),
+    Rule(EVENTS, "uvicorn/protocols/websockets/", r"\.send$"),
     Rule(EVENTS, "websockets/", _WS_SEND),
-    Rule(EVENTS, "starlette/websockets.py", ("WebSocket.send",)),
+    Rule(EVENTS, "starlette/websockets.py", _WS_SEND),
     # messages in: the socket, the protocol's parse, pacing, the session's intake
     Rule(RECEIVE, "uvicorn/protocols/websockets/"),
     Rule(RECEIVE, "websockets/"),
-    Rule(RECEIVE, "starlette/websockets.py", ("WebSocket.receive",)),
+    Rule(RECEIVE, "starlette/websockets.py"),
     Rule(RECEIVE, "client/live/sockets.py"),
     Rule(RECEIVE, "client/live/connection.py"),
     Rule(RECEIVE, "client/live/native.py"),
     Rule(RECEIVE, "client/live/twilio.py"),
     Rule(RECEIVE, "client/live/audiohook.py"),
     Rule(RECEIVE, "client/live/limits.py"),
-    Rule(RECEIVE, "client/live/session.py", ("LiveSession.feed", "LiveSession._whole")),
-    Rule(RECEIVE, "client/live/session.py", ("LiveSession._enqueue", "LiveSession._put")),
-    Rule(RECEIVE, "client/live/session.py", ("LiveSession._account", "LiveSession._check")),
-    Rule(RECEIVE, "asyncio/selector_events.py", ("_SelectorSocketTransport._read_ready",)),
+    Rule(
+        RECEIVE,
+        "client/live/session.py",
+        r"^LiveSession\.(feed|_whole|_enqueue|_put|_account|_check|_raise)",
+    ),
+    Rule(RECEIVE, "asyncio/selector_events.py", r"^_SelectorSocketTransport\._read_ready"),
+    Rule(RECEIVE, "asyncio/selector_events.py", r"^_SelectorTransport\.(pause|resume)_reading"),
 )
 
 

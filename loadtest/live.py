@@ -423,8 +423,20 @@ def _profile(cpu: dict, path: Path | None, channels: int) -> dict:
     if "profile_error" in cpu or not path.exists():
         return {"cpu_profile_error": cpu.get("profile_error", "py-spy wrote nothing")}
     wall = max(cpu["end"][0] - cpu["start"][0], 1e-9)
-    seconds = stage_cpu(path.read_text(), cpu["threads_start"], cpu["threads_end"])
-    return {"cpu_profile": {"file": path.name, "stages": per_channel_ms(seconds, wall, channels)}}
+    before, after = cpu["threads_start"], cpu["threads_end"]
+    seconds = stage_cpu(path.read_text(), before, after)
+    threads = {
+        str(tid): [name, round(used - before.get(tid, (name, 0.0))[1], 3)]
+        for tid, (name, used) in after.items()
+    }
+    return {
+        "cpu_profile": {
+            "file": path.name,
+            "seconds": round(wall, 2),
+            "threads": threads,  # CPU seconds of each thread over the window
+            "stages": per_channel_ms(seconds, wall, channels),
+        }
+    }
 
 
 def ws_url(base: str) -> str:

@@ -56,6 +56,9 @@ class Socket:
         self._inbox: asyncio.Queue | None = None
         self._reader: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # one message at a time on the wire, in order
+        self._deadline: float | None = None  # of the `next` waiting now (loop time)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self.query_key: str | None = None  # `?key=`, when the protocol takes one
 
     @property
@@ -113,15 +116,14 @@ class Socket:
         outbox = self.outbox if stoppable else None
         if outbox is not None and outbox.stopped.done():
             raise outbox.stopped.result()
-        timer = None
-        if timeout_s is not None:
-            loop = asyncio.get_running_loop()
-            timer = loop.call_later(max(0.0, timeout_s), self._wake, _TIMEOUT)
+        loop = asyncio.get_running_loop()
+        self._deadline = None if timeout_s is None else loop.time() + max(0.0, timeout_s)
+        if self._deadline is not None and (self._timer is None or self._timer_at > self._deadline):
+            self._arm(self._deadline)
         try:
             item = await self._inbox.get()
         finally:
-            if timer is not None:
-                timer.cancel()
+            self._deadline = None  # no timeout between calls (the timer stays armed)
         if outbox is not None and outbox.stopped.done():
             raise outbox.stopped.result()
         if item is _TIMEOUT:
@@ -135,6 +137,24 @@ class Socket:
     def _start_reader(self) -> None:
         self._inbox = asyncio.Queue(1)
         self._reader = asyncio.create_task(self._read())
+
+    def _arm(self, at: float) -> None:
+        """One timer per socket, moved only when a deadline comes earlier: a message moves
+        the idle deadline later, and the timer re-arms itself when it fires early."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = asyncio.get_running_loop().call_at(at, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._deadline is None:
+            return
+        if self._deadline > asyncio.get_running_loop().time():
+            self._arm(self._deadline)  # a message came meanwhile: the deadline moved
+        else:
+            self._deadline = None
+            self._wake(_TIMEOUT)
 
     def _wake(self, marker: object) -> None:
         if self._inbox is not None and self._inbox.empty():
@@ -219,6 +239,9 @@ class Socket:
         """Stop reading, then the close frame (unless the client has gone), bounded: 1000,
         or `error`'s code and reason."""
         code, reason = (CLOSE_NORMAL, "done") if error is None else (error.code, str(error))
+        self._deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
