@@ -62,7 +62,7 @@ RULES = (
     Rule(AUDIO, "client/audio.py"),
     Rule(AUDIO, "soxr/"),
     Rule(AUDIO, "client/live/session.py", r"^(LiveSession\.(prepare|process)|_decode)"),
-    Rule(AUDIO, "client/live/party.py", r"^(PartyStream\.resample|_QuickTail\.push)"),
+    Rule(AUDIO, "client/live/party.py", r"^(PartyStream\.resample|_RawTail\.push)"),
     Rule(WINDOWS, "client/segment.py"),
     Rule(WINDOWS, "client/live/party.py"),
     # Triton

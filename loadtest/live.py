@@ -318,7 +318,7 @@ def measure(run: dict, calls: list[CallRecording], load: LiveLoad) -> dict:
             else:
                 since_end.append(arrived - log.sent_at(end_s))
                 since_due.append(arrived - log.sent_at(min(end_s + FINAL_DUE_S, last_s)))
-    cpu = _cpu(run["cpu"], load.channels)
+    cpu = _cpu(run["cpu"], load.channels, _streamed(logs, run["cpu"]))
     profile = _profile(run["cpu"], run.get("profile"), load.channels)
     return {
         "channels": load.channels,
@@ -403,15 +403,30 @@ def _covered(segment, finals: list[tuple[float, float]]) -> bool:
     return any(min(e, segment.end_s) - max(s, segment.start_s) >= need for s, e in finals)
 
 
-def _cpu(cpu: dict, channels: int) -> dict:
+def _streamed(logs: list[CallLog], cpu: dict) -> float | None:
+    """Seconds of call audio (per channel, both parties together) sent over the CPU window:
+    `channels` x its length when every line kept up, less when the gateway pushed back."""
+    if "end" not in cpu:
+        return None
+    low, high = cpu["start"][0], cpu["end"][0]
+    frames = sum(log.frame_samples * sum(low < t <= high for t in log.sent) for log in logs)
+    return frames / RATE
+
+
+def _cpu(cpu: dict, channels: int, streamed_s: float | None = None) -> dict:
     if "end" not in cpu:
         return {"gateway_cores": None, "channels_per_core": None, "client_cores": None}
     (t0, g0, c0), (t1, g1, c1) = cpu["start"], cpu["end"]
     wall = max(t1 - t0, 1e-9)
     cores = None if g0 is None or g1 is None else (g1 - g0) / wall
+    per_audio = None
+    if cores and streamed_s:  # CPU per second of call audio the gateway was sent
+        per_audio = round(1000 * (g1 - g0) / streamed_s, 3)
     return {
         "gateway_cores": round(cores, 3) if cores is not None else None,
         "channels_per_core": round(channels / cores, 1) if cores else None,
+        "channels_streamed": round(streamed_s / wall, 1) if streamed_s else None,
+        "ms_per_channel_s": per_audio,
         "client_cores": round((c1 - c0) / wall, 3),
     }
 

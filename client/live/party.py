@@ -65,7 +65,7 @@ class PartyStream:
         max_segment_s: float = MAX_SEGMENT_S,
     ) -> None:
         self.resampler = Resampler(source_rate, SAMPLE_RATE)
-        self.tail = _QuickTail(source_rate) if source_rate != SAMPLE_RATE else None
+        self.tail = _RawTail(source_rate) if source_rate != SAMPLE_RATE else None
         self.cutter = SegmentCutter(SegmentMode("vad"), max_segment_s, early=False)
         self.window = round(window_s * SAMPLE_RATE)
         self.hop = round(hop_s * SAMPLE_RATE)
@@ -84,7 +84,7 @@ class PartyStream:
         return self.cutter.end if self.tail is None else max(self.cutter.end, self.tail.end)
 
     def resample(self, chunk: np.ndarray) -> np.ndarray:
-        """The exact 16 kHz samples `chunk` releases (the quick tail takes it too)."""
+        """The exact 16 kHz samples `chunk` releases (the raw tail keeps it too)."""
         if self.tail is not None:
             self.tail.push(chunk)
         return self.resampler.push(chunk)
@@ -120,7 +120,7 @@ class PartyStream:
 
     def _after(self, samples: np.ndarray, cut: list[tuple[Segment, np.ndarray]]) -> list[Action]:
         """The actions of 16 kHz `samples` just pushed, which cut the segments `cut` (with
-        none, the quick tail may still have made a window due)."""
+        none, the raw tail may still have made a window due)."""
         actions: list[Action] = []
         if len(samples):
             if self.tail is not None:
@@ -170,7 +170,7 @@ class PartyStream:
         return [Window(self.utterance, start, due, self._read(start, due), skipped)]
 
     def _read(self, start: int, end: int) -> np.ndarray:
-        """Samples [start, end): the exact ones, then the quick tail's past them."""
+        """Samples [start, end): the exact ones, then the raw tail's past them."""
         exact = self.cutter.end
         if end <= exact:
             return self.cutter.window(start, end)
@@ -178,35 +178,43 @@ class PartyStream:
         return np.concatenate((head, self.tail.read(max(start, exact), end)))
 
 
-class _QuickTail:
-    """The newest samples of a party, those the exact resampler (soxr VHQ) still holds
-    back, from a quick one (soxr "QQ", on the same time base: sample k is the same instant
-    in both). soxr releases VHQ output in blocks, 17-111 ms behind the audio received (at
-    8 kHz); with the tail an interim window is due as soon as its audio has arrived. Only
-    interim windows read it (at most the last ~0.1 s of a window); the VAD and finals use
-    the exact samples alone, so finals stay those of `e2v classify`."""
+class _RawTail:
+    """The newest source samples of a party, for the 16 kHz samples the exact resampler
+    (soxr VHQ) still holds back: soxr releases its output in blocks, 17-111 ms behind the
+    audio received (at 8 kHz). Read by linear interpolation on soxr's time base (16 kHz
+    sample k is the source's instant k / ratio), and only when an interim window reaches
+    past the exact samples: at most ~0.1 s of a 3 s window, read about once a second. The
+    VAD and finals use the exact samples alone, so finals stay those of `e2v classify`."""
+
+    KEEP = 4  # source samples kept before the exact resampler's end (interpolation's left)
 
     def __init__(self, source_rate: int) -> None:
-        self._resampler = Resampler(source_rate, SAMPLE_RATE, quality="QQ")
-        self.start = 0  # 16 kHz index of samples[0]
-        self.samples = np.zeros(0, np.float32)
+        self.ratio = SAMPLE_RATE / source_rate
+        self.start = 0  # source index of the first sample kept
+        self.chunks: list[np.ndarray] = []
+        self.received = 0  # source samples so far
 
     @property
     def end(self) -> int:
-        return self.start + len(self.samples)
+        """16 kHz samples the received audio covers."""
+        return int(self.received * self.ratio)
 
     def push(self, chunk: np.ndarray) -> None:
-        out = self._resampler.push(chunk)
-        if len(out):
-            self.samples = np.concatenate((self.samples, out)) if len(self.samples) else out
+        if len(chunk):
+            self.chunks.append(chunk)
+            self.received += len(chunk)
 
-    def release(self, before: int) -> None:
-        """Forget samples before `before` (the exact resampler has released them)."""
-        drop = min(max(0, before - self.start), len(self.samples))
-        self.samples, self.start = self.samples[drop:], self.start + drop
+    def release(self, exact_end: int) -> None:
+        """Forget whole chunks the exact resampler has released (all before `exact_end`)."""
+        keep_from = int(exact_end / self.ratio) - self.KEEP
+        while self.chunks and self.start + len(self.chunks[0]) <= keep_from:
+            self.start += len(self.chunks.pop(0))
 
     def read(self, start: int, end: int) -> np.ndarray:
-        return self.samples[start - self.start : end - self.start]
+        """16 kHz samples [start, end) (start past the exact resampler's end)."""
+        source = np.concatenate(self.chunks) if len(self.chunks) > 1 else self.chunks[0]
+        times = np.arange(start, end) / self.ratio - self.start
+        return np.interp(times, np.arange(len(source)), source).astype(np.float32)
 
 
 def push_parties(
