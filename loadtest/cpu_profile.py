@@ -14,7 +14,8 @@ parser receive work; stacks no rule names (the event loop's own turns, thread ha
 the framework around the endpoint) are "the rest". py-spy counts a thread whenever it is
 runnable (also while it waits for a core or the GIL), so samples alone overstate busy
 threads on a loaded machine: each thread's CPU seconds (/proc) are split by its own
-samples instead, and threads py-spy cannot see (gRPC's C threads) are charged by name.
+samples instead, leaving out those where it waits (`WAITS`: the event loop's poll, an
+idle worker), and threads py-spy cannot see (gRPC's C threads) are charged by name.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ WINDOWS = "window assembly"
 TRITON = "Triton request building and gRPC"
 EVENTS = "event JSON and send"
 REST = "the rest"
+WAIT = "waiting"  # not a stage: samples of a thread that waits (see WAITS)
 STAGES = (RECEIVE, AUDIO, VAD, WINDOWS, TRITON, EVENTS, REST)
 SAMPLE_HZ = 100
 # gRPC's core threads (their names as /proc shows them, cut to 15 characters).
@@ -109,8 +111,20 @@ RULES = (
 )
 
 
+# Leaf frames of a thread that waits (for events, work, a lock): py-spy still counts it when
+# it is runnable, e.g. woken but waiting for a core, so these samples are not CPU work and
+# take no share of the thread's CPU time.
+WAITS = (
+    Rule(WAIT, "selectors.py", r"\.select$"),
+    Rule(WAIT, "concurrent/futures/thread.py", r"^_worker$"),
+    Rule(WAIT, "threading.py", r"\.(wait|acquire)$"),
+)
+
+
 def stage_of(stack: list[tuple[str, str]]) -> str:
-    """The stage of a stack of (file, function) frames, root first."""
+    """The stage of a stack of (file, function) frames, root first (WAIT: waiting)."""
+    if stack and any(rule.matches(*stack[-1]) for rule in WAITS):
+        return WAIT
     for file, function in reversed(stack):
         for rule in RULES:
             if rule.matches(file, function):
@@ -163,7 +177,8 @@ def stage_cpu(raw: str, before: dict, after: dict) -> dict[str, float]:
     cpu = Counter({stage: 0.0 for stage in STAGES})
     for tid, (name, seconds) in after.items():
         used = seconds - before.get(tid, (name, 0.0))[1]
-        mine = samples.get(tid)
+        mine = Counter(samples.get(tid, {}))
+        mine.pop(WAIT, None)
         if mine:
             total = sum(mine.values())
             for stage, n in mine.items():
@@ -183,6 +198,24 @@ def per_channel_ms(cpu: dict[str, float], seconds: float, channels: int) -> dict
         }
         for stage in STAGES
     }
+
+
+def compress(path: Path) -> Path:
+    """`path` gzipped beside it (py-spy's raw stacks shrink ~10x), the original removed."""
+    import gzip
+
+    packed = path.with_name(path.name + ".gz")
+    packed.write_bytes(gzip.compress(path.read_bytes(), mtime=0))
+    path.unlink()
+    return packed
+
+
+def read_stacks(path: Path) -> str:
+    """A profile's raw stacks, gzipped or not."""
+    import gzip
+
+    data = path.read_bytes()
+    return (gzip.decompress(data) if path.suffix == ".gz" else data).decode()
 
 
 def py_spy() -> str | None:

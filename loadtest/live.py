@@ -52,7 +52,13 @@ from e2v.client.live.player import (
 )
 from e2v.client.segment import MERGE_GAP_S, VAD_SPEECH_PAD_MS
 from e2v.loadtest.calls import PARTIES, RATE, CallRecording, offline_utterances
-from e2v.loadtest.cpu_profile import per_channel_ms, stage_cpu, start_recording, thread_cpu
+from e2v.loadtest.cpu_profile import (
+    compress,
+    per_channel_ms,
+    stage_cpu,
+    start_recording,
+    thread_cpu,
+)
 from e2v.loadtest.machine import process_cpu_s
 from e2v.loadtest.metrics import percentiles
 
@@ -440,6 +446,7 @@ def _profile(cpu: dict, path: Path | None, channels: int) -> dict:
     wall = max(cpu["end"][0] - cpu["start"][0], 1e-9)
     before, after = cpu["threads_start"], cpu["threads_end"]
     seconds = stage_cpu(path.read_text(), before, after)
+    path = compress(path)
     threads = {
         str(tid): [name, round(used - before.get(tid, (name, 0.0))[1], 3)]
         for tid, (name, used) in after.items()

@@ -278,7 +278,7 @@ def _profiles(levels: list[dict]) -> list[str]:
         "samples over the measured window (`loadtest/cpu_profile.py`): each thread's CPU "
         "seconds (/proc) split by the stages of its own samples, each stack charged to its "
         "innermost frame that names a stage; gRPC's C threads count as Triton. The stacks: "
-        f"{files} (py-spy raw format, one stack and its count per line).",
+        f"{files} (py-spy raw format, gzipped: one stack and its count per line).",
         "",
     ]
 

@@ -291,7 +291,7 @@ class LiveHub:
             if not subscriber.put(event, text, last=last):
                 call.subscribers.discard(subscriber)
         if self.webhook is not None and kind in (EVENT_ALERT, EVENT_SUMMARY):
-            self.webhook.post(event)
+            self.webhook.post(event, text.encode())  # the same JSON, not made again
 
     def _observe_latency(self, call: _Call, kind: str, event: dict) -> None:
         """Interims carry `lag_s`; for finals it is the audio received past their end."""

@@ -290,16 +290,15 @@ class LiveSession:
         self._received[index] += samples
         self._stream_s[index] += samples / self.fmt.sample_rate
 
+    def _full(self) -> bool:
+        return self._error is None and (
+            self._queued_bytes >= self._queue_limit
+            or len(self._items) + self._ticking >= QUEUE_ITEMS
+        )
+
     async def _enqueue(self, item: tuple) -> None:
         """Queue audio, waiting while QUEUE_AUDIO_S of it or QUEUE_ITEMS are queued."""
-        while (
-            self._error is None
-            and self.state == "open"
-            and (
-                self._queued_bytes >= self._queue_limit
-                or len(self._items) + self._ticking >= QUEUE_ITEMS
-            )
-        ):
+        while self.state == "open" and self._full():
             self._room.clear()
             await self._room.wait()
         self._check_open()  # it may have failed or ended while this waited
