@@ -28,9 +28,13 @@ import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from e2v.contract import EVENT_FILE_ALERT, WEBHOOK_ID_HEADER, WEBHOOK_SIGNATURE_HEADER
+
+if TYPE_CHECKING:  # an optional dependency (the webhooks extra), imported when started
+    import aiohttp
 
 log = logging.getLogger("e2v.webhooks")
 
@@ -180,7 +184,7 @@ class WebhookSender:
         self.queue_bytes, self.queued_bytes = queue_bytes, 0
         self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(queue)
         self._tasks: list[asyncio.Task] = []
-        self._session = None
+        self._session: aiohttp.ClientSession | None = None
         self._open = False
 
     @property
@@ -294,8 +298,10 @@ class WebhookSender:
             WEBHOOK_SIGNATURE_HEADER: sign(self.secret, int(time.time()), body),
             WEBHOOK_ID_HEADER: delivery_id,
         }
+        session = self._session
+        assert session is not None, "start() opens the session before any delivery"
         try:
-            async with self._session.post(
+            async with session.post(
                 self.url, data=body, headers=headers, allow_redirects=False
             ) as response:
                 status, retry_after = response.status, response.headers.get("Retry-After")

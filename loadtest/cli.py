@@ -16,6 +16,8 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from e2v.client.arguments import add_protocol_argument, add_url_argument
+
 from e2v.contract import MODEL_NAME, SAMPLE_RATE
 from e2v.serve import ServeError
 
@@ -29,11 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.splitlines()[0],
     )
     target = parser.add_argument_group("target")
-    target.add_argument(
-        "--url",
-        help="Triton HOST:PORT to load; omitted: export --model and start a local tritonserver",
-    )
-    target.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    add_url_argument(target, omitted="export --model and start a local tritonserver")
+    add_protocol_argument(target)
     target.add_argument(
         "--stats-url",
         help="Triton HTTP HOST:PORT for statistics (default: "

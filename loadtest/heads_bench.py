@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from e2v.client.arguments import add_url_argument
 
 BENCH_NAME = "bench"
 
@@ -42,10 +43,13 @@ def register_bench(bench_subparsers) -> None:
     parser.add_argument("--requests", type=int, default=200, help="timed requests per model")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--workdir", type=Path, help="clips, cache, repository (kept for reruns)")
-    parser.add_argument("--url", help="gRPC HOST:PORT of a running e2v serve --hot-add")
+    add_url_argument(
+        parser,
+        omitted="export --model and serve it here; given: a running `e2v serve --hot-add`, gRPC",
+    )
     parser.add_argument("--http-url", help="its HTTP HOST:PORT (readiness)")
     parser.add_argument("--repo", type=Path, help="its repository (the head is written there)")
-    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--json-file", metavar="FILE", help="also write the figures as JSON")
     parser.set_defaults(func=run_bench_heads)
 
 
@@ -65,8 +69,8 @@ def run_bench_heads(args: argparse.Namespace) -> int:
     else:
         figures = _with_own_server(args, workdir)
     print(report(figures))
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+    if args.json_file:
+        Path(args.json_file).write_text(json.dumps(figures, indent=2))
     return 0
 
 
@@ -233,7 +237,7 @@ def _latency(url: str, base: str, ensemble: str, rows, requests: int) -> dict:
     import tritonclient.grpc as grpcclient
     from e2v.client.audio import load_audio
 
-    from e2v.contract import bucket_samples
+    from e2v.contract import INPUT_WAV, INPUT_WAV_LENS, bucket_samples
 
     clips = [load_audio(row.item.path) for row in rows[: min(len(rows), 50)]]
     timings: dict[str, list[float]] = {base: [], ensemble: []}
@@ -243,8 +247,8 @@ def _latency(url: str, base: str, ensemble: str, rows, requests: int) -> dict:
             wav = np.zeros((1, bucket_samples(len(clip))), np.float32)
             wav[0, : len(clip)] = clip
             inputs = [
-                grpcclient.InferInput("WAV", list(wav.shape), "FP32"),
-                grpcclient.InferInput("WAV_LENS", [1, 1], "INT64"),
+                grpcclient.InferInput(INPUT_WAV, list(wav.shape), "FP32"),
+                grpcclient.InferInput(INPUT_WAV_LENS, [1, 1], "INT64"),
             ]
             inputs[0].set_data_from_numpy(wav)
             inputs[1].set_data_from_numpy(np.array([[len(clip)]], np.int64))

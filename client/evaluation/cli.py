@@ -21,9 +21,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from e2v.client.arguments import add_request_arguments, add_triton_arguments
 from e2v.client.parties import add_arguments as add_party_arguments
 
-from e2v.contract import EXIT_FILE_ERRORS, EXIT_UNAVAILABLE, EXIT_USAGE, GRPC_PORT, MODEL_NAME
+from e2v.contract import AGGREGATIONS, EXIT_FILE_ERRORS, EXIT_UNAVAILABLE, EXIT_USAGE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,9 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("data", metavar="DATA", help="manifest (.csv/.jsonl) or label folders")
-    parser.add_argument("--url", default=f"localhost:{GRPC_PORT}", help="Triton HOST:PORT")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    parser.add_argument("--model", default=MODEL_NAME, help="model name on the server")
+    add_triton_arguments(parser)
     parser.add_argument(
         "--segment",
         default="vad,fixed:3",
@@ -45,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--aggregate",
-        choices=("mean", "vote", "both"),
+        choices=(*AGGREGATIONS, "both"),
         default="both",
         help="file label from segments: duration-weighted mean, majority vote, or both",
     )
@@ -67,8 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
-    parser.add_argument("--retries", type=int, default=12, help="retries on transient errors")
+    add_request_arguments(parser)
     parser.set_defaults(func=run_evaluate)
 
 

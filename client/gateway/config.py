@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from e2v.client.live.limits import LiveLimits
 
-from e2v.contract import GATEWAY_MAX_UPLOAD_MB, GATEWAY_PORT, GRPC_PORT, MAX_DURATION_S, MODEL_NAME
+from e2v.contract import GATEWAY_MAX_UPLOAD_MB, GATEWAY_PORT, MAX_DURATION_S, MODEL_NAME, TRITON_URL
 
 if TYPE_CHECKING:  # server.py needs uvicorn (the gateway extra); config.py must not
     from e2v.client.gateway.server import ConnectionLimits
@@ -22,7 +22,7 @@ MAX_KEY_BYTES = 4096
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    triton: str = f"127.0.0.1:{GRPC_PORT}"
+    triton: str = TRITON_URL  # --url (alias --triton)
     protocol: str = "grpc"
     model: str = MODEL_NAME
     host: str = "127.0.0.1"

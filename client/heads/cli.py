@@ -20,9 +20,10 @@ import os
 import sys
 from pathlib import Path
 
+from e2v.client.arguments import add_request_arguments, add_triton_arguments
 from e2v.client.parties import add_arguments as add_party_arguments
 
-from e2v.contract import EXIT_FILE_ERRORS, EXIT_UNAVAILABLE, EXIT_USAGE, GRPC_PORT, MODEL_NAME
+from e2v.contract import EXIT_FILE_ERRORS, EXIT_UNAVAILABLE, EXIT_USAGE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,9 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--repo", type=Path, required=True, help="the model repository the server loads"
     )
-    parser.add_argument("--url", default=f"localhost:{GRPC_PORT}", help="Triton HOST:PORT")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    parser.add_argument("--model", default=MODEL_NAME, help="the served base model")
+    add_triton_arguments(parser, model_help="the served base model")
     parser.add_argument("--head", choices=("logistic", "mlp"), default="logistic")
     parser.add_argument(
         "--segment",
@@ -68,8 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write it")
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples (0: none)")
-    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
-    parser.add_argument("--retries", type=int, default=12, help="retries on transient errors")
+    add_request_arguments(parser)
     add_party_arguments(parser)
     parser.set_defaults(func=run_train_head)
 

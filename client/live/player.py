@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from e2v.client.arguments import add_json_argument
 
 from e2v.contract import (
     AUDIOHOOK_ENTITY_TYPE,
@@ -114,7 +115,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--speed", type=float, default=1.0, help="times real time (the gateway allows ~2)"
     )
-    parser.add_argument("--json", action="store_true", help="events as JSON Lines on stdout")
+    add_json_argument(parser, "one event per line")
     parser.add_argument(
         "--parties",
         metavar="NAME[,NAME]",
