@@ -351,7 +351,9 @@ class _SegmentProducer:
 
     def _chunks(self, mix: bool = True) -> Iterator[np.ndarray]:
         named = isinstance(self.source, (str, Path))
-        source = open_input(str(self.source)) if isinstance(self.source, (str, Path)) else self.source
+        source = self.source
+        if isinstance(source, (str, Path)):
+            source = open_input(str(source))
         name = display_name(str(self.source)) if named else None
         chunks = stream_audio(source, max_duration_s=self.max_duration_s, name=name, mix=mix)
         try:

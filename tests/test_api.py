@@ -85,11 +85,18 @@ def test_results_equal_e2v_classify_json(tiny_server, case):
         result = classify_file(path, url=url, **options)
         assert isinstance(result, e2v.FileResult) and result.ok
         same(result.to_json(), expected[str(path)], f"{case}:{path.name}")
+    # the options took effect (the CLI and the API share their handling)
     if case == "parties":
         assert [p.party for p in result.parties] == ["caller", "callee"]
         assert {a["party"] for a in result.alerts} == {"caller", "callee"}
     if "alert" in options:
         assert result.alerts
+    if "labels" in options:
+        assert list(result.scores) == FOUR.split(",")
+    if options.get("aggregate") == "vote":
+        assert result.votes
+    if options.get("segment") == "fixed:3":
+        assert [s.end_s - s.start_s for s in result.segments[:2]] == [3.0, 3.0]
 
 
 def test_many_files_in_listing_order_as_the_cli(tiny_server, tmp_path):
