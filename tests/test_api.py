@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -190,6 +191,27 @@ def test_blocking_calls_refuse_a_running_loop(tiny_server):
 
     with pytest.raises(RuntimeError, match="async with Classifier"):
         asyncio.run(inside())
+
+
+def test_the_readme_examples_run(tiny_server, capsys):
+    """README's "Python API" snippets, on the samples (the names they use replaced)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Python API\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    names = {
+        "localhost:8001": tiny_server.config.grpc_url,
+        '"call.wav"': repr(str(STEREO)),
+        '"calls/"': repr(f"{SAMPLES}/"),
+        '"s3://calls/2026/11/"': repr(str(MONO)),
+    }
+    for block in blocks:
+        for name, value in names.items():
+            block = block.replace(name, value)
+        exec(compile(block, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert '"file":' not in printed and "'file':" in printed  # to_json() is a dict
+    assert f"{SAMPLES}/complaint.mp3" in printed and str(MONO) in printed
 
 
 def test_the_package_exports_the_api_lazily():
