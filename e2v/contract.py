@@ -44,6 +44,10 @@ def is_answer_label(label: str) -> bool:
 # mean of the scores, or the majority of the segments' labels.
 AGGREGATIONS = ("mean", "vote")
 
+# Confidence intervals of `e2v evaluate` and `e2v train-head` (--bootstrap): resamples.
+BOOTSTRAP_RESAMPLES = 1000
+MAX_BOOTSTRAP_RESAMPLES = 100_000
+
 # Clips are padded up to the next bucket so the dynamic batcher can group them.
 LENGTH_BUCKETS_S = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0)
 

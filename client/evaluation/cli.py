@@ -24,7 +24,14 @@ from pathlib import Path
 from e2v.client.arguments import add_request_arguments, add_triton_arguments
 from e2v.client.parties import add_arguments as add_party_arguments
 
-from e2v.contract import AGGREGATIONS, EXIT_FILE_ERRORS, EXIT_UNAVAILABLE, EXIT_USAGE
+from e2v.contract import (
+    AGGREGATIONS,
+    BOOTSTRAP_RESAMPLES,
+    EXIT_FILE_ERRORS,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    MAX_BOOTSTRAP_RESAMPLES,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,7 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--report", type=Path, metavar="DIR", help="write the report here (else: summary only)"
     )
-    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples (0: none)")
+    parser.add_argument(
+        "--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES, help="resamples (0: none)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     add_request_arguments(parser)
     parser.set_defaults(func=run_evaluate)
@@ -79,8 +88,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     try:
         methods = parse_methods(args.segment, args.aggregate)
         mapping = parse_map(args.map)
-        if not 0 <= args.bootstrap <= 100_000:
-            raise ValueError("--bootstrap must be between 0 and 100000")
+        if not 0 <= args.bootstrap <= MAX_BOOTSTRAP_RESAMPLES:
+            raise ValueError(f"--bootstrap must be between 0 and {MAX_BOOTSTRAP_RESAMPLES}")
         if args.report is not None and args.report.exists() and not args.report.is_dir():
             raise ValueError(f"--report {args.report} exists and is not a directory")
         dataset = read_labelled(args.data)

@@ -23,7 +23,13 @@ from pathlib import Path
 from e2v.client.arguments import add_request_arguments, add_triton_arguments
 from e2v.client.parties import add_arguments as add_party_arguments
 
-from e2v.contract import EXIT_FILE_ERRORS, EXIT_UNAVAILABLE, EXIT_USAGE
+from e2v.contract import (
+    BOOTSTRAP_RESAMPLES,
+    EXIT_FILE_ERRORS,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    MAX_BOOTSTRAP_RESAMPLES,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,7 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "~/.cache/emotion2vec-triton/embeddings)",
     )
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write it")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples (0: none)")
+    parser.add_argument(
+        "--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES, help="resamples (0: none)"
+    )
     add_request_arguments(parser)
     add_party_arguments(parser)
     parser.set_defaults(func=run_train_head)
@@ -87,8 +95,8 @@ def run_train_head(args: argparse.Namespace) -> int:
         mapping = parse_map(args.map)
         if args.cv < 2:
             raise ValueError(f"--cv must be at least 2, not {args.cv}")
-        if not 0 <= args.bootstrap <= 100_000:
-            raise ValueError("--bootstrap must be between 0 and 100000")
+        if not 0 <= args.bootstrap <= MAX_BOOTSTRAP_RESAMPLES:
+            raise ValueError(f"--bootstrap must be between 0 and {MAX_BOOTSTRAP_RESAMPLES}")
         if args.concurrency < 1 or args.retries < 0:
             raise ValueError("--concurrency must be >= 1 and --retries >= 0")
         _check_writable(args.repo)
