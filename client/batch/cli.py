@@ -114,7 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_classify(args: argparse.Namespace) -> int:
-    from e2v.client.inputs import Shard, parse_shard
+    from e2v.client.batch.shards import Shard, parse_shard
     from e2v.client.options import classify_request
     from e2v.client.webhooks import webhook_options
 
