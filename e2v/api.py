@@ -96,7 +96,8 @@ class Classifier:
     async def classify_file(self, path: PathLike, **options: Unpack[Options]) -> FileResult:
         """One file's (or object's) result, as `e2v classify PATH --json` reports it."""
         name = os.fspath(path)
-        found = list(islice(iter_inputs([name]), 2))
+        # in a thread: a URI is looked up in its storage
+        found = await asyncio.to_thread(lambda: list(islice(iter_inputs([name]), 2)))
         if len(found) != 1 or (isinstance(found[0], str) and found[0] != name):
             raise ValueError(
                 f"{display_name(name)} names a directory, glob or prefix, not one file: "
