@@ -846,7 +846,7 @@ def test_gateway_renders_and_validates():
 def test_gateway_args_are_flags_of_e2v_gateway():
     args = _gateway_args()
     assert args.host == "0.0.0.0" and args.port == contract.GATEWAY_PORT
-    assert args.triton == f"emotion2vec:{contract.GRPC_PORT}"
+    assert args.url == f"emotion2vec:{contract.GRPC_PORT}"
     assert args.live_sessions >= 1 and args.live_drain_s > 0
 
 
