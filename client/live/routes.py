@@ -39,11 +39,12 @@ SSE_HEADERS = {"X-Accel-Buffering": "no"}  # nginx: do not buffer the stream
 
 def add_live_routes(app, gateway) -> None:
     """Register the live endpoints on `app` (the gateway's FastAPI app)."""
-    from fastapi import Request, WebSocket
+    from fastapi import Path, Request, WebSocket
     from fastapi.responses import StreamingResponse
 
     from client.gateway.app import check_key
     from client.gateway.errors import BAD_PARAMETER, GatewayError
+    from client.gateway.schemas import ErrorOut
 
     hub: LiveHub = gateway.live
 
@@ -65,14 +66,19 @@ def add_live_routes(app, gateway) -> None:
         response_class=StreamingResponse,
         responses={
             200: {"content": {"text/event-stream": {}}, "description": "events of the call"},
-            400: {"description": "call_id is not [A-Za-z0-9._:-]{1,128}"},
-            401: {"description": "API key missing or wrong"},
+            400: {"model": ErrorOut, "description": "call_id is not [A-Za-z0-9._:-]{1,128}"},
+            401: {"model": ErrorOut, "description": "API key missing or wrong"},
         },
     )
-    async def call_events(call_id: str, request: Request):
+    async def call_events(
+        request: Request,
+        # Published, and checked below (a 400 that names the rule): not validated twice.
+        call_id: str = Path(json_schema_extra={"pattern": f"^{native.CALL_ID.pattern}$"}),
+    ):
         """Server-Sent Events: every event of the live call `call_id` (`event:` is its
-        type, `id:` its seq, `data:` its JSON), until its summary; waits up to 30 s for a
-        call that has not started. A refusal or an overflow comes as an `error` event."""
+        type, `id:` its seq, `data:` its JSON), until its summary; waits up to
+        --live-subscribe-wait-s (30 s) for a call that has not started. A refusal or an
+        overflow comes as an `error` event."""
         check_key(request, gateway.config.api_key)
         if not native.CALL_ID.fullmatch(call_id):
             raise GatewayError(400, BAD_PARAMETER, CALL_ID_RULE)
