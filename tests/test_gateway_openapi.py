@@ -145,7 +145,7 @@ def test_the_segment_pattern_has_the_contract_s_bounds():
     assert not any(_matches(parameters.SEGMENT_PATTERN, value) for value in outside)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(st.from_regex(parameters.SEGMENT_PATTERN, fullmatch=True))
 def test_every_segment_the_pattern_allows_is_parsed(value):
     from client.segment import parse_segment_mode
@@ -153,7 +153,7 @@ def test_every_segment_the_pattern_allows_is_parsed(value):
     parse_segment_mode(value)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(st.from_regex(parameters.PARTIES_PATTERN, fullmatch=True))
 def test_every_parties_value_the_pattern_allows_is_parsed_once_names_differ(value):
     from client.parties import parse_parties
@@ -163,7 +163,7 @@ def test_every_parties_value_the_pattern_allows_is_parsed_once_names_differ(valu
         assert parse_parties(value) == tuple(names)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(st.from_regex(parameters.alert_pattern(LABELS), fullmatch=True))
 def test_every_alert_the_pattern_allows_is_parsed_in_either_mode(value):
     """Bare items in mix mode; with split channels, PARTY named among the parties."""
