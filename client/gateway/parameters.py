@@ -15,13 +15,14 @@ from __future__ import annotations
 import functools
 import re
 
+from client.live.alerts import MAX_RULES
 from client.parties import DEFAULT_PARTIES, MAX_PARTIES, MAX_PARTY_CHARS
 from client.results import short_label
 from e2v.contract import MAX_SEGMENT_S, MIN_SAMPLES, SAMPLE_RATE
 
 MAX_QUERY_CHARS = 1024  # alert, parties, filename
 MAX_SEGMENT_CHARS = 64
-MAX_ALERT_ITEMS = 64  # client/live/alerts.py MAX_RULES: the same for every mode here
+MAX_ALERT_ITEMS = MAX_RULES  # live alerts' bound, here for every mode
 
 # Plain decimals only (no sign, exponent or `_`): 0.025 <= SECONDS <= 30 (MIN_SAMPLES and
 # MAX_SEGMENT_S: tests/test_gateway_openapi.py checks both bounds) and 0 <= P <= 1.
@@ -59,7 +60,6 @@ PARTIES_DESCRIPTION = (
     f"names is refused (422, `channels`). Default with `channels=split`: "
     f"{','.join(DEFAULT_PARTIES)}"
 )
-
 
 SEGMENT_EXAMPLES = ["vad", "fixed:3", "none"]
 PARTIES_EXAMPLES = [",".join(DEFAULT_PARTIES), "caller"]
