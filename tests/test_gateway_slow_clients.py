@@ -42,6 +42,11 @@ SLOW_HEADERS, SLOW_BODIES = 1000, 200
 ATTACK_S = 12.0
 PER_CLIENT = 32  # the gateway's default --max-connections-per-client
 MAX_CONNECTIONS = 600  # below 5 x 32 + 600, so the total cap is reached too
+# A probe or upload under attack is answered at once, not after waiting out the keep-alive
+# (5 s) or header (10 s) deadline of a connection that holds its place: the bound sits well
+# below both. It is not a speed figure (the tests print the medians): on a loaded 2-core
+# machine a real upload's decode, VAD and inference alone have taken 1.2 s.
+ANSWERED_AT_ONCE_S = 3.0
 LIMIT_MB = 12
 KEY = "k3y-for-the-refusal-tests"
 
@@ -317,8 +322,8 @@ def test_slow_headers_and_bodies_do_not_deny_service(tiny_server):
         f"{max(sum(c.values()) for c in held)} sockets, {max(max(c.values()) for c in held)} "
         "from one address"
     )
-    assert {status for _, status in health} == {200} and worst_health < 1.0
-    assert {status for _, status in uploads} == {200} and worst_upload < 1.0
+    assert {status for _, status in health} == {200} and worst_health < ANSWERED_AT_ONCE_S
+    assert {status for _, status in uploads} == {200} and worst_upload < ANSWERED_AT_ONCE_S
     assert all(sum(c.values()) <= MAX_CONNECTIONS + 4 for c in held)
     assert all(n <= PER_CLIENT for c in held for ip, n in c.items() if ip != "127.0.0.1")
     assert replaced > 200  # the caps and deadlines closed attacking sockets all along
@@ -394,8 +399,8 @@ def test_probes_answer_under_an_attack_from_the_prober_s_own_address(tiny_server
         f"{PROBER}"
     )
     print({k: v for k, v in metrics.items() if "connections" in k})
-    assert {status for _, status in probes} == {200} and worst_probe < 1.0
-    assert {status for _, status in uploads} == {200} and worst_upload < 1.0
+    assert {status for _, status in probes} == {200} and worst_probe < ANSWERED_AT_ONCE_S
+    assert {status for _, status in uploads} == {200} and worst_upload < ANSWERED_AT_ONCE_S
     assert ours >= full - 1  # the attack held the prober's address at the cap
     closed = 'e2v_gateway_connections_closed_total{reason="%s"}'
     assert metrics[closed % "refused"] > 0  # over the cap: every counted one was at work
