@@ -27,6 +27,7 @@ import numpy as np
 import psutil
 import pytest
 import requests
+from e2v.client.gateway.server import PROBE_ROOM
 from e2v.loadtest.gateway_process import GatewayProcess
 
 from e2v.contract import GATEWAY_PROBE_PATHS, MODEL_NAME
@@ -324,7 +325,9 @@ def test_slow_headers_and_bodies_do_not_deny_service(tiny_server):
     )
     assert {status for _, status in health} == {200} and worst_health < ANSWERED_AT_ONCE_S
     assert {status for _, status in uploads} == {200} and worst_upload < ANSWERED_AT_ONCE_S
-    assert all(sum(c.values()) <= MAX_CONNECTIONS + 4 for c in held)
+    # Over the cap only the connections held apart until their request line is in (a probe
+    # is served from among them), plus a few accepted in the same loop turn.
+    assert all(sum(c.values()) <= MAX_CONNECTIONS + PROBE_ROOM + 4 for c in held)
     assert all(n <= PER_CLIENT for c in held for ip, n in c.items() if ip != "127.0.0.1")
     assert replaced > 200  # the caps and deadlines closed attacking sockets all along
     print({k: v for k, v in metrics.items() if "connections" in k or "uploads" in k})
