@@ -57,9 +57,9 @@ class Target:
 def parse_target(text: str, protocol: str) -> Target:
     text = text.strip()
     if not text:
-        raise TargetError("--url is empty: give HOST:PORT, dns:///NAME:PORT or a list")
+        raise TargetError("the Triton target is empty: give HOST:PORT, dns:///NAME:PORT or a list")
     if len(text) > MAX_TARGET_CHARS:
-        raise TargetError(f"--url is longer than {MAX_TARGET_CHARS} characters")
+        raise TargetError(f"the Triton target is longer than {MAX_TARGET_CHARS} characters")
     if protocol == "http":
         return _http_target(text)
     return _grpc_target(text)
@@ -75,7 +75,7 @@ def _grpc_target(text: str) -> Target:
         return Target(text, "grpc", text, ())
     if "://" in text:
         raise TargetError(
-            f"--url {text}: gRPC targets are HOST:PORT, dns:///NAME:PORT or "
+            f"Triton target {text}: gRPC targets are HOST:PORT, dns:///NAME:PORT or "
             "ipv4:IP:PORT,IP:PORT (for an http:// URL, give --protocol http)"
         )
     if "," not in text:
@@ -84,7 +84,7 @@ def _grpc_target(text: str) -> Target:
     urls = tuple(_ip_port(part, text) for part in _split_list(text, text))
     families = {ipaddress.ip_address(split_host_port(u)[0].strip("[]")).version for u in urls}
     if len(families) > 1:
-        raise TargetError(f"--url {text}: one list holds IPv4 or IPv6 addresses, not both")
+        raise TargetError(f"Triton target {text}: one list holds IPv4 or IPv6 addresses, not both")
     scheme = "ipv4" if families == {4} else "ipv6"
     return Target(text, "grpc", f"{scheme}:{','.join(urls)}", urls)
 
@@ -92,26 +92,26 @@ def _grpc_target(text: str) -> Target:
 def _http_target(text: str) -> Target:
     if text.lower().startswith(("dns:", "ipv4:", "ipv6:", "unix:")):
         raise TargetError(
-            f"--url {text}: that is a gRPC target; HTTP takes HOST:PORT[,HOST:PORT...]"
+            f"Triton target {text}: that is a gRPC target; HTTP takes HOST:PORT[,HOST:PORT...]"
         )
     urls = []
     for part in _split_list(text, text):
         if part.lower().startswith("https://"):
-            raise TargetError(f"--url {text}: HTTPS is not supported; give HOST:PORT")
+            raise TargetError(f"Triton target {text}: HTTPS is not supported; give HOST:PORT")
         part = part.removeprefix("http://").removeprefix("HTTP://").rstrip("/")
         split_host_port(part, text)
         urls.append(part)
     if len(set(urls)) < len(urls):
-        raise TargetError(f"--url {text}: a replica is listed twice")
+        raise TargetError(f"Triton target {text}: a replica is listed twice")
     return Target(text, "http", "", tuple(urls))
 
 
 def _split_list(text: str, whole: str) -> list[str]:
     parts = [part.strip() for part in text.split(",")]
     if not all(parts):
-        raise TargetError(f"--url {whole}: an empty entry in the list")
+        raise TargetError(f"Triton target {whole}: an empty entry in the list")
     if len(parts) > MAX_REPLICAS:
-        raise TargetError(f"--url {whole}: more than {MAX_REPLICAS} replicas")
+        raise TargetError(f"Triton target {whole}: more than {MAX_REPLICAS} replicas")
     return parts
 
 
@@ -123,7 +123,7 @@ def _ip_port(part: str, whole: str) -> str:
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         raise TargetError(
-            f"--url {whole}: {host} is not an IP address; a list of replicas names IPs "
+            f"Triton target {whole}: {host} is not an IP address; a list of replicas names IPs "
             "(for a name with one record per replica, give dns:///NAME:PORT)"
         ) from None
     return address_text(str(address), port)
@@ -132,7 +132,7 @@ def _ip_port(part: str, whole: str) -> str:
 def split_host_port(text: str, whole: str | None = None) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise TargetError(f"--url {whole or text}: {text!r} is not HOST:PORT")
+        raise TargetError(f"Triton target {whole or text}: {text!r} is not HOST:PORT")
     return host, int(port)
 
 
