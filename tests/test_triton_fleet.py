@@ -282,7 +282,7 @@ def test_readiness_names_the_replicas_down_and_a_late_replica_gets_requests(
             status, body = ready_status(gateway)
             assert status == 503, body
             for config in configs:
-                assert f"{config.grpc_url} (connection refused)" in body["detail"], body
+                assert f"{config.grpc_url} (connection refused)" in body["error"], body
             servers.append(TritonServer(configs[0]).start(timeout_s=240))
             _wait(lambda: ready_status(gateway)[0] == 200, 60, "ready with one replica")
             status, body = ready_status(gateway)
