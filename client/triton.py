@@ -273,6 +273,18 @@ class TritonEmotionClient:
         if not await self._client.is_model_ready(self.model):
             raise _NotReady(f"model '{self.model}' is not ready on {self.url}")
 
+    async def model_config(self) -> dict:
+        """The model's configuration as JSON (from any ready replica, with retries)."""
+        return await self._with_retries(self._model_config)
+
+    async def model_metadata(self) -> dict:
+        """The model's metadata as JSON: name, versions, inputs, outputs."""
+        return await self._with_retries(self._model_metadata)
+
+    async def _model_metadata(self) -> dict:
+        kwargs = {"as_json": True} if self.protocol == "grpc" else {}
+        return await self._client.get_model_metadata(self.model, **kwargs)
+
     async def _model_config(self) -> dict:
         if self.protocol == "grpc":
             return (await self._client.get_model_config(self.model, as_json=True))["config"]
