@@ -230,7 +230,7 @@ class TritonEmotionClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         try:
-            replicas = await asyncio.wait_for(self.target.replicas(), timeout_s / 2)
+            replicas = await asyncio.wait_for(self._replicas(), timeout_s / 2)
         except (OSError, asyncio.TimeoutError) as exc:
             return {self.target.text: f"not resolved: {_message(exc)}"}
         left = max(0.1, deadline - loop.time())
@@ -243,6 +243,15 @@ class TritonEmotionClient:
             for gone in set(self._probes) - set(replicas):
                 await self._probes.pop(gone).close()
         return dict(zip(replicas, await asyncio.gather(*checks)))
+
+    async def _replicas(self) -> list[str]:
+        """The addresses a DNS target's channel balances over now (channelz), which also
+        honours a DNS server named in the target; resolved here before the first request."""
+        if self.protocol == "grpc" and self.target.channel.startswith("dns:"):
+            seen = self._channel_requests.states()
+            if seen:
+                return sorted(seen)
+        return await self.target.replicas()
 
     async def _readiness(self, client, timeout_s: float) -> str | None:
         try:

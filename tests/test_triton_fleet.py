@@ -20,11 +20,11 @@ import audio_fixtures as fx
 import pytest
 from e2v.client.targets import TargetError, parse_target
 from e2v.loadtest.gateway_process import GatewayProcess
-from servers import server_config, start_server
+from servers import free_ports, server_config, start_server
 from test_gateway import multipart, post
 
 from e2v.contract import EVENT_UTTERANCE_END, MODEL_NAME
-from e2v.serve import TritonServer
+from e2v.serve import ServerConfig, TritonServer
 
 E2V = [sys.executable, "-m", "e2v"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -286,10 +286,11 @@ def test_readiness_names_the_replicas_down_and_a_late_replica_gets_requests(
             servers.append(TritonServer(configs[0]).start(timeout_s=240))
             _wait(lambda: ready_status(gateway)[0] == 200, 60, "ready with one replica")
             status, body = ready_status(gateway)
-            servers.append(TritonServer(configs[1]).start(timeout_s=240))
-            ready_at = time.monotonic()
-            late = servers[1]
-            _wait(lambda: _upload_one(gateway, files[0]) and inferences(late) > 0, 30, "B used")
+            late = TritonServer(configs[1]).start(timeout_s=240)
+            servers.append(late)
+            ready_at, warmed = time.monotonic(), inferences(late)  # warmup runs count
+            used = lambda: _upload_one(gateway, files[0]) and inferences(late) > warmed  # noqa: E731
+            _wait(used, 30, "B used")
             print(
                 f"the late replica got its first request {time.monotonic() - ready_at:.1f} s "
                 "after it was ready"
@@ -302,6 +303,111 @@ def test_readiness_names_the_replicas_down_and_a_late_replica_gets_requests(
         for server in servers:
             server.stop()
     assert all(s >= SHARE for s in share)
+
+
+class ReplicaNames:
+    """A real DNS server (dnslib, UDP on loopback) answering `replicas.test` with the A
+    records in `addresses`, which the test changes as it scales the fleet."""
+
+    NAME = "replicas.test"
+
+    def __init__(self, addresses: list[str]):
+        from dnslib import QTYPE, RR, A
+        from dnslib.server import BaseResolver, DNSLogger, DNSServer
+
+        names = self
+
+        class Resolver(BaseResolver):
+            def resolve(self, request, handler):
+                reply = request.reply()
+                if request.q.qtype == QTYPE.A:
+                    for ip in names.addresses:
+                        reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(ip), ttl=1))
+                return reply
+
+        self.addresses = addresses
+        quiet = DNSLogger(logf=lambda *_: None)
+        self.server = DNSServer(Resolver(), port=0, address="127.0.0.1", logger=quiet)
+        self.server.start_thread()
+        self.port = self.server.server.server_address[1]
+
+    def target(self, port: int) -> str:
+        """A gRPC target that asks this server, not the system's resolver."""
+        return f"dns://127.0.0.1:{self.port}/{self.NAME}:{port}"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def _same_free_port(*hosts: str) -> int:
+    """A port free on every loopback address in `hosts` (replicas behind one DNS name)."""
+    import socket
+
+    for _ in range(50):
+        port = free_ports(1, hosts[0])[0]
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as sock:
+                    sock.bind((host, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no port free on every address")
+
+
+def test_a_new_replica_in_dns_gets_requests_after_a_re_resolution(tiny_cpu_repo, tmp_path):
+    """`dns://SERVER/replicas.test:PORT` answers one replica, then two: the gateway's channel
+    asks DNS again when Triton closes its connection (--grpc-max-connection-age, 2 s here
+    instead of 60 s) and spreads the uploads over both."""
+    port = _same_free_port("127.0.0.2", "127.0.0.3")
+    age = ["--grpc-max-connection-age=2000", "--grpc-max-connection-age-grace=1000"]
+    configs = []
+    for host in ("127.0.0.2", "127.0.0.3"):
+        http, metrics = free_ports(2, host)
+        configs.append(
+            ServerConfig(
+                repo=tiny_cpu_repo,
+                host=host,
+                http_port=http,
+                grpc_port=port,
+                metrics_port=metrics,
+                instances=1,
+                threads=1,
+                extra_flags=age,
+            )
+        )
+    files = recordings(tmp_path / "in", 20)
+    names = ReplicaNames(["127.0.0.2"])
+    servers = [TritonServer(configs[0]).start(timeout_s=240)]
+    try:
+        with GatewayProcess(names.target(port)).start() as gateway:
+            first = inferences(servers[0])
+            for path in files[:4]:
+                assert _upload_one(gateway, path)
+            assert inferences(servers[0]) - first == 4
+            late = TritonServer(configs[1]).start(timeout_s=240)
+            servers.append(late)
+            warmed = inferences(late)  # its warmup runs count
+            names.addresses = ["127.0.0.2", "127.0.0.3"]
+            listed_at = time.monotonic()
+            used = lambda: _upload_one(gateway, files[0]) and inferences(late) > warmed  # noqa: E731
+            _wait(used, 40, "B used")
+            took = time.monotonic() - listed_at
+            before = [inferences(s) for s in servers]
+            for path in files:
+                assert _upload_one(gateway, path)
+            share = shares(servers, before)
+            ready_status(gateway)  # refreshes the per-replica readiness
+            ready = metric_lines(gateway.url, "e2v_gateway_triton_replica_ready")
+    finally:
+        names.stop()
+        for server in servers:
+            server.stop()
+    print(f"the new replica got requests {took:.1f} s after DNS listed it")
+    assert all(s >= SHARE for s in share)
+    assert sorted(ready) == [
+        f'e2v_gateway_triton_replica_ready{{replica="{c.grpc_url}"}}' for c in configs
+    ]
 
 
 def _upload_one(gateway: GatewayProcess, path: Path) -> bool:
