@@ -239,7 +239,7 @@ class TritonEmotionClient:
         elif replicas == [self.target.text]:
             checks = [self._readiness(self._client, left)]
         else:
-            checks = [self._readiness(await self._probe(a), left) for a in replicas]
+            checks = [self._readiness(self._probe(a), left) for a in replicas]
             for gone in set(self._probes) - set(replicas):
                 await self._probes.pop(gone).close()
         return dict(zip(replicas, await asyncio.gather(*checks)))
@@ -262,7 +262,7 @@ class TritonEmotionClient:
             return down_reason(exc)
         return None if ready else f"model '{self.model}' not ready"
 
-    async def _probe(self, address: str):
+    def _probe(self, address: str):
         """A gRPC client of one replica alone (its own connection: not counted, not
         balanced), kept while the replica is in the target."""
         if address not in self._probes:
