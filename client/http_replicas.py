@@ -124,6 +124,11 @@ DOWN_REASONS = (
 
 def down_reason(exc: BaseException) -> str:
     """A replica's failure in a few words (the full error is long and says it twice)."""
+    for cause in (exc, getattr(exc, "os_error", None), exc.__cause__):  # aiohttp wraps it
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, ConnectionResetError):
+            return "connection reset"
     text = str(exc).strip()
     lower = text.lower()
     for marker, words in DOWN_REASONS:

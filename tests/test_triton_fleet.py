@@ -151,6 +151,26 @@ def test_targets_that_cannot_work_are_refused_in_one_line(text, protocol, needle
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_job_with_every_replica_down_exits_3_naming_each(tmp_path, protocol):
+    """Nothing listens on either address: one line, exit 3, each replica and why."""
+    dead = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    recordings(tmp_path / "in", 1)
+    result = classify(
+        str(tmp_path / "in"),
+        "--url",
+        ",".join(dead),
+        "--protocol",
+        protocol,
+        "--retries",
+        "1",
+        timeout=60,
+    )
+    assert result.returncode == 3, result.stderr
+    assert all(f"{address} (connection refused)" in result.stderr for address in dead)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 # ------------------------------------------------------------------------ balancing
 
 
