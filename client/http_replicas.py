@@ -3,8 +3,9 @@
 gRPC balances inside its channel (client/targets.py); tritonclient's HTTP client talks to
 one URL, so this keeps one client per replica. A replica whose connection fails (refused,
 reset, closed mid-answer) takes no request until a probe finds its model ready again; the
-failed request is transient, and its retry goes to the next replica. With every replica
-down, a request fails at once with their reasons, and the caller's backoff waits.
+failed request is transient, and its retry goes to the next replica. The last replica in
+turn is never taken out (one URL behaves as before: a dropped keep-alive connection costs
+a retry, not a second out of turn); the caller's backoff waits on it.
 """
 
 from __future__ import annotations
@@ -17,10 +18,6 @@ from collections import Counter
 # A down replica's model is asked this often whether it is ready again.
 PROBE_S = 1.0
 PROBE_TIMEOUT_S = 2.0
-
-
-class ReplicasDown(ConnectionError):
-    """Every replica failed and none is ready again yet (transient: retried with backoff)."""
 
 
 def connection_failure(exc: BaseException) -> bool:
@@ -82,14 +79,13 @@ class HttpReplicas:
         return None if ready else "model not ready"
 
     def _pick(self) -> str:
-        for _ in range(len(self.urls)):
-            url = next(self._turn)
-            if url not in self.down:
-                return url
-        downs = ", ".join(f"{url} ({why})" for url, why in self.down.items())
-        raise ReplicasDown(f"every replica is down: {downs}")
+        while (url := next(self._turn)) in self.down:  # never all down: see _take_out
+            continue
+        return url
 
     def _take_out(self, url: str, exc: BaseException) -> None:
+        if len(self.down) + 1 >= len(self.urls):  # the last one stays: retries wait on it
+            return
         self.down[url] = down_reason(exc)
         if url not in self._probes:
             self._probes[url] = asyncio.get_running_loop().create_task(self._probe(url))
