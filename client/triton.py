@@ -31,6 +31,8 @@ from e2v.contract import (
     OUTPUT_EMBEDDING,
     OUTPUT_SCORES,
     SAMPLE_RATE,
+    TRITON_RETRIES,
+    TRITON_URL,
 )
 
 # How each failure is handled, by its gRPC status or HTTP code (tritonclient reports both).
@@ -153,10 +155,10 @@ class TritonEmotionClient:
 
     def __init__(
         self,
-        url: str = "localhost:8001",
+        url: str = TRITON_URL,
         protocol: str = "grpc",
         model: str = MODEL_NAME,
-        retries: int = 12,
+        retries: int = TRITON_RETRIES,
         backoff_s: float = 0.5,
         timeout_s: float = 120.0,
     ):
@@ -333,16 +335,15 @@ class TritonEmotionClient:
     async def predict(self, segment: np.ndarray, size: int | None = None) -> Prediction:
         """Scores and embedding for one segment, padded here to its length bucket (or to
         the bucket `size`, so that windows of different lengths share one shape)."""
-        if self.info is None:
-            await self.connect()
-        size = self.info.bucket(max(len(segment), size or 0))
+        info = self.info if self.info is not None else await self.connect()
+        size = info.bucket(max(len(segment), size or 0))
         wav = np.zeros((1, size), dtype=np.float32)
         wav[0, : len(segment)] = segment
-        names = [OUTPUT_SCORES, OUTPUT_EMBEDDING] if self.info.labels else [OUTPUT_EMBEDDING]
+        names = [OUTPUT_SCORES, OUTPUT_EMBEDDING] if info.labels else [OUTPUT_EMBEDDING]
         result = await self._with_retries(
             lambda: self._infer(wav, np.array([[len(segment)]], dtype=np.int64), names)
         )
-        scores = result.as_numpy(OUTPUT_SCORES)[0] if self.info.labels else None
+        scores = result.as_numpy(OUTPUT_SCORES)[0] if info.labels else None
         embedding = result.as_numpy(OUTPUT_EMBEDDING)[0]
         for name, values in ((OUTPUT_SCORES, scores), (OUTPUT_EMBEDDING, embedding)):
             if values is not None and not np.isfinite(values).all():
@@ -401,7 +402,8 @@ def failure_kind(exc: BaseException) -> str:
     """ "transient", "rejected" (the input's fault) or "server" for a failed call."""
     if isinstance(exc, (_NotReady, ConnectionError, TimeoutError, OSError)):
         return "transient"
-    status = exc.status() if callable(getattr(exc, "status", None)) else None
+    status_of = getattr(exc, "status", None)
+    status = status_of() if callable(status_of) else None
     if status in TRANSIENT_STATUSES:
         return "transient"
     if status in REJECTED_STATUSES:

@@ -21,6 +21,33 @@ MAX_SEGMENT_S = 30.0  # attention is quadratic: longer audio is segmented by the
 # Longest recording a client accepts (e2v classify --max-duration-s, the gateway's limit).
 MAX_DURATION_S = 7200.0
 
+# Labels of the emotion2vec label set that are never an answer. FunASR's reference sets the
+# logits of `unuse*` placeholders to -inf before the softmax: they have no score at all
+# (export/network.py masks them the same way, and clients leave them out). `<unk>` keeps
+# its score (it is a class of the softmax) but is never an answer: not a file's or a
+# segment's emotion, a --labels choice, an evaluation target or a custom head's label.
+PLACEHOLDER_LABEL_PREFIX = "unuse"
+UNKNOWN_LABEL = "<unk>"
+
+
+def is_scored_label(label: str) -> bool:
+    """Whether a label has a score: every label but the `unuse*` placeholders."""
+    return not label.startswith(PLACEHOLDER_LABEL_PREFIX)
+
+
+def is_answer_label(label: str) -> bool:
+    """Whether a label may be an answer: a scored label other than `<unk>`."""
+    return is_scored_label(label) and label != UNKNOWN_LABEL
+
+
+# How a file's label comes from its segments' scores (`--aggregate`): the duration-weighted
+# mean of the scores, or the majority of the segments' labels.
+AGGREGATIONS = ("mean", "vote")
+
+# Confidence intervals of `e2v evaluate` and `e2v train-head` (--bootstrap): resamples.
+BOOTSTRAP_RESAMPLES = 1000
+MAX_BOOTSTRAP_RESAMPLES = 100_000
+
 # Clips are padded up to the next bucket so the dynamic batcher can group them.
 LENGTH_BUCKETS_S = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0)
 
@@ -46,6 +73,11 @@ EXIT_ALERT = 8  # an --alert fired
 HTTP_PORT = 8000
 GRPC_PORT = 8001
 METRICS_PORT = 8002
+# Clients of Triton (`e2v classify`, evaluate, train-head, gateway, the Python API).
+TRITON_URL = f"localhost:{GRPC_PORT}"  # --url: where a client finds Triton by default
+TRITON_PROTOCOLS = ("grpc", "http")  # --protocol
+TRITON_RETRIES = 12  # --retries: backoff doubles up to 5 s, ~40 s for a restarting server
+TRITON_REQUESTS_IN_FLIGHT = 16  # --concurrency: what the dynamic batcher needs to form batches
 HEALTH_READY_PATH = "/v2/health/ready"
 # Readiness of the served model itself: unlike the server's, it fails on an empty repository.
 MODEL_READY_PATH = f"/v2/models/{MODEL_NAME}/ready"
@@ -167,6 +199,13 @@ AUDIOHOOK_PARTIES = {"external": "customer", "internal": "agent"}
 TWILIO_PARTIES = {"inbound": "caller", "outbound": "callee"}
 CALL_EVENTS_PATH = "/v1/calls/{call_id}/events"  # GET: Server-Sent Events of one call
 CALL_EVENTS_WS_PATH = "/v1/calls/{call_id}/events/ws"  # the same events over a WebSocket
+# A call id: `call_id` of `start`, Twilio's callSid, a subscription's {call_id}.
+CALL_ID_PATTERN = r"[A-Za-z0-9._:-]{1,128}"
+# The control messages of /v1/live (their JSON `type`): the client's start and stop, and
+# the gateway's answer to start.
+LIVE_START = "start"
+LIVE_STOP = "stop"
+LIVE_STARTED = "started"
 LIVE_ENCODINGS = ("pcm_s16le", "mulaw", "alaw")
 LIVE_SAMPLE_RATES = (8_000, 16_000)
 LIVE_MAX_CHANNELS = 2  # parties per stream (customer and agent)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from e2v.client.arguments import add_protocol_argument, add_url_argument
+
 DEFAULT_MODEL = "synthetic:base"
 
 
@@ -22,11 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.splitlines()[0],
     )
     target = parser.add_argument_group("target")
-    target.add_argument(
-        "--url",
-        help="Triton HOST:PORT to load; omitted: export --model and start a local tritonserver",
-    )
-    target.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    add_url_argument(target, omitted="export --model and start a local tritonserver")
+    add_protocol_argument(target)
     target.add_argument(
         "--stats-url",
         help="Triton HTTP HOST:PORT for statistics (default: "

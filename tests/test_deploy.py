@@ -872,8 +872,8 @@ def test_gateway_renders_and_validates():
 def test_gateway_args_are_flags_of_e2v_gateway():
     args = _gateway_args()
     assert args.host == "0.0.0.0" and args.port == contract.GATEWAY_PORT
-    assert args.triton == f"dns:///{HEADLESS}:{contract.GRPC_PORT}"
-    assert parse_target(args.triton, args.protocol).fleet
+    assert args.url == f"dns:///{HEADLESS}:{contract.GRPC_PORT}"
+    assert parse_target(args.url, args.protocol).fleet
     assert args.live_sessions >= 1 and args.live_drain_s > 0
 
 

@@ -796,6 +796,12 @@ def test_page_uploads_a_sample_and_draws_the_timeline(gateway, tmp_path):
         bars = browser.find_element(By.CSS_SELECTOR, ".scores").text
         assert "angry" in bars and "<unk>" not in bars, bars
         assert all("<unk>" not in s.get_attribute("title") for s in segments)
+        # The page's copy of the rule (app.js `predictable`) is contract's.
+        from e2v.contract import is_answer_label
+
+        labels = ["angry", "生气/angry", "<unk>", "unuse_0", "unused", "unk", "<UNK>", "x<unk>"]
+        page = browser.execute_script("return arguments[0].map(predictable)", labels)
+        assert page == [is_answer_label(label) for label in labels]
         errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert errors == []
         out = ROOT / "build"

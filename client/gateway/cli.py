@@ -1,6 +1,6 @@
 """`e2v gateway`: the upload API and web page in front of Triton (FastAPI on uvicorn).
 
-    e2v gateway --triton 127.0.0.1:8001          # then open http://127.0.0.1:8080/
+    e2v gateway --url 127.0.0.1:8001             # then open http://127.0.0.1:8080/
     curl -F file=@call.wav http://127.0.0.1:8080/predict
 
 Listens on loopback unless --host says otherwise. Needs the `gateway` extra
@@ -14,14 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from e2v.contract import (
-    EXIT_USAGE,
-    GATEWAY_MAX_UPLOAD_MB,
-    GATEWAY_PORT,
-    GRPC_PORT,
-    MAX_DURATION_S,
-    MODEL_NAME,
-)
+from e2v.client.arguments import add_triton_arguments
+
+from e2v.contract import EXIT_USAGE, GATEWAY_MAX_UPLOAD_MB, GATEWAY_PORT, MAX_DURATION_S
 
 GRACEFUL_SHUTDOWN_S = 30
 
@@ -33,11 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--triton", default=f"127.0.0.1:{GRPC_PORT}", metavar="HOST:PORT", help="Triton address"
-    )
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    parser.add_argument("--model", default=MODEL_NAME, help="model name on the server")
+    add_triton_arguments(parser)
     parser.add_argument(
         "--host", default="127.0.0.1", help="listen address (0.0.0.0 exposes it; default loopback)"
     )
@@ -145,7 +136,7 @@ def run_gateway(args: argparse.Namespace) -> int:
     try:
         webhook, secret = webhook_options(args.webhook, args.webhook_secret_file) or (None, None)
         config = GatewayConfig(
-            triton=args.triton,
+            triton=args.url,
             protocol=args.protocol,
             model=args.model,
             host=args.host,

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from e2v.client.arguments import add_json_argument
 
 from e2v.contract import (
     AUDIOHOOK_ENTITY_TYPE,
@@ -49,6 +50,10 @@ from e2v.contract import (
     LIVE_MAX_CHANNELS,
     LIVE_PATH,
     LIVE_SAMPLE_RATES,
+    LIVE_START,
+    LIVE_STARTED,
+    LIVE_STOP,
+    SAMPLE_RATE,
     TWILIO_PATH,
 )
 
@@ -90,7 +95,7 @@ class PlayOptions:
     api_key: str | None = None
     call_id: str | None = None
     encoding: str = "pcm_s16le"  # our protocol only; AudioHook and Twilio are mu-law 8 kHz
-    sample_rate: int = 16_000
+    sample_rate: int = SAMPLE_RATE
 
     @property
     def format(self) -> tuple[str, int]:
@@ -118,7 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--speed", type=float, default=1.0, help="times real time (the gateway allows ~2)"
     )
-    parser.add_argument("--json", action="store_true", help="events as JSON Lines on stdout")
+    add_json_argument(parser, "one event per line")
     parser.add_argument(
         "--parties",
         metavar="NAME[,NAME]",
@@ -188,13 +193,13 @@ def _options(args: argparse.Namespace) -> PlayOptions:
             )
     api_key = None
     if args.api_key_file:
-        from e2v.client.gateway.config import read_api_key
+        from e2v.client.secrets import read_secret_file
 
         try:
-            api_key = read_api_key(args.api_key_file).decode("ascii")
+            api_key = read_secret_file(args.api_key_file, "--api-key-file").decode("ascii")
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    rate = args.sample_rate or (16_000 if args.encoding == "pcm_s16le" else 8000)
+    rate = args.sample_rate or (SAMPLE_RATE if args.encoding == "pcm_s16le" else 8000)
     return PlayOptions(
         source=args.source,
         url=args.url,
@@ -457,8 +462,8 @@ class NativeClient(Client):
         ws = await self.connect(self.url(LIVE_PATH), self.headers())
         async with ws:
             await self.send(ws, json.dumps(self.start_message()))
-            started = await self.answer(ws, "'started'")
-            if started.get("type") != "started":
+            started = await self.answer(ws, f"'{LIVE_STARTED}'")
+            if started.get("type") != LIVE_STARTED:
                 self.unexpected(started)
                 await self.drain(ws)
                 raise self.gateway_closed(ws)
@@ -469,7 +474,7 @@ class NativeClient(Client):
                     if reader.done() or not await self.send(ws, payload):
                         break
                 else:
-                    await self.send(ws, json.dumps({"type": "stop"}))
+                    await self.send(ws, json.dumps({"type": LIVE_STOP}))
                 self.stop()
                 await reader
             finally:
@@ -478,7 +483,7 @@ class NativeClient(Client):
 
     def start_message(self) -> dict:
         encoding, rate = self.options.format
-        start = {"type": "start", "call_id": self.call_id, "encoding": encoding}
+        start = {"type": LIVE_START, "call_id": self.call_id, "encoding": encoding}
         start |= {"sample_rate": rate, "channels": self.audio.channels}
         if self.options.parties:
             start["parties"] = list(self.options.parties)

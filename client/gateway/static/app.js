@@ -128,8 +128,9 @@ function card(result) {
   return node;
 }
 
-// Labels the model can never answer (`<unk>`, `unuse*`): left out of what the page shows,
-// as client/results.py's `predictable` rules; the JSON and CSV keep every column.
+// Labels the model can never answer (`<unk>`, `unuse*`): left out of what the page shows;
+// the JSON and CSV keep every column. A copy of e2v/contract.py's `is_answer_label` (the
+// page test checks that they agree).
 function predictable(label) {
   return !(label.startsWith("unuse") || label === "<unk>");
 }
