@@ -216,6 +216,17 @@ def test_the_gateway_spreads_uploads_over_the_replicas(replicas, tmp_path):
         assert ready[f"e2v_gateway_triton_replica_ready{label}"] == 1
 
 
+def test_the_python_api_spreads_over_a_list_of_replicas(replicas, tmp_path):
+    """`classify_files(..., url="A,B")`: the same balancing as the command line."""
+    from e2v import classify_files
+
+    files = recordings(tmp_path / "in", 20)
+    before = [inferences(s) for s in replicas]
+    results = classify_files([str(p) for p in files], url=grpc_list(*replicas))
+    assert len(results) == 20 and all(r.ok for r in results)
+    assert all(share >= SHARE for share in shares(replicas, before))
+
+
 # ------------------------------------------------------------------------- failover
 
 
