@@ -185,6 +185,8 @@ GATEWAY_PORT = 8080
 GATEWAY_LIVE_PATH = "/health"
 GATEWAY_READY_PATH = "/ready"  # 200 only while Triton's model is ready
 GATEWAY_METRICS_PATH = "/metrics"
+# Answered whatever the connection caps hold (client/gateway/server.py): GET only.
+GATEWAY_PROBE_PATHS = (GATEWAY_LIVE_PATH, GATEWAY_READY_PATH, GATEWAY_METRICS_PATH)
 GATEWAY_PREDICT_PATH = "/predict"
 GATEWAY_MAX_UPLOAD_MB = 200.0
 

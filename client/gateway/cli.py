@@ -257,6 +257,13 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"on SIGTERM, how long live sessions may go on before they are closed with "
         f"1001 (default {d.drain_s:g})",
     )
+    group.add_argument(
+        "--live-subscribe-wait-s",
+        type=float,
+        default=d.subscribe_wait_s,
+        help="how long an event subscription waits for a call that is not live yet "
+        f"(default {d.subscribe_wait_s:g}; then an error event, 4408)",
+    )
 
 
 def live_limits(args: argparse.Namespace):
@@ -269,4 +276,5 @@ def live_limits(args: argparse.Namespace):
         idle_s=args.live_idle_s,
         max_duration_s=args.live_max_duration_s,
         drain_s=args.live_drain_s,
+        subscribe_wait_s=args.live_subscribe_wait_s,
     )

@@ -226,10 +226,15 @@ class _GuardCounters:
 
     REASONS = {  # label: (the guard's count, what it means)
         "evicted": ("evicted", "to make room for a new connection"),
-        "refused": ("refused", "at accept: every connection carried a request"),
+        "refused": ("refused", "over a cap full of requests at work, not a probe (503)"),
         "header_timeout": ("header_timeouts", "headers too slow (408)"),
         "drained": ("drained", "after an early answer (the rest of the body drained first)"),
         "slow_reader": ("slow_readers", "its answer not read for 30 s"),
+        "pushed_out": (
+            "pushed_out",
+            "a request at work of the address holding the most, for a newcomer from one "
+            "holding at least two fewer (total cap)",
+        ),
     }
 
     def __init__(self, guard, uploads):

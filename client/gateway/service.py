@@ -18,6 +18,7 @@ import logging
 from datetime import datetime, timezone
 
 from e2v.client.classify import JobOptions, StageTimes, classify_source
+from e2v.client.gateway import parameters
 from e2v.client.gateway.config import GatewayConfig
 from e2v.client.gateway.errors import BAD_PARAMETER, UNAVAILABLE, GatewayError
 from e2v.client.gateway.limits import Admission
@@ -148,6 +149,9 @@ class Gateway:
         except ValueError as exc:
             message = str(exc).replace("--alert", "alert")
             raise GatewayError(400, BAD_PARAMETER, message) from None
+        problem = parameters.check_query(segment, alert, parties, info.labels)
+        if problem:  # taken by the parsers, but not in the form the OpenAPI document states
+            raise GatewayError(400, BAD_PARAMETER, problem)
         return JobOptions(
             url=self.config.triton,
             protocol=self.config.protocol,

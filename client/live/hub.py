@@ -51,10 +51,9 @@ RETRY_AFTER_S = 5.0
 # After the drain deadline, a session still open gets this long to score what it holds
 # (open utterances become finals, the summary is sent) before it is closed.
 DRAIN_FINISH_S = 5.0
-# Subscribers per call, and how long one may wait for a call that is not live yet (a
-# Twilio subscriber may connect before the stream starts).
+# Subscribers per call (how long one may wait for a call that is not live yet, as a Twilio
+# subscriber connecting before the stream starts does: LiveLimits.subscribe_wait_s).
 SUBSCRIBERS_PER_CALL = 16
-SUBSCRIBE_WAIT_S = 30.0
 # Events of a live call kept for subscribers that join late or reconnect (Last-Event-ID).
 REPLAY_EVENTS = 64
 # Subscriptions in all, per session slot (each holds a bounded queue).
@@ -305,7 +304,7 @@ class LiveHub:
     def subscription(self, call_id: str, after_seq: int = 0) -> Iterator[Outbox]:
         """A queue of every event of `call_id` from now on (with those after `after_seq`
         still kept), closed when the session ends. A call not live yet is waited for up
-        to SUBSCRIBE_WAIT_S. The queue is bounded like an outbox: a subscriber that falls
+        to `limits.subscribe_wait_s`. The queue is bounded like an outbox: a subscriber that falls
         behind is stopped (`guard` raises CLOSE_SLOW_READER), as are those past the limits."""
         if self.draining:
             raise LiveError(CLOSE_GOING_AWAY, "draining", GOING_AWAY_REASON)
@@ -325,12 +324,12 @@ class LiveHub:
         else:
             self._pending.setdefault(call_id, set()).add(queue)
             timer = asyncio.get_running_loop().call_later(
-                SUBSCRIBE_WAIT_S,
+                self.limits.subscribe_wait_s,
                 queue.stop,
                 LiveError(
                     CLOSE_TIMEOUT,
                     "no_such_call",
-                    f"no live call {call_id} within {SUBSCRIBE_WAIT_S:g} s",
+                    f"no live call {call_id} within {self.limits.subscribe_wait_s:g} s",
                 ),
             )
         self._subscriptions += 1

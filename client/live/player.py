@@ -59,6 +59,7 @@ from e2v.contract import (
 
 EXIT_FAILED = EXIT_INTERNAL  # the call failed: no summary came back
 PROTOCOLS = ("live", "audiohook", "twilio")
+ENDPOINTS = {"live": LIVE_PATH, "audiohook": AUDIOHOOK_PATH, "twilio": TWILIO_PATH}
 # Audio per paced frame: ours ~100 ms (Hume's realtime API's size), AudioHook's reference
 # client sends 200 ms; Twilio sends 20 ms media messages, paced here in groups of 100 ms.
 FRAME_S = {"live": 0.1, "audiohook": 0.2, "twilio": 0.1}
@@ -117,7 +118,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--url",
         default=PlayOptions.url,
-        help="the gateway, ws://HOST:PORT[/PREFIX] (the protocol's path is added)",
+        help="the gateway, ws://HOST:PORT[/PREFIX], or the protocol's own endpoint on it "
+        "(ws://HOST:PORT/v1/live for --protocol live)",
     )
     parser.add_argument("--protocol", choices=PROTOCOLS, default="live")
     parser.add_argument(
@@ -202,7 +204,7 @@ def _options(args: argparse.Namespace) -> PlayOptions:
     rate = args.sample_rate or (SAMPLE_RATE if args.encoding == "pcm_s16le" else 8000)
     return PlayOptions(
         source=args.source,
-        url=args.url,
+        url=gateway_url(args.url, args.protocol),
         protocol=args.protocol,
         speed=args.speed,
         parties=parties,
@@ -211,6 +213,28 @@ def _options(args: argparse.Namespace) -> PlayOptions:
         encoding=args.encoding,
         sample_rate=rate,
     )
+
+
+def gateway_url(url: str, protocol: str) -> str:
+    """--url as the gateway's base: the base itself, or the endpoint of `protocol` on it
+    (what users paste: ws://HOST:PORT/v1/live). Another protocol's endpoint is a
+    UsageError that names the right one."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    own = ENDPOINTS[protocol]
+    if path.endswith(own):
+        return urlunsplit(parts._replace(path=path[: -len(own)]))
+    for other, endpoint in ENDPOINTS.items():
+        if path.endswith(endpoint):
+            base = urlunsplit(parts._replace(path=path[: -len(endpoint)]))
+            raise UsageError(
+                f"--url {url} is the {endpoint} endpoint of --protocol {other}; --protocol "
+                f"{protocol} connects to {base}{own} (give that, or the gateway's base URL "
+                f"{base}), or pass --protocol {other}"
+            )
+    return url
 
 
 # ------------------------------------------------------------------------- the player
