@@ -88,6 +88,9 @@ HEALTH_LIVE_PATH = "/v2/health/live"
 # normal traffic never grows it (a region never shrinks). See docs/deploy.md, "Memory".
 PYTHON_SHM_DEFAULT_BYTES = 16 * 2**20
 
+GRPC_MAX_CONNECTION_AGE_MS = 60_000
+GRPC_MAX_CONNECTION_AGE_GRACE_MS = 30_000
+
 # Flags every deployment passes to tritonserver (local `e2v serve`, compose, Kubernetes).
 # Model control off: the served models are fixed at start-up; nothing can load/unload
 # (`e2v serve --hot-add` replaces it with HOT_ADD_FLAGS).
@@ -103,6 +106,12 @@ SERVER_FLAGS = (
     # No pooled gRPC request objects: a pooled one keeps its largest message (a refused
     # oversize request included) allocated for the life of the server.
     "--grpc-infer-allocation-pool-size=0",
+    # Each client connection is closed after a minute (GOAWAY; requests in flight get 30 s
+    # more): the clients' gRPC channels then ask DNS again, so a fleet's new replicas get
+    # traffic within about 75 s (client/targets.py, docs/deploy.md "A fleet of Triton
+    # replicas"). Reconnecting costs one TCP + HTTP/2 handshake a minute per client.
+    f"--grpc-max-connection-age={GRPC_MAX_CONNECTION_AGE_MS}",
+    f"--grpc-max-connection-age-grace={GRPC_MAX_CONNECTION_AGE_GRACE_MS}",
     f"--backend-config=python,shm-default-byte-size={PYTHON_SHM_DEFAULT_BYTES}",
 )
 

@@ -1,8 +1,9 @@
 """`e2v loadtest`: bounded load tests of Triton, the gateway and live calls, with a report folder.
 
 Scenarios: the default one (`loadtest.plan`: Locust against Triton or, with `--gateway`,
-the gateway; `--compare` adds the FunASR baseline and ONNX Runtime alone) and `--live`
-(`loadtest.live_run`: concurrent calls through `/v1/live`). A scenario is a module with a
+the gateway; `--compare` adds the FunASR baseline and ONNX Runtime alone), `--live`
+(`loadtest.live_run`: concurrent calls through `/v1/live`) and `--replicas-triton N`
+(`loadtest.fleet_run`: one client over N Triton replicas against one). A scenario is a module with a
 `run_*(args) -> int` that writes its report and prints its path (loadtest/README.md).
 """
 
@@ -111,6 +112,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     live.add_argument(
         "--gateway-pid", type=int, help="with --live-url on this machine: its CPU is measured"
     )
+    fleet = parser.add_argument_group("a Triton fleet (loadtest/fleet_run.py)")
+    fleet.add_argument(
+        "--replicas-triton",
+        type=int,
+        metavar="N",
+        help="N local tritonservers, one core each, and the profile through one client "
+        "balancing over them (gRPC round_robin), against replica 0 alone in the same run; "
+        "requests per replica from each Triton's statistics",
+    )
+    fleet.add_argument(
+        "--fleet-rounds",
+        type=int,
+        default=2,
+        help="one-replica / N-replica pairs, run back to back (default 2)",
+    )
     output = parser.add_argument_group("report")
     output.add_argument("--report", type=Path, help="report folder (default runs/loadtest/...)")
     output.add_argument(
@@ -128,6 +144,10 @@ def run_loadtest(args: argparse.Namespace) -> int:
         from e2v.loadtest.live_run import run_live
 
         return run_live(args)
+    if args.replicas_triton is not None:
+        from e2v.loadtest.fleet_run import run_fleet
+
+        return run_fleet(args)
     from e2v.loadtest.plan import run_plan
 
     return run_plan(args)

@@ -169,9 +169,8 @@ async def _embed(url: str, manifest: Path, cache_dir: Path):
     from e2v.client.segment import SegmentMode
     from e2v.client.triton import TritonEmotionClient
 
-    args = argparse.Namespace(url=url, protocol="grpc", model="emotion2vec")
     async with TritonEmotionClient(url) as client:
-        base = await _base_model(args)
+        base = await _base_model(client)
         identity = {
             "name": base.name,
             "version": base.version,

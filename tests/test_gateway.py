@@ -853,8 +853,9 @@ def test_kubernetes_gateway_renders_validates_and_alone_reaches_triton():
     (container,) = template["spec"]["containers"]
     args = dict(a.removeprefix("--").split("=", 1) for a in container["args"])
     triton = render_overlay("gpu")
-    host, port = args["triton"].split(":")
-    assert host == find(triton, "Service")["metadata"]["name"]
+    host, port = args["triton"].removeprefix("dns:///").split(":")
+    headless = find(triton, "Service", host)  # every Triton pod: requests are balanced
+    assert headless["spec"]["clusterIP"] == "None"
     assert int(port) == contract.GRPC_PORT
     assert int(args["port"]) == contract.GATEWAY_PORT == container["ports"][0]["containerPort"]
     assert container["readinessProbe"]["httpGet"]["path"] == contract.GATEWAY_READY_PATH

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from itertools import chain
 from pathlib import Path
@@ -246,9 +247,14 @@ async def _run(args, request, shard, outputs, webhook=None) -> int:
             progress.set_postfix_str(f"{progress.audio_s / 3600:.2f} h audio", refresh=False)
 
     code = 0
+    worker_requests: Counter = Counter()
     try:
-        run = classify_in_processes if options.processes > 1 else classify_files
-        await run(plan.items(), client, options, on_result, on_audio)
+        if options.processes > 1:
+            await classify_in_processes(
+                plan.items(), client, options, on_result, on_audio, worker_requests
+            )
+        else:
+            await classify_files(plan.items(), client, options, on_result, on_audio)
     except ServerUnavailable as exc:
         print(
             f"\nerror: {exc}\n{writer.results} row(s) written; rerun with --resume to finish.",
@@ -260,6 +266,7 @@ async def _run(args, request, shard, outputs, webhook=None) -> int:
         code = EXIT_USAGE
     finally:
         await client.close()
+        _report_requests(client, client.replica_requests() + worker_requests)
         if sender:
             await _stop_webhooks(sender)
         if progress:
@@ -342,6 +349,13 @@ async def _stop_webhooks(sender) -> None:
         f"webhooks: {sender.delivered} delivered, {sender.failed} failed, {sender.dropped} dropped",
         file=sys.stderr,
     )
+
+
+def _report_requests(client, requests: Counter) -> None:
+    """The job's Triton requests per replica, when --url names several (stderr)."""
+    if client.target.fleet and requests:
+        parts = ", ".join(f"{replica} {n}" for replica, n in sorted(requests.items()))
+        print(f"triton requests per replica: {parts}", file=sys.stderr)
 
 
 def _without_segments(row: dict) -> dict:

@@ -234,7 +234,7 @@ def create_app(config: GatewayConfig):
         if gateway.live.draining:
             raise GatewayError(503, UNAVAILABLE, "draining: the gateway is shutting down")
         if not await gateway.ready():
-            raise GatewayError(503, UNAVAILABLE, f"Triton's model is not ready at {config.triton}")
+            raise GatewayError(503, UNAVAILABLE, gateway.not_ready())
         info = gateway.info
         return {
             "status": "ready",

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from e2v.client.live.limits import LiveLimits
 from e2v.client.secrets import read_secret_file
+from e2v.client.targets import parse_target
 
 from e2v.contract import GATEWAY_MAX_UPLOAD_MB, GATEWAY_PORT, MAX_DURATION_S, MODEL_NAME, TRITON_URL
 
@@ -50,6 +51,7 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if self.protocol not in ("grpc", "http"):
             raise ValueError(f"--protocol must be grpc or http, not {self.protocol!r}")
+        parse_target(self.triton, self.protocol)  # a TargetError says what --url takes
         if not 0 < self.max_upload_mb <= 100_000:
             raise ValueError(f"--max-upload-mb must be in (0, 100000], not {self.max_upload_mb}")
         if not 0 < self.max_duration_s <= 10 * MAX_DURATION_S:

@@ -161,6 +161,10 @@ class GatewayMetrics:
         ).set_function(lambda: uploads.count)
         self.registry.register(_GuardCounters(guard, uploads))
 
+    def bind_triton(self, gateway) -> None:
+        """Requests per Triton replica and each one's readiness, read at each scrape."""
+        self.registry.register(_TritonReplicas(gateway))
+
     def observe_file(self, kind: str | None, audio_s: float | None, times) -> None:
         """One file's outcome and its stage times (a client.classify.StageTimes)."""
         self.files.labels("ok" if kind is None else "error").inc()
@@ -256,3 +260,35 @@ class _GuardCounters:
             "Uploads that gave their place in a full pool to another client's (408 or 429)",
             value=float(self.uploads.evicted),
         )
+
+
+class _TritonReplicas:
+    """What the gateway's Triton client knows per replica (IP:PORT, or the URL as given)."""
+
+    def __init__(self, gateway):
+        self.gateway = gateway
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        requests = CounterMetricFamily(
+            "e2v_gateway_triton_requests",
+            "Requests sent to each Triton replica (gRPC: counted per subchannel of the "
+            "round_robin channel)",
+            labels=["replica"],
+        )
+        client = self.gateway.client
+        for replica, count in sorted((client.replica_requests() if client else {}).items()):
+            requests.add_metric([replica], float(count))
+        yield requests
+        ready = GaugeMetricFamily(
+            "e2v_gateway_triton_replica_ready",
+            "1 when the replica's model answered ready at the last /ready check, else 0",
+            labels=["replica"],
+        )
+        for replica, why in sorted(self.gateway.replicas.items()):
+            ready.add_metric([replica], float(why is None))
+        yield ready

@@ -128,7 +128,7 @@ async def _run(args, dataset, segment, mapping, group_by) -> int:
     client = TritonEmotionClient(args.url, args.protocol, args.model, retries=args.retries)
     try:
         info = await client.connect()
-        base = await _base_model(args)
+        base = await _base_model(client)
         _check_repo_base(args.repo, base)
         if info.synthetic:
             _say("note: the served model is SYNTHETIC (random weights): the head is meaningless")
@@ -173,28 +173,11 @@ async def _run(args, dataset, segment, mapping, group_by) -> int:
     return _train_and_export(args, dataset, rows, info, base, segment, group_by)
 
 
-async def _base_model(args):
+async def _base_model(client):
     """The served base model's config and versions (what the ensemble will chain to)."""
     from e2v.export.heads import BaseModel
 
-    if args.protocol == "grpc":
-        import tritonclient.grpc.aio as module
-    else:
-        import tritonclient.http.aio as module
-    from e2v.client.triton import ServerUnavailable
-
-    client = module.InferenceServerClient(url=args.url)
-    try:
-        if args.protocol == "grpc":
-            config = (await client.get_model_config(args.model, as_json=True))["config"]
-            metadata = await client.get_model_metadata(args.model, as_json=True)
-        else:
-            config = await client.get_model_config(args.model)
-            metadata = await client.get_model_metadata(args.model)
-    except Exception as exc:  # noqa: BLE001 - tritonclient raises several types
-        raise ServerUnavailable(f"cannot read the config of '{args.model}': {exc}") from exc
-    finally:
-        await client.close()
+    config, metadata = await client.model_config(), await client.model_metadata()
     return BaseModel.from_config(config, list(metadata.get("versions", [])))
 
 
