@@ -51,7 +51,7 @@ class Target:
         host, port = split_host_port(self.channel.split("/", 3)[-1])
         loop = asyncio.get_running_loop()
         found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        return list(dict.fromkeys(address_text(info[4][0], port) for info in found))
+        return list(dict.fromkeys(address_text(str(info[4][0]), port) for info in found))
 
 
 def parse_target(text: str, protocol: str) -> Target:

@@ -17,6 +17,7 @@ import json
 import random
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from e2v.client.channelz import ChannelRequests, top_channel_ids
@@ -84,7 +85,9 @@ READY_TIMEOUT_S = 2.0
 # asked again on any connection loss (and the servers' --grpc-max-connection-age closes
 # each connection every minute), at most every DNS_MIN_INTERVAL_MS. Keepalive pings find a
 # replica that vanished without a reset (a node lost) while requests wait on it.
-GRPC_SERVICE_CONFIG = {"loadBalancingConfig": [{"round_robin": {}}]}
+GRPC_SERVICE_CONFIG: dict[str, list[dict[str, dict]]] = {
+    "loadBalancingConfig": [{"round_robin": {}}]
+}
 MAX_RECONNECT_MS = 5_000
 DNS_MIN_INTERVAL_MS = 10_000
 KEEPALIVE_MS = 30_000
@@ -170,7 +173,7 @@ class TritonEmotionClient:
         self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
         self.target: Target = parse_target(url, protocol)
         self._channel_requests = ChannelRequests(None)
-        self._probes: dict[str, object] = {}  # gRPC: replica -> a client asking it alone
+        self._probes: dict[str, Any] = {}  # gRPC: replica -> a client asking it alone
         if protocol == "grpc":
             import tritonclient.grpc.aio as module
 
