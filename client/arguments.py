@@ -28,23 +28,26 @@ Parser = argparse.ArgumentParser | argparse._ArgumentGroup
 
 
 def add_triton_arguments(parser: Parser, model_help: str = "model name on the server") -> None:
-    """`--url/--triton HOST:PORT`, `--protocol grpc|http` and `--model NAME`."""
+    """`--url/--triton TARGET`, `--protocol grpc|http` and `--model NAME`."""
     add_url_argument(parser)
     add_protocol_argument(parser)
     parser.add_argument("--model", default=MODEL_NAME, help=f"{model_help} (default %(default)s)")
 
 
 def add_url_argument(parser: Parser, omitted: str | None = None) -> None:
-    """`--url HOST:PORT` of Triton (`--triton` is the same option). With `omitted`, the
-    option has no default and `omitted` says what the command does without it."""
+    """`--url TARGET` of Triton (`--triton` is the same option): one server or a fleet
+    (client/targets.py). With `omitted`, the option has no default and `omitted` says what
+    the command does without it."""
     default = None if omitted else TRITON_URL
     parser.add_argument(
         "--url",
         "--triton",
         dest="url",
         default=default,
-        metavar="HOST:PORT",
-        help=f"Triton's address ({f'omitted: {omitted}' if omitted else 'default %(default)s'})",
+        metavar="TARGET",
+        help="Triton: HOST:PORT, a replica list (gRPC: IP:PORT,IP:PORT or ipv4:...; HTTP: "
+        "HOST:PORT,HOST:PORT) or dns:///NAME:PORT, balanced per request "
+        f"({f'omitted: {omitted}' if omitted else 'default %(default)s'})",
     )
 
 

@@ -60,7 +60,7 @@ def parsers() -> dict[tuple, argparse.ArgumentParser]:
 def test_one_triton_connection_definition(parsers, command):
     url = option(parsers[command], "--url")
     assert url.option_strings == ["--url", "--triton"] and url.dest == "url"
-    assert url.metavar == "HOST:PORT"
+    assert url.metavar == "TARGET"
     if command in OWN_SERVER_COMMANDS:
         assert url.default is None and "omitted:" in url.help
         return
