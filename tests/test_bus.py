@@ -426,3 +426,105 @@ def test_local_bus_refuses_duplicates_and_lists_its_calls():
         assert await bus.calls() == []
 
     asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------- security
+
+
+def bus_args(*argv: str):
+    import argparse
+
+    from e2v.client.live.bus_options import add_bus_arguments
+
+    parser = argparse.ArgumentParser()
+    add_bus_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize(
+    ("argv", "why"),
+    [
+        (["--bus", "nats://user:secret@127.0.0.1:4222"], "must not carry credentials"),
+        (["--bus", "http://127.0.0.1:4222"], "nats://HOST:PORT or tls://"),
+        (["--bus-creds-file", "x.creds"], "needs --bus"),
+        (["--bus", "nats://h:1", "--bus-claim-ttl-s", "60000"], "--bus-claim-ttl-s"),
+        (["--bus", "nats://h:1", "--bus-stream", "a.b"], "--bus-stream must match"),
+        (["--bus", "nats://h:1", "--bus-creds-file", "/nonexistent"], "cannot read"),
+    ],
+)
+def test_bus_flags_refuse_what_cannot_work(argv, why):
+    from e2v.client.live.bus_options import nats_options
+
+    with pytest.raises(ValueError, match=why):
+        nats_options(bus_args(*argv))
+
+
+def test_default_is_the_in_process_bus():
+    from e2v.client.live.bus_options import make_bus
+
+    assert isinstance(make_bus(bus_args()), LocalBus)
+
+
+def test_credentials_file_and_tls(tmp_path):
+    """An NKey user seed from --bus-creds-file authenticates (without it the server refuses);
+    tls:// verifies the server against --bus-ca-file (without it, the system CAs refuse)."""
+    import nkeys
+    from e2v.client.live.bus_options import make_bus
+
+    seed = nkeys.encode_seed(bytes(range(32)), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    (tmp_path / "user.nk").write_bytes(seed + b"\n")
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    config = tmp_path / "nats.conf"
+    config.write_text(f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}\n')
+    tls = ["--tls", "--tlscert", str(cert), "--tlskey", str(key)]
+    with NatsServer(tmp_path / "js", "-c", str(config), *tls) as server:
+        url = server.url.replace("nats://", "tls://")
+
+        async def scenario():
+            good = bus_args(
+                "--bus",
+                url,
+                "--bus-creds-file",
+                str(tmp_path / "user.nk"),
+                "--bus-ca-file",
+                str(cert),
+            )
+            bus = make_bus(good)
+            await bus.start()
+            claim = await bus.claim("secure", "live", ["customer"])
+            assert [r["call_id"] for r in await bus.calls()] == ["secure"]
+            await claim.release()
+            await bus.stop(2)
+            for argv in (
+                ("--bus", url, "--bus-ca-file", str(cert)),  # no credentials
+                ("--bus", url, "--bus-creds-file", str(tmp_path / "user.nk")),  # no CA
+            ):
+                with pytest.raises(RuntimeError, match="cannot connect to the bus"):
+                    await make_bus(bus_args(*argv)).start()
+
+        run(scenario())

@@ -161,12 +161,11 @@ class NatsBus(Bus):
         self._background: set[asyncio.Task] = set()
         self._connected_since = 0.0
         self._sending: dict[str, int] = {}  # events of each call in flight to the bus
+        self._errors: list[Exception] = []  # the last error the client reported
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        import nats
-
         opts = self.options
         connect = {
             "servers": opts.servers,
@@ -186,11 +185,7 @@ class NatsBus(Bus):
             connect["tls"] = ssl.create_default_context(
                 cafile=str(opts.ca_file) if opts.ca_file else None
             )
-        try:
-            self.nc = await nats.connect(**connect)
-        except Exception as exc:
-            where = ",".join(opts.servers)
-            raise RuntimeError(f"cannot connect to the bus {where}: {exc!r}") from None
+        self.nc = await _connect(connect, self._errors)
         self._connected_since = time.monotonic()
         self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
         await self._ensure_stream()
@@ -294,6 +289,8 @@ class NatsBus(Bus):
         log.warning("bus: reconnected to %s", self.nc.connected_url.netloc)
 
     async def _error(self, exc: Exception) -> None:
+        self._errors.append(exc)
+        del self._errors[:-1]
         log.info("bus: %r", exc)
 
     @property
@@ -774,6 +771,23 @@ class _Follower:
                 self.call_id, event["type"], seq, event_id(self.token, seq), text.encode()
             )
             self.bus.buffer.put(item)
+
+
+async def _connect(options: dict, errors: list[Exception]):
+    """A connected client, or RuntimeError within CONNECT_TIMEOUT_S (the client itself
+    retries a refused first connection, authentication or TLS included, for ever)."""
+    from nats.aio.client import Client
+
+    client = Client()
+    try:
+        await asyncio.wait_for(client.connect(**options), 2 * CONNECT_TIMEOUT_S)
+        return client
+    except Exception as exc:  # noqa: BLE001 - one line for the operator, the cause named
+        with contextlib.suppress(Exception):
+            await client.close()
+        why = errors[-1] if errors else exc
+        where = ",".join(options["servers"])
+        raise RuntimeError(f"cannot connect to the bus {where}: {why!r}") from None
 
 
 async def _fetch(sub, batch: int, timeout_s: float) -> list:
