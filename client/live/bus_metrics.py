@@ -28,8 +28,10 @@ class BusMetrics:
         self.webhook_pending = 0
         self.connected = 1
         self.reconnects = 0
+        self._bus: Bus | None = None
         if registry is None:
             return
+        self._gauges(registry)
         from prometheus_client import Counter, Histogram
 
         self._publish = Histogram(
@@ -60,15 +62,23 @@ class BusMetrics:
         )
 
     def bind_bus(self, bus: Bus) -> None:
-        """Gauges read from `bus` at each scrape."""
-        if self.registry is None:
-            return
+        """Read the gauges from `bus` (served as 0 until one is bound)."""
+        self._bus = bus
+
+    def _gauges(self, registry) -> None:
         from prometheus_client import Gauge
         from prometheus_client.core import CounterMetricFamily
 
+        def buffer():
+            return None if self._bus is None else self._bus.buffer
+
         for name, doc, read in (
-            ("e2v_bus_buffered_events", "Events waiting for the bus", lambda: len(bus.buffer)),
-            ("e2v_bus_buffered_bytes", "Bytes of events waiting", lambda: bus.buffer.bytes),
+            ("e2v_bus_buffered_events", "Events waiting for the bus", lambda: len(buffer() or ())),
+            (
+                "e2v_bus_buffered_bytes",
+                "Bytes of events waiting",
+                lambda: getattr(buffer(), "bytes", 0),
+            ),
             ("e2v_bus_connected", "1 while connected to the bus", lambda: self.connected),
             (
                 "e2v_bus_webhook_pending",
@@ -76,7 +86,7 @@ class BusMetrics:
                 lambda: self.webhook_pending,
             ),
         ):
-            Gauge(name, doc, registry=self.registry).set_function(read)
+            Gauge(name, doc, registry=registry).set_function(read)
 
         class Dropped:
             def collect(self):
@@ -85,11 +95,11 @@ class BusMetrics:
                     "Events dropped by the local buffer's overflow (interims first), by type",
                     labels=["type"],
                 )
-                for kind, count in sorted(bus.buffer.dropped.items()):
+                for kind, count in sorted(getattr(buffer(), "dropped", {}).items()):
                     family.add_metric([kind], count)
                 yield family
 
-        self.registry.register(Dropped())
+        registry.register(Dropped())
 
     def published(self, kind: str, seconds: float) -> None:
         if self.registry is not None:
