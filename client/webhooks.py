@@ -30,6 +30,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from e2v.client.secrets import read_secret_file
+
 from e2v.contract import EVENT_FILE_ALERT, WEBHOOK_ID_HEADER, WEBHOOK_SIGNATURE_HEADER
 
 log = logging.getLogger("e2v.webhooks")
@@ -45,7 +47,6 @@ DRAIN_S = 10.0  # how long `e2v classify` waits for queued webhooks at exit
 SIGNATURE_TOLERANCE_S = 300
 MAX_BODY_BYTES = 1 << 20
 MAX_URL_CHARS = 2048
-MAX_SECRET_BYTES = 4096
 MIN_SECRET_BYTES = 16
 MAX_HEADER_CHARS = 1024
 _RETRIED = frozenset({408, 425, 429})
@@ -108,25 +109,9 @@ def validate_url(url: str) -> str:
 
 
 def read_secret(path: Path) -> bytes:
-    """The signing secret in `path` (surrounding whitespace removed), read bounded like the
-    gateway's --api-key-file; ValueError with a one-line reason."""
-    try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_SECRET_BYTES + 1)
-    except OSError as exc:
-        reason = exc.strerror or exc
-        raise ValueError(f"cannot read --webhook-secret-file {path}: {reason}") from None
-    secret = data.strip()
-    if len(data) > MAX_SECRET_BYTES:
-        raise ValueError(f"--webhook-secret-file {path} is longer than {MAX_SECRET_BYTES} bytes")
-    if any(b < 0x21 or b > 0x7E for b in secret):
-        raise ValueError(f"--webhook-secret-file {path} must hold one printable ASCII secret")
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ValueError(
-            f"--webhook-secret-file {path}: the secret needs at least {MIN_SECRET_BYTES} "
-            "characters (e.g. `openssl rand -hex 32`)"
-        )
-    return secret
+    """The signing secret in `path`, read like the gateway's --api-key-file, at least
+    MIN_SECRET_BYTES long; ValueError with a one-line reason."""
+    return read_secret_file(path, "--webhook-secret-file", "secret", MIN_SECRET_BYTES)
 
 
 def webhook_options(url: str | None, secret_file: Path | None) -> tuple[str, bytes] | None:

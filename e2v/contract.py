@@ -158,6 +158,13 @@ AUDIOHOOK_PARTIES = {"external": "customer", "internal": "agent"}
 TWILIO_PARTIES = {"inbound": "caller", "outbound": "callee"}
 CALL_EVENTS_PATH = "/v1/calls/{call_id}/events"  # GET: Server-Sent Events of one call
 CALL_EVENTS_WS_PATH = "/v1/calls/{call_id}/events/ws"  # the same events over a WebSocket
+# A call id: `call_id` of `start`, Twilio's callSid, a subscription's {call_id}.
+CALL_ID_PATTERN = r"[A-Za-z0-9._:-]{1,128}"
+# The control messages of /v1/live (their JSON `type`): the client's start and stop, and
+# the gateway's answer to start.
+LIVE_START = "start"
+LIVE_STOP = "stop"
+LIVE_STARTED = "started"
 LIVE_ENCODINGS = ("pcm_s16le", "mulaw", "alaw")
 LIVE_SAMPLE_RATES = (8_000, 16_000)
 LIVE_MAX_CHANNELS = 2  # parties per stream (customer and agent)

@@ -11,11 +11,13 @@ expected for each.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from e2v.loadtest.synth import speech_like
+from e2v.loadtest.workload import encode
 
 from e2v.contract import MAX_SEGMENT_S, MIN_SAMPLES, SAMPLE_RATE
 
@@ -29,6 +31,10 @@ class CallRecording:
     path: Path  # the stereo mu-law WAV
     payload: bytes  # its interleaved mu-law samples, as the file holds them
     tracks: tuple[np.ndarray, ...]  # each party's 16 kHz audio, decoded by the batch path
+
+    @property
+    def channels(self) -> int:
+        return len(PARTIES)
 
     @property
     def duration_s(self) -> float:
@@ -49,7 +55,6 @@ def make_calls(directory: Path, count: int, seconds: float, seed: int = 0) -> li
 def _make_call(directory: Path, index: int, seconds: float, seed: int) -> CallRecording:
     import soxr
     from e2v.client.audio import load_audio
-    from e2v.loadtest.workload import encode
 
     channels = _conversation(seconds, np.random.default_rng(seed))
     tracks, raw = [], []
@@ -59,7 +64,8 @@ def _make_call(directory: Path, index: int, seconds: float, seed: int) -> CallRe
         raw.append(_mulaw_bytes(path))
         tracks.append(load_audio(path))
     stereo = directory / f"call-{index}.wav"
-    _encode_stereo(stereo, [_decode_8k(directory / f"call-{index}-{p}.wav") for p in PARTIES])
+    decoded = np.stack([_decode_8k(directory / f"call-{index}-{p}.wav") for p in PARTIES])
+    encode(stereo, decoded, RATE, "wav", "pcm_mulaw")
     payload = _mulaw_bytes(stereo)
     interleaved = np.stack([np.frombuffer(r, np.uint8) for r in raw], axis=1).tobytes()
     if payload != interleaved:  # the stereo file must carry exactly the parties' samples
@@ -67,14 +73,26 @@ def _make_call(directory: Path, index: int, seconds: float, seed: int) -> CallRe
     return CallRecording(stereo, payload, tuple(tracks))
 
 
-def _conversation(seconds: float, rng: np.random.Generator) -> list[np.ndarray]:
-    """Two 16 kHz channels of turns: 1.5-7 s of speech (a short pause inside some), gaps
-    of 0.2-1.5 s between turns and now and then the next speaker starting early."""
-    n = round(seconds * SAMPLE_RATE)
-    channels = [NOISE * rng.standard_normal(n).astype(np.float32) for _ in PARTIES]
-    t, speaker, turn = 0.3, 1, 0  # the agent answers first
+def turns(rng: np.random.Generator, seconds: float) -> Iterator[tuple[int, float, float]]:
+    """The turns of a two-party call of `seconds`: (speaker, start s, length s). Turns of
+    1.5-7 s, gaps of 0.2-1.5 s between them and now and then the next speaker starting
+    early; the agent (1) answers first. A caller may draw from `rng` between turns: the
+    sequence stays reproducible."""
+    t, speaker = 0.3, 1
     while t < seconds - 1.0:
         length = min(rng.uniform(1.5, 7.0), seconds - t)
+        yield speaker, t, length
+        overlap = rng.uniform(0.2, 0.6) if rng.random() < 0.2 else 0.0
+        t += length - overlap + (0.0 if overlap else rng.uniform(0.2, 1.5))
+        speaker = 1 - speaker
+
+
+def _conversation(seconds: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """Two 16 kHz channels of `turns` of speech (a short pause inside some), line noise on
+    both."""
+    n = round(seconds * SAMPLE_RATE)
+    channels = [NOISE * rng.standard_normal(n).astype(np.float32) for _ in PARTIES]
+    for speaker, t, length in turns(rng, seconds):
         start = round(t * SAMPLE_RATE)
         speech = speech_like(length, SAMPLE_RATE, seed=int(rng.integers(1 << 30)))
         if length > 4 and rng.random() < 0.5:  # a breath: stays inside the utterance
@@ -82,9 +100,6 @@ def _conversation(seconds: float, rng: np.random.Generator) -> list[np.ndarray]:
             speech[cut : cut + round(rng.uniform(0.3, 0.6) * SAMPLE_RATE)] = 0
         end = min(n, start + len(speech))
         channels[speaker][start:end] += speech[: end - start]
-        overlap = rng.uniform(0.2, 0.6) if rng.random() < 0.2 else 0.0
-        t += length - overlap + (0.0 if overlap else rng.uniform(0.2, 1.5))
-        speaker, turn = 1 - speaker, turn + 1
     return [np.clip(c, -1, 1) for c in channels]
 
 
@@ -114,15 +129,3 @@ def _decode_8k(path: Path) -> np.ndarray:
     with av.open(str(path)) as container:
         frames = [f.to_ndarray().reshape(-1) for f in container.decode(audio=0)]
     return (np.concatenate(frames).astype(np.float32) / 32768.0).astype(np.float32)
-
-
-def _encode_stereo(path: Path, channels: list[np.ndarray]) -> None:
-    import av
-
-    samples = np.ascontiguousarray(np.stack(channels), dtype=np.float32)
-    with av.open(str(path), "w", format="wav") as out:
-        stream = out.add_stream("pcm_mulaw", rate=RATE, layout="stereo")
-        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="stereo")
-        frame.sample_rate, frame.pts = RATE, 0
-        for item in (frame, None):
-            out.mux(stream.encode(item))

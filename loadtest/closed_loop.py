@@ -4,8 +4,8 @@ For machines that have no tritonclient (it needs gevent or grpcio, and pins prot
 ml-dtypes below what torch/onnx bring): requests use the KServe v2 binary tensor extension
 on persistent `http.client` connections, one thread per user. Each user sends a clip,
 waits for the answer and sends the next (no think time), so `users` is the number of
-requests in flight. Statistics come from Triton's own JSON endpoints, parsed by
-`loadtest.triton_stats`.
+requests in flight. Triton's statistics and the model's configuration come from
+`loadtest.triton_stats` (the standard library too).
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ import itertools
 import json
 import threading
 import time
-import urllib.request
 
 import numpy as np
-from e2v.loadtest import triton_stats
 from e2v.loadtest.metrics import Requests
 from e2v.loadtest.workload import Workload
 
@@ -100,32 +98,6 @@ def _error_text(data: bytes, status: int) -> str:
         return f"HTTP {status}: {json.loads(data)['error']}"
     except (ValueError, KeyError):
         return f"HTTP {status}: {data[:200]!r}"
-
-
-def get_json(url: str, timeout_s: float = 10.0) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:
-        return json.loads(response.read())
-
-
-def statistics(http_url: str) -> triton_stats.ModelStats:
-    """Triton's cumulative counters for the model (GET /v2/models/<name>/stats)."""
-    return triton_stats.parse(get_json(f"http://{http_url}/v2/models/{MODEL_NAME}/stats"))
-
-
-def settled(http_url: str, handled: int, timeout_s: float = 10.0) -> triton_stats.ModelStats:
-    """Counters once Triton has counted `handled` requests (it updates them after replying)."""
-    deadline = time.monotonic() + timeout_s
-    stats = statistics(http_url)
-    while stats.handled < handled and time.monotonic() < deadline:
-        time.sleep(0.05)
-        stats = statistics(http_url)
-    return stats
-
-
-def served_config(http_url: str) -> dict:
-    """The served model's configuration plus the server's version (`triton_version`)."""
-    config = get_json(f"http://{http_url}/v2/models/{MODEL_NAME}/config")
-    return {**config, "triton_version": get_json(f"http://{http_url}/v2").get("version", "")}
 
 
 def run_users(

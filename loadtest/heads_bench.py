@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from e2v.loadtest import triton_stats
 
 BENCH_NAME = "bench"
 
@@ -138,26 +139,20 @@ def benchmark(
     ensemble = f"{base.name}_{BENCH_NAME}"
     _wait_ready(http_url, ensemble, load)
     models = (base.name, ensemble, f"head_{BENCH_NAME}")
-    before = {model: _stats(http_url, model) for model in models}
+    before = {model: triton_stats.snapshot(http_url, model) for model in models}
     figures["latency"] = _latency(url, base.name, ensemble, rows, requests)
     figures["server"] = {
-        model: _per_request(before[model], _stats(http_url, model)) for model in models
+        model: _per_request(triton_stats.snapshot(http_url, model) - before[model])
+        for model in models
     }
     return figures
 
 
-def _stats(http_url: str, model: str) -> dict:
-    with urllib.request.urlopen(f"http://{http_url}/v2/models/{model}/stats", timeout=10) as r:
-        return json.load(r)["model_stats"][0]["inference_stats"]
-
-
-def _per_request(before: dict, after: dict) -> dict:
+def _per_request(stats: triton_stats.ModelStats) -> dict:
     """Triton's own timings between two snapshots: mean microseconds per request."""
-    count = int(after["success"]["count"]) - int(before["success"]["count"])
-    out = {"requests": count}
-    for key in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
-        ns = int(after[key]["ns"]) - int(before[key]["ns"])
-        out[f"{key}_us"] = ns / max(count, 1) / 1000
+    out: dict = {"requests": stats.success}
+    for key in triton_stats.STAGES:
+        out[f"{key}_us"] = stats.ns[key] / max(stats.success, 1) / 1000
     return out
 
 
@@ -232,6 +227,7 @@ def _latency(url: str, base: str, ensemble: str, rows, requests: int) -> dict:
     """Sequential requests, interleaved base/ensemble on the same clips (drift cancels)."""
     import tritonclient.grpc as grpcclient
     from e2v.client.audio import load_audio
+    from e2v.loadtest.workload import triton_inputs
 
     from e2v.contract import bucket_samples
 
@@ -242,12 +238,7 @@ def _latency(url: str, base: str, ensemble: str, rows, requests: int) -> dict:
             clip = clips[i % len(clips)]
             wav = np.zeros((1, bucket_samples(len(clip))), np.float32)
             wav[0, : len(clip)] = clip
-            inputs = [
-                grpcclient.InferInput("WAV", list(wav.shape), "FP32"),
-                grpcclient.InferInput("WAV_LENS", [1, 1], "INT64"),
-            ]
-            inputs[0].set_data_from_numpy(wav)
-            inputs[1].set_data_from_numpy(np.array([[len(clip)]], np.int64))
+            inputs = triton_inputs(grpcclient, wav, np.array([[len(clip)]], np.int64))
             for model in (base, ensemble) if i % 2 else (ensemble, base):
                 start = time.perf_counter()
                 client.infer(model, inputs)

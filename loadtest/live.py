@@ -21,22 +21,26 @@ Measured per level (the window after the ramp):
 - the gateway process's CPU time (/proc/PID/stat), so channels per core;
 - Triton's executions by batch size (`loadtest.triton_stats`).
 
-The asyncio `websockets` client is used, not Locust: one event loop holds hundreds of
-paced sockets in one process, with little CPU taken from the gateway it measures.
+Each call is `e2v live`'s own client (`client.live.player.NativeClient`: its connection,
+bounded waits and event reading), given the recording's mu-law bytes paced as above. One
+asyncio event loop holds hundreds of paced sockets in one process (not Locust), with
+little CPU taken from the gateway it measures.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
-import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import numpy as np
+from e2v.client.live.player import NativeClient, PlayError, PlayOptions
 from e2v.client.segment import MERGE_GAP_S, VAD_SPEECH_PAD_MS
 from e2v.loadtest.calls import PARTIES, RATE, CallRecording, offline_utterances
+from e2v.loadtest.machine import process_cpu_s
+from e2v.loadtest.metrics import percentiles
 
 from e2v.contract import (
     CLOSE_NORMAL,
@@ -49,7 +53,6 @@ from e2v.contract import (
     SAMPLE_RATE,
 )
 
-STOP_WAIT_S = 60.0  # after `stop`: the longest wait for the finals, summary and close
 MATCH_SHARE = 0.5  # a final covers an offline utterance when it overlaps half of it
 # A final is due once the VAD has read the merge gap past the utterance's padded end, plus
 # the padding (client/segment.py's _Merger.settle): the earliest sample that can release it.
@@ -139,73 +142,69 @@ async def channel(
 async def call(
     url: str, recording: CallRecording, load: LiveLoad, deadline: float, log: CallLog
 ) -> None:
-    """One `/v1/live` session: start, paced frames until the recording or level ends, stop."""
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed, WebSocketException
+    """One `/v1/live` session: start, paced frames until the recording or level ends, stop.
+    Whatever fails stays in `log`: the line goes on."""
+    from websockets.exceptions import WebSocketException
 
-    step = len(PARTIES) * round(load.frame_s * RATE)
-    log.frame_samples = step // len(PARTIES)
-    start = {
-        "type": "start",
-        "call_id": log.call_id,
-        "encoding": "mulaw",
-        "sample_rate": RATE,
-        "channels": len(PARTIES),
-        "parties": list(PARTIES),
-        "window_s": load.window_s,
-        "hop_s": load.hop_s,
-    }
     try:
-        async with connect(url, compression=None, open_timeout=30, max_size=2**22) as socket:
-            await socket.send(json.dumps(start))
-            started = json.loads(await asyncio.wait_for(socket.recv(), 30))
-            if started.get("type") != "started":
-                log.events.append((time.monotonic(), started))
-                await socket.wait_closed()
-                log.close_code, log.close_reason = socket.close_code, socket.close_reason or ""
-                return
-            reader = asyncio.create_task(_read(socket, log))
-            t0 = time.monotonic()
-            for k, offset in enumerate(range(0, len(recording.payload) - step + 1, step)):
-                due = t0 + (k + 1) * load.frame_s
-                if due >= deadline or reader.done():
-                    break
-                await asyncio.sleep(due - time.monotonic())
-                await socket.send(recording.payload[offset : offset + step])
-                log.sent.append(time.monotonic())
-            if not reader.done():
-                await socket.send(json.dumps({"type": "stop"}))
-            try:
-                await asyncio.wait_for(asyncio.shield(reader), STOP_WAIT_S)
-            except TimeoutError:
-                log.error = f"no close within {STOP_WAIT_S:g} s of stop"
-                reader.cancel()
-            log.close_code, log.close_reason = socket.close_code, socket.close_reason or ""
-    except (ConnectionClosed, WebSocketException, OSError, TimeoutError, ValueError) as exc:
+        await LoadCall(url, recording, load, deadline, log).run()
+        log.close_code = CLOSE_NORMAL  # the player returns only after a normal close
+    except PlayError as exc:
+        if exc.close_code is None:  # the client's side: connect, timeouts, protocol
+            log.error = str(exc)[:300]
+        log.close_code, log.close_reason = exc.close_code, exc.close_reason
+    except (OSError, WebSocketException) as exc:  # what the player lets through
         log.error = f"{type(exc).__name__}: {exc}"[:300]
 
 
-async def _read(socket, log: CallLog) -> None:
-    from websockets.exceptions import ConnectionClosed
+class LoadCall(NativeClient):
+    """`e2v live`'s client for one call of the load: the recording's interleaved mu-law
+    bytes in frames of `load.frame_s`, each sent when its last sample is due, until the
+    recording or the level ends; every event logged with its arrival time."""
 
-    try:
-        async for message in socket:
-            if isinstance(message, str):
-                log.events.append((time.monotonic(), json.loads(message)))
-    except ConnectionClosed:
-        pass
+    compression = None  # as a telephony platform streams: no per-message deflate
 
+    def __init__(
+        self, url: str, recording: CallRecording, load: LiveLoad, deadline: float, log: CallLog
+    ):
+        options = PlayOptions(
+            source=str(recording.path),
+            url=url.removesuffix(LIVE_PATH),
+            call_id=log.call_id,
+            parties=PARTIES,
+            encoding="mulaw",
+            sample_rate=RATE,
+        )
+        super().__init__(options, recording, self.arrived)  # the player reads its `channels`
+        self.recording, self.load, self.deadline, self.log = recording, load, deadline, log
+        log.frame_samples = round(load.frame_s * RATE)
 
-def process_cpu_s(pid: int | None) -> float | None:
-    """User + system CPU seconds of process `pid` (its threads included), from /proc."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    def arrived(self, event: dict) -> None:
+        self.log.events.append((time.monotonic(), event))
+
+    def start_message(self) -> dict:
+        windows = {"window_s": self.load.window_s, "hop_s": self.load.hop_s}
+        return super().start_message() | windows
+
+    async def payloads(self) -> AsyncIterator[bytes]:
+        step = len(PARTIES) * self.log.frame_samples
+        payload = self.recording.payload
+        t0 = time.monotonic()
+        for k, offset in enumerate(range(0, len(payload) - step + 1, step)):
+            due = t0 + (k + 1) * self.load.frame_s
+            if due >= self.deadline:
+                return
+            await asyncio.sleep(due - time.monotonic())
+            yield payload[offset : offset + step]
+
+    async def send(self, ws, message: str | bytes) -> bool:
+        sent = await super().send(ws, message)
+        if sent and isinstance(message, bytes):
+            self.log.sent.append(time.monotonic())
+        return sent
+
+    def note_model(self, started: dict) -> None:
+        """Silent: a load of many calls names its model in the report."""
 
 
 # ----------------------------------------------------------------------------- measures
@@ -240,12 +239,12 @@ def measure(run: dict, calls: list[CallRecording], load: LiveLoad) -> dict:
     return {
         "channels": load.channels,
         "sessions": _sessions(logs),
-        "interim_latency_ms": percentiles(interim),
-        "final_latency_ms": percentiles(since_due),
-        "final_since_end_ms": percentiles(since_end),
+        "interim_latency_ms": _percentiles_ms(interim),
+        "final_latency_ms": _percentiles_ms(since_due),
+        "final_since_end_ms": _percentiles_ms(since_end),
         "gateway_lag_ms": {
-            "interim": percentiles(lags[EVENT_RESULT]),
-            "final": percentiles(lags[EVENT_UTTERANCE_END]),
+            "interim": _percentiles_ms(lags[EVENT_RESULT]),
+            "final": _percentiles_ms(lags[EVENT_UTTERANCE_END]),
         },
         "results": results,
         "coalesced": coalesced,
@@ -256,18 +255,8 @@ def measure(run: dict, calls: list[CallRecording], load: LiveLoad) -> dict:
     }
 
 
-def percentiles(seconds: list[float]) -> dict:
-    if not seconds:
-        return {"count": 0}
-    ms = np.asarray(seconds) * 1000
-    values = np.percentile(ms, [50, 95, 99])
-    return {
-        "count": len(ms),
-        "p50": round(float(values[0]), 1),
-        "p95": round(float(values[1]), 1),
-        "p99": round(float(values[2]), 1),
-        "max": round(float(ms.max()), 1),
-    }
+def _percentiles_ms(seconds: list[float]) -> dict:
+    return percentiles(np.asarray(seconds, dtype=np.float64) * 1000)
 
 
 def _sessions(logs: list[CallLog]) -> dict:

@@ -7,8 +7,11 @@ import json
 from pathlib import Path
 
 from e2v.loadtest.calls import PARTIES, RATE
-from e2v.loadtest.gpu_live import P95_TARGET_MS
-from e2v.loadtest.report import SYNTHETIC_NOTE, machine_description
+from e2v.loadtest.machine import machine_description, software
+from e2v.loadtest.metrics import P95_TARGET_MS
+from e2v.loadtest.report import SYNTHETIC_NOTE
+
+from e2v.contract import LIVE_HOP_S, LIVE_WINDOW_S
 
 
 def best_level(levels: list[dict]) -> dict | None:
@@ -63,23 +66,15 @@ def _workload(calls, args) -> dict:
         "encoding": f"mu-law, {RATE} Hz, stereo (one party per channel)",
         "speech_share": round(sum(c.speech_share() for c in calls) / max(len(calls), 1), 3),
         "frame_ms": args.frame_ms,
-        "window_s": 3.0,
-        "hop_s": 1.0,
+        "window_s": LIVE_WINDOW_S,
+        "hop_s": LIVE_HOP_S,
     }
 
 
 def _software(settings: dict) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = (
-        [f"Triton server {settings['triton_version']}"] if settings.get("triton_version") else []
-    )
-    for name in ("websockets", "uvicorn", "fastapi", "onnxruntime", "tritonclient"):
-        try:
-            found.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
-            continue
-    return ", ".join(found)
+    names = ("websockets", "uvicorn", "fastapi", "onnxruntime", "tritonclient")
+    version = settings.get("triton_version")
+    return software(names, [version] if version else [])
 
 
 def _ms(figures: dict, key: str) -> str:

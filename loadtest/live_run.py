@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 import time
@@ -18,10 +17,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from e2v.loadtest.gpu_live import P95_TARGET_MS
+from e2v.loadtest import triton_stats
+from e2v.loadtest.command import command_line, log
 from e2v.loadtest.live import LiveLoad, drive, measure, ws_url
+from e2v.loadtest.machine import load_average
+from e2v.loadtest.metrics import P95_TARGET_MS
+from e2v.loadtest.targets import parse_configs, triton_server
 
 from e2v.contract import LIVE_HOP_S
+from e2v.serve import ServeError
 
 SESSION_HEADROOM = 8  # --live-sessions above the channels: the limit is not what is measured
 SUSTAIN_FINAL_S = 3.0  # "kept up": finals within this of being due (p95)...
@@ -34,18 +38,10 @@ def live_stack(args: argparse.Namespace, workdir: Path, channels: int) -> Iterat
     if args.live_url:
         yield {"url": ws_url(args.live_url), "pid": args.gateway_pid, "stats_url": args.stats_url}
         return
-    from e2v.loadtest.bench import local_triton, triton_target
-    from e2v.loadtest.cli import Plan, parse_configs, stats_url
     from e2v.loadtest.gateway_process import GatewayProcess
 
-    if args.url:
-        triton = _nullcontext(triton_target("triton-grpc", "grpc", args.url, stats_url(args)))
-    else:
-        plan = Plan(args, parse_configs(args.configs), None)
-        plan.workdir = workdir
-        config = (plan.configs or [(None, None)])[0]
-        triton = local_triton(plan.repo(), "grpc", *config)
-    with triton as target:
+    config = (parse_configs(args.configs) or [(None, None)])[0]  # the first setting only
+    with triton_server(args, workdir, "grpc", *config) as target:
         # One client address holds every channel: no per-address cap, room for them all.
         extra = (
             "--live-sessions",
@@ -64,17 +60,10 @@ def live_stack(args: argparse.Namespace, workdir: Path, channels: int) -> Iterat
             }
 
 
-@contextmanager
-def _nullcontext(value):
-    yield value
-
-
 def run_level(stack: dict, calls: list, load: LiveLoad) -> dict:
     """One level: the load, Triton's counters around it, the load average before and after."""
-    from e2v.loadtest import triton_stats
-
     stats_url = stack.get("stats_url")
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     before = triton_stats.snapshot(stats_url) if stats_url else None
     started = time.monotonic()
     run = asyncio.run(drive(stack["url"], calls, load, stack.get("pid")))
@@ -89,7 +78,7 @@ def run_level(stack: dict, calls: list, load: LiveLoad) -> dict:
         # is the model tier's ceiling in calls.
         figures["triton_requests_per_s"] = round(served, 2)
         figures["model_ceiling_calls"] = round(served / demand, 2) if demand else None
-    figures["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    figures["load_average"] = [load_before, load_average()]
     figures["duration_s"], figures["ramp_s"] = load.duration_s, load.ramp_s
     figures["within_target"] = within_target(figures)
     figures["sustained"] = sustained(figures)
@@ -136,7 +125,6 @@ def parse_channels(text: str) -> list[int]:
 def run_live(args: argparse.Namespace) -> int:
     """The --live sweep; prints the report's path."""
     from e2v.loadtest.calls import make_calls
-    from e2v.loadtest.cli import command_line, log
     from e2v.loadtest.live_report import write_live_report
 
     try:
@@ -147,13 +135,14 @@ def run_live(args: argparse.Namespace) -> int:
             raise ValueError("--calls must be in 1-64 and --call-s in 5-3600")
         if args.gateway or args.compare or args.ramp:
             raise ValueError("--live: drop --gateway, --compare and --ramp")
+        parse_configs(args.configs)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ramp_s = min(5.0, args.duration / 4)
     report_dir = args.report or Path("runs/loadtest") / f"live-{time.strftime('%Y%m%d-%H%M%S')}"
     levels_out: list[dict] = []
-    load_start = round(os.getloadavg()[0], 2)
+    load_start = load_average()
     with tempfile.TemporaryDirectory(prefix="e2v-loadtest-live-") as tmp:
         workdir = Path(tmp)
         log(f"writing {args.calls} stereo mu-law call recordings of {args.call_s:g} s")
@@ -166,10 +155,10 @@ def run_live(args: argparse.Namespace) -> int:
                     levels_out.append(run_level(stack, calls, load))
                     log_level(levels_out[-1])
                 settings = stack.get("settings", {})
-        except (RuntimeError, OSError) as exc:
+        except (ServeError, RuntimeError, OSError) as exc:  # servers, export: one message
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        loads = (load_start, round(os.getloadavg()[0], 2))
+        loads = (load_start, load_average())
         path = write_live_report(
             report_dir, command_line(args), args.model, settings, calls, levels_out, args, loads
         )
@@ -178,8 +167,6 @@ def run_live(args: argparse.Namespace) -> int:
 
 
 def log_level(level: dict) -> None:
-    from e2v.loadtest.cli import log
-
     i, f, s = level["interim_latency_ms"], level["final_latency_ms"], level["sessions"]
     log(
         f"  calls {s['ok']} ok / {s['failed']} failed; interim p50/p95 "

@@ -12,9 +12,10 @@ import threading
 import time
 
 import numpy as np
+from e2v.loadtest.workload import triton_inputs
 
 from e2v import leftovers
-from e2v.contract import INPUT_WAV, INPUT_WAV_LENS, MAX_BATCH_SAMPLES, MAX_SAMPLES, MODEL_NAME
+from e2v.contract import MAX_BATCH_SAMPLES, MAX_SAMPLES, MODEL_NAME
 
 MIB = 2**20
 # Back within this much of the steady level counts as returned (allocator slack).
@@ -98,10 +99,4 @@ async def _infer(grpc_url: str, batches: list[np.ndarray]) -> None:
 
 async def _one(client, module, wav: np.ndarray) -> None:
     lens = np.full((wav.shape[0], 1), wav.shape[1], np.int64)
-    inputs = [
-        module.InferInput(INPUT_WAV, list(wav.shape), "FP32"),
-        module.InferInput(INPUT_WAV_LENS, list(lens.shape), "INT64"),
-    ]
-    inputs[0].set_data_from_numpy(wav)
-    inputs[1].set_data_from_numpy(lens)
-    await client.infer(MODEL_NAME, inputs, client_timeout=300)
+    await client.infer(MODEL_NAME, triton_inputs(module, wav, lens), client_timeout=300)

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from e2v.loadtest.spec import Ramp
 
+P95_TARGET_MS = 150.0  # the latency goal of live events (issue 17): interims and finals
+
 
 @dataclass(frozen=True)
 class Requests:
@@ -104,3 +106,19 @@ def cost_per_1000_audio_hours(price_per_hour: float, audio_s_per_s: float) -> fl
     if audio_s_per_s <= 0:
         raise ValueError("throughput must be positive to price it")
     return price_per_hour / audio_s_per_s * 1000.0
+
+
+def percentiles(ms) -> dict:
+    """count, p50/p95/p99 and max of latencies in milliseconds, to 0.1 ms; {"count": 0}
+    for none."""
+    ms = np.asarray(ms, dtype=np.float64)
+    if not ms.size:
+        return {"count": 0}
+    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+    return {
+        "count": int(ms.size),
+        "p50": round(float(p50), 1),
+        "p95": round(float(p95), 1),
+        "p99": round(float(p99), 1),
+        "max": round(float(ms.max()), 1),
+    }

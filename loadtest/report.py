@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from e2v.loadtest import plots
 from e2v.loadtest.bench import RunResult
+from e2v.loadtest.machine import machine_description, software
 from e2v.loadtest.metrics import cost_per_1000_audio_hours
 from e2v.loadtest.profiles import Profile
 from e2v.loadtest.workload import Workload, bucket_name, bucket_order
@@ -418,30 +417,10 @@ def settings_text(run: RunResult) -> str:
     return "-"
 
 
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}"
-
-
 def software_versions(runs: list[RunResult]) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     names = ("nvidia-pytriton", "onnxruntime", "torch", "funasr", "locust", "tritonclient")
-    found = []
-    for name in names:
-        try:
-            found.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
-            continue
     servers = sorted({r.target.settings.get("triton_version", "") for r in runs} - {""})
-    return ", ".join([f"Triton server {v}" for v in servers] + found)
+    return software(names, servers)
 
 
 def _summary_json(report: Report) -> dict:

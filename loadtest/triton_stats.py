@@ -1,17 +1,22 @@
 """Triton's own view of a run: statistics snapshots before and after, diffed.
 
 Counters are cumulative since server start, so a run's numbers are `after - before`
-(warm-up requests sent before the first snapshot are excluded).
+(warm-up requests sent before the first snapshot are excluded). Read from Triton's HTTP
+JSON endpoints with the standard library, so bare GPU machines (no tritonclient) read
+them the same way.
 """
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 from dataclasses import dataclass, field
 
 from e2v.contract import MODEL_NAME
 
 DURATIONS = ("queue", "compute_input", "compute_infer", "compute_output")
+STAGES = ("success", *DURATIONS)  # `success`: the whole request inside Triton
 
 
 @dataclass
@@ -22,7 +27,7 @@ class ModelStats:
     failures: int = 0
     inference_count: int = 0  # requests (batch rows) executed
     execution_count: int = 0  # model executions (batches)
-    ns: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DURATIONS, 0))
+    ns: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
     executions_by_batch: dict[int, int] = field(default_factory=dict)
 
     def __sub__(self, before: ModelStats) -> ModelStats:
@@ -35,7 +40,7 @@ class ModelStats:
             failures=self.failures - before.failures,
             inference_count=self.inference_count - before.inference_count,
             execution_count=self.execution_count - before.execution_count,
-            ns={k: self.ns[k] - before.ns[k] for k in DURATIONS},
+            ns={k: self.ns[k] - before.ns[k] for k in STAGES},
             executions_by_batch={k: v for k, v in sorted(batches.items()) if v > 0},
         )
 
@@ -65,14 +70,8 @@ class ModelStats:
 
 
 def snapshot(http_url: str, model: str = MODEL_NAME) -> ModelStats:
-    """Current counters of `model` from Triton's HTTP statistics endpoint."""
-    import tritonclient.http as httpclient
-
-    client = httpclient.InferenceServerClient(http_url)
-    try:
-        return parse(client.get_inference_statistics(model))
-    finally:
-        client.close()
+    """Current counters of `model` (GET /v2/models/<model>/stats at HOST:PORT)."""
+    return parse(_get_json(http_url, f"/v2/models/{model}/stats"))
 
 
 def settled(http_url: str, handled: int, timeout_s: float = 10.0) -> ModelStats:
@@ -98,7 +97,7 @@ def parse(statistics: dict) -> ModelStats:
         stats.failures += int(inference["fail"]["count"])
         stats.inference_count += int(version["inference_count"])
         stats.execution_count += int(version["execution_count"])
-        for name in DURATIONS:
+        for name in STAGES:
             stats.ns[name] += int(inference[name]["ns"])
         for batch in version.get("batch_stats", []):
             size = int(batch["batch_size"])
@@ -110,14 +109,13 @@ def parse(statistics: dict) -> ModelStats:
 def model_config(http_url: str, model: str = MODEL_NAME) -> dict:
     """The served model's configuration (batching, instances, parameters) as JSON,
     plus the server's version under `triton_version`."""
-    import tritonclient.http as httpclient
+    config = _get_json(http_url, f"/v2/models/{model}/config")
+    return {**config, "triton_version": _get_json(http_url, "/v2").get("version", "")}
 
-    client = httpclient.InferenceServerClient(http_url)
-    try:
-        config = client.get_model_config(model)
-        return {**config, "triton_version": client.get_server_metadata().get("version", "")}
-    finally:
-        client.close()
+
+def _get_json(http_url: str, path: str, timeout_s: float = 10.0) -> dict:
+    with urllib.request.urlopen(f"http://{http_url}{path}", timeout=timeout_s) as response:
+        return json.loads(response.read())
 
 
 def config_summary(config: dict) -> dict:

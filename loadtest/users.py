@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 import grpc.experimental.gevent as grpc_gevent
-import numpy as np
-from e2v.loadtest.workload import Workload, bucket_name, multipart_upload
+from e2v.loadtest.workload import Workload, bucket_name, multipart_upload, triton_inputs
 from locust import User, constant, task
 
-from e2v.contract import GATEWAY_PREDICT_PATH, INPUT_WAV, INPUT_WAV_LENS, MODEL_NAME
+from e2v.contract import GATEWAY_PREDICT_PATH, MODEL_NAME
 
 grpc_gevent.init_gevent()  # tritonclient.grpc blocks the gevent loop without it
 
@@ -46,7 +45,7 @@ class PreparedClips:
         """tritonclient inputs of clip `index`, serialised once and reused (read-only)."""
         key = (module.__name__, index)
         if key not in self._inputs:
-            self._inputs[key] = _inputs(module, *self.padded[index])
+            self._inputs[key] = triton_inputs(module, *self.padded[index])
         return self._inputs[key]
 
     def next_index(self) -> int:
@@ -187,19 +186,6 @@ class GatewayUser(ClipUser):
 
     def on_stop(self) -> None:
         self._client.close()
-
-
-def _inputs(module, wav: np.ndarray, lens: np.ndarray) -> list:
-    """WAV [1, T] float32 and WAV_LENS [1, 1] int64 as tritonclient inputs."""
-    wav_input = module.InferInput(INPUT_WAV, list(wav.shape), "FP32")
-    lens_input = module.InferInput(INPUT_WAV_LENS, list(lens.shape), "INT64")
-    if module.__name__.endswith("http"):
-        wav_input.set_data_from_numpy(wav, binary_data=True)
-        lens_input.set_data_from_numpy(lens, binary_data=True)
-    else:
-        wav_input.set_data_from_numpy(wav)
-        lens_input.set_data_from_numpy(lens)
-    return [wav_input, lens_input]
 
 
 USER_CLASSES = {

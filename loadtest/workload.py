@@ -16,7 +16,14 @@ import numpy as np
 from e2v.loadtest.profiles import Profile, clip_lengths
 from e2v.loadtest.synth import speech_like
 
-from e2v.contract import LENGTH_BUCKETS_S, MAX_SEGMENT_S, SAMPLE_RATE, bucket_samples
+from e2v.contract import (
+    INPUT_WAV,
+    INPUT_WAV_LENS,
+    LENGTH_BUCKETS_S,
+    MAX_SEGMENT_S,
+    SAMPLE_RATE,
+    bucket_samples,
+)
 
 # (file name, container, codec, sample rate): a phone line, a compressed upload, a studio take.
 RECORDINGS = (
@@ -52,6 +59,12 @@ class Workload:
 
     def duration_s(self, index: int) -> float:
         return float(self.lengths[index]) / SAMPLE_RATE
+
+    def one_per_bucket(self) -> list[int]:
+        """A clip index for each length bucket the clips fill (the last clip of each): the
+        requests that warm a server up, outside the measurement (first runs are slow)."""
+        by_bucket = {bucket_samples(int(n)): i for i, n in enumerate(self.lengths)}
+        return list(by_bucket.values())
 
     def save(self, path: Path) -> Path:
         np.savez(path, profile=self.profile, audio=self.audio, lengths=self.lengths)
@@ -118,12 +131,15 @@ def encode_recording(directory: Path, index: int) -> Path:
 
 
 def encode(path: Path, wav: np.ndarray, rate: int, container: str, codec: str) -> Path:
-    """Mono float32 `wav` as a real `container` file with `codec` (PyAV's FFmpeg)."""
+    """Float32 `wav`, mono (samples) or stereo (2, samples), as a real `container` file with
+    `codec` (PyAV's FFmpeg)."""
     import av
 
+    planes = np.ascontiguousarray(np.atleast_2d(wav), dtype=np.float32)
+    layout = "mono" if len(planes) == 1 else "stereo"
     with av.open(str(path), "w", format=container) as out:
-        stream = out.add_stream(codec, rate=rate, layout="mono")
-        frame = av.AudioFrame.from_ndarray(wav[None, :], format="fltp", layout="mono")
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        frame = av.AudioFrame.from_ndarray(planes, format="fltp", layout=layout)
         frame.sample_rate, frame.pts = rate, 0
         for item in (frame, None):
             out.mux(stream.encode(item))
@@ -142,6 +158,18 @@ def multipart_upload(path: Path) -> tuple[str, bytes]:
     ).encode()
     body = head + path.read_bytes() + f"\r\n--{UPLOAD_BOUNDARY}--\r\n".encode()
     return f"multipart/form-data; boundary={UPLOAD_BOUNDARY}", body
+
+
+def triton_inputs(module, wav: np.ndarray, lens: np.ndarray) -> list:
+    """WAV [N, T] float32 and WAV_LENS [N, 1] int64 as inputs of tritonclient's `module`
+    (tritonclient.grpc, .grpc.aio or .http: binary tensors over HTTP)."""
+    inputs = [
+        module.InferInput(INPUT_WAV, list(wav.shape), "FP32"),
+        module.InferInput(INPUT_WAV_LENS, list(lens.shape), "INT64"),
+    ]
+    for tensor, data in zip(inputs, (wav, lens), strict=True):
+        tensor.set_data_from_numpy(data)
+    return inputs
 
 
 def decode(path: Path) -> np.ndarray:

@@ -121,4 +121,4 @@ args=(--work "$WORK" --report "$REPORT")
 # The tree's own e2v/ must not shadow the view: no current directory on sys.path, in this
 # process and in the phases it starts.
 export PYTHONSAFEPATH=1
-exec "$PYTHON" -m e2v.loadtest.gpu_bench "${args[@]}"
+exec "$PYTHON" -m e2v.loadtest.gpu.bench "${args[@]}"

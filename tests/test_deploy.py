@@ -300,22 +300,26 @@ def test_dockerfile_hygiene(dockerfile: Path):
     assert "**/.env" in patterns, f"{ignore.name} must keep .env files out of the context"
 
 
-def test_export_build_context_holds_the_package():
-    """The export image's allowlist sends every package pyproject.toml installs."""
+@pytest.mark.parametrize("image", ["export", "client", "gateway"])
+def test_build_context_holds_the_package(image):
+    """Each image that runs `pip install .` is sent every folder of the e2v package."""
     tomllib = pytest.importorskip("tomllib")
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    ignore = (DOCKER_DIR / "export.Dockerfile.dockerignore").read_text().split()
+    ignore = (DOCKER_DIR / f"{image}.Dockerfile.dockerignore").read_text().split()
     allowed = {p[1:].rstrip("/") for p in ignore if p.startswith("!")}
     # Every folder mapped into the `e2v` namespace (pyproject's package-dir).
     needed = set(pyproject["tool"]["setuptools"]["package-dir"].values()) | {"pyproject.toml"}
     if "readme" in pyproject["project"]:
         needed.add(pyproject["project"]["readme"])
-    # The exporter's templates ship as package data of `model_repository`.
+    # The exporter's templates ship as package data of `e2v.model_repository`.
     package_data = pyproject["tool"]["setuptools"]["package-data"]["e2v.model_repository"]
     assert "templates/*.pbtxt" in package_data and "python_backend/*.py" in package_data
     assert needed <= allowed, (
-        f"missing from export.Dockerfile.dockerignore: {sorted(needed - allowed)}"
+        f"missing from {image}.Dockerfile.dockerignore: {sorted(needed - allowed)}"
     )
+
+
+def test_export_image_runs_e2v_export():
     assert "e2v export" in " ".join(
         json.loads(_only(_instructions(DOCKER_DIR / "export.Dockerfile"), "ENTRYPOINT"))
     )

@@ -61,7 +61,7 @@ def test_our_packages_install_beside_their_pypi_namesakes(lean_env):
         cwd=lean_env,  # not the clone, whose folders would shadow the installed packages
     ).stdout.splitlines()
     origins = json.loads(shown[0])
-    site = Path(origins["e2v.client"]).parent.parent
+    site = Path(origins["e2v.client"]).parents[2]  # site/e2v/client/__init__.py
     assert origins["export"] == str(site / "export" / "__init__.py")
     assert origins["loadtest"] == str(site / "loadtest" / "__init__.py")
     assert origins["e2v.export"] == str(site / "e2v" / "export" / "__init__.py")

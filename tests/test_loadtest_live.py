@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 from e2v.loadtest.calls import PARTIES, RATE, make_calls, offline_utterances
-from e2v.loadtest.live import CallLog, percentiles, ws_url
+from e2v.loadtest.live import CallLog, ws_url
 from e2v.loadtest.live_run import parse_channels
+from e2v.loadtest.metrics import percentiles
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_frame_times_and_percentiles():
     log = CallLog(0, 0, "c", sent=[1.0, 1.1, 1.2], frame_samples=800)  # 100 ms frames
     assert log.sent_at(0.05) == 1.0 and log.sent_at(0.1) == 1.0  # sample 799: frame 0
     assert log.sent_at(0.1001) == 1.1 and log.sent_at(9.0) == 1.2  # past the end: the last
-    figures = percentiles([0.01] * 99 + [1.0])
+    figures = percentiles([10.0] * 99 + [1000.0])  # milliseconds
     assert figures["count"] == 100 and figures["p50"] == 10.0 and figures["max"] == 1000.0
     assert percentiles([]) == {"count": 0}
     assert ws_url("http://127.0.0.1:8080") == "ws://127.0.0.1:8080/v1/live"
@@ -54,7 +55,13 @@ def test_frame_times_and_percentiles():
 
 @pytest.mark.parametrize(
     "args",
-    [["--channels", "0"], ["--duration", "3"], ["--frame-ms", "5"], ["--gateway"]],
+    [
+        ["--channels", "0"],
+        ["--duration", "3"],
+        ["--frame-ms", "5"],
+        ["--gateway"],
+        ["--configs", "2y1"],
+    ],
 )
 def test_bad_arguments_exit_2(args, tmp_path, capsys):
     from e2v.cli import main
@@ -112,3 +119,26 @@ def test_live_load_test_against_a_real_gateway(tiny_server, tmp_path):
     assert text.splitlines()[0].endswith("(SYNTHETIC model: random weights)")
     assert "| channels | calls ok / failed |" in text and "load average" in text
     assert summary["machine"].split("(")[1].split(")")[0] in text  # the CPU model is named
+
+
+def test_calls_the_gateway_refuses_are_counted_with_its_close_code(tiny_server, tmp_path):
+    """A gateway that takes one live session: the second line's calls are refused, and the
+    report counts them by the gateway's close code and reason (not as client errors),
+    while the call it took completes with every final."""
+    from e2v.loadtest.gateway_process import GatewayProcess
+
+    from e2v.cli import main
+
+    flags = ("--live-sessions", "1", "--max-connections-per-client", "0")
+    with GatewayProcess(tiny_server.config.grpc_url, *flags).start() as gateway:
+        report = tmp_path / "report"
+        arguments = ["loadtest", "--live", "--live-url", gateway.url, "--gateway-pid"]
+        arguments += [str(gateway.pid), "--channels", "2", "--duration", "8", "--calls", "1"]
+        assert main([*arguments, "--call-s", "6", "--report", str(report)]) == 0
+    (level,) = json.loads((report / "summary.json").read_text())["levels"]
+    sessions = level["sessions"]
+    refused = {k: n for k, n in sessions["closes"].items() if k != "1000"}
+    assert sessions["ok"] >= 1 and sessions["failed"] >= 1, sessions
+    assert refused and all(k.startswith("1013 ") for k in refused), sessions
+    assert level["finals"]["expected"] >= 1 and level["finals"]["lost"] == 0, level["finals"]
+    assert level["gateway_cores"] > 0

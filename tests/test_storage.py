@@ -16,7 +16,7 @@ from pathlib import Path
 
 import audio_fixtures as fx
 import pytest
-from e2v.client.inputs import Shard, shard_of
+from e2v.client.batch.shards import Shard, shard_of
 from servers import S3Server
 
 E2V = [sys.executable, "-m", "e2v"]

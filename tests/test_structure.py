@@ -113,16 +113,8 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return sorted(found)
 
 
-# Cycles being removed by the loadtest restructuring (issue 27, item 8): this list may only
-# shrink, and the test fails on any cycle not in it.
-KNOWN_CYCLES = [
-    ["e2v.loadtest.cli", "e2v.loadtest.live_run"],
-    ["e2v.loadtest.gpu_live", "e2v.loadtest.gpu_phases"],
-]
-
-
 def test_no_import_cycles():
-    assert cycles(graph()) == KNOWN_CYCLES
+    assert cycles(graph()) == []
 
 
 def test_the_cycle_finder_finds_a_cycle():

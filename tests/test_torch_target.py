@@ -230,16 +230,16 @@ def test_runner_pads_requests_of_different_lengths_exactly(torch_repo, precision
 def test_benchmark_client_counts_what_triton_counts(torch_server, processes):
     """The GPU benchmark's stdlib HTTP closed loop (threads, or forked processes): every
     request answered and plausible, and Triton's statistics see exactly as many."""
-    from e2v.loadtest import closed_loop
-    from e2v.loadtest.gpu_phases import served_workload
+    from e2v.loadtest import closed_loop, triton_stats
+    from e2v.loadtest.gpu.phases import served_workload
 
     url = torch_server.config.http_url
     workload = served_workload("fixed-3s")
-    before = closed_loop.statistics(url)
+    before = triton_stats.snapshot(url)
     requests, errors = closed_loop.run_users(
         url, workload, 3, 1.5, ["SCORES", "EMBEDDING"], processes=processes
     )
-    after = closed_loop.settled(url, before.handled + len(requests.ok)) - before
+    after = triton_stats.settled(url, before.handled + len(requests.ok)) - before
     assert errors == [] and requests.ok.all() and len(requests.ok) >= 3
     assert after.success == len(requests.ok) and after.failures == 0
     assert np.all(requests.audio_s == 3.0) and np.all(requests.latency_ms > 0)

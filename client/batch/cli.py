@@ -124,8 +124,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_classify(args: argparse.Namespace) -> int:
+    from e2v.client.batch.shards import Shard, parse_shard
     from e2v.client.classify import JobOptions
-    from e2v.client.inputs import Shard, parse_shard
     from e2v.client.parties import from_arguments
     from e2v.client.results import parse_alerts
     from e2v.client.segment import parse_segment_mode

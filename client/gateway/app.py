@@ -52,6 +52,8 @@ from e2v.client.gateway.uploads import (
 from e2v.client.results import model_labels
 
 from e2v.contract import (
+    CALL_EVENTS_PATH,
+    CALL_ID_PATTERN,
     GATEWAY_LIVE_PATH,
     GATEWAY_METRICS_PATH,
     GATEWAY_PREDICT_PATH,
@@ -69,6 +71,7 @@ PAGE_HEADERS = {
 }
 ENDPOINTS = {"/", GATEWAY_LIVE_PATH, GATEWAY_READY_PATH, GATEWAY_METRICS_PATH, GATEWAY_PREDICT_PATH}
 MAX_FILENAME_QUERY = 1024
+SSE_HEADERS = {"X-Accel-Buffering": "no"}  # nginx: do not buffer the event stream
 
 ERROR_RESPONSES = {
     status: {"model": ErrorOut, "description": text}
@@ -279,10 +282,43 @@ def create_app(config: GatewayConfig):
             return JSONResponse({"results": results})
         return JSONResponse(results[0], file_status(results[0].get("error_kind")))
 
-    from e2v.client.live.routes import add_live_routes
-
-    add_live_routes(app, gateway)
+    _add_live_routes(app, gateway)
     return app
+
+
+def _add_live_routes(app, gateway: Gateway) -> None:
+    """The live tier's WebSockets, and its Server-Sent Events route: an HTTP route, with
+    the gateway's key check and errors."""
+    from e2v.client.live.routes import add_live_routes, event_stream, valid_call_id
+    from fastapi import Request
+    from fastapi.responses import StreamingResponse
+
+    add_live_routes(app, gateway.live)
+
+    @app.get(
+        CALL_EVENTS_PATH,
+        tags=["live"],
+        response_class=StreamingResponse,
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "events of the call"},
+            400: {"description": f"call_id is not {CALL_ID_PATTERN}"},
+            401: {"description": "API key missing or wrong"},
+        },
+    )
+    async def call_events(call_id: str, request: Request):
+        """Server-Sent Events: every event of the live call `call_id` (`event:` is its
+        type, `id:` its seq, `data:` its JSON), until its summary; waits up to 30 s for a
+        call that has not started. A refusal or an overflow comes as an `error` event."""
+        check_key(request, gateway.config.api_key)
+        if not valid_call_id(call_id):
+            raise GatewayError(400, BAD_PARAMETER, f"call_id must match {CALL_ID_PATTERN}")
+        after = request.headers.get("last-event-id", "")
+        after_seq = int(after) if after.isdigit() and len(after) < 12 else 0
+        return StreamingResponse(
+            event_stream(gateway.live, call_id, after_seq),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
 
 
 async def unless_disconnected(receive, work: Awaitable):

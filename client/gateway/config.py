@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from e2v.client.live.limits import LiveLimits
+from e2v.client.secrets import read_secret_file
 
 from e2v.contract import GATEWAY_MAX_UPLOAD_MB, GATEWAY_PORT, GRPC_PORT, MAX_DURATION_S, MODEL_NAME
 
@@ -16,8 +17,6 @@ if TYPE_CHECKING:  # server.py needs uvicorn (the gateway extra); config.py must
 
 # Files per request: a form is a handful of recordings, not an archive.
 MAX_FILES = 16
-# Longest API key file read (keys are short; a wrong path must not read a disk image).
-MAX_KEY_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -103,17 +102,7 @@ class GatewayConfig:
 
 def read_api_key(path: Path) -> bytes:
     """The key in `path` (surrounding whitespace removed); ValueError with a one-line reason."""
-    try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_KEY_BYTES + 1)
-    except OSError as exc:
-        raise ValueError(f"cannot read --api-key-file {path}: {exc.strerror or exc}") from None
-    key = data.strip()
-    if len(data) > MAX_KEY_BYTES:
-        raise ValueError(f"--api-key-file {path} is longer than {MAX_KEY_BYTES} bytes")
-    if not key or any(b < 0x21 or b > 0x7E for b in key):
-        raise ValueError(f"--api-key-file {path} must hold one printable ASCII key")
-    return key
+    return read_secret_file(path, "--api-key-file")
 
 
 def read_audiohook_secret(path: Path) -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 from datetime import datetime, timezone
 
@@ -206,12 +207,26 @@ def file_json(result: FileResult, embeddings: bool) -> dict:
 
 
 def _live_hub(gateway: Gateway):
-    """Live sessions (client/live/hub.py), with a webhook sender when --webhook is set."""
+    """The live tier (client/live/), given what it needs through `LiveServices`: the Triton
+    client and model once started, metrics, slots, the key check, secrets, webhooks."""
+    from e2v.client.gateway.auth import key_problem
     from e2v.client.live.hub import LiveHub
+    from e2v.client.live.services import LiveServices
 
     config, webhook = gateway.config, None
     if config.webhook is not None:
         from e2v.client.webhooks import WebhookSender
 
         webhook = WebhookSender(config.webhook, config.webhook_secret)
-    return LiveHub(gateway, config.live, webhook)
+    services = LiveServices(
+        client=lambda: gateway.client,
+        model=lambda: gateway.info,
+        metrics=gateway.metrics,
+        slots=config.slots,
+        key_problem=functools.partial(key_problem, config.api_key),
+        audiohook_secret=config.audiohook_secret,
+        webhook=webhook,
+    )
+    hub = LiveHub(services, config.live)
+    gateway.metrics.bind_live(hub)
+    return hub

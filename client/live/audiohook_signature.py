@@ -116,3 +116,22 @@ class SignatureVerifier:
             self._nonces.popitem(last=False)
         self._nonces[nonce] = now + MAX_AGE_S + self._verifier.max_clock_skew.total_seconds()
         return True
+
+
+_verifiers: dict[bytes, SignatureVerifier] = {}
+
+
+def verify_upgrade(secret: bytes, headers, scope: dict) -> str | None:
+    """The problem with the upgrade's signature (None: it verifies), with one verifier per
+    secret for the process, so nonces are remembered across sessions."""
+    if secret not in _verifiers:
+        _verifiers[secret] = SignatureVerifier(secret)
+    lines = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers.raw]
+    return _verifiers[secret].verify(lines, _request_target(scope))
+
+
+def _request_target(scope: dict) -> str:
+    path = scope.get("raw_path") or scope.get("path", "/").encode()
+    query = scope.get("query_string") or b""
+    target = path.decode("latin-1")
+    return f"{target}?{query.decode('latin-1')}" if query else target

@@ -9,48 +9,42 @@ Every event a session publishes goes, without ever blocking, to
 
 A socket takes a slot as soon as it is accepted (`admit`), before its first message, so
 sockets that never speak are bounded by the same limit and lose their slot after the
-handshake timeout. Protocol modules (native.py, audiohook.py, twilio.py) use
-`admit` -> `session` -> `Outbox.guard` and nothing else of the hub.
+handshake timeout. The session path (connection.py) uses `admit`, `session` (or
+`time_limit` for a probe), `session_id` and `finishing`, nothing else of the hub; what the
+hub needs from the gateway comes in `LiveServices` (services.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
 
-from e2v.client.live.limits import LiveLimits
+from e2v.client.live.errors import LiveError
+from e2v.client.live.limits import CLOSE_WAIT_S, LiveLimits
+from e2v.client.live.outbox import Outbox, error_event, event_json
 from e2v.client.live.scheduler import Scheduler
-from e2v.client.live.session import LiveError, LiveSession, LiveSettings, StreamFormat
+from e2v.client.live.services import LiveServices
+from e2v.client.live.session import LiveSession, LiveSettings, StreamFormat
 
 from e2v.contract import (
     CLOSE_BAD_MESSAGE,
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
-    CLOSE_SLOW_READER,
     CLOSE_TIMEOUT,
-    CLOSE_TOO_FAST,
     CLOSE_TRY_AGAIN,
     EVENT_ALERT,
-    EVENT_ERROR,
     EVENT_RESULT,
     EVENT_SUMMARY,
     EVENT_UTTERANCE_END,
 )
 
-if TYPE_CHECKING:
-    from e2v.client.gateway.service import Gateway
-    from e2v.client.webhooks import WebhookSender
-
 log = logging.getLogger("e2v.live")
-T = TypeVar("T")
 
 # A busy gateway tells clients to come back after this long (the `retry_after_s` field).
 RETRY_AFTER_S = 5.0
@@ -65,112 +59,10 @@ SUBSCRIBE_WAIT_S = 30.0
 REPLAY_EVENTS = 64
 # Subscriptions in all, per session slot (each holds a bounded queue).
 SUBSCRIPTIONS_PER_SESSION = 2
-# Outbox items past the bound that are still let in: the one error event before a close.
-ERROR_HEADROOM = 1
-# How long a socket being closed may take to flush its outbox and send the close frame.
-CLOSE_WAIT_S = 5.0
 CLOSE_ABNORMAL = 1006  # the label of sessions that ended by an exception (a bug) in /metrics
 GOING_AWAY_REASON = "the gateway is shutting down: reconnect to another instance"
 # Events whose `lag_s` is the latency metric's sample, and the metric's label.
 LATENCY_KINDS = {EVENT_RESULT: "interim", EVENT_UTTERANCE_END: "final"}
-
-
-class Outbox:
-    """One socket's side of the hub, from its accept to its close: the session slot it
-    holds, its bounded queue of events, and the reason, once there is one, that its
-    session must stop (`stop`; raised by `guard`).
-
-    `put` never blocks: past `max_events` or `max_bytes` it refuses the event and stops
-    the session with CLOSE_SLOW_READER. Items are (event, JSON text)."""
-
-    def __init__(self, max_events: int, max_bytes: int, on_release=None):
-        self.max_events, self.max_bytes = max_events, max_bytes
-        self.bytes = 0
-        self._items: deque[tuple[dict, str]] = deque()
-        self._ready = asyncio.Event()
-        self._closed = False
-        self._on_release = on_release
-        self.stopped: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(self, event: dict, text: str | None = None, *, last: bool = False) -> bool:
-        """Queue `event` (its JSON `text`, made here if not given); False once closed or
-        full. `last`: the error event before a close, let in past the bound."""
-        if self._closed:
-            return False
-        text = text if text is not None else event_json(event)
-        headroom = ERROR_HEADROOM if last else 0
-        if len(self._items) >= self.max_events + headroom or self.bytes + len(
-            text
-        ) > self.max_bytes + headroom * len(text):
-            self.stop(
-                LiveError(
-                    CLOSE_SLOW_READER,
-                    "slow_reader",
-                    f"the client is not reading its events ({len(self._items)} queued, "
-                    f"{self.bytes} bytes): closed",
-                )
-            )
-            return False
-        self._items.append((event, text))
-        self.bytes += len(text)
-        self._ready.set()
-        return True
-
-    async def get(self) -> tuple[dict, str] | None:
-        """The next item; None once closed and empty."""
-        while not self._items:
-            if self._closed:
-                return None
-            self._ready.clear()
-            await self._ready.wait()
-        event, text = self._items.popleft()
-        self.bytes -= len(text)
-        return event, text
-
-    def close(self) -> None:
-        """No more puts; `get` returns what is left, then None."""
-        self._closed = True
-        self._ready.set()
-
-    def stop(self, reason: Exception) -> None:
-        """End the session with `reason` (the first reason wins)."""
-        if not self.stopped.done():
-            self.stopped.set_result(reason)
-
-    async def guard(self, awaitable: Awaitable[T], timeout_s: float | None = None) -> T:
-        """`awaitable`'s result, unless the session is stopped first (the reason is raised)
-        or `timeout_s` passes (asyncio.TimeoutError); either way the awaitable is cancelled."""
-        task = asyncio.ensure_future(awaitable)
-        try:
-            done, _ = await asyncio.wait(
-                {task, self.stopped}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        if task in done:
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        if self.stopped.done():
-            raise self.stopped.result()
-        raise asyncio.TimeoutError
-
-    def release(self) -> None:
-        """Give the session slot back (idempotent)."""
-        if self._on_release is not None:
-            release, self._on_release = self._on_release, None
-            release(self)
-
-    def __enter__(self) -> Outbox:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 @dataclass
@@ -195,9 +87,9 @@ class _Call:
 class LiveHub:
     """Session registry and limit, fan-out of events, drain. One per gateway."""
 
-    def __init__(self, gateway: Gateway, limits: LiveLimits, webhook: WebhookSender | None = None):
-        self.gateway, self.limits, self.webhook = gateway, limits, webhook
-        self.metrics = gateway.metrics
+    def __init__(self, services: LiveServices, limits: LiveLimits):
+        self.services, self.limits = services, limits
+        self.metrics, self.webhook = services.metrics, services.webhook
         self.scheduler: Scheduler | None = None
         self.draining = False
         self._sockets: set[Outbox] = set()  # every admitted socket (handshakes included)
@@ -205,13 +97,12 @@ class LiveHub:
         self._pending: dict[str, set[Outbox]] = {}  # subscribers waiting for their call
         self._subscriptions = 0
         self._changed: asyncio.Event | None = None
-        self.metrics.bind_live(self)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """After the gateway's start (the scheduler shares its Triton client)."""
-        self.scheduler = Scheduler(self.gateway.client, max_in_flight=self.in_flight_limit)
+        """After the application's start (the scheduler shares its Triton client)."""
+        self.scheduler = Scheduler(self.services.client(), max_in_flight=self.in_flight_limit)
         self._changed = asyncio.Event()
         if self.webhook is not None:
             await self.webhook.start()
@@ -230,7 +121,7 @@ class LiveHub:
     def in_flight_limit(self) -> int:
         """Triton requests in flight for live windows: enough to fill the dynamic batcher
         from many calls, bounded so uploads keep their share."""
-        return max(8, 4 * self.gateway.config.slots)
+        return max(8, 4 * self.services.slots)
 
     @property
     def sessions(self) -> int:
@@ -273,38 +164,22 @@ class LiveHub:
     @contextlib.asynccontextmanager
     async def session(
         self,
+        outbox: Outbox,
         call_id: str | None,
         fmt: StreamFormat,
         settings: LiveSettings,
-        *,
-        outbox: Outbox | None = None,
         protocol: str = "live",
-    ) -> AsyncIterator[tuple[LiveSession, Outbox]]:
-        """A started session and its socket's outbox. A LiveError raised inside, or the
-        outbox's stop reason, ends the session: it is published as the `error` event and
-        re-raised; the caller then flushes the outbox and closes the socket with its code.
-        Pass the `outbox` from `admit` and release it after the close, so the drain waits
-        for the close frame; without one, a slot is taken and released here."""
-        owned = outbox is None  # a slot taken here is released here; else by the caller
-        outbox = self.admit() if owned else outbox
-        try:
-            call = self._open(call_id, fmt, settings, outbox, protocol)
-        except BaseException:
-            if owned:
-                outbox.release()
-            raise
-        timer = asyncio.get_running_loop().call_later(
-            self.limits.max_duration_s,
-            outbox.stop,
-            LiveError(
-                CLOSE_TIMEOUT,
-                "max_duration",
-                f"the session passed the longest allowed ({self.limits.max_duration_s:g} s)",
-            ),
-        )
+    ) -> AsyncIterator[LiveSession]:
+        """A started session of the socket that holds `outbox` (from `admit`; the caller
+        releases it after the close, so the drain waits for the close frame). A LiveError
+        raised inside, or the outbox's stop reason, ends the session: it is published as
+        the `error` event and re-raised; the caller then flushes the outbox and closes the
+        socket with its code."""
+        call = self._open(call_id, fmt, settings, outbox, protocol)
+        timer = self.time_limit(outbox)
         code = CLOSE_NORMAL
         try:
-            yield call.session, outbox
+            yield call.session
         except LiveError as exc:
             code = exc.code
             await self._end_with(call, exc)
@@ -316,10 +191,21 @@ class LiveHub:
         finally:
             timer.cancel()
             self._close(call)
-            if owned:
-                outbox.release()
             self.metrics.live_ended.labels(protocol, str(code)).inc()
             self.metrics.live_duration.observe(time.monotonic() - call.started)
+
+    def time_limit(self, outbox: Outbox) -> asyncio.TimerHandle:
+        """Stop `outbox`'s session once it has lasted --live-max-duration-s (cancel the
+        handle when it ends)."""
+        return asyncio.get_running_loop().call_later(
+            self.limits.max_duration_s,
+            outbox.stop,
+            LiveError(
+                CLOSE_TIMEOUT,
+                "max_duration",
+                f"the session passed the longest allowed ({self.limits.max_duration_s:g} s)",
+            ),
+        )
 
     def _open(self, call_id, fmt, settings, outbox: Outbox, protocol: str) -> _Call:
         if self.draining:
@@ -327,7 +213,8 @@ class LiveHub:
         call_id = call_id or f"call-{secrets.token_hex(8)}"
         if call_id in self._calls:
             raise LiveError(CLOSE_BAD_MESSAGE, "call_in_use", f"call_id {call_id} is already live")
-        if self.gateway.info is None:
+        info = self.services.model()
+        if info is None:
             raise LiveError(
                 CLOSE_TRY_AGAIN,
                 "unavailable",
@@ -340,7 +227,7 @@ class LiveHub:
             fmt,
             settings,
             self.scheduler,
-            self.gateway.info,
+            info,
             lambda event: self._publish(call, event),
         )
         self._calls[call_id] = call
@@ -364,10 +251,6 @@ class LiveHub:
             # Its failure is raised to whoever awaits it; none may (an abort came first).
             call.finishing.add_done_callback(lambda t: t.cancelled() or t.exception())
         return call.finishing
-
-    def pace(self) -> AudioPace:
-        """The rate limit of one stream (call `take(audio_s)` for each message)."""
-        return AudioPace(self.limits.max_speed, self.limits.burst_s)
 
     def session_id(self, session: LiveSession) -> str:
         """The id `started` names (one per session; the call id may come again later)."""
@@ -488,6 +371,8 @@ class LiveHub:
         up to `deadline_s`, then stop each socket with CLOSE_GOING_AWAY (a started session
         is scored first, DRAIN_FINISH_S at most) and wait for them to close."""
         self.draining = True
+        for outbox in self._sockets:
+            outbox.drain()
         for pending in self._pending.values():
             for queue in pending:
                 queue.stop(LiveError(CLOSE_GOING_AWAY, "draining", GOING_AWAY_REASON))
@@ -506,63 +391,6 @@ class LiveHub:
             self._changed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), left)
-
-
-class AudioPace:
-    """Audio faster than real time beyond `max_speed` ends the session (CLOSE_TOO_FAST).
-
-    A token bucket in audio seconds, filled at `max_speed` per second up to `burst_s`;
-    each message takes its audio's length. A message is refused once the bucket is empty
-    (not when it holds less than the message), so one large message paced in real time is
-    never refused: the client may be ahead by the burst plus one message."""
-
-    def __init__(self, max_speed: float, burst_s: float):
-        self.rate, self.burst_s = max_speed, burst_s
-        self.tokens = burst_s
-        self._last = time.monotonic()
-
-    def take(self, audio_s: float) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.burst_s, self.tokens + (now - self._last) * self.rate)
-        self._last = now
-        if self.tokens < 0:
-            raise LiveError(
-                CLOSE_TOO_FAST,
-                "too_fast",
-                f"audio arrives faster than {self.rate:g}x real time "
-                f"(after a burst of {self.burst_s:g} s); pace it",
-            )
-        self.tokens -= audio_s
-
-
-def error_event(exc: Exception, call_id: str | None, seq: int = 1) -> dict:
-    """The `error` event sent before a close that is not 1000."""
-    event = {
-        "type": EVENT_ERROR,
-        "call_id": call_id,
-        "seq": seq,
-        "party": None,
-        "start_s": None,
-        "end_s": None,
-        "code": getattr(exc, "code", CLOSE_BAD_MESSAGE),
-        "error_kind": getattr(exc, "kind", "error"),
-        "message": str(exc),
-    }
-    retry = getattr(exc, "retry_after_s", None)
-    if retry is not None:
-        event["retry_after_s"] = retry
-    return event
-
-
-def event_json(event: dict) -> str:
-    """Compact JSON; numpy scalars and arrays become numbers and lists."""
-    return json.dumps(event, separators=(",", ":"), allow_nan=False, default=_plain)
-
-
-def _plain(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 async def _quietly(awaitable: Awaitable) -> None:

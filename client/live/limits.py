@@ -1,11 +1,24 @@
-"""The bounds of live sessions (docs/live.md, "Bounds"), set by `e2v gateway`'s flags.
+"""The bounds of live sessions (docs/live.md, "Bounds"), set by `e2v gateway`'s flags, and
+the rate limit of one stream's audio.
 
 Apart from the hub so the gateway's config can hold them without importing the engine.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+
+from e2v.client.live.errors import LiveError
+
+from e2v.contract import CLOSE_TOO_FAST
+
+# How long a socket being closed may take to flush its events and send the close frame,
+# and how long a client gets for its side of a close (AudioHook's close transaction).
+CLOSE_WAIT_S = 5.0
+# The longest wait for a client to take one message sent outside its event queue (an
+# AudioHook `pong`): past it the client is not reading (CLOSE_SLOW_READER).
+SEND_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -46,3 +59,30 @@ class LiveLimits:
         over `max_message_bytes` with an error event; bigger ones the WebSocket layer
         closes with 1009 itself, before buffering them."""
         return 4 * self.max_message_bytes
+
+
+class AudioPace:
+    """Audio faster than real time beyond `max_speed` ends the session (CLOSE_TOO_FAST).
+
+    A token bucket in audio seconds, filled at `max_speed` per second up to `burst_s`;
+    each message takes its audio's length. A message is refused once the bucket is empty
+    (not when it holds less than the message), so one large message paced in real time is
+    never refused: the client may be ahead by the burst plus one message."""
+
+    def __init__(self, max_speed: float, burst_s: float):
+        self.rate, self.burst_s = max_speed, burst_s
+        self.tokens = burst_s
+        self._last = time.monotonic()
+
+    def take(self, audio_s: float) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst_s, self.tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self.tokens < 0:
+            raise LiveError(
+                CLOSE_TOO_FAST,
+                "too_fast",
+                f"audio arrives faster than {self.rate:g}x real time "
+                f"(after a burst of {self.burst_s:g} s); pace it",
+            )
+        self.tokens -= audio_s

@@ -10,31 +10,33 @@
 
 Any bound or bad message ends the session with an `error` event and a close code
 (e2v/contract.py CLOSE_*). A client that disconnects without `stop` still has its call
-finished: the finals and the summary go to subscribers and webhooks.
+finished: the finals and the summary go to subscribers and webhooks. The session path
+(connection.py) does the rest; this module translates the messages.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import re
 
-from e2v.client.live.hub import LiveHub, Outbox
-from e2v.client.live.session import LiveError, LiveSession, LiveSettings, StreamFormat
-from e2v.client.live.sockets import Socket
+from e2v.client.alerts import MAX_ALERT_WINDOWS
+from e2v.client.live.errors import bad
+from e2v.client.live.limits import LiveLimits
+from e2v.client.live.outbox import error_event
+from e2v.client.live.services import authorize
+from e2v.client.live.session import LiveSession, LiveSettings, StreamFormat
+from e2v.client.live.wire import AudioStream, Opening, Wire
 from e2v.client.results import model_labels
 
 from e2v.contract import (
-    CLOSE_BAD_MESSAGE,
-    CLOSE_INTERNAL,
-    CLOSE_TIMEOUT,
+    CALL_ID_PATTERN,
     LIVE_MAX_CHANNELS,
+    LIVE_START,
+    LIVE_STARTED,
+    LIVE_STOP,
 )
 
-log = logging.getLogger("e2v.live")
-
-CALL_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+CALL_ID = re.compile(CALL_ID_PATTERN)
 DEFAULT_PARTIES = {1: ("caller",), 2: ("customer", "agent")}
 START_FIELDS = frozenset(
     {
@@ -50,102 +52,44 @@ START_FIELDS = frozenset(
         "alert_windows",
     }
 )
-MAX_ALERT_WINDOWS = 100
-# `stop` -> every final scored and the summary sent, within this (Triton restarting
-# included: the scheduler retries finals); past it the session ends with CLOSE_INTERNAL.
-FINISH_S = 120.0
-INTERNAL_MESSAGE = "internal error (a bug; the gateway log has details)"
+MISSING_KEY = "API key required (Authorization: Bearer KEY or X-API-Key, or ?key= from a browser)"
 
 
-def bad(kind: str, message: str) -> LiveError:
-    return LiveError(CLOSE_BAD_MESSAGE, kind, message)
+class LiveWire(Wire):
+    """Our protocol: JSON text for control, binary frames for audio, events as JSON."""
 
+    name, first, audio, query_key = "live", LIVE_START, "audio", True
 
-async def serve(websocket, hub: LiveHub) -> None:
-    """One /v1/live connection, from the upgrade to the close."""
-    socket = Socket(websocket, hub.limits.max_message_bytes)
-    try:
-        await socket.accept(hub.gateway.config.api_key, query_key=True)
-        outbox = hub.admit()
-    except LiveError as exc:
-        await socket.close(exc)
-        return
-    with outbox:  # the slot is held until the close frame is sent (the drain waits for it)
-        socket.attach(outbox)
-        error, published = None, False
-        try:
-            start = await _handshake(socket, outbox, hub.limits.handshake_s)
-            call_id, fmt, settings = parse_start(start)
-            async with hub.session(call_id, fmt, settings, outbox=outbox) as (session, _):
-                published = True  # from here the hub publishes the error event
-                outbox.put(started(hub, session))
-                await _stream(socket, session, outbox, hub)
-        except LiveError as exc:
-            error = exc
-        except Exception:  # a bug: this session's own close, never the gateway's
-            log.exception("live session failed")
-            error = LiveError(CLOSE_INTERNAL, "internal", INTERNAL_MESSAGE)
-            published = False
-        await socket.close(error, published)
+    def authenticate(self) -> None:
+        authorize(self.services, self.socket.headers, self.socket.query_key, missing=MISSING_KEY)
 
-
-async def _handshake(socket: Socket, outbox: Outbox, timeout_s: float) -> dict:
-    try:
-        message = await socket.next(outbox, timeout_s)
-    except asyncio.TimeoutError:
-        raise LiveError(
-            CLOSE_TIMEOUT, "handshake", f"no start message within {timeout_s:g} s"
-        ) from None
-    if message is None:
-        raise bad("order", "the client left before start")
-    if isinstance(message, bytes):
-        raise bad("order", "audio before the start message")
-    start = parse_json(message)
-    if start["type"] != "start":
-        raise bad("order", f"the first message must be start, not {start['type']!r}")
-    return start
-
-
-async def _stream(socket: Socket, session: LiveSession, outbox: Outbox, hub: LiveHub) -> None:
-    """Audio and messages until `stop` (or the client leaves); the summary is published."""
-    limits, fmt = hub.limits, session.fmt
-    second_bytes = fmt.frame_bytes * fmt.sample_rate
-    pace = hub.pace()
-    loop = asyncio.get_running_loop()
-    last_audio = loop.time()
-    while True:
-        idle_left = limits.idle_s - (loop.time() - last_audio)
-        try:
-            message = await socket.next(outbox, idle_left)
-        except asyncio.TimeoutError:
-            raise LiveError(CLOSE_TIMEOUT, "idle", f"no audio for {limits.idle_s:g} s") from None
-        if message is None:  # gone without stop: finish for subscribers and webhooks
-            outbox.close()
-            await _finish(hub, session, outbox)
-            return
+    async def handshake(self, message: str | bytes) -> Opening:
         if isinstance(message, bytes):
-            pace.take(len(message) / second_bytes)
-            if message:  # empty frames are no audio: they keep nothing alive
-                # Not guarded: feed waits only while this session's audio is processed.
-                await session.feed(message)
-                last_audio = loop.time()
-            continue
+            raise bad("order", "audio before the start message")
+        start = parse_json(message)
+        if start["type"] != LIVE_START:
+            raise bad("order", f"the first message must be start, not {start['type']!r}")
+        return Opening(*parse_start(start))
+
+    async def opened(self, session: LiveSession | None, session_id: str | None) -> None:
+        self.socket.outbox.put(started(self.limits, session, session_id))
+
+    async def message(self, message: str | bytes, stream: AudioStream) -> bool:
+        if isinstance(message, bytes):
+            await stream.audio(message)
+            return False
         request = parse_json(message)
-        if request["type"] == "stop":
-            await _finish(hub, session, outbox)
-            return
-        if request["type"] == "start":
+        if request["type"] == LIVE_STOP:
+            return True
+        if request["type"] == LIVE_START:
             raise bad("order", "start was already received")
         raise bad("type", f"unknown message type {request['type']!r}: start or stop")
 
+    def frame(self, event: dict, text: str) -> str:
+        return text
 
-async def _finish(hub: LiveHub, session: LiveSession, outbox: Outbox) -> None:
-    try:  # shielded: a drain deadline meanwhile waits for this same finish
-        await outbox.guard(asyncio.shield(hub.finishing(session)), FINISH_S)
-    except asyncio.TimeoutError:
-        raise LiveError(
-            CLOSE_INTERNAL, "finish_timeout", f"finals not scored within {FINISH_S:g} s"
-        ) from None
+    def refusal(self, error) -> dict:
+        return error_event(error, None)
 
 
 def parse_json(text: str) -> dict:
@@ -166,7 +110,7 @@ def parse_start(start: dict) -> tuple[str | None, StreamFormat, LiveSettings]:
         raise bad("start", f"unknown start field(s): {', '.join(unknown)}")
     call_id = start.get("call_id")
     if call_id is not None and (not isinstance(call_id, str) or not CALL_ID.fullmatch(call_id)):
-        raise bad("call_id", "call_id must match [A-Za-z0-9._:-]{1,128}")
+        raise bad("call_id", f"call_id must match {CALL_ID_PATTERN}")
     channels = start.get("channels", 1)
     if not _integer(channels) or not 1 <= channels <= LIVE_MAX_CHANNELS:
         raise bad("channels", f"channels must be 1 to {LIVE_MAX_CHANNELS}")
@@ -187,13 +131,13 @@ def parse_start(start: dict) -> tuple[str | None, StreamFormat, LiveSettings]:
     return call_id, fmt, LiveSettings(**options, alert_windows=windows)
 
 
-def started(hub: LiveHub, session: LiveSession) -> dict:
+def started(limits: LiveLimits, session: LiveSession, session_id: str) -> dict:
     """The answer to `start`: ids, the model (synthetic models' labels mean nothing), the
     parties and the bounds this session runs under."""
-    limits, info = hub.limits, session.info
+    info = session.info
     return {
-        "type": "started",
-        "session_id": hub.session_id(session),
+        "type": LIVE_STARTED,
+        "session_id": session_id,
         "call_id": session.call_id,
         "model": info.name,
         "synthetic": info.synthetic,

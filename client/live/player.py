@@ -49,6 +49,9 @@ from e2v.contract import (
     LIVE_MAX_CHANNELS,
     LIVE_PATH,
     LIVE_SAMPLE_RATES,
+    LIVE_START,
+    LIVE_STARTED,
+    LIVE_STOP,
     TWILIO_PATH,
 )
 
@@ -69,7 +72,11 @@ SYNTHETIC_NOTE = "note: the served model is SYNTHETIC (random weights): labels a
 
 
 class PlayError(Exception):
-    """The call failed; str() is the one line printed (exit status 1)."""
+    """The call failed; str() is the one line printed (exit status 1). When the gateway
+    ended the session, `close_code` and `close_reason` are its close frame's."""
+
+    close_code: int | None = None
+    close_reason: str = ""
 
 
 class UsageError(PlayError):
@@ -184,10 +191,10 @@ def _options(args: argparse.Namespace) -> PlayOptions:
             )
     api_key = None
     if args.api_key_file:
-        from e2v.client.gateway.config import read_api_key
+        from e2v.client.secrets import read_secret_file
 
         try:
-            api_key = read_api_key(args.api_key_file).decode("ascii")
+            api_key = read_secret_file(args.api_key_file, "--api-key-file").decode("ascii")
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     rate = args.sample_rate or (16_000 if args.encoding == "pcm_s16le" else 8000)
@@ -301,6 +308,8 @@ def _encode(frame: np.ndarray, encoding: str) -> bytes:
 class Client:
     """What every protocol shares: connect, read events until the end, bounded waits."""
 
+    compression: str | None = "deflate"  # websockets' default; a load test turns it off
+
     def __init__(self, options: PlayOptions, audio: Recording, emit: Callable[[dict], None]):
         self.options, self.audio, self.emit = options, audio, emit
         self.call_id = options.call_id or self.default_call_id()
@@ -334,6 +343,7 @@ class Client:
                 additional_headers=headers,
                 open_timeout=CONNECT_TIMEOUT_S,
                 max_size=MAX_MESSAGE_BYTES,
+                compression=self.compression,
                 close_timeout=5,
                 user_agent_header="e2v-live",
             )
@@ -360,7 +370,7 @@ class Client:
         except (TimeoutError, asyncio.TimeoutError):
             raise PlayError(f"no {what} from the gateway within {ANSWER_TIMEOUT_S:g} s") from None
         except self.closed_errors():
-            raise PlayError(self.closed_reason(ws, f"before {what}")) from None
+            raise self.gateway_closed(ws, f"before {what}") from None
         return self.parse(message)
 
     async def send(self, ws, message: str | bytes) -> bool:
@@ -423,6 +433,12 @@ class Client:
 
         return (ConnectionClosed,)
 
+    def gateway_closed(self, ws, when: str = "") -> PlayError:
+        """The error of a session the gateway ended (or dropped), with its close code."""
+        error = PlayError(self.closed_reason(ws, when))
+        error.close_code, error.close_reason = ws.close_code, ws.close_reason or ""
+        return error
+
     @staticmethod
     def closed_reason(ws, when: str = "") -> str:
         code, reason, when = ws.close_code, ws.close_reason, f" {when}" if when else ""
@@ -433,7 +449,7 @@ class Client:
     def finished(self, ws) -> dict:
         """The summary when the session closed normally after it; PlayError otherwise."""
         if ws.close_code not in (CLOSE_NORMAL, None) or self.summary is None:
-            raise PlayError(self.closed_reason(ws))
+            raise self.gateway_closed(ws)
         return self.summary
 
 
@@ -441,32 +457,44 @@ class NativeClient(Client):
     """`/v1/live`: JSON `start`, `started`, binary frames, `stop`, events until close 1000."""
 
     async def run(self) -> dict:
-        encoding, rate = self.options.format
-        start = {"type": "start", "call_id": self.call_id, "encoding": encoding}
-        start |= {"sample_rate": rate, "channels": self.audio.channels}
-        if self.options.parties:
-            start["parties"] = list(self.options.parties)
         ws = await self.connect(self.url(LIVE_PATH), self.headers())
         async with ws:
-            await self.send(ws, json.dumps(start))
-            started = await self.answer(ws, "'started'")
-            if started.get("type") != "started":
+            await self.send(ws, json.dumps(self.start_message()))
+            started = await self.answer(ws, f"'{LIVE_STARTED}'")
+            if started.get("type") != LIVE_STARTED:
                 self.unexpected(started)
                 await self.drain(ws)
-                raise PlayError(self.closed_reason(ws))
-            _note_model(started, self.options.speed)
+                raise self.gateway_closed(ws)
+            self.note_model(started)
             reader = asyncio.create_task(self.drain(ws))
             try:
-                async for frame in self.audio.frames(FRAME_S["live"]):
-                    if reader.done() or not await self.send(ws, _encode(frame, encoding)):
+                async for payload in self.payloads():
+                    if reader.done() or not await self.send(ws, payload):
                         break
                 else:
-                    await self.send(ws, json.dumps({"type": "stop"}))
+                    await self.send(ws, json.dumps({"type": LIVE_STOP}))
                 self.stop()
                 await reader
             finally:
                 reader.cancel()
             return self.finished(ws)
+
+    def start_message(self) -> dict:
+        encoding, rate = self.options.format
+        start = {"type": LIVE_START, "call_id": self.call_id, "encoding": encoding}
+        start |= {"sample_rate": rate, "channels": self.audio.channels}
+        if self.options.parties:
+            start["parties"] = list(self.options.parties)
+        return start
+
+    async def payloads(self) -> AsyncIterator[bytes]:
+        """The audio as the wire carries it: frames encoded, each once its time has come."""
+        encoding = self.options.format[0]
+        async for frame in self.audio.frames(FRAME_S["live"]):
+            yield _encode(frame, encoding)
+
+    def note_model(self, started: dict) -> None:
+        _note_model(started, self.options.speed)
 
     async def drain(self, ws) -> None:
         async for message in self.messages(ws):
@@ -540,7 +568,7 @@ class AudioHookClient(Client):
                 info = f"{self.disconnect.get('reason')}: {self.disconnect.get('info', '')}"
                 raise PlayError(f"{self.closed_reason(ws)} (AudioHook disconnect {info})")
             if not self.closed:
-                raise PlayError(self.closed_reason(ws, "before 'closed'"))
+                raise self.gateway_closed(ws, "before 'closed'")
             if self.summary is None:
                 raise PlayError("AudioHook: 'closed' came without a summary event")
             return self.summary
@@ -612,7 +640,7 @@ class TwilioClient(Client):
             finally:
                 reader.cancel()
             if self.summary is None:
-                raise PlayError(self.closed_reason(subscription, "before the summary"))
+                raise self.gateway_closed(subscription, "before the summary")
             return self.summary
 
     async def stream(self, stream_sid: str, reader: asyncio.Task) -> None:
@@ -625,9 +653,9 @@ class TwilioClient(Client):
                 if reader.done():
                     return
                 if not await self.send(ws, message):
-                    raise PlayError(self.closed_reason(ws, "mid-stream"))
+                    raise self.gateway_closed(ws, "mid-stream")
         if ws.close_code not in (CLOSE_NORMAL, None):  # refused what came last (`stop`)
-            raise PlayError(self.closed_reason(ws, "at the end of the stream"))
+            raise self.gateway_closed(ws, "at the end of the stream")
 
     async def twilio_messages(self, stream_sid: str, tracks: list[str]) -> AsyncIterator[str]:
         """connected, start, media per 20 ms per track, stop: Twilio's JSON text frames."""

@@ -1,9 +1,11 @@
-"""The gateway's live endpoints (docs/live.md): `add_live_routes(app, gateway)`.
+"""The live tier's endpoints (docs/live.md): `add_live_routes(app, hub)` registers the
+WebSockets; the gateway registers the Server-Sent Events route (an HTTP route, with its
+errors) around `event_stream`.
 
     WS  /v1/live                          our protocol (native.py)
     WS  /v1/audiohook, /v1/twilio         telephony protocols (audiohook.py, twilio.py)
-    GET /v1/calls/{call_id}/events        Server-Sent Events of one call
-    WS  /v1/calls/{call_id}/events/ws     the same events as JSON text frames
+    WS  /v1/calls/{call_id}/events/ws     the events of one call as JSON text frames
+    GET /v1/calls/{call_id}/events        the same as Server-Sent Events (`event_stream`)
 
 Subscriptions take the gateway's key in a header (Authorization: Bearer or X-API-Key).
 The SSE stream numbers events by `seq` (`id:`), so a client that reconnects with
@@ -14,17 +16,23 @@ Last-Event-ID gets the recent events it missed.
 
 import asyncio
 import contextlib
+import re
+from collections.abc import AsyncIterator
 
-from e2v.client.live import native
-from e2v.client.live.hub import LiveHub, Outbox, error_event, event_json
-from e2v.client.live.session import LiveError
+from e2v.client.live.audiohook import AudioHookWire
+from e2v.client.live.connection import serve
+from e2v.client.live.errors import LiveError, bad
+from e2v.client.live.hub import LiveHub
+from e2v.client.live.native import LiveWire
+from e2v.client.live.outbox import Outbox, error_event, event_json
+from e2v.client.live.services import authorize
 from e2v.client.live.sockets import Socket
+from e2v.client.live.twilio import TwilioWire
 
 from e2v.contract import (
     AUDIOHOOK_PATH,
-    CALL_EVENTS_PATH,
     CALL_EVENTS_WS_PATH,
-    CLOSE_BAD_MESSAGE,
+    CALL_ID_PATTERN,
     LIVE_PATH,
     TWILIO_PATH,
 )
@@ -34,81 +42,41 @@ KEEPALIVE_S = 15.0
 # What a reconnecting EventSource waits (the SSE `retry:` field), in milliseconds.
 SSE_RETRY_MS = 5000
 SUBSCRIBER_MESSAGE_BYTES = 4096  # subscribers send nothing; a little slack for pings
-CALL_ID_RULE = "call_id must match [A-Za-z0-9._:-]{1,128}"
-SSE_HEADERS = {"X-Accel-Buffering": "no"}  # nginx: do not buffer the stream
+CALL_ID = re.compile(CALL_ID_PATTERN)
+CALL_ID_RULE = f"call_id must match {CALL_ID_PATTERN}"
+MISSING_KEY = "API key required (Authorization: Bearer KEY or X-API-Key)"
+PROTOCOLS = {LIVE_PATH: LiveWire, AUDIOHOOK_PATH: AudioHookWire, TWILIO_PATH: TwilioWire}
 
 
-def add_live_routes(app, gateway) -> None:
-    """Register the live endpoints on `app` (the gateway's FastAPI app)."""
-    from e2v.client.gateway.auth import check_key
-    from e2v.client.gateway.errors import BAD_PARAMETER, GatewayError
-    from fastapi import Request, WebSocket
-    from fastapi.responses import StreamingResponse
+def add_live_routes(app, hub: LiveHub) -> None:
+    """Register the live WebSockets on `app` (a FastAPI or Starlette app)."""
+    from fastapi import WebSocket
 
-    hub: LiveHub = gateway.live
+    for path, wire in PROTOCOLS.items():
+        app.add_api_websocket_route(path, _endpoint(hub, wire))
 
-    @app.websocket(LIVE_PATH)
-    async def live(websocket: WebSocket):
-        await native.serve(websocket, hub)
-
-    for path, module, name in (
-        (AUDIOHOOK_PATH, "e2v.client.live.audiohook", "serve_audiohook"),
-        (TWILIO_PATH, "e2v.client.live.twilio", "serve_twilio"),
-    ):
-        handler = _protocol_handler(module, name)
-        if handler is not None:
-            app.add_api_websocket_route(path, _bind(handler, hub))
-
-    @app.get(
-        CALL_EVENTS_PATH,
-        tags=["live"],
-        response_class=StreamingResponse,
-        responses={
-            200: {"content": {"text/event-stream": {}}, "description": "events of the call"},
-            400: {"description": "call_id is not [A-Za-z0-9._:-]{1,128}"},
-            401: {"description": "API key missing or wrong"},
-        },
-    )
-    async def call_events(call_id: str, request: Request):
-        """Server-Sent Events: every event of the live call `call_id` (`event:` is its
-        type, `id:` its seq, `data:` its JSON), until its summary; waits up to 30 s for a
-        call that has not started. A refusal or an overflow comes as an `error` event."""
-        check_key(request, gateway.config.api_key)
-        if not native.CALL_ID.fullmatch(call_id):
-            raise GatewayError(400, BAD_PARAMETER, CALL_ID_RULE)
-        after = request.headers.get("last-event-id", "")
-        after_seq = int(after) if after.isdigit() and len(after) < 12 else 0
-        return StreamingResponse(
-            _sse(hub, call_id, after_seq), media_type="text/event-stream", headers=SSE_HEADERS
-        )
-
-    @app.websocket(CALL_EVENTS_WS_PATH)
     async def call_events_ws(websocket: WebSocket, call_id: str):
         await _subscription_socket(websocket, hub, call_id)
 
-
-def _protocol_handler(module: str, name: str):
-    """A telephony protocol's `serve(websocket, hub)`, once its module is there."""
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        return None
+    app.add_api_websocket_route(CALL_EVENTS_WS_PATH, call_events_ws)
 
 
-def _bind(handler, hub: LiveHub):
+def _endpoint(hub: LiveHub, wire):
     from fastapi import WebSocket
 
     async def endpoint(websocket: WebSocket):
-        await handler(websocket, hub)
+        await serve(websocket, hub, wire)
 
     return endpoint
 
 
-async def _sse(hub: LiveHub, call_id: str, after_seq: int):
+def valid_call_id(call_id: str) -> bool:
+    return CALL_ID.fullmatch(call_id) is not None
+
+
+async def event_stream(hub: LiveHub, call_id: str, after_seq: int) -> AsyncIterator[str]:
+    """Server-Sent Events of `call_id` (after `after_seq`) until its session ends; a
+    refusal or an overflow as one `error` event."""
     yield f"retry: {SSE_RETRY_MS}\n\n"
     try:
         with hub.subscription(call_id, after_seq) as queue:
@@ -130,17 +98,25 @@ async def _subscription_socket(websocket, hub: LiveHub, call_id: str) -> None:
     """Events of `call_id` as text frames until the call ends (close 1000). The client
     sends nothing: a message from it, or its close, ends the subscription."""
     socket = Socket(websocket, SUBSCRIBER_MESSAGE_BYTES)
+    error = None
     try:
-        await socket.accept(hub.gateway.config.api_key, query_key=False)
-        if not native.CALL_ID.fullmatch(call_id):
-            raise LiveError(CLOSE_BAD_MESSAGE, "call_id", CALL_ID_RULE)
+        await socket.accept()
+        authorize(hub.services, socket.headers, missing=MISSING_KEY)
+        if not valid_call_id(call_id):
+            raise bad("call_id", CALL_ID_RULE)
         with hub.subscription(call_id) as queue:
-            socket.attach(queue)
+            socket.attach(queue, _as_text)
             await _until_done(socket, queue)
     except LiveError as exc:
-        await socket.close(exc)
-        return
-    await socket.close()
+        error = exc
+        event = error_event(exc, None)
+        await socket.refuse(event, event_json(event))
+    await socket.flush()
+    await socket.close(error)
+
+
+def _as_text(event: dict, text: str) -> str:
+    return text
 
 
 async def _until_done(socket: Socket, queue: Outbox) -> None:

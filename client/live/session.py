@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from e2v.client.alerts import MAX_ALERT_WINDOWS
 from e2v.client.live import codecs
+from e2v.client.live.errors import LiveError, bad
 from e2v.client.live.party import BREAK_S, Final, PartyStream, Start, Window
 from e2v.client.live.pump import audio_executor, pump_for
 from e2v.client.live.scheduler import Scheduler
@@ -39,7 +40,6 @@ from e2v.client.segment import Segment
 from e2v.client.triton import InferenceError, ModelInfo, Prediction, ServerError
 
 from e2v.contract import (
-    CLOSE_BAD_MESSAGE,
     CLOSE_INTERNAL,
     CLOSE_TOO_BIG,
     EVENT_RESULT,
@@ -64,18 +64,6 @@ WINDOW_RANGE_S = (1.0, 10.0)
 HOP_RANGE_S = (0.5, 10.0)
 
 
-class LiveError(Exception):
-    """Ends a session: `code` is a contract CLOSE_*, `kind` a short word, str() the reason."""
-
-    def __init__(self, code: int, kind: str, message: str, retry_after_s: float | None = None):
-        super().__init__(message)
-        self.code, self.kind, self.retry_after_s = code, kind, retry_after_s
-
-
-def _bad(kind: str, message: str) -> LiveError:
-    return LiveError(CLOSE_BAD_MESSAGE, kind, message)
-
-
 @dataclass(frozen=True)
 class StreamFormat:
     """The audio of a stream: encoding, rate, and one party name per interleaved channel."""
@@ -86,19 +74,19 @@ class StreamFormat:
 
     def __post_init__(self) -> None:
         if self.encoding not in LIVE_ENCODINGS:
-            raise _bad(
+            raise bad(
                 "encoding",
                 f"unknown encoding {self.encoding!r}: one of " + ", ".join(LIVE_ENCODINGS),
             )
         if self.sample_rate not in LIVE_SAMPLE_RATES:
-            raise _bad(
+            raise bad(
                 "sample_rate",
                 f"sample_rate {self.sample_rate!r}: one of "
                 + ", ".join(map(str, LIVE_SAMPLE_RATES)),
             )
         parties = self.parties
         if not isinstance(parties, tuple) or not 1 <= len(parties) <= LIVE_MAX_CHANNELS:
-            raise _bad("parties", f"1 to {LIVE_MAX_CHANNELS} parties, one per channel")
+            raise bad("parties", f"1 to {LIVE_MAX_CHANNELS} parties, one per channel")
         # The names of `e2v classify --parties` (alert rules and URLs quote them plainly).
         names = ",".join(p if isinstance(p, str) else "," for p in parties)
         try:
@@ -107,7 +95,7 @@ class StreamFormat:
             valid = False
         if not valid:
             shown = repr(list(parties))[:200]
-            raise _bad(
+            raise bad(
                 "parties",
                 f"parties {shown}: different names of 1-{MAX_PARTY_CHARS} letters, digits, "
                 "'_', '.' or '-'",
@@ -136,17 +124,17 @@ class LiveSettings:
         for name, (low, high) in (("window_s", WINDOW_RANGE_S), ("hop_s", HOP_RANGE_S)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise _bad(name, f"{name} must be a number")
+                raise bad(name, f"{name} must be a number")
             if not low <= value <= high:  # also False for nan
-                raise _bad(name, f"{name} {value!r}: between {low:g} and {high:g} s")
+                raise bad(name, f"{name} {value!r}: between {low:g} and {high:g} s")
         if self.alerts is not None and not isinstance(self.alerts, str):
-            raise _bad("alerts", "alerts must be a string like 'customer:angry=0.7'")
+            raise bad("alerts", "alerts must be a string like 'customer:angry=0.7'")
         windows = self.alert_windows
         if isinstance(windows, bool) or not isinstance(windows, int):
-            raise _bad("alert_windows", "alert_windows must be an integer")
+            raise bad("alert_windows", "alert_windows must be an integer")
         if not 1 <= windows <= MAX_ALERT_WINDOWS:
             limit = f"between 1 and {MAX_ALERT_WINDOWS}"
-            raise _bad("alert_windows", f"alert_windows {windows}: {limit}")
+            raise bad("alert_windows", f"alert_windows {windows}: {limit}")
 
 
 _PAUSE, _FINISH = "pause", "finish"
@@ -220,7 +208,7 @@ class LiveSession:
         """Frames of one channel only (Twilio sends each track on its own)."""
         self._check_open()
         if not 0 <= index < self.fmt.channels:
-            raise _bad("channel", f"no channel {index} in a {self.fmt.channels}-channel stream")
+            raise bad("channel", f"no channel {index} in a {self.fmt.channels}-channel stream")
         width = self._frame_bytes // self.fmt.channels
         data = self._whole(index + 1, payload, width)
         self._account(index, len(data) // width)
@@ -275,7 +263,7 @@ class LiveSession:
     def _check_open(self) -> None:
         self._raise_error()
         if self.state != "open":
-            raise _bad("order", f"the session is {self.state}: no more audio or stop")
+            raise bad("order", f"the session is {self.state}: no more audio or stop")
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -285,7 +273,7 @@ class LiveSession:
 
     def _whole(self, slot: int, payload: bytes, width: int) -> bytes:
         if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise _bad("payload", "audio must be binary")
+            raise bad("payload", "audio must be binary")
         if len(payload) > MAX_FEED_BYTES:
             raise LiveError(CLOSE_TOO_BIG, "too_big", f"audio message over {MAX_FEED_BYTES} bytes")
         data = self._remainder[slot] + bytes(payload)
@@ -529,7 +517,7 @@ def _alert_tracker(settings: LiveSettings, parties: tuple[str, ...], labels: lis
         rules = parse_live_alerts(settings.alerts, parties, labels)
         return AlertTracker(rules, settings.alert_windows)
     except ValueError as exc:
-        raise _bad("alerts", str(exc)) from None
+        raise bad("alerts", str(exc)) from None
 
 
 __all__ = ["LiveError", "LiveSession", "LiveSettings", "StreamFormat", "audio_executor"]

@@ -7,7 +7,7 @@ app's lifespan shutdown comes after the connections are gone. So the drain runs 
 while the listener still answers: new live sockets get 1001 ("draining", reconnect
 elsewhere) and /ready says 503, live sessions may end by themselves up to `drain_s`, then
 each is scored and closed with 1001. Only then does uvicorn's shutdown run. The time
-from SIGTERM to exit is at most drain_s + hub.DRAIN_FINISH_S + hub.CLOSE_WAIT_S +
+from SIGTERM to exit is at most drain_s + hub.DRAIN_FINISH_S + limits.CLOSE_WAIT_S +
 uvicorn's graceful timeout: Kubernetes' terminationGracePeriodSeconds must exceed it.
 """
 

@@ -1,26 +1,32 @@
-"""A live WebSocket, whatever its protocol: accepted, authenticated, messages in bounded,
-events out through the hub's Outbox, closed with a code and a reason.
+"""A live WebSocket, whatever its protocol: accepted, messages in bounded and read ahead by
+one reader task, events out through a writer task, other messages sent bounded in time,
+closed with a code and a reason. The session path (connection.py) drives it.
 
-Refusals are sent after the accept, as an `error` event and a close code, because a
-browser (and most WebSocket libraries) cannot read an HTTP answer to an upgrade.
+Refusals are sent after the accept, as the protocol words them and a close code, because
+a browser (and most WebSocket libraries) cannot read an HTTP answer to an upgrade.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
+from collections.abc import Callable
 
-from e2v.client.live.hub import CLOSE_WAIT_S, Outbox, error_event, event_json
-from e2v.client.live.session import LiveError
+from e2v.client.live.errors import LiveError
+from e2v.client.live.limits import CLOSE_WAIT_S, SEND_TIMEOUT_S
+from e2v.client.live.outbox import Outbox
 
-from e2v.contract import CLOSE_BAD_MESSAGE, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TOO_BIG
+from e2v.contract import CLOSE_BAD_MESSAGE, CLOSE_NORMAL, CLOSE_SLOW_READER, CLOSE_TOO_BIG
 
 log = logging.getLogger("e2v.live")
 
 # A close frame's reason is at most 123 bytes of UTF-8 (RFC 6455, 5.5).
 MAX_REASON_BYTES = 123
+# What `Socket.next` returns when it was woken by the drain and no message waits.
+WOKEN = object()
+# An outbox event as the protocol's text frame (None: not sent on this socket).
+Frame = Callable[[dict, str], "str | None"]
 
 
 def _gone_errors() -> tuple[type[Exception], ...]:
@@ -33,12 +39,13 @@ def _gone_errors() -> tuple[type[Exception], ...]:
 
 
 _GONE = _gone_errors()
-_TIMEOUT, _STOPPED = object(), object()  # what wakes `Socket.next` besides a message
+_TIMEOUT, _WAKE = object(), object()  # what wakes `Socket.next` besides a message
 
 
 class Socket:
-    """One accepted WebSocket. `receive` gives text or bytes (None once the client has
-    gone); after `attach(outbox)` a writer task sends the outbox's events in order."""
+    """One accepted WebSocket. `next` gives text or bytes (None once the client has gone);
+    after `attach(outbox, frame)` a writer task sends the outbox's events in order, and
+    `send` other messages between them."""
 
     def __init__(self, websocket, max_message_bytes: int):
         self.ws = websocket
@@ -48,31 +55,26 @@ class Socket:
         self.writer: asyncio.Task | None = None
         self._inbox: asyncio.Queue | None = None
         self._reader: asyncio.Task | None = None
+        self._lock = asyncio.Lock()  # one message at a time on the wire, in order
+        self.query_key: str | None = None  # `?key=`, when the protocol takes one
 
-    async def accept(self, key: bytes | None, query_key: bool) -> None:
-        """Accept, then LiveError(CLOSE_POLICY) unless the key is right. `?key=` counts
-        when `query_key` (browsers cannot set headers); it is removed from the scope first,
-        so no access log line shows it."""
-        supplied = _header_key(self.ws.headers)
+    @property
+    def headers(self):
+        return self.ws.headers
+
+    async def accept(self, query_key: bool = False) -> None:
+        """Accept the upgrade; LiveError(CLOSE_NORMAL, "gone") if the client left. With
+        `query_key` (browsers cannot set headers), `?key=` is taken into `query_key` and
+        removed from the request first, so no access log line shows it."""
         if query_key:
-            from_query = _pop_query_key(self.ws.scope)
-            supplied = supplied if supplied is not None else from_query
+            self.query_key = _pop_query_key(self.ws.scope)
         try:
             await self.ws.accept()
         except _GONE:
             self.gone = True
             raise LiveError(CLOSE_NORMAL, "gone", "the client left during the upgrade") from None
-        if key is None:
-            return
-        if not supplied:
-            raise LiveError(
-                CLOSE_POLICY,
-                "unauthorized",
-                "API key required (Authorization: Bearer KEY or X-API-Key"
-                + (", or ?key= from a browser)" if query_key else ")"),
-            )
-        if not hmac.compare_digest(supplied.encode("utf-8", "surrogateescape"), key):
-            raise LiveError(CLOSE_POLICY, "unauthorized", "wrong API key")
+
+    # ------------------------------------------------------------------ receiving
 
     async def receive(self) -> str | bytes | None:
         """The next message; None when the client has closed. LiveError(CLOSE_TOO_BIG)
@@ -100,86 +102,131 @@ class Socket:
             )
         return data
 
-    async def next(self, outbox: Outbox, timeout_s: float) -> str | bytes | None:
-        """`receive`, unless `timeout_s` passes first (asyncio.TimeoutError) or the session
-        is stopped (its reason is raised). The hot path of every audio frame: a reader task
-        reads one message ahead into a one-place queue, so no task is made per message."""
+    async def next(self, timeout_s: float | None, stoppable: bool = True) -> str | bytes | None:
+        """`receive`, unless `timeout_s` passes first (asyncio.TimeoutError), the session
+        is stopped (its reason is raised; not when `stoppable` is False: a close
+        transaction), or the gateway starts draining (WOKEN, once). The hot path of every
+        message: a reader task reads one message ahead into a one-place queue, so no task
+        is made per message."""
         if self._inbox is None:
-            self._inbox = asyncio.Queue(1)
-            self._reader = asyncio.create_task(self._read())
-            outbox.stopped.add_done_callback(lambda _: self._wake(_STOPPED))
-        if outbox.stopped.done():
+            self._start_reader()
+        outbox = self.outbox if stoppable else None
+        if outbox is not None and outbox.stopped.done():
             raise outbox.stopped.result()
-        timer = asyncio.get_running_loop().call_later(max(0.0, timeout_s), self._wake, _TIMEOUT)
+        timer = None
+        if timeout_s is not None:
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(max(0.0, timeout_s), self._wake, _TIMEOUT)
         try:
             item = await self._inbox.get()
         finally:
-            timer.cancel()
-        if outbox.stopped.done():
+            if timer is not None:
+                timer.cancel()
+        if outbox is not None and outbox.stopped.done():
             raise outbox.stopped.result()
         if item is _TIMEOUT:
             raise asyncio.TimeoutError
+        if item is _WAKE:
+            return WOKEN
         if isinstance(item, LiveError):
             raise item
         return item
+
+    def _start_reader(self) -> None:
+        self._inbox = asyncio.Queue(1)
+        self._reader = asyncio.create_task(self._read())
 
     def _wake(self, marker: object) -> None:
         if self._inbox is not None and self._inbox.empty():
             self._inbox.put_nowait(marker)  # else a message waits: it is taken first
 
     async def _read(self) -> None:
+        """Messages (and refusals of one message: too big) until the client has gone."""
         while True:
             try:
                 item = await self.receive()
             except LiveError as exc:
                 item = exc
             await self._inbox.put(item)
-            if item is None or isinstance(item, LiveError):
+            if item is None:
                 return
 
-    def attach(self, outbox: Outbox) -> None:
-        """Send `outbox`'s events from now on (a writer task per socket)."""
-        self.outbox = outbox
-        self.writer = asyncio.create_task(self._write(outbox))
+    # ------------------------------------------------------------------ sending
 
-    async def _write(self, outbox: Outbox) -> None:
+    def attach(self, outbox: Outbox, frame: Frame) -> None:
+        """Send `outbox`'s events from now on (a writer task per socket), each as
+        `frame(event, text)` makes it. The outbox's stop and drain wake `next`."""
+        self.outbox = outbox
+        outbox.stopped.add_done_callback(lambda _: self._wake(_WAKE))
+        outbox.draining.add_done_callback(lambda _: self._wake(_WAKE))
+        self.writer = asyncio.create_task(self._write(outbox, frame))
+
+    async def _write(self, outbox: Outbox, frame: Frame) -> None:
         try:
             while (item := await outbox.get()) is not None:
-                await self.ws.send_text(item[1])
+                async with self._lock:
+                    text = frame(*item)
+                    if text is not None:
+                        await self.ws.send_text(text)
         except _GONE:
             self.gone = True
             outbox.close()  # nobody reads it: events stop queueing (subscribers still get them)
 
-    async def send_now(self, message: dict) -> None:
-        """A message outside the outbox (before there is one), bounded in time."""
-        with contextlib.suppress(asyncio.TimeoutError, *_GONE):
-            await asyncio.wait_for(self.ws.send_text(event_json(message)), CLOSE_WAIT_S)
+    async def send(self, make_text: Callable[[], str], timeout_s: float = SEND_TIMEOUT_S) -> None:
+        """One message outside the outbox, in order with its events (`make_text` runs when
+        its turn comes: AudioHook numbers messages). LiveError(CLOSE_SLOW_READER) when the
+        client does not take it within `timeout_s`; nothing when it has gone."""
+        try:
+            await asyncio.wait_for(self._send(make_text), timeout_s)
+        except asyncio.TimeoutError:
+            raise LiveError(
+                CLOSE_SLOW_READER, "slow_reader", f"the client has not read for {timeout_s:g} s"
+            ) from None
+        except _GONE:
+            self.gone = True
 
-    async def close(self, error: LiveError | None = None, published: bool = False) -> None:
-        """Flush the outbox (CLOSE_WAIT_S at most), then close: 1000, or `error`'s code
-        and reason after its `error` event (sent here unless the hub `published` it)."""
-        if error is not None and not published:
-            event = error_event(error, None)
-            if self.outbox is None or not self.outbox.put(event, last=True):
-                await self.send_now(event)
+    async def _send(self, make_text: Callable[[], str]) -> None:
+        async with self._lock:
+            await self.ws.send_text(make_text())
+
+    async def refuse(self, event: dict, text: str | None) -> None:
+        """The message that says why the socket closes (`text`, the event as the protocol
+        frames it): last in the outbox, or sent at once (CLOSE_WAIT_S at most, errors
+        ignored) when there is none or it is closed."""
+        if self.outbox is not None and self.outbox.put(event, last=True):
+            return
+        if text is None or self.gone:
+            return
+        with contextlib.suppress(LiveError):
+            await self.send(lambda: text, CLOSE_WAIT_S)
+
+    # ------------------------------------------------------------------ closing
+
+    async def flush(self) -> None:
+        """Send what the outbox holds, CLOSE_WAIT_S at most; no more events after this."""
+        if self.outbox is not None:
+            self.outbox.close()
+        if self.writer is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self.writer), CLOSE_WAIT_S)
+        except asyncio.TimeoutError:
+            self.writer.cancel()
+            await asyncio.gather(self.writer, return_exceptions=True)
+            log.info("live socket: events not read in %g s; closing anyway", CLOSE_WAIT_S)
+
+    async def close(self, error: LiveError | None) -> None:
+        """Stop reading, then the close frame (unless the client has gone), bounded: 1000,
+        or `error`'s code and reason."""
+        code, reason = (CLOSE_NORMAL, "done") if error is None else (error.code, str(error))
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
-        if self.outbox is not None:
-            self.outbox.close()
-        if self.writer is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self.writer), CLOSE_WAIT_S)
-            except asyncio.TimeoutError:
-                self.writer.cancel()
-                await asyncio.gather(self.writer, return_exceptions=True)
-                log.info("live socket: events not read in %g s; closing anyway", CLOSE_WAIT_S)
         if self.gone:
             return
-        code, reason = (CLOSE_NORMAL, "done") if error is None else (error.code, str(error))
+        self.gone = True  # closed once
         with contextlib.suppress(asyncio.TimeoutError, *_GONE):
             await asyncio.wait_for(self.ws.close(code, close_reason(reason)), CLOSE_WAIT_S)
-        self.gone = True
 
 
 def close_reason(text: str) -> str:
@@ -188,14 +235,6 @@ def close_reason(text: str) -> str:
     if len(data) <= MAX_REASON_BYTES:
         return text
     return data[: MAX_REASON_BYTES - 3].decode(errors="ignore") + "..."
-
-
-def _header_key(headers) -> str | None:
-    supplied = headers.get("x-api-key")
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    if supplied is None and scheme.lower() == "bearer":
-        supplied = token.strip()
-    return supplied
 
 
 def _pop_query_key(scope: dict) -> str | None:

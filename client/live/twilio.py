@@ -20,7 +20,7 @@ Everything is checked: order (`start` before media, one `start`, `sequenceNumber
 from the last, the start's `streamSid`), tracks, base64, sizes, the format. A failure
 closes the socket with the contract's code and a reason. After `stop` (or when Twilio
 drops the socket) the session is finished: open utterances end, finals and the summary
-are published.
+are published. The session path (connection.py) does all but the translation.
 """
 
 from __future__ import annotations
@@ -28,43 +28,28 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hmac
 import json
-import logging
 import re
 
-from e2v.client.live.hub import LiveHub, Outbox
-from e2v.client.live.session import LiveError, LiveSettings, StreamFormat
-from e2v.client.live.sockets import Socket
+from e2v.client.alerts import MAX_ALERT_WINDOWS
+from e2v.client.live.errors import LiveError, bad
+from e2v.client.live.services import authorize
+from e2v.client.live.session import LiveSettings, StreamFormat
+from e2v.client.live.wire import AudioStream, Opening, Wire
 
-from e2v.contract import (
-    CLOSE_BAD_MESSAGE,
-    CLOSE_INTERNAL,
-    CLOSE_POLICY,
-    CLOSE_TIMEOUT,
-    CLOSE_TOO_BIG,
-    CLOSE_TOO_FAST,
-    TWILIO_PARTIES,
-)
-
-log = logging.getLogger("e2v.live.twilio")
+from e2v.contract import CALL_ID_PATTERN, CLOSE_TOO_BIG, CLOSE_TOO_FAST, TWILIO_PARTIES
 
 RATE = 8000
 ENCODING = "audio/x-mulaw"
 SILENCE = b"\xff"  # mu-law zero
-SID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+SID = re.compile(CALL_ID_PATTERN)
 DIGITS = re.compile(r"[0-9]{1,12}")
 # A track may lag its timestamps by this much before the gap is filled (packet jitter).
 GAP_TOLERANCE_MS = 60
 MAX_PARAMETERS = 64  # customParameters entries (TwiML <Parameter> elements)
 MAX_PARAMETER_CHARS = 4096
-MAX_ALERT_WINDOWS = 100
-FINISH_S = 120.0  # every final scored after `stop` (Triton restarts included)
 EVENTS = ("connected", "start", "media", "stop", "mark", "dtmf")
-
-
-def bad(kind: str, message: str) -> LiveError:
-    return LiveError(CLOSE_BAD_MESSAGE, kind, message)
+MISSING_KEY = "API key required: customParameters api_key (or X-API-Key)"
 
 
 # ------------------------------------------------------------------------ parsing
@@ -107,7 +92,7 @@ def parse_start(message: dict) -> tuple[str, str, tuple[str, ...], dict[str, str
     call_sid, stream_sid = start.get("callSid"), start.get("streamSid")
     for name, value in (("callSid", call_sid), ("streamSid", stream_sid)):
         if not isinstance(value, str) or not SID.fullmatch(value):
-            raise bad("start", f"start.{name} must match [A-Za-z0-9._:-]{{1,128}}")
+            raise bad("start", f"start.{name} must match {CALL_ID_PATTERN}")
     if message.get("streamSid", stream_sid) != stream_sid:
         raise bad("start", "streamSid differs from start.streamSid")
     tracks = start.get("tracks", ["inbound"])
@@ -174,77 +159,57 @@ def decode_payload(payload, max_bytes: int) -> bytes:
 # ------------------------------------------------------------------------ the stream
 
 
-class TwilioStream:
-    """One Media Streams connection: `connected`, `start`, tracks of audio, `stop`."""
+class TwilioWire(Wire):
+    """One Media Streams connection: `connected`, `start`, tracks of audio, `stop`. Nothing
+    goes back on the socket."""
 
-    def __init__(self, websocket, hub: LiveHub):
-        self.hub, self.limits = hub, hub.limits
-        self.socket = Socket(websocket, self.limits.max_message_bytes)
+    name, first, audio = "twilio", "start", "media"
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
         self.sequence: int | None = None  # the last sequenceNumber
         self.stream_sid: str | None = None
         self.tracks: tuple[str, ...] = ()
         self.samples: list[int] = []  # per track, silence fills included
-        self.paces: list = []
-        self.last_audio = 0.0
         self.first_media: float | None = None
 
-    async def run(self) -> None:
-        socket = self.socket
-        try:
-            await socket.accept(None, query_key=False)  # the key may come in `start`
-            with self.hub.admit() as outbox:
-                start = await self._until_start(outbox)
-                call_sid, self.stream_sid, self.tracks, custom = parse_start(start)
-                self._authenticate(custom)
-                fmt = StreamFormat("mulaw", RATE, tuple(TWILIO_PARTIES[t] for t in self.tracks))
-                settings = settings_of(custom)
-                self.samples = [0] * len(self.tracks)
-                self.paces = [self.hub.pace() for _ in self.tracks]
-                async with self.hub.session(
-                    call_sid, fmt, settings, outbox=outbox, protocol="twilio"
-                ) as (session, _):
-                    sink = asyncio.create_task(_discard(outbox))  # no events on this socket
-                    try:
-                        await self._stream(session, outbox)
-                    finally:
-                        sink.cancel()
-                        await asyncio.gather(sink, return_exceptions=True)
-        except LiveError as exc:
-            log.info("twilio stream %s: %s (%s): %s", self.stream_sid, exc.kind, exc.code, exc)
-            # Nothing but the close goes to Twilio; inside a session the hub has published
-            # the error event to subscribers.
-            await socket.close(exc, published=True)
-            return
-        await socket.close()
-
-    def _authenticate(self, custom: dict[str, str]) -> None:
-        key = self.hub.gateway.config.api_key
-        if key is None:
-            return
-        headers = self.socket.ws.headers
-        supplied = headers.get("x-api-key")
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        if supplied is None and scheme.lower() == "bearer":
-            supplied = token.strip()
-        if supplied is None:
-            supplied = custom.get("api_key")
-        if not supplied:
-            raise LiveError(
-                CLOSE_POLICY,
-                "unauthorized",
-                "API key required: customParameters api_key (or X-API-Key)",
-            )
-        if not hmac.compare_digest(supplied.encode("utf-8", "surrogateescape"), key):
-            raise LiveError(CLOSE_POLICY, "unauthorized", "wrong API key")
-
-    async def _next(self, outbox: Outbox, timeout_s: float, what: str) -> dict | None:
-        """The next message, checked for order; None when Twilio closed the socket."""
-        try:
-            text = await outbox.guard(self.socket.receive(), max(0.0, timeout_s))
-        except asyncio.TimeoutError:
-            raise LiveError(CLOSE_TIMEOUT, what, _TIMEOUTS[what].format(self.limits)) from None
-        if text is None:
+    async def handshake(self, text: str | bytes) -> Opening | None:
+        """`connected` (optional), then `start`: the key, tracks and settings."""
+        message = self._checked(text)
+        if message["event"] == "connected":
             return None
+        if message["event"] != "start":
+            raise bad("order", f"{message['event']} before start")
+        call_sid, self.stream_sid, self.tracks, custom = parse_start(message)
+        authorize(self.services, self.socket.headers, custom.get("api_key"), missing=MISSING_KEY)
+        fmt = StreamFormat("mulaw", RATE, tuple(TWILIO_PARTIES[t] for t in self.tracks))
+        settings = settings_of(custom)
+        self.samples = [0] * len(self.tracks)
+        return Opening(call_sid, fmt, settings)
+
+    async def message(self, text: str | bytes, stream: AudioStream) -> bool:
+        message = self._checked(text)
+        event = message["event"]
+        if event == "media":
+            await self._media(message, stream)
+        elif event == "stop":
+            return True
+        elif event == "start":
+            raise bad("order", "a second start")
+        elif event == "connected":
+            raise bad("order", "connected after start")
+        elif event == "mark":
+            name = _object(message, "mark").get("name")
+            if not isinstance(name, str):
+                raise bad("malformed", "mark.name must be a string")
+        elif event == "dtmf":
+            digit = _object(message, "dtmf").get("digit")
+            if not isinstance(digit, str) or len(digit) != 1:
+                raise bad("malformed", "dtmf.digit must be one character")
+        return False
+
+    def _checked(self, text: str | bytes) -> dict:
+        """A message, checked for order: sequenceNumber one up, the start's streamSid."""
         if isinstance(text, bytes):
             raise bad("binary", "Twilio Media Streams send JSON text frames only")
         message = parse_message(text)
@@ -262,46 +227,7 @@ class TwilioStream:
             raise bad("order", "a message of another streamSid")
         return message
 
-    async def _until_start(self, outbox: Outbox) -> dict:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.limits.handshake_s
-        while True:
-            message = await self._next(outbox, deadline - loop.time(), "handshake")
-            if message is None:
-                raise bad("order", "the socket closed before start")
-            if message["event"] == "start":
-                return message
-            if message["event"] != "connected":
-                raise bad("order", f"{message['event']} before start")
-
-    async def _stream(self, session, outbox: Outbox) -> None:
-        loop = asyncio.get_running_loop()
-        self.last_audio = loop.time()
-        while True:
-            idle_left = self.limits.idle_s - (loop.time() - self.last_audio)
-            message = await self._next(outbox, idle_left, "idle")
-            if message is None:  # dropped without stop: finish for subscribers and webhooks
-                return await self._finish(session, outbox)
-            event = message["event"]
-            if event == "media":
-                await self._media(session, outbox, message)
-                self.last_audio = loop.time()
-            elif event == "stop":
-                return await self._finish(session, outbox)
-            elif event == "start":
-                raise bad("order", "a second start")
-            elif event == "connected":
-                raise bad("order", "connected after start")
-            elif event == "mark":
-                name = _object(message, "mark").get("name")
-                if not isinstance(name, str):
-                    raise bad("malformed", "mark.name must be a string")
-            elif event == "dtmf":
-                digit = _object(message, "dtmf").get("digit")
-                if not isinstance(digit, str) or len(digit) != 1:
-                    raise bad("malformed", "dtmf.digit must be one character")
-
-    async def _media(self, session, outbox: Outbox, message: dict) -> None:
+    async def _media(self, message: dict, stream: AudioStream) -> None:
         media = _object(message, "media")
         track = media.get("track", self.tracks[0] if len(self.tracks) == 1 else None)
         if track not in self.tracks:
@@ -313,54 +239,29 @@ class TwilioStream:
         _number(message, "media", "chunk")
         timestamp_ms = _number(message, "media", "timestamp")
         audio = decode_payload(media.get("payload"), self.limits.max_message_bytes)
-        self.paces[index].take(len(audio) / RATE)
-        await self._fill_gap(session, outbox, index, timestamp_ms)
+        await self._fill_gap(stream, index, timestamp_ms)
+        await stream.audio(audio, index)
         self.samples[index] += len(audio)
-        await outbox.guard(session.feed_channel(index, audio))
 
-    async def _fill_gap(self, session, outbox: Outbox, index: int, timestamp_ms: int) -> None:
+    async def _fill_gap(self, stream: AudioStream, index: int, timestamp_ms: int) -> None:
         """Silence up to `timestamp_ms` on a track that lags it (Twilio sent nothing for a
         while). Timestamps may run ahead of the wall clock no more than audio may."""
         now = asyncio.get_running_loop().time()
         self.first_media = self.first_media if self.first_media is not None else now
-        allowed_s = (now - self.first_media) * self.limits.max_speed + self.limits.burst_s
+        limits = self.limits
+        allowed_s = (now - self.first_media) * limits.max_speed + limits.burst_s
         if timestamp_ms / 1000 > allowed_s:
             raise LiveError(
                 CLOSE_TOO_FAST,
                 "too_fast",
                 f"media timestamp {timestamp_ms} ms runs ahead of real time "
-                f"({self.limits.max_speed:g}x after a {self.limits.burst_s:g} s burst)",
+                f"({limits.max_speed:g}x after a {limits.burst_s:g} s burst)",
             )
         gap = timestamp_ms * RATE // 1000 - self.samples[index]
         if gap * 1000 <= GAP_TOLERANCE_MS * RATE:
             return
         while gap > 0:  # a second at a time: memory stays one message's worth
             part = min(gap, RATE)
-            await outbox.guard(session.feed_channel(index, SILENCE * part))
+            await stream.audio(SILENCE * part, index, paced=False)
             self.samples[index] += part
             gap -= part
-
-    async def _finish(self, session, outbox: Outbox) -> None:
-        try:
-            await outbox.guard(session.finish(), FINISH_S)
-        except asyncio.TimeoutError:
-            raise LiveError(
-                CLOSE_INTERNAL, "finish_timeout", f"finals not scored within {FINISH_S:g} s"
-            ) from None
-
-
-_TIMEOUTS = {
-    "handshake": "no start message within {0.handshake_s:g} s",
-    "idle": "no media for {0.idle_s:g} s",
-}
-
-
-async def _discard(outbox: Outbox) -> None:
-    """Empty the socket's outbox: events reach subscribers and webhooks, not Twilio."""
-    while await outbox.get() is not None:
-        pass
-
-
-async def serve_twilio(websocket, hub: LiveHub) -> None:
-    """The `/v1/twilio` WebSocket endpoint (routes.py registers it)."""
-    await TwilioStream(websocket, hub).run()

@@ -5,12 +5,12 @@ from the GPU (`e2v loadtest --live` measures channels per gateway core). What a 
 absorb is the gateway's requests: for every party that is speaking, one interim window
 (the last `window_s`, padded to its bucket) every `hop_s`, and one final per utterance
 (its whole length) once the merge gap has passed. This phase replays that request stream
-open loop: each call follows a turn-taking timeline (the one `loadtest.calls` records:
-turns of 1.5-7 s, gaps of 0.2-1.5 s, some overlap), calls start at random phases, and every
-request is sent at its due time, whatever the answers before it. Latency runs from the due
-time to the answer, so a client that falls behind shows as latency too (its send lag is
-reported). Windows are not coalesced here: the figure needs no help from the gateway's
-overload handling.
+open loop: each call follows the turn-taking of the live load test's recordings
+(`loadtest.calls.turns`: turns of 1.5-7 s, gaps of 0.2-1.5 s, some overlap), calls start
+at random phases, and every request is sent at its due time, whatever the answers before
+it. Latency runs from the due time to the answer, so a client that falls behind shows as
+latency too (its send lag is reported). Windows are not coalesced here: the figure needs
+no help from the gateway's overload handling.
 
 Bare GPU machines have no tritonclient: requests use `loadtest.closed_loop.Connection`
 (the standard library), from several forked processes with a thread pool each.
@@ -22,35 +22,31 @@ import os
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
+from e2v.loadtest.calls import turns
+from e2v.loadtest.gpu.phases import layout_label, layout_repo, served_workload, warm_up
+from e2v.loadtest.gpu.plan import Phase, Plan
+from e2v.loadtest.metrics import P95_TARGET_MS, percentiles
 
 from e2v.contract import SAMPLE_RATE, bucket_samples
 
-if TYPE_CHECKING:
-    from e2v.loadtest.gpu_bench import Phase, Plan
-
-P95_TARGET_MS = 150.0  # the latency goal of live events (issue 17); loadtest.live too
 CALL_S = 60.0  # length of a call timeline; channels loop over them at random phases
 CALL_POOL = 64  # distinct timelines
-MERGE_DUE_S = 1.1  # a final is due this long after its utterance ends (merge gap + padding)
+# A final is due this long after its utterance ends: the merge gap + padding (as
+# `loadtest.live.FINAL_DUE_S`; client.segment is not importable on a bare GPU machine).
+MERGE_DUE_S = 1.1
 THREADS_PER_PROCESS = 128  # requests in flight per process (open loop needs many)
 
 
 def call_timeline(rng: np.random.Generator, window_s: float, hop_s: float) -> np.ndarray:
     """Requests of one call, both parties: rows (due time s, samples, is_final)."""
     rows: list[tuple[float, int, int]] = []
-    t, speaker = 0.3, 1
-    turns: list[list[tuple[float, float]]] = [[], []]
-    while t < CALL_S - 1.0:
-        length = min(rng.uniform(1.5, 7.0), CALL_S - t)
-        turns[speaker].append((t, t + length))
-        overlap = rng.uniform(0.2, 0.6) if rng.random() < 0.2 else 0.0
-        t += length - overlap + (0.0 if overlap else rng.uniform(0.2, 1.5))
-        speaker = 1 - speaker
+    spoken: list[list[tuple[float, float]]] = [[], []]
+    for speaker, t, length in turns(rng, CALL_S):
+        spoken[speaker].append((t, t + length))
     window = round(window_s * SAMPLE_RATE)
-    for party in turns:
+    for party in spoken:
         for start, end in party:
             k = 1
             while start + k * hop_s <= end:
@@ -120,9 +116,9 @@ def run_level(
         "offered_per_s": round(len(measured) / measure_s, 1),
         "requests": int(ok.sum()),
         "failures": int((~ok).sum()),
-        "interim_ms": _percentiles(latency[ok & ~finals]),
-        "final_ms": _percentiles(latency[ok & finals]),
-        "all_ms": _percentiles(latency[ok]),
+        "interim_ms": percentiles(latency[ok & ~finals]),
+        "final_ms": percentiles(latency[ok & finals]),
+        "all_ms": percentiles(latency[ok]),
         "send_lag_p95_ms": round(float(np.percentile(lag, 95)), 1) if len(lag) else None,
         "errors": errors,
     }
@@ -134,13 +130,6 @@ def within_target(level: dict) -> bool:
         and level["all_ms"].get("count")
         and level["all_ms"]["p95"] <= P95_TARGET_MS
     )
-
-
-def _percentiles(ms: np.ndarray) -> dict:
-    if not len(ms):
-        return {"count": 0}
-    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-    return {"count": len(ms), "p50": round(p50, 1), "p95": round(p95, 1), "p99": round(p99, 1)}
 
 
 def _replay(
@@ -200,16 +189,14 @@ def _replay(
 
 def phase(plan: Plan, phase: Phase) -> int:
     """Serve the live layout, then step up the channels until p95 passes the target."""
-    from e2v.loadtest import closed_loop
-    from e2v.loadtest.gpu_phases import _warm_up, layout_repo, served_workload
+    from e2v.loadtest import closed_loop, triton_stats
     from e2v.loadtest.synth import speech_like
-    from e2v.loadtest.triton_stats import config_summary
 
     from e2v.contract import LIVE_HOP_S, LIVE_WINDOW_S
     from e2v.serve import ServeError, ServerConfig, TritonServer
 
     instances, precision = plan.live_layout
-    label = f"{instances} instance{'s' * (instances > 1)}, {precision}"
+    label = layout_label(instances, precision)
     repo = layout_repo(phase.work, plan.served_model, instances, precision)
     config = ServerConfig.on_free_ports(repo)
     server = TritonServer(config, log_path=phase.work / "tritonserver-live.log")
@@ -229,10 +216,10 @@ def phase(plan: Plan, phase: Phase) -> int:
     try:
         server.start(timeout_s=max(10.0, min(120.0, phase.left_s() - 10)))
         pid_file.write_text(str(server.process.pid))
-        model_config = closed_loop.served_config(config.http_url)
-        settings = config_summary(model_config)
+        model_config = triton_stats.model_config(config.http_url)
+        settings = triton_stats.config_summary(model_config)
         outputs = closed_loop.output_names(model_config)
-        _warm_up(config.http_url, served_workload(plan.profile), outputs)
+        warm_up(config.http_url, served_workload(plan.profile), outputs)
         phase.say(
             f"live, {label}: ready ({settings['instance_kind']}), {per_channel:.2f} req/s per call"
         )
@@ -240,7 +227,7 @@ def phase(plan: Plan, phase: Phase) -> int:
             if phase.left_s() < plan.warm_s + plan.measure_s + 5:
                 phase.emit({"kind": "live_note", "text": f"{channels} channels: skipped (budget)"})
                 break
-            before = closed_loop.statistics(config.http_url)
+            before = triton_stats.snapshot(config.http_url)
             level = run_level(
                 config.http_url,
                 channels,
@@ -252,7 +239,7 @@ def phase(plan: Plan, phase: Phase) -> int:
                 LIVE_HOP_S,
                 speech,
             )
-            after = closed_loop.statistics(config.http_url)
+            after = triton_stats.snapshot(config.http_url)
             level |= {"kind": "live_level", "layout": label, "settings": settings}
             level["server"] = (after - before).as_dict()
             level["within_target"] = within_target(level)

@@ -1,4 +1,4 @@
-"""The GPU benchmark's phases, each run in its own process by `loadtest.gpu_bench`.
+"""The GPU benchmark's phases, each run in its own process by `loadtest.gpu.bench`.
 
 - models: synthetic checkpoints (FunASR's own class, seeded weights) exported with
   `e2v export --target torch`, FunASR parity in each model card;
@@ -6,7 +6,7 @@
   batch size and precision; fp16/bf16 against fp32; the served workload; a CUDA-graph probe;
 - served: tritonserver with dynamic batching, per instance/precision layout and closed-loop
   concurrency on the call-centre profile; Triton's statistics give the batch sizes;
-- live:   the live gateway's request stream replayed open loop (`loadtest.gpu_live`):
+- live:   the live gateway's request stream replayed open loop (`loadtest.gpu.live`):
   concurrent calls per GPU at p95 <= 150 ms.
 """
 
@@ -15,30 +15,15 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+from e2v.loadtest.gpu.plan import Phase, Plan
 
 from e2v.contract import MODEL_NAME, SAMPLE_RATE
-
-if TYPE_CHECKING:
-    from e2v.loadtest.gpu_bench import Phase, Plan
-
-
-def run(name: str, plan: Plan, phase: Phase) -> int:
-    """Run phase `name`; SIGTERM (budget spent) unwinds so servers are stopped."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
-    from e2v.loadtest import gpu_live
-
-    phases = {"models": models, "alone": alone, "served": served, "live": gpu_live.phase}
-    return phases[name](plan, phase)
-
 
 PARITY_RESERVE_S = 45.0  # FunASR parity of a further model only with this much time left
 
@@ -96,7 +81,10 @@ def models(plan: Plan, phase: Phase) -> int:
 def environment(device: str) -> dict:
     import torch
 
+    import e2v
+
     info = {
+        "e2v": os.path.dirname(e2v.__file__),  # the package the phases ran (links kept)
         "python": platform.python_version(),
         "numpy": np.__version__,
         "torch": torch.__version__,
@@ -270,11 +258,16 @@ def served(plan: Plan, phase: Phase) -> int:
     failures = 0
     for instances, precision in plan.layouts:
         if phase.left_s() < 20:
-            label = f"{instances} instance{'s' * (instances > 1)}, {precision}"
+            label = layout_label(instances, precision)
             phase.emit({"kind": "layout", "layout": label, "status": "skipped (budget)"})
             continue
         failures += _serve_layout(plan, phase, workload, instances, precision)
     return 1 if failures else 0
+
+
+def layout_label(instances: int, precision: str) -> str:
+    """'2 instances, fp16': a served layout as the report names it."""
+    return f"{instances} instance{'s' * (instances > 1)}, {precision}"
 
 
 def layout_repo(work: Path, size: str, instances: int, precision: str) -> Path:
@@ -306,13 +299,12 @@ def layout_repo(work: Path, size: str, instances: int, precision: str) -> Path:
 
 
 def _serve_layout(plan, phase, workload, instances: int, precision: str) -> int:
-    from e2v.loadtest import closed_loop
+    from e2v.loadtest import closed_loop, triton_stats
     from e2v.loadtest.metrics import summarize
-    from e2v.loadtest.triton_stats import config_summary
 
     from e2v.serve import ServeError, ServerConfig, TritonServer
 
-    label = f"{instances} instance{'s' * (instances > 1)}, {precision}"
+    label = layout_label(instances, precision)
     repo = layout_repo(phase.work, plan.served_model, instances, precision)
     log_path = phase.work / f"tritonserver-{instances}x-{precision}.log"
     phase.say(f"{label}: starting tritonserver (log {log_path})")
@@ -323,8 +315,8 @@ def _serve_layout(plan, phase, workload, instances: int, precision: str) -> int:
     try:
         server.start(timeout_s=max(10.0, min(180.0, phase.left_s() - 10)))
         pid_file.write_text(str(server.process.pid))
-        model_config = closed_loop.served_config(config.http_url)
-        settings = config_summary(model_config)
+        model_config = triton_stats.model_config(config.http_url)
+        settings = triton_stats.config_summary(model_config)
         outputs = closed_loop.output_names(model_config)
         phase.say(
             f"{label}: ready in {time.monotonic() - start:.0f} s ({settings['instance_kind']})"
@@ -333,14 +325,14 @@ def _serve_layout(plan, phase, workload, instances: int, precision: str) -> int:
             raise ValueError(
                 f"Triton resolved KIND_AUTO to {settings['instance_kind']}: it sees no GPU"
             )
-        _warm_up(config.http_url, workload, outputs)
+        warm_up(config.http_url, workload, outputs)
         for users in plan.users:
             if phase.left_s() < plan.warm_s + plan.measure_s + 5:
                 phase.emit(
                     {"kind": "level", "layout": label, "users": users, "status": "skipped (budget)"}
                 )
                 continue
-            before = closed_loop.statistics(config.http_url)
+            before = triton_stats.snapshot(config.http_url)
             requests, errors = closed_loop.run_users(
                 config.http_url,
                 workload,
@@ -349,7 +341,7 @@ def _serve_layout(plan, phase, workload, instances: int, precision: str) -> int:
                 outputs,
                 processes=client_processes(),
             )
-            server_stats = closed_loop.settled(config.http_url, before.handled + len(requests.ok))
+            server_stats = triton_stats.settled(config.http_url, before.handled + len(requests.ok))
             summary = summarize(requests, users, plan.warm_s + plan.measure_s, plan.warm_s)
             stats = (server_stats - before).as_dict()
             phase.emit(
@@ -387,14 +379,13 @@ def client_processes() -> int:
     return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
-def _warm_up(http_url: str, workload, outputs: list[str]) -> None:
+def warm_up(http_url: str, workload, outputs: list[str]) -> None:
     """One request per length bucket, outside the measurement."""
     from e2v.loadtest.closed_loop import Connection
 
     connection = Connection(http_url)
     try:
-        by_bucket = {workload.padded(i)[0].shape[1]: i for i in range(len(workload))}
-        for index in by_bucket.values():
+        for index in workload.one_per_bucket():
             connection.infer(*workload.padded(index), outputs)
     finally:
         connection.close()

@@ -10,8 +10,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from e2v.loadtest import gpu_live
-from e2v.loadtest.metrics import cost_per_1000_audio_hours
+from e2v.loadtest.gpu import live
+from e2v.loadtest.metrics import P95_TARGET_MS, cost_per_1000_audio_hours
 
 SYNTHETIC_NOTE = (
     "> **SYNTHETIC MODELS**: seeded random weights in the published architectures. Speed and\n"
@@ -76,7 +76,7 @@ def collect(
                 r for r in kinds["level"] + kinds["layout"] if r.get("status") != "ok"
             ],
         },
-        "live": gpu_live.summary(results.get("live", [])),
+        "live": live.summary(results.get("live", [])),
     }
     data["summary"] = summary(data)
     return data
@@ -144,7 +144,7 @@ def markdown(data: dict, figure_note: str) -> str:
     lines += _models(data)
     lines += _alone(data, plan)
     lines += _served(data)
-    lines += gpu_live.markdown(data.get("live") or gpu_live.summary([]))
+    lines += live.markdown(data.get("live") or live.summary([]))
     lines += ["", "## Figures", "", figure_note or ""]
     lines += [f"![{name}]({name})" for name in data.get("figures", [])]
     return "\n".join(lines).rstrip() + "\n"
@@ -186,12 +186,12 @@ def _headline(data: dict) -> list[str]:
             f"- served / alone on the same call-centre clips: "
             f"{s['served_vs_alone_same_workload']:.2f} (1 = no serving overhead)"
         )
-    live = data.get("live", {})
-    if live.get("best_channels"):
+    calls = data.get("live", {})
+    if calls.get("best_channels"):
         lines.append(
-            f"- live calls ({live['plan']['layout']}): {live['best_channels']} concurrent calls "
-            f"(two parties each) at p95 {live['best_p95_ms']:.0f} ms <= "
-            f"{gpu_live.P95_TARGET_MS:g} ms"
+            f"- live calls ({calls['plan']['layout']}): {calls['best_channels']} concurrent calls "
+            f"(two parties each) at p95 {calls['best_p95_ms']:.0f} ms <= "
+            f"{P95_TARGET_MS:g} ms"
         )
     return lines
 
