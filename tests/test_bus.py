@@ -29,9 +29,9 @@ from e2v.client.live.bus import (
     listing,
     to_json,
 )
-from e2v.client.live.hub import Outbox
+from e2v.client.live.errors import LiveError
 from e2v.client.live.nats_bus import NatsBus, NatsOptions, parse_servers
-from e2v.client.live.session import LiveError
+from e2v.client.live.outbox import Outbox
 from e2v.client.webhooks import WebhookSender, verify
 from servers import NatsServer, free_ports
 
@@ -460,16 +460,16 @@ def test_bus_flags_refuse_what_cannot_work(argv, why):
 
 
 def test_default_is_the_in_process_bus():
-    from e2v.client.live.bus_options import make_bus
+    from e2v.client.live.bus_options import bus_settings, make_bus
 
-    assert isinstance(make_bus(bus_args()), LocalBus)
+    assert isinstance(make_bus(bus_settings(bus_args())), LocalBus)
 
 
 def test_credentials_file_and_tls(tmp_path):
     """An NKey user seed from --bus-creds-file authenticates (without it the server refuses);
     tls:// verifies the server against --bus-ca-file (without it, the system CAs refuse)."""
     import nkeys
-    from e2v.client.live.bus_options import make_bus
+    from e2v.client.live.bus_options import bus_settings, make_bus
 
     seed = nkeys.encode_seed(bytes(range(32)), nkeys.PREFIX_BYTE_USER)
     public = nkeys.from_seed(bytearray(seed)).public_key.decode()
@@ -514,7 +514,7 @@ def test_credentials_file_and_tls(tmp_path):
                 "--bus-ca-file",
                 str(cert),
             )
-            bus = make_bus(good)
+            bus = make_bus(bus_settings(good))
             await bus.start()
             claim = await bus.claim("secure", "live", ["customer"])
             assert [r["call_id"] for r in await bus.calls()] == ["secure"]
@@ -525,6 +525,6 @@ def test_credentials_file_and_tls(tmp_path):
                 ("--bus", url, "--bus-creds-file", str(tmp_path / "user.nk")),  # no CA
             ):
                 with pytest.raises(RuntimeError, match="cannot connect to the bus"):
-                    await make_bus(bus_args(*argv)).start()
+                    await make_bus(bus_settings(bus_args(*argv))).start()
 
         run(scenario())

@@ -7,9 +7,11 @@ lists the live calls. The claim is the call's handle on the bus:
 - `publish(event, text)` never blocks: events wait in the bus's bounded `EventBuffer`;
 - the claim's `record` (the row of `GET /v1/calls`) follows the events: each party's latest
   final and the alerts fired;
-- `hand_over(carry)` offers the call to another replica (a drain): the next claim of the
-  same id takes it over with `previous` (the last seq and the carried state);
-- `release()` ends it.
+- `await draining(until)` says that the call will move (its replica drains): a claim of the same
+  id elsewhere is then a successor, not a duplicate;
+- `hand_over(carry)` offers the call to that successor: it takes the call over (`taken`
+  resolves) with `previous` (the last seq and the carried state, client/live/moves.py);
+- `release()` ends it; `lost` resolves if the call goes to another replica meanwhile.
 
 Subscribers get events through an `EventSink` (the hub's `Outbox`): `put` never blocks, a
 sink that falls behind stops itself. A subscription ends after the call's `summary` or
@@ -31,7 +33,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from e2v.client.live.session import LiveError
+from e2v.client.live.errors import LiveError
 
 from e2v.contract import (
     CLOSE_BAD_MESSAGE,
@@ -275,7 +277,12 @@ def public_record(record: dict) -> dict:
 
 
 class Claim(abc.ABC):
-    """One call held by this replica: publish its events, keep its record, end it."""
+    """One call held by this replica: publish its events, keep its record, end it.
+
+    `taken` resolves once the call is this replica's: at once for a new call; for a
+    successor (the call is moving here from a draining replica) when the previous owner
+    has handed it over, with `previous` its last record (seq and carry). `lost` resolves
+    (with a reason) if the call is not, or no longer, this replica's."""
 
     def __init__(self, bus: Bus, record: dict, previous: dict | None = None):
         self.bus, self.record, self.previous = bus, record, previous
@@ -283,7 +290,9 @@ class Claim(abc.ABC):
         self.token: str = record["token"]
         self.ended = False
         self.terminal_published = False
-        self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.lost: asyncio.Future[str] = loop.create_future()
+        self.taken: asyncio.Future[None] = loop.create_future()
 
     @property
     def last_seq(self) -> int:
@@ -299,6 +308,11 @@ class Claim(abc.ABC):
         self.terminal_published |= event.get("type") in TERMINAL_EVENTS
         self.bus._publish(self, event, text)
 
+    async def draining(self, until: float) -> None:  # noqa: B027 - only a shared bus moves
+        """This replica drains: the call may move before `until` (Unix time), so a claim
+        of its id on another replica waits for it instead of being refused (written when
+        this returns)."""
+
     async def hand_over(self, carry: dict, wait_s: float) -> bool:
         """Offer the call to the next claim of its id for up to `wait_s` (after this
         replica's events of it are on the bus); True once another replica took it."""
@@ -308,6 +322,10 @@ class Claim(abc.ABC):
         """End the call: an `error` (aborted) first if neither summary nor error went out,
         so that subscribers never wait for an end that cannot come."""
         if self.ended:
+            return
+        if not self.taken.done():  # a successor that never took the call over: not its to end
+            self.ended = True
+            await self._end()
             return
         if not self.terminal_published:
             seq = self.record["seq"] + 1
@@ -342,6 +360,9 @@ class Bus(abc.ABC):
         self.buffer = buffer or EventBuffer()
         self.metrics.bind_bus(self)
 
+    # Whether other replicas share this bus (a call can move, a listing is the fleet's).
+    shared = False
+
     @property
     def engine(self) -> str:
         return type(self).__name__
@@ -355,11 +376,10 @@ class Bus(abc.ABC):
             await self.webhook.stop(drain_s)
 
     @abc.abstractmethod
-    async def claim(
-        self, call_id: str, protocol: str, parties: list[str], takeover_wait_s: float = 0.0
-    ) -> Claim:
-        """Claim `call_id` for a session starting here; CallInUse if it is live elsewhere
-        (after waiting up to `takeover_wait_s` for it to be handed over)."""
+    async def claim(self, call_id: str, protocol: str, parties: list[str]) -> Claim:
+        """Claim `call_id` for a session starting here; CallInUse if it is live (here or
+        elsewhere) and not moving. A call that is moving here gives a successor claim,
+        whose `taken` resolves at the hand-over."""
 
     @abc.abstractmethod
     async def calls(self) -> list[dict]:
@@ -407,16 +427,20 @@ class LocalBus(Bus):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._calls: dict[str, _LocalCall] = {}
-        self._waiting: dict[str, set[EventSink]] = {}
+        # Subscribers of calls not live yet, each with its no_such_call timer.
+        self._waiting: dict[str, dict[EventSink, asyncio.TimerHandle]] = {}
 
-    async def claim(self, call_id, protocol, parties, takeover_wait_s=0.0) -> Claim:
+    async def claim(self, call_id, protocol, parties) -> Claim:
         if call_id in self._calls:
             raise CallInUse(call_id)
         record = new_record(call_id, protocol, parties, self.replica)
         record["token"] = secrets.token_hex(8)
         claim = LocalClaim(self, record)
+        claim.taken.set_result(None)
         call = self._calls[call_id] = _LocalCall(claim)
-        call.sinks |= self._waiting.pop(call_id, set())
+        for sink, timer in self._waiting.pop(call_id, {}).items():
+            timer.cancel()
+            call.sinks.add(sink)
         return claim
 
     async def calls(self) -> list[dict]:
@@ -450,25 +474,22 @@ class LocalBus(Bus):
         self, call_id: str, sink: EventSink, after_seq: int = 0, wait_s: float = SUBSCRIBE_WAIT_S
     ) -> AsyncIterator[None]:
         call = self._calls.get(call_id)
-        timer = None
         if call is not None:
             for event, text in call.recent:
                 if event["seq"] > after_seq:
                     sink.put(event, text)
             call.sinks.add(sink)
         else:
-            self._waiting.setdefault(call_id, set()).add(sink)
             timer = asyncio.get_running_loop().call_later(
                 wait_s, sink.stop, no_such_call(call_id, wait_s)
             )
+            self._waiting.setdefault(call_id, {})[sink] = timer
         try:
             yield
         finally:
-            if timer is not None:
-                timer.cancel()
             waiting = self._waiting.get(call_id)
-            if waiting is not None:
-                waiting.discard(sink)
+            if waiting is not None and sink in waiting:
+                waiting.pop(sink).cancel()
                 if not waiting:
                     del self._waiting[call_id]
             live = self._calls.get(call_id)

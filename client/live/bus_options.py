@@ -1,4 +1,5 @@
-"""`e2v gateway`'s bus flags: `add_bus_arguments(parser)`, then `make_bus(args, ...)`.
+"""`e2v gateway`'s bus flags: `add_bus_arguments(parser)`, `bus_settings(args)` (checked,
+kept in the gateway's config), then `make_bus(settings, ...)` when the app is built.
 
 Without `--bus` the gateway keeps its live calls in process (LocalBus): nothing to install,
 nothing to run. `--bus nats://HOST:PORT[,...]` shares them through NATS JetStream; the
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -150,17 +152,31 @@ def nats_options(args: argparse.Namespace) -> NatsOptions | None:
     )
 
 
+@dataclass(frozen=True)
+class BusSettings:
+    """The bus the flags ask for: NATS (`nats`) or in process (None), and the bounds of
+    the local buffer of events waiting for it."""
+
+    nats: NatsOptions | None = None
+    buffer_events: int = BUFFER_EVENTS
+    buffer_bytes: int = BUFFER_BYTES
+
+
+def bus_settings(args: argparse.Namespace) -> BusSettings:
+    """The checked settings of the --bus* flags; ValueError with a one-line reason."""
+    return BusSettings(nats_options(args), args.bus_buffer_events, args.bus_buffer_bytes)
+
+
 def make_bus(
-    args: argparse.Namespace,
+    settings: BusSettings,
     *,
     webhook: WebhookSender | None = None,
     metrics: BusMetrics | None = None,
 ) -> Bus:
-    """The bus the flags ask for (started by the gateway with its other services)."""
-    options = nats_options(args)
-    buffer = EventBuffer(args.bus_buffer_events, args.bus_buffer_bytes)
-    if options is None:
+    """The bus of `settings` (the live hub starts and stops it)."""
+    buffer = EventBuffer(settings.buffer_events, settings.buffer_bytes)
+    if settings.nats is None:
         return LocalBus(webhook=webhook, metrics=metrics, buffer=buffer)
     from e2v.client.live.nats_bus import NatsBus
 
-    return NatsBus(options, webhook=webhook, metrics=metrics, buffer=buffer)
+    return NatsBus(settings.nats, webhook=webhook, metrics=metrics, buffer=buffer)

@@ -56,7 +56,7 @@ from e2v.client.live.bus import (
     no_such_call,
     to_json,
 )
-from e2v.client.live.session import LiveError
+from e2v.client.live.errors import LiveError
 
 from e2v.contract import (
     BUS_CALLS_BUCKET,
@@ -93,6 +93,11 @@ CONNECT_TIMEOUT_S = 5.0
 PING_S = 5.0  # a silent server is noticed after 3 pings
 MAX_RECORD_BYTES = 64 << 10
 HANDOVER_POLL_S = 0.2
+# A successor waits for the hand-over until the draining owner's `moving_by` (plus this),
+# and never longer than MAX_SUCCESSOR_WAIT_S.
+SUCCESSOR_GRACE_S = 5.0
+MAX_SUCCESSOR_WAIT_S = 600.0
+LIVE, DRAINING, MOVING = "live", "draining", "moving"  # a record's state
 
 
 @dataclass
@@ -153,6 +158,8 @@ def credentials(path: Path) -> dict:
 
 
 class NatsBus(Bus):
+    shared = True
+
     def __init__(self, options: NatsOptions, **kwargs):
         super().__init__(**kwargs)
         self.options = options
@@ -416,50 +423,32 @@ class NatsBus(Bus):
 
     # ------------------------------------------------------------------ registry
 
-    async def claim(self, call_id, protocol, parties, takeover_wait_s=0.0) -> Claim:
-        from nats.js.errors import KeyWrongLastSequenceError
+    async def claim(self, call_id, protocol, parties) -> Claim:
+        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
         key = bus_token(call_id)
         record = new_record(call_id, protocol, parties, self.replica)
         record["token"] = secrets.token_hex(8)
-        deadline = time.monotonic() + takeover_wait_s
-        while True:
+        for _ in range(3):  # a claim that expires between our create and get: again
             try:
                 revision = await self.kv.create(key, _encode(record))
-                return NatsClaim(self, record, revision)
             except KeyWrongLastSequenceError:
                 pass
-            taken = await self._take_over(key, record)
-            if taken is not None:
-                return taken
-            if time.monotonic() >= deadline:
+            else:
+                claim = NatsClaim(self, record, revision)
+                claim.taken.set_result(None)
+                claim.keep_alive()
+                return claim
+            try:
+                current = json.loads((await self.kv.get(key)).value)
+            except KeyNotFoundError:
+                continue
+            if current.get("state") not in (MOVING, DRAINING):
                 raise CallInUse(call_id)
-            await asyncio.sleep(HANDOVER_POLL_S)
-
-    async def _take_over(self, key: str, record: dict) -> NatsClaim | None:
-        """The claim of a call whose owner marked it `moving`, or None."""
-        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-
-        try:
-            entry = await self.kv.get(key)
-        except KeyNotFoundError:
-            return None  # expired meanwhile: the next create takes it
-        previous = json.loads(entry.value)
-        if previous.get("state") != "moving":
-            return None
-        record |= {
-            "token": previous["token"],
-            "started": previous["started"],
-            "seq": previous["seq"],
-            "latest": previous.get("latest", {}),
-            "alerts": previous.get("alerts", []),
-        }
-        try:
-            revision = await self.kv.update(key, _encode(record), last=entry.revision)
-        except KeyWrongLastSequenceError:
-            return None  # another replica was first
-        log.info("call %s moved here from %s", record["call_id"], previous.get("replica"))
-        return NatsClaim(self, record, revision, previous)
+            claim = NatsClaim(self, record, None)
+            claim.succeed(current)
+            return claim
+        raise CallInUse(call_id)
 
     async def record(self, call_id: str) -> dict | None:
         """`call_id`'s record if it is claimed now; None if not; raises if the bus is down."""
@@ -535,11 +524,19 @@ class NatsBus(Bus):
 
 
 class NatsClaim(Claim):
-    def __init__(self, bus: NatsBus, record: dict, revision: int, previous: dict | None = None):
-        super().__init__(bus, record, previous)
+    """A call's claim in the KV bucket: kept alive by `keep_alive`, or, for a successor,
+    first taken over from the draining replica (`succeed`)."""
+
+    def __init__(self, bus: NatsBus, record: dict, revision: int | None):
+        super().__init__(bus, record)
         self.key = bus_token(self.call_id)
         self.revision = revision
         self._dirty = asyncio.Event()
+        self._writing = asyncio.Lock()
+        self._keeper: asyncio.Task | None = None
+        self._successor: asyncio.Task | None = None
+
+    def keep_alive(self) -> None:
         self._keeper = asyncio.create_task(self._keep_alive())
 
     def _changed(self) -> None:
@@ -557,6 +554,10 @@ class NatsClaim(Claim):
 
     async def _write(self) -> bool:
         """Write the record; False once the claim is lost (taken by another replica)."""
+        async with self._writing:  # one write at a time: each names the last revision
+            return await self._write_now()
+
+    async def _write_now(self) -> bool:
         from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
         kv = self.bus.kv
@@ -578,17 +579,27 @@ class NatsClaim(Claim):
             return True
         log.warning("call %s: claim lost to another replica", self.call_id)
         self.bus.metrics.claim_lost()
-        if not self.lost.done():
-            self.lost.set_result("claim_lost")
+        self._lose("the call was taken over by another replica")
         return False
+
+    def _lose(self, why: str) -> None:
+        if not self.lost.done():
+            self.lost.set_result(why)
+
+    # ------------------------------------------------------------------ moves
+
+    async def draining(self, until: float) -> None:
+        if self.taken.done() and not self.ended:
+            self.record |= {"state": DRAINING, "moving_by": round(until, 3)}
+            await self._write()
 
     async def hand_over(self, carry: dict, wait_s: float) -> bool:
         bus: NatsBus = self.bus
         deadline = time.monotonic() + wait_s
-        if not await bus.flushed(self.call_id, wait_s):
+        if not self.taken.done() or not await bus.flushed(self.call_id, wait_s):
             return False
-        self.record |= {"state": "moving", "carry": carry}
-        self._keeper.cancel()
+        self.record |= {"state": MOVING, "carry": carry}
+        await self._stop_keeper()
         if not await self._write():
             return False
         while time.monotonic() < deadline:
@@ -597,24 +608,84 @@ class NatsClaim(Claim):
                 current = await bus.record(self.call_id)
                 if current is not None and current.get("replica") != bus.replica:
                     self.ended = True
+                    log.info("call %s: handed over to %s", self.call_id, current["replica"])
                     return True
-        self.record["state"] = "live"
+        self.record["state"] = LIVE
         self.record.pop("carry", None)
-        await self._write()
-        self._keeper = asyncio.create_task(self._keep_alive())
+        if await self._write():
+            self.keep_alive()
         return False
+
+    def succeed(self, current: dict) -> None:
+        """Take the call over from its draining owner once it hands it over (`taken`), or
+        give up (`lost`) when it has not by the time it said (`moving_by`)."""
+        until = min(current.get("moving_by") or 0.0, time.time() + MAX_SUCCESSOR_WAIT_S)
+        task = self._succeed(until + SUCCESSOR_GRACE_S, current.get("seq", 0))
+        self._successor = asyncio.create_task(task)
+
+    async def _succeed(self, until: float, last_seq: int) -> None:
+        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+        kv = self.bus.kv
+        while time.time() < until:
+            try:
+                entry = await kv.get(self.key)
+                current = json.loads(entry.value)
+            except KeyNotFoundError:  # its owner ended it (or died): a new call, seq on
+                self.record["seq"] = last_seq + 1  # (past a replica_lost error's seq)
+                with contextlib.suppress(KeyWrongLastSequenceError):
+                    self.revision = await kv.create(self.key, _encode(self.record))
+                    return self._took(None)
+                continue
+            except Exception as exc:  # noqa: BLE001 - the bus is down: try again
+                log.debug("call %s: takeover waits (%r)", self.call_id, exc)
+                await asyncio.sleep(HANDOVER_POLL_S)
+                continue
+            last_seq = current.get("seq", last_seq)
+            state = current.get("state")
+            if state == MOVING:
+                record = self.record | {
+                    k: current[k] for k in ("token", "started", "seq", "latest", "alerts")
+                }
+                with contextlib.suppress(KeyWrongLastSequenceError):
+                    self.revision = await kv.update(self.key, _encode(record), last=entry.revision)
+                    self.record = record
+                    self.token = record["token"]
+                    return self._took(current)
+            elif state != DRAINING:
+                return self._lose(f"call {self.call_id} went live on {current.get('replica')}")
+            await asyncio.sleep(HANDOVER_POLL_S)
+        self._lose(f"call {self.call_id} was not handed over in time")
+
+    def _took(self, previous: dict | None) -> None:
+        self.previous = previous
+        if previous is not None:
+            log.info("call %s moved here from %s", self.call_id, previous.get("replica"))
+        self.keep_alive()
+        self.taken.set_result(None)
+
+    # ------------------------------------------------------------------ end
+
+    async def _stop_keeper(self) -> None:
+        for task in (self._keeper, self._successor):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._keeper = self._successor = None
 
     async def _end(self) -> None:
         """Delete the claim once this call's events are on the bus, in the background: the
         session does not wait for an outage to end (the claim is kept alive meanwhile)."""
+        if not self.taken.done():  # a successor that never took the call: nothing to end
+            await self._stop_keeper()
+            return
         self.bus._spawn(self._delete_when_published())
 
     async def _delete_when_published(self) -> None:
         bus: NatsBus = self.bus
         await bus.flushed(self.call_id, bus.options.max_age_s)
-        self._keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._keeper
+        await self._stop_keeper()
         with contextlib.suppress(Exception):
             await bus.kv.delete(self.key, last=self.revision)
 
