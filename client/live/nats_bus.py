@@ -93,6 +93,7 @@ CONNECT_TIMEOUT_S = 5.0
 PING_S = 5.0  # a silent server is noticed after 3 pings
 MAX_RECORD_BYTES = 64 << 10
 HANDOVER_POLL_S = 0.2
+RELEASE_WAIT_S = 2.0  # an ended call's claim is deleted before its socket closes, up to this
 # A successor waits for the hand-over until the draining owner's `moving_by` (plus this),
 # and never longer than MAX_SUCCESSOR_WAIT_S.
 SUCCESSOR_GRACE_S = 5.0
@@ -310,10 +311,11 @@ class NatsBus(Bus):
             and time.monotonic() - self._connected_since > self.options.keepalive_s + POLL_S
         )
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     # ------------------------------------------------------------------ events
 
@@ -675,12 +677,15 @@ class NatsClaim(Claim):
         self._keeper = self._successor = None
 
     async def _end(self) -> None:
-        """Delete the claim once this call's events are on the bus, in the background: the
-        session does not wait for an outage to end (the claim is kept alive meanwhile)."""
+        """Delete the claim once this call's events are on the bus: waited for up to
+        RELEASE_WAIT_S (so the id is free when the caller's socket closes), then in the
+        background: a session does not wait out an outage (the claim is kept alive)."""
         if not self.taken.done():  # a successor that never took the call: nothing to end
             await self._stop_keeper()
             return
-        self.bus._spawn(self._delete_when_published())
+        deleting = self.bus._spawn(self._delete_when_published())
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(deleting), RELEASE_WAIT_S)
 
     async def _delete_when_published(self) -> None:
         bus: NatsBus = self.bus
