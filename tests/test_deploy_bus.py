@@ -21,17 +21,11 @@ COMPONENT = K8S_DIR / "components" / "bus"
 
 
 @pytest.fixture(scope="module")
-def gateway_on_bus(tmp_path_factory) -> list[dict]:
-    """deploy/k8s/gateway with components/bus, as an operator's overlay would list them."""
-    import os
-
-    overlay = tmp_path_factory.mktemp("gateway-on-bus")
-    rel = lambda path: os.path.relpath(path, overlay)  # noqa: E731
-    (overlay / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources: [{rel(K8S_DIR / 'gateway')}]\ncomponents: [{rel(COMPONENT)}]\n"
-    )
-    return render(overlay)
+def gateway_on_bus() -> list[dict]:
+    """deploy/k8s/gateway, which lists components/bus: the replicas share live calls."""
+    gateway = K8S_DIR / "gateway"
+    assert "../components/bus" in (gateway / "kustomization.yaml").read_text()
+    return render(gateway)
 
 
 def bus_args(docs: list[dict]) -> argparse.Namespace:
@@ -124,3 +118,19 @@ def test_the_servers_configuration_is_accepted_by_nats_server(tmp_path):
         env=env,
     )
     assert result.returncode == 0, result.stderr + result.stdout
+
+
+def test_the_grace_period_holds_the_drain_and_the_hand_over(gateway_on_bus):
+    """preStop, the drain, the close of what is left, then the hand-over of the calls
+    closed at the deadline (their clients continue them elsewhere): all before SIGKILL."""
+    from e2v.client.gateway.cli import GRACEFUL_SHUTDOWN_S
+    from e2v.client.live.hub import DRAIN_FINISH_S, HANDOVER_WAIT_S
+
+    pod = find(gateway_on_bus, "Deployment")["spec"]["template"]["spec"]
+    (container,) = [c for c in pod["containers"] if c["name"] == "gateway"]
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--live-drain-s", type=float, default=30.0)
+    drain = parser.parse_known_args(container["args"])[0].live_drain_s
+    needed = pre_stop + max(drain, GRACEFUL_SHUTDOWN_S) + DRAIN_FINISH_S + HANDOVER_WAIT_S
+    assert pod["terminationGracePeriodSeconds"] > needed
