@@ -112,6 +112,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     live.add_argument(
         "--gateway-pid", type=int, help="with --live-url on this machine: its CPU is measured"
     )
+    live.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="with --bus: N gateway replicas, calls spread over them, each call followed by "
+        "a subscriber on another replica (loadtest/fleet.py)",
+    )
+    live.add_argument(
+        "--bus",
+        action="store_true",
+        help="with --replicas: the replicas share calls through a local NATS server; the "
+        "same load without the bus (each replica alone) is run alongside, ABBA",
+    )
+    live.add_argument(
+        "--rounds", type=int, default=2, help="with --bus: bus/in-process pairs run (default 2)"
+    )
     output = parser.add_argument_group("report")
     output.add_argument("--report", type=Path, help="report folder (default runs/loadtest/...)")
     output.add_argument(
@@ -125,6 +141,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_loadtest(args: argparse.Namespace) -> int:
     """The scenario the arguments select."""
+    if args.live and (args.bus or args.replicas != 1):
+        from e2v.loadtest.fleet_run import run_fleet
+
+        return run_fleet(args)
     if args.live:
         from e2v.loadtest.live_run import run_live
 
