@@ -244,20 +244,25 @@ def _markdown(summary: dict) -> list[str]:
         "",
         "Added latency: an event's arrival at its subscriber minus its arrival at its caller "
         "(one clock, loopback). With the bus that is publish on one replica -> JetStream -> "
-        "receipt on another; in process, the hub's own fan-out to a second socket.",
+        "receipt on another; in process, the hub's own fan-out to a second socket. Gateway "
+        "CPU is every replica's, summed; most of it is the calls' audio (VAD, windows), the "
+        "same in both arms when both keep up (compare the interims and their latency).",
         "",
         "## Runs",
         "",
         "| arm | calls ok / failed | published | delivered | lost | added p50 / p95 ms "
-        "| gateway cores | NATS cores | load avg |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| interims (coalesced) | interim / final p95 ms | gateway cores | NATS cores "
+        "| load avg |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in summary["runs"]:
         b, s, added = run["bus"], run["sessions"], run["bus"]["added_latency_ms"]
         lines.append(
             f"| {run['arm']} | {s['ok']} / {s['failed']} | {b['events_published']} | "
             f"{b['events_delivered']} | {b['events_lost']} | {added.get('p50', '-')} / "
-            f"{added.get('p95', '-')} | {run['gateway_cores']} | "
+            f"{added.get('p95', '-')} | {run['results']} ({run['coalesced']}) | "
+            f"{run['interim_latency_ms'].get('p95', '-')} / "
+            f"{run['final_latency_ms'].get('p95', '-')} | {run['gateway_cores']} | "
             f"{run.get('bus_server_cores') or '-'} | {run['load_average'][0]} -> "
             f"{run['load_average'][1]} |"
         )

@@ -555,6 +555,74 @@ def test_an_audiohook_call_moves_to_another_replica_when_its_replica_drains(
         assert row["segments"] == len(finals)
 
 
+def test_a_live_call_retried_on_another_replica_after_the_drain_goes_on(
+    fleet, tiny_server, nats, key_file, call_audio
+):
+    """/v1/live on F; F drains (SIGTERM, --live-drain-s 1): the call is scored and closed
+    with 1001; the client sends the same `start` to B and the rest of its audio. The 1001's
+    `error` went to the caller only: B's subscriber sees one call, seq without a gap,
+    utterances numbered on, one summary covering the audio of both replicas."""
+    _, b = fleet
+    call_id = "fleet-retried"
+    audio = pcm([call_audio["customer"], call_audio["agent"]])
+    frame = round(0.1 * RATE) * 4
+    start = {"type": "start", "call_id": call_id, "encoding": "pcm_s16le"}
+    start |= {"sample_rate": RATE, "channels": 2}
+    f = replica(tiny_server, nats, key_file, "--live-drain-s", "1")
+    with f:
+
+        async def leg(gateway, offset: int, on_streaming=None) -> tuple[list, int, int]:
+            """Frames from `offset` until the gateway closes or the audio ends (then stop):
+            the events, the close code and where the audio stopped."""
+            events = []
+            async with websockets.connect(ws(gateway), additional_headers=AUTH) as sock:
+                await sock.send(json.dumps(start))
+                assert json.loads(await sock.recv())["type"] == "started"
+
+                async def read():
+                    with contextlib.suppress(websockets.ConnectionClosed):
+                        async for message in sock:
+                            events.append(json.loads(message))
+
+                reader = asyncio.create_task(read())
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    while offset < len(audio) and not reader.done():
+                        await sock.send(audio[offset : offset + frame])
+                        offset += frame
+                        if on_streaming is not None and offset >= 8 * RATE * 4:
+                            on_streaming()
+                            on_streaming = None
+                        await asyncio.sleep(0.1 / 4)  # 4x real time
+                    if offset >= len(audio):
+                        await sock.send(json.dumps({"type": "stop"}))
+                await asyncio.wait_for(reader, 60)
+            return events, sock.close_code, offset
+
+        async def scenario():
+            sub = asyncio.create_task(subscribe(b, call_id))
+            await asyncio.sleep(0.3)
+            first = await leg(f, 0, lambda: f.process.send_signal(signal.SIGTERM))
+            second = await leg(b, first[2])
+            return first, second, await asyncio.wait_for(sub, 60)
+
+        (on_f, f_code, cut), (on_b, b_code, _), (events, code) = run(scenario())
+    assert f_code == 1001 and on_f[-1]["error_kind"] == "going_away", on_f[-3:]
+    assert "summary" not in [e["type"] for e in on_f]  # the call went on elsewhere
+    assert b_code == CLOSE_NORMAL and on_b[-1]["type"] == "summary"
+    assert code == CLOSE_NORMAL and events == on_f[:-1] + on_b  # one call, no 1001 error
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    finals = [e for e in events if e["type"] == "utterance.end"]
+    for party in ("customer", "agent"):
+        utterances = [e["utterance"] for e in finals if e["party"] == party]
+        assert utterances == sorted(set(utterances))
+    # B's audio continues the call where F's stopped (F may have dropped the last frames
+    # the client sent while it closed): the summary's duration is both replicas' audio.
+    f_heard_s = events[-1]["duration_s"] - (len(audio) - cut) / 4 / RATE
+    f_ends = [e["end_s"] for e in on_f if isinstance(e.get("end_s"), float)]
+    assert max(f_ends) - 1e-3 <= f_heard_s <= cut / 4 / RATE + 1e-3
+    assert any(e["start_s"] >= f_heard_s - 1e-3 for e in finals)  # B's, in call time
+
+
 # ------------------------------------------------------------------------- the page
 
 

@@ -736,6 +736,10 @@ class _Follower:
     async def _follow(self) -> None:
         deadline = time.monotonic() + self.wait_s
         delay = RETRY_S[0]
+        with contextlib.suppress(Exception):  # a live call: its events only (by its token)
+            record = await self.bus.record(self.call_id)
+            if record is not None:
+                self.token, self.seen = record["token"], True
         while True:
             try:
                 if self.sub is None:
@@ -768,6 +772,8 @@ class _Follower:
         for msg in msgs:
             self.start_seq = msg.metadata.sequence.stream + 1
             self.bus.metrics.delivered(now - msg.metadata.timestamp.timestamp())
+            if not self._of_this_call(msg):
+                continue
             try:
                 event = json.loads(msg.data)
                 seq = int(event["seq"])
@@ -778,6 +784,12 @@ class _Follower:
             if seq >= self.next_seq:
                 self.held[seq] = (event, msg.data.decode())
         return self._deliver()
+
+    def _of_this_call(self, msg) -> bool:
+        """False for an event of an earlier call under the same id (within retention),
+        told apart by the token in its id once the live call's token is known."""
+        token = (msg.headers or {}).get(BUS_EVENT_ID_HEADER, "").rpartition("-")[0]
+        return self.token is None or not token or token == self.token
 
     def _deliver(self) -> bool:
         while self.next_seq in self.held:
