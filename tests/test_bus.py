@@ -185,6 +185,27 @@ def test_release_without_summary_ends_subscribers_with_aborted(nats_server):
     run(scenario())
 
 
+def test_a_subscriber_of_a_live_call_skips_an_earlier_call_with_the_same_id(nats_server):
+    async def scenario():
+        async with replica(nats_server) as a, replica(nats_server) as b:
+            first = await a.claim("again", "live", ["customer"])
+            publish(first, "again", ["result", "summary"])
+            await first.release()
+            second = await a.claim("again", "live", ["customer"])
+            assert second.token != first.token
+            sent = publish(second, "again", ["utterance.end"])
+            await a.flushed("again", 10)
+            sink = subscriber()
+            async with b.subscription("again", sink):
+                await asyncio.sleep(0.5)
+                sent += publish(second, "again", ["summary"], first_seq=2)
+                got, stopped = await collect(sink)
+            await second.release()
+            assert stopped is None and got == sent  # the live call's, not the first one's
+
+    run(scenario())
+
+
 # --------------------------------------------------------------------------- registry
 
 

@@ -17,7 +17,6 @@ from test_deploy import K8S_DIR, _validate, find, render
 from e2v.contract import BUS_CLAIM_TTL_S
 
 BUS = K8S_DIR / "bus"
-COMPONENT = K8S_DIR / "components" / "bus"
 
 
 @pytest.fixture(scope="module")

@@ -489,10 +489,15 @@ def test_an_audiohook_call_moves_to_another_replica_when_its_replica_drains(
     cut), B's are classify's on the audio B received, shifted by the cut."""
     _, b = fleet
     call_id = str(uuid.uuid4())
-    # Three times the call (99 s), cut after 35 s: each side of the cut is longer than a
-    # segment may be, so classify cuts it at its pauses as the live VAD does (a recording
-    # up to 30 s is one segment to classify).
-    audio = {party: np.tile(wav, 3) for party, wav in call_audio.items()}
+    # 93 s: the call, 27 s in which the customer speaks 24 s on end (33-57 s), the call
+    # again. The drain starts once 36 s were heard, so the cut falls in that long
+    # utterance; each side of it is longer than a segment may be, so classify cuts it at
+    # its pauses as the live VAD does (a recording up to 30 s is one segment to classify).
+    middle = {
+        "customer": fx.bursts([("speech", 24), ("silence", 3)], sr=RATE, seed=51)[0],
+        "agent": fx.bursts([("silence", 26), ("speech", 1)], sr=RATE, seed=61)[0],
+    }
+    audio = {party: np.concatenate([wav, middle[party], wav]) for party, wav in call_audio.items()}
     stereo = fx.write_audio(
         tmp_path / "call.wav",
         np.stack([audio["customer"], audio["agent"]]),
@@ -512,7 +517,7 @@ def test_an_audiohook_call_moves_to_another_replica_when_its_replica_drains(
                 *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
             )
             await until(
-                lambda: any((ev.get("end_s") or 0) >= 35 for ev in heard), 60, "35 s of the call"
+                lambda: any((ev.get("end_s") or 0) >= 36 for ev in heard), 60, "36 s of the call"
             )
             e.process.send_signal(signal.SIGTERM)
             out, err = await asyncio.wait_for(player.communicate(), 120)
@@ -524,7 +529,7 @@ def test_an_audiohook_call_moves_to_another_replica_when_its_replica_drains(
         assert e.process.wait(60) in (0, -signal.SIGTERM)
     assert rc == 0, err
     cut_s = float(err.split("reconnect at ")[1].split(" s")[0])
-    assert 31 < cut_s < 68, err
+    assert 34 < cut_s < 56, err  # in the customer's long utterance
     played = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert code == CLOSE_NORMAL
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
@@ -549,10 +554,19 @@ def test_an_audiohook_call_moves_to_another_replica_when_its_replica_drains(
         assert all(f["start_s"] >= cut_s - 1e-6 for f in after), (party, cut_s, finals)
         assert_finals_equal(before, offline[f"{party}-before"], 0.0)
         assert_finals_equal(after, offline[f"{party}-after"], cut_s)
+        if party == "customer":  # the utterance cut by the move: a final on each side
+            assert abs(before[-1]["end_s"] - cut_s) < 0.1, (before[-1], cut_s)
+            assert 0 <= after[0]["start_s"] - cut_s < 0.5, (after[0], cut_s)
         utterances = [f["utterance"] for f in finals]
         assert utterances == sorted(set(utterances))  # numbered on across the move
         (row,) = [p for p in summary["parties"] if p["party"] == party]
         assert row["segments"] == len(finals)
+        # The whole call's summary: score means weighted by speech over both sides' finals.
+        weights = np.array([f["end_s"] - f["start_s"] for f in finals])
+        assert abs(row["speech_s"] - weights.sum()) < 1e-3
+        for label, score in row["scores"].items():
+            mean = sum(w * f["scores"][label] for w, f in zip(weights, finals)) / weights.sum()
+            assert abs(score - mean) < 1e-4, (party, label)
 
 
 def test_a_live_call_retried_on_another_replica_after_the_drain_goes_on(
