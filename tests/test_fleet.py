@@ -637,6 +637,37 @@ def test_a_live_call_retried_on_another_replica_after_the_drain_goes_on(
     assert any(e["start_s"] >= f_heard_s - 1e-3 for e in finals)  # B's, in call time
 
 
+def test_a_call_nobody_takes_over_ends_on_its_replica_with_its_summary(
+    fleet, tiny_server, nats, key_file, call_audio
+):
+    """G drains (--live-drain-s 1) and closes its call with 1001; the client does not come
+    back: after the hand-over wait G publishes the summary of what it heard, and B's
+    subscriber ends with it (no error), then G exits."""
+    _, b = fleet
+    call_id = "fleet-orphan"
+    g = replica(tiny_server, nats, key_file, "--live-drain-s", "1")
+    with g:
+
+        async def scenario():
+            sub = asyncio.create_task(subscribe(b, call_id))
+            await asyncio.sleep(0.3)
+            call = Call(g, call_id, [call_audio["customer"]], speed=4)
+            playing = asyncio.create_task(call.run(asyncio.Event()))
+            await until(lambda: len(call.events) >= 3, 30, "events of the call")
+            g.process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(playing, 30)
+            return call, await asyncio.wait_for(sub, 60)
+
+        call, (events, code) = run(scenario())
+        assert g.process.wait(60) in (0, -signal.SIGTERM)
+    assert call.close_code == 1001 and call.events[-1]["error_kind"] == "going_away"
+    assert code == CLOSE_NORMAL and events[-1]["type"] == "summary"
+    assert events[:-1] == call.events[:-1]  # the caller's 1001 error never reached the bus
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    heard = max(e["end_s"] for e in events[:-1] if isinstance(e.get("end_s"), float))
+    assert heard <= events[-1]["duration_s"] < heard + 5
+
+
 # ------------------------------------------------------------------------- the page
 
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from e2v.client.live.bus import CallInUse, LocalBus, call_in_use, listing
 from e2v.client.live.errors import LiveError
 from e2v.client.live.limits import CLOSE_WAIT_S, LiveLimits
-from e2v.client.live.moves import CallEvents
+from e2v.client.live.moves import CallEvents, hand_over
 from e2v.client.live.outbox import Outbox, error_event, event_json
 from e2v.client.live.scheduler import Scheduler
 from e2v.client.live.services import LiveServices
@@ -295,25 +295,10 @@ class LiveHub:
         (the client reconnects elsewhere once this socket closes)."""
         summary = await call.session.finish(publish_summary=False)
         call.moving = True
-        task = asyncio.create_task(self._hand_over(call, summary))
+        task = asyncio.create_task(hand_over(call.claim, call.events, summary, HANDOVER_WAIT_S))
         self._moves.add(task)
         task.add_done_callback(self._moves.discard)
         return summary
-
-    async def _hand_over(self, call: _Call, summary: dict) -> None:
-        """Offer the call to its next replica; if none takes it within HANDOVER_WAIT_S,
-        the call ends here: its summary (the whole call's) is published."""
-        try:
-            if await call.claim.hand_over(call.events.carry(summary), HANDOVER_WAIT_S):
-                return
-            log.info("call %s: not taken over; its summary ends it here", call.call_id)
-            summary = call.events.number(
-                {"type": summary["type"], "call_id": call.call_id} | summary
-            )
-            call.claim.publish(summary, event_json(summary))
-        except Exception as exc:  # noqa: BLE001 - the claim is released below anyway
-            log.warning("call %s: hand-over failed: %r", call.call_id, exc)
-        await call.claim.release()
 
     async def _end_with(self, call: _Call, exc: LiveError) -> None:
         """Going away (drain deadline): score what was heard first (with a shared bus the

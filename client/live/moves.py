@@ -17,19 +17,23 @@ With a shared bus (`--bus`) the call goes on there, under the same id:
 - Events the new session makes before the hand-over completes wait here (bounded:
   interims go first) and are numbered then.
 
-`CallEvents` does the numbering for the hub: one per call.
+`CallEvents` does the numbering for the hub: one per call; `hand_over` moves a call away.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
+from e2v.client.live.outbox import event_json
 from e2v.client.results import predictable
 
 from e2v.contract import EVENT_RESULT, EVENT_SUMMARY
 
 if TYPE_CHECKING:
     from e2v.client.live.bus import Claim
+
+log = logging.getLogger("e2v.live")
 
 # Events a successor holds until the hand-over (a second or two of a call: a few dozen).
 HELD_EVENTS = 1000
@@ -115,6 +119,22 @@ class CallEvents:
             "utterances": utterances,
             "summary": {key: whole[key] for key in CARRIED},
         }
+
+
+async def hand_over(claim: Claim, events: CallEvents, summary: dict, wait_s: float) -> None:
+    """Offer the call (its finals published here, `summary` not) to its next replica; if
+    none takes it within `wait_s`, the call ends here: its summary, the whole call's, is
+    published. The claim is released either way."""
+    try:
+        if await claim.hand_over(events.carry(summary), wait_s):
+            return
+        log.info("call %s: not taken over; its summary ends it here", claim.call_id)
+        event = events.number({"type": summary["type"], "call_id": claim.call_id} | summary)
+        if event is not None:
+            claim.publish(event, event_json(event))
+    except Exception as exc:  # noqa: BLE001 - the claim is released below anyway
+        log.warning("call %s: hand-over failed: %r", claim.call_id, exc)
+    await claim.release()
 
 
 def merged_summary(summary: dict, prior: dict, offset_s: float) -> dict:

@@ -604,6 +604,7 @@ class NatsClaim(Claim):
         await self._stop_keeper()
         if not await self._write():
             return False
+        renew_at = time.monotonic() + bus.options.keepalive_s
         while time.monotonic() < deadline:
             await asyncio.sleep(HANDOVER_POLL_S)
             with contextlib.suppress(Exception):
@@ -612,6 +613,12 @@ class NatsClaim(Claim):
                     self.ended = True
                     log.info("call %s: handed over to %s", self.call_id, current["replica"])
                     return True
+            if time.monotonic() >= renew_at:  # still ours: kept alive while it waits
+                renew_at = time.monotonic() + bus.options.keepalive_s
+                with contextlib.suppress(Exception):  # taken meanwhile: the next read says so
+                    self.revision = await bus.kv.update(
+                        self.key, _encode(self.record), last=self.revision
+                    )
         self.record["state"] = LIVE
         self.record.pop("carry", None)
         if await self._write():
