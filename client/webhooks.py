@@ -201,6 +201,14 @@ class WebhookSender:
         self.queued_bytes += len(body)
         return True
 
+    async def send(self, delivery_id: str, body: bytes) -> str | None:
+        """Deliver `body` now (after `start`), signed, with the retries a posted delivery gets,
+        under `delivery_id` (the bus's event id: the same on each redelivery, so receivers
+        drop duplicates); counted like them. None once delivered, else why it failed."""
+        error = await self._deliver(delivery_id, body)
+        self._count(error, delivery_id)
+        return error
+
     async def stop(self, drain_s: float = 0.0) -> None:
         """Stop taking deliveries, wait up to `drain_s` for the queued ones, then give up on
         the rest: still queued counts as dropped, interrupted in flight as failed."""

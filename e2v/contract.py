@@ -247,3 +247,35 @@ CLOSE_TOO_FAST = 4429  # audio faster than real time beyond the allowed factor
 WEBHOOK_SIGNATURE_HEADER = "X-E2V-Signature"
 WEBHOOK_ID_HEADER = "X-E2V-Webhook-Id"  # one id per delivery, the same on every retry (dedupe)
 EVENT_FILE_ALERT = "file.alert"  # `e2v classify --webhook`: a finished file that crossed --alert
+
+# The event bus (`e2v gateway --bus nats://...`, client/live/nats_bus.py): live events, the
+# fleet-wide call registry and webhooks on NATS JetStream, shared by every gateway replica.
+# Without --bus each gateway keeps them in process (client/live/bus.py). docs/deploy.md,
+# "Live calls across replicas", sizes the retention; docs/events.schema.json is the event.
+BUS_SUBJECT_PREFIX = "e2v.calls"  # e2v.calls.<call token>.events.<event type>
+BUS_EVENTS_STREAM = "E2V_EVENTS"  # --bus-stream: every event of every live call
+BUS_CALLS_BUCKET = "e2v_calls"  # --bus-calls-bucket: KV, call token -> the call's record
+BUS_WEBHOOK_CONSUMER = "e2v_webhooks"  # --bus-webhook-consumer: durable, alerts and summaries
+BUS_MAX_AGE_S = 3600.0  # --bus-max-age-s: events older than this leave the stream
+BUS_MAX_BYTES = 1 << 30  # --bus-max-bytes: the stream's size; the oldest events leave first
+BUS_EVENTS_PER_CALL = 2000  # --bus-events-per-call: kept per call and event type
+BUS_CLAIM_TTL_S = 10.0  # --bus-claim-ttl-s: a call's claim expires this long after its owner
+BUS_EVENT_ID_HEADER = "Nats-Msg-Id"  # the event id: JetStream drops a republished duplicate
+CALLS_PATH = "/v1/calls"  # GET: the live calls (every replica's with --bus), ?alerting=true
+
+
+def bus_token(call_id: str) -> str:
+    """`call_id` as one NATS subject token and KV key: call ids may hold `.` and `:`, which
+    subjects and keys reserve or refuse; they are escaped as `=2E` and `=3A` (`=` is not a
+    call-id character, so the mapping is one to one)."""
+    return call_id.replace(".", "=2E").replace(":", "=3A")
+
+
+def call_events_subject(call_id: str, event_type: str = ">") -> str:
+    """The subject of `call_id`'s events of `event_type` (`>`: all of them, in order)."""
+    return f"{BUS_SUBJECT_PREFIX}.{bus_token(call_id)}.events.{event_type}"
+
+
+def all_calls_subject(event_type: str = ">") -> str:
+    """Every call's events of `event_type`, e.g. all_calls_subject(EVENT_ALERT)."""
+    return f"{BUS_SUBJECT_PREFIX}.*.events.{event_type}"

@@ -2,9 +2,11 @@
 
 Scenarios: the default one (`loadtest.plan`: Locust against Triton or, with `--gateway`,
 the gateway; `--compare` adds the FunASR baseline and ONNX Runtime alone), `--live`
-(`loadtest.live_run`: concurrent calls through `/v1/live`) and `--replicas-triton N`
-(`loadtest.fleet_run`: one client over N Triton replicas against one). A scenario is a module with a
-`run_*(args) -> int` that writes its report and prints its path (loadtest/README.md).
+(`loadtest.live_run`: concurrent calls through `/v1/live`), `--live --replicas N --bus`
+(`loadtest.live_fleet_run`: gateway replicas sharing calls through NATS) and
+`--replicas-triton N` (`loadtest.triton_fleet_run`: one client over N Triton replicas
+against one). A scenario is a module with a `run_*(args) -> int` that writes its report and
+prints its path (loadtest/README.md).
 """
 
 from __future__ import annotations
@@ -112,7 +114,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     live.add_argument(
         "--gateway-pid", type=int, help="with --live-url on this machine: its CPU is measured"
     )
-    fleet = parser.add_argument_group("a Triton fleet (loadtest/fleet_run.py)")
+    live.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="with --bus: N gateway replicas, calls spread over them, each call followed by "
+        "a subscriber on another replica (loadtest/live_fleet.py)",
+    )
+    live.add_argument(
+        "--bus",
+        action="store_true",
+        help="with --replicas: the replicas share calls through a local NATS server; the "
+        "same load without the bus (each replica alone) is run alongside, ABBA",
+    )
+    live.add_argument(
+        "--rounds", type=int, default=2, help="with --bus: bus/in-process pairs run (default 2)"
+    )
+    fleet = parser.add_argument_group("a Triton fleet (loadtest/triton_fleet_run.py)")
     fleet.add_argument(
         "--replicas-triton",
         type=int,
@@ -140,12 +158,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_loadtest(args: argparse.Namespace) -> int:
     """The scenario the arguments select."""
+    if args.live and (args.bus or args.replicas != 1):
+        from e2v.loadtest.live_fleet_run import run_fleet
+
+        return run_fleet(args)
     if args.live:
         from e2v.loadtest.live_run import run_live
 
         return run_live(args)
     if args.replicas_triton is not None:
-        from e2v.loadtest.fleet_run import run_fleet
+        from e2v.loadtest.triton_fleet_run import run_fleet
 
         return run_fleet(args)
     from e2v.loadtest.plan import run_plan

@@ -726,6 +726,14 @@ def test_openapi_documents_the_upload(gateway):
         "parties",
     }
     assert set(spec["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    calls = spec["paths"]["/v1/calls"]["get"]
+    (alerting,) = calls["parameters"]
+    assert (alerting["name"], alerting["schema"]["type"]) == ("alerting", "boolean")
+    assert {"200", "401", "503"} <= set(calls["responses"])
+    row = spec["components"]["schemas"]["CallOut"]
+    assert {"call_id", "protocol", "parties", "started", "replica", "latest", "alerts"} <= set(
+        row["required"]
+    )
     assert request(gateway, "GET", "/docs")[0] == 200
 
 

@@ -38,7 +38,14 @@ from e2v.client.gateway.errors import (
     GatewayError,
     file_status,
 )
-from e2v.client.gateway.schemas import BatchOut, ErrorOut, FileOut, HealthOut, ReadyOut
+from e2v.client.gateway.schemas import (
+    BatchOut,
+    CallsOut,
+    ErrorOut,
+    FileOut,
+    HealthOut,
+    ReadyOut,
+)
 from e2v.client.gateway.server import client_key
 from e2v.client.gateway.service import Gateway
 from e2v.client.gateway.uploads import (
@@ -60,6 +67,7 @@ from e2v.client.results import model_labels
 from e2v.contract import (
     CALL_EVENTS_PATH,
     CALL_ID_PATTERN,
+    CALLS_PATH,
     GATEWAY_LIVE_PATH,
     GATEWAY_METRICS_PATH,
     GATEWAY_PREDICT_PATH,
@@ -75,7 +83,14 @@ PAGE_HEADERS = {
     "media-src 'self' blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
     "Referrer-Policy": "no-referrer",
 }
-ENDPOINTS = {"/", GATEWAY_LIVE_PATH, GATEWAY_READY_PATH, GATEWAY_METRICS_PATH, GATEWAY_PREDICT_PATH}
+ENDPOINTS = {
+    "/",
+    GATEWAY_LIVE_PATH,
+    GATEWAY_READY_PATH,
+    GATEWAY_METRICS_PATH,
+    GATEWAY_PREDICT_PATH,
+    CALLS_PATH,
+}
 SSE_HEADERS = {"X-Accel-Buffering": "no"}  # nginx: do not buffer the event stream
 
 ERROR_RESPONSES = {
@@ -314,11 +329,34 @@ def create_app(config: GatewayConfig):
 def _add_live_routes(app, gateway: Gateway) -> None:
     """The live tier's WebSockets, and its Server-Sent Events route: an HTTP route, with
     the gateway's key check and errors."""
-    from e2v.client.live.routes import add_live_routes, event_stream, valid_call_id
-    from fastapi import Path, Request
+    from e2v.client.live.routes import add_live_routes, after_seq, event_stream, valid_call_id
+    from fastapi import Path, Query, Request
     from fastapi.responses import StreamingResponse
 
     add_live_routes(app, gateway.live)
+
+    @app.get(
+        CALLS_PATH,
+        tags=["live"],
+        response_model=CallsOut,
+        responses={
+            401: ERROR_RESPONSES[401],
+            503: {"model": ErrorOut, "description": "the bus is unreachable (`unavailable`)"},
+        },
+    )
+    async def calls(
+        request: Request,
+        alerting: bool = Query(False, description="only calls that fired an alert"),
+    ):
+        """The live calls: with `--bus`, every replica's; else this gateway's. Each with
+        its protocol, parties, start, replica, each party's latest emotion and confidence,
+        and the alerts fired. Alerting calls come first, then the newest."""
+        check_key(request, gateway.config.api_key)
+        try:
+            rows = await gateway.live.calls(alerting)
+        except Exception as exc:  # noqa: BLE001 - the bus is down: a 503 that says so
+            raise GatewayError(503, UNAVAILABLE, f"the bus is unreachable: {exc!r}"[:300]) from None
+        return {"calls": rows, "fleet": gateway.live.bus.shared}
 
     @app.get(
         CALL_EVENTS_PATH,
@@ -336,16 +374,16 @@ def _add_live_routes(app, gateway: Gateway) -> None:
         call_id: str = Path(json_schema_extra={"pattern": f"^{CALL_ID_PATTERN}$"}),
     ):
         """Server-Sent Events: every event of the live call `call_id` (`event:` is its
-        type, `id:` its seq, `data:` its JSON), until its summary; waits up to
-        --live-subscribe-wait-s (30 s) for a call that has not started. A refusal or an
-        overflow comes as an `error` event."""
+        type, `id:` its seq, `data:` its JSON), until its summary, wherever it runs (with
+        `--bus`); waits up to --live-subscribe-wait-s (30 s) for a call that has not
+        started. `Last-Event-ID: SEQ` resumes after that event. A refusal or an overflow
+        comes as an `error` event."""
         check_key(request, gateway.config.api_key)
         if not valid_call_id(call_id):
             raise GatewayError(400, BAD_PARAMETER, f"call_id must match {CALL_ID_PATTERN}")
-        after = request.headers.get("last-event-id", "")
-        after_seq = int(after) if after.isdigit() and len(after) < 12 else 0
+        after = after_seq(request.headers.get("last-event-id"))
         return StreamingResponse(
-            event_stream(gateway.live, call_id, after_seq),
+            event_stream(gateway.live, call_id, after),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )

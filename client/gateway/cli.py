@@ -125,12 +125,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "message signature (with --api-key-file, X-API-KEY must match too)",
     )
     add_live_arguments(parser)
+    from e2v.client.live.bus_options import add_bus_arguments
+
+    add_bus_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     parser.set_defaults(func=run_gateway)
 
 
 def run_gateway(args: argparse.Namespace) -> int:
     from e2v.client.gateway.config import GatewayConfig, read_api_key, read_audiohook_secret
+    from e2v.client.live.bus_options import bus_settings
     from e2v.client.webhooks import webhook_options
 
     try:
@@ -159,6 +163,7 @@ def run_gateway(args: argparse.Namespace) -> int:
             audiohook_secret=read_audiohook_secret(args.audiohook_secret_file)
             if args.audiohook_secret_file
             else None,
+            bus=bus_settings(args),
         )
         if not 0 < args.port < 65536:
             raise ValueError(f"--port must be in 1-65535, not {args.port}")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from e2v.client.live.bus_options import BusSettings
 from e2v.client.live.limits import LiveLimits
 from e2v.client.secrets import read_secret_file
 from e2v.client.targets import parse_target
@@ -47,6 +48,8 @@ class GatewayConfig:
     webhook_secret: bytes | None = None  # their signing secret (--webhook-secret-file)
     # AudioHook client secret (--audiohook-secret-file): upgrades must be signed with it.
     audiohook_secret: bytes | None = None
+    # Live calls shared by replicas (--bus: NATS JetStream); default: in process.
+    bus: BusSettings = BusSettings()
 
     def __post_init__(self) -> None:
         if self.protocol not in ("grpc", "http"):

@@ -88,8 +88,10 @@ class GatewayMetrics:
     def _live_metrics(self, registry) -> None:
         """Live sessions (client/live/hub.py): counters kept here, gauges and the
         scheduler's and webhook sender's counters read from the hub (`bind_live`)."""
+        from e2v.client.live.bus_metrics import BusMetrics
         from prometheus_client import Counter, Histogram
 
+        self.bus = BusMetrics(registry)  # the live bus's (bound when the hub makes its bus)
         self.live_events = Counter(
             "e2v_live_events", "Live events published, by type", ["type"], registry=registry
         )

@@ -220,8 +220,10 @@ def file_json(result: FileResult, embeddings: bool) -> dict:
 
 def _live_hub(gateway: Gateway):
     """The live tier (client/live/), given what it needs through `LiveServices`: the Triton
-    client and model once started, metrics, slots, the key check, secrets, webhooks."""
+    client and model once started, metrics, slots, the key check, secrets, and the bus
+    (in process, or NATS with --bus) with the webhook sender."""
     from e2v.client.gateway.auth import key_problem
+    from e2v.client.live.bus_options import make_bus
     from e2v.client.live.hub import LiveHub
     from e2v.client.live.services import LiveServices
 
@@ -237,7 +239,7 @@ def _live_hub(gateway: Gateway):
         slots=config.slots,
         key_problem=functools.partial(key_problem, config.api_key),
         audiohook_secret=config.audiohook_secret,
-        webhook=webhook,
+        bus=make_bus(config.bus, webhook=webhook, metrics=gateway.metrics.bus),
     )
     hub = LiveHub(services, config.live)
     gateway.metrics.bind_live(hub)
