@@ -26,9 +26,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from e2v.client.live.outbox import event_json
-from e2v.client.results import predictable
 
-from e2v.contract import EVENT_RESULT, EVENT_SUMMARY
+from e2v.contract import EVENT_RESULT, EVENT_SUMMARY, is_answer_label
 
 if TYPE_CHECKING:
     from e2v.client.live.bus import Claim
@@ -172,7 +171,7 @@ def _merged_party(now: dict, before: dict | None) -> dict:
         }
     else:
         scores = scores_now or scores_before
-    candidates = [label for label in scores if predictable(label)]
+    candidates = [label for label in scores if is_answer_label(label)]
     emotion = max(candidates, key=scores.get) if candidates else None
     return now | {
         "emotion": emotion,
