@@ -72,16 +72,15 @@ def parse_live_alerts(
 def _parse_item(
     item: str, parties: tuple[str, ...], labels: list[str]
 ) -> tuple[str | None, str, float]:
-    party, sep, rest = item.partition(":")
+    named, sep, rest = item.partition(":")
+    party: str | None = named.strip()
     if not sep:
         party, rest = None, item
-    elif party.strip() not in parties:
+    elif party not in parties:
         raise ValueError(
-            f"alerts item {item!r}: party {party.strip()!r} is not one of this stream's: "
+            f"alerts item {item!r}: party {party!r} is not one of this stream's: "
             + ", ".join(parties)
         )
-    else:
-        party = party.strip()
     try:
         if not rest.strip():
             raise ValueError("bad --alert item '': expected LABEL=P with 0 <= P <= 1")

@@ -208,7 +208,7 @@ def _decoded_frames(
     """Yield (sample_rate, mono float32) per decoded frame of the first audio stream
     ((channels, n) float32 unless `mix`)."""
     is_path = isinstance(source, (str, Path))
-    file = open_regular_file(source) if is_path else source
+    file = open_regular_file(source) if isinstance(source, (str, Path)) else source
     name = display_name(str(source)) if is_path else (name or "upload")
     try:
         try:

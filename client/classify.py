@@ -36,7 +36,15 @@ from e2v.client.triton import (
     TritonEmotionClient,
 )
 
-from e2v.contract import MAX_DURATION_S, MIN_SAMPLES, SAMPLE_RATE
+from e2v.contract import (
+    MAX_DURATION_S,
+    MIN_SAMPLES,
+    MODEL_NAME,
+    SAMPLE_RATE,
+    TRITON_REQUESTS_IN_FLIGHT,
+    TRITON_RETRIES,
+    TRITON_URL,
+)
 
 # Segments decoded ahead of the requests, per file: enough to keep requests flowing.
 SEGMENTS_AHEAD = 4
@@ -44,13 +52,13 @@ SEGMENTS_AHEAD = 4
 
 @dataclass(frozen=True)
 class JobOptions:
-    url: str = "localhost:8001"
+    url: str = TRITON_URL
     protocol: str = "grpc"
-    model: str = "emotion2vec"
+    model: str = MODEL_NAME
     segment: SegmentMode | None = None  # None: VAD
-    concurrency: int = 16  # requests in flight
+    concurrency: int = TRITON_REQUESTS_IN_FLIGHT  # requests in flight
     thresholds: dict[str, float] | None = None
-    retries: int = 12
+    retries: int = TRITON_RETRIES
     max_duration_s: float = MAX_DURATION_S
     workers: int = 0  # decoding threads in each process; 0: one per core, at least 2
     processes: int = 1  # worker processes (--workers): >1 spreads files over processes
@@ -146,8 +154,9 @@ async def _gather_stop_on_unavailable(tasks: list[asyncio.Task]) -> None:
     while pending:
         done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
-            if task.exception() is not None:
-                raise task.exception()
+            error = task.exception()
+            if error is not None:
+                raise error
 
 
 async def classify_source(
@@ -162,7 +171,7 @@ async def classify_source(
     """One file's result, or its error row. Only ServerUnavailable escapes.
 
     `times`, when given, receives the time spent decoding, segmenting and in inference."""
-    info = client.info
+    info = client.info if client.info is not None else await client.connect()
     label = name if name is not None else display_name(str(source))
 
     def error(kind: str, message: str) -> FileResult:
@@ -200,12 +209,12 @@ async def classify_source(
     if options.parties is None:
         segments = [result for _, result in results]
         return aggregate(label, duration_s, segments, info, options.thresholds or {})
-    return _split(label, duration_s, results, producer.channels, info, options)
+    names = options.parties[: producer.channels]
+    return _split(label, duration_s, results, names, info, options)
 
 
-def _split(label, duration_s, results, channels: int, info, options: JobOptions) -> FileResult:
-    """Channel i is party i: its segments alone, its own alert thresholds."""
-    names = options.parties[:channels]
+def _split(label, duration_s, results, names: tuple[str, ...], info, options) -> FileResult:
+    """Channel i is party i (`names`): its segments alone, its own alert thresholds."""
     thresholds = options.party_thresholds
     if thresholds is None:
         thresholds = {name: options.thresholds or {} for name in names}
@@ -288,7 +297,7 @@ class _SegmentProducer:
             await asyncio.gather(thread, return_exceptions=True)
 
     def _produce(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
-        segments = self._mixed() if self.parties is None else self._split()
+        segments = self._mixed() if self.parties is None else self._split(self.parties)
         try:
             while (item := self._timed_next(segments)) is not None:
                 self._put(loop, queue, ("segment", item))
@@ -308,12 +317,12 @@ class _SegmentProducer:
         ):
             yield 0, segment, samples
 
-    def _split(self) -> Iterator[tuple[int, Segment, np.ndarray]]:
+    def _split(self, parties: tuple[str, ...]) -> Iterator[tuple[int, Segment, np.ndarray]]:
         """`segment_stream` per channel, fed from one decode of (channels, n) chunks."""
         cutters: list[SegmentCutter] = []
         for chunk in self._chunks(mix=False):
             if not cutters:
-                self._check_channels(len(chunk))
+                self._check_channels(len(chunk), parties)
                 cutters = [SegmentCutter(self.mode, self.max_segment_s) for _ in chunk]
             self._count(chunk.shape[-1])
             for channel, (cutter, row) in enumerate(zip(cutters, chunk)):
@@ -323,11 +332,11 @@ class _SegmentProducer:
             for segment, samples in cutter.finish():
                 yield channel, segment, samples
 
-    def _check_channels(self, channels: int) -> None:
-        if channels > len(self.parties):
-            names = ",".join(self.parties)
+    def _check_channels(self, channels: int, parties: tuple[str, ...]) -> None:
+        if channels > len(parties):
+            names = ",".join(parties)
             raise ChannelsError(
-                f"{channels} channels but {len(self.parties)} party name(s) ({names}): "
+                f"{channels} channels but {len(parties)} party name(s) ({names}): "
                 f"give --parties one name per channel"
             )
         self.channels = channels
@@ -342,7 +351,9 @@ class _SegmentProducer:
 
     def _chunks(self, mix: bool = True) -> Iterator[np.ndarray]:
         named = isinstance(self.source, (str, Path))
-        source = open_input(str(self.source)) if named else self.source
+        source = self.source
+        if isinstance(source, (str, Path)):
+            source = open_input(str(source))
         name = display_name(str(self.source)) if named else None
         chunks = stream_audio(source, max_duration_s=self.max_duration_s, name=name, mix=mix)
         try:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # kept out of `e2v --help`'s imports (the CLIs add our flags)
     from e2v.client.results import FileResult, SegmentResult
     from e2v.client.triton import ModelInfo
 
+CHANNEL_MODES = ("mix", "split")  # --channels: averaged to mono, or a party per channel
 # `e2v classify --channels split` without --parties: the call-centre convention.
 DEFAULT_PARTIES = ("customer", "agent")
 MAX_PARTIES = 64  # client.audio.MAX_CHANNELS: one name per channel at most
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train-head)."""
     parser.add_argument(
         "--channels",
-        choices=("mix", "split"),
+        choices=CHANNEL_MODES,
         help="mix: channels averaged to mono (the default); split: each channel its own "
         "party (own decode, VAD, segments and result)",
     )
@@ -69,11 +70,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def from_arguments(args: argparse.Namespace) -> tuple[str, ...] | None:
     """The party names of `--channels split` / `--parties`, or None for a mix."""
-    if args.parties is not None:
-        if args.channels == "mix":
+    return party_names(args.channels, args.parties)
+
+
+def party_names(channels: str | None, parties: str | None) -> tuple[str, ...] | None:
+    """The party names of `channels` ("mix", "split" or None) and `parties` (names, comma
+    separated, or None: implies split), or None for a mix."""
+    if parties is not None:
+        if channels == "mix":
             raise ValueError("--parties names the channels of --channels split, not of a mix")
-        return parse_parties(args.parties)
-    return DEFAULT_PARTIES if args.channels == "split" else None
+        return parse_parties(parties)
+    return DEFAULT_PARTIES if channels == "split" else None
 
 
 def party_thresholds(
@@ -222,11 +229,13 @@ def _r(value: float) -> float:
 
 
 __all__ = [
+    "CHANNEL_MODES",
     "DEFAULT_PARTIES",
     "add_arguments",
     "from_arguments",
     "manifest_channel",
     "manifest_parties",
+    "party_names",
     "party_result",
     "party_thresholds",
     "conversation",

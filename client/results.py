@@ -8,6 +8,8 @@ import numpy as np
 from e2v.client.segment import Segment
 from e2v.client.triton import ModelInfo, Prediction
 
+from e2v.contract import is_answer_label, is_scored_label
+
 
 @dataclass
 class SegmentResult:
@@ -120,14 +122,14 @@ def short_label(label: str) -> str:
     return label.rsplit("/", 1)[-1]
 
 
-def predictable(label: str) -> bool:
-    """Whether a label may be an answer: `unuse*` placeholders and `<unk>` never are."""
-    return not (label.startswith("unuse") or label == "<unk>")
-
-
 def model_labels(info: ModelInfo) -> list[str]:
-    """The model's labels as answers name them (short form), `unuse*` placeholders left out."""
-    return [short_label(label) for label in info.labels if not label.startswith("unuse")]
+    """The model's scored labels as answers name them (short form): the score columns."""
+    return score_labels(info.labels)
+
+
+def score_labels(labels: list[str]) -> list[str]:
+    """The short forms of `labels` that have a score (`unuse*` placeholders left out)."""
+    return [short_label(label) for label in labels if is_scored_label(label)]
 
 
 def segment_result(segment: Segment, prediction: Prediction, info: ModelInfo) -> SegmentResult:
@@ -136,7 +138,7 @@ def segment_result(segment: Segment, prediction: Prediction, info: ModelInfo) ->
         scores = {
             short_label(label): float(p)
             for label, p in zip(info.labels, prediction.scores)
-            if not label.startswith("unuse")
+            if is_scored_label(label)
         }
     return SegmentResult(segment.start_s, segment.end_s, scores, prediction.embedding)
 
@@ -188,7 +190,7 @@ def by_vote(result: FileResult) -> FileResult:
         return result
     most = max(votes.values())
     tied = [label for label in result.scores if votes.get(label) == most]
-    emotion = max(tied, key=result.scores.get)
+    emotion = max(tied, key=result.scores.__getitem__)
     ordered = {label: votes[label] for label in result.scores if label in votes}
     return replace(result, emotion=emotion, confidence=result.scores[emotion], votes=ordered)
 
@@ -196,23 +198,26 @@ def by_vote(result: FileResult) -> FileResult:
 def with_parties(result: FileResult) -> FileResult:
     """The file-level fields of a split result from its parties: the first party's
     emotion, confidence and scores; every party's alerts, each naming its party."""
-    first = result.parties[0].result
+    parties = result.parties
+    if not parties:
+        raise ValueError(f"{result.file}: a split result without parties")
+    first = parties[0].result
     return replace(
         result,
         emotion=first.emotion,
         confidence=first.confidence,
         scores=first.scores,
-        no_speech=all(p.result.no_speech for p in result.parties),
-        alerts=[{"party": p.party} | a for p in result.parties for a in p.result.alerts],
+        no_speech=all(p.result.no_speech for p in parties),
+        alerts=[{"party": p.party} | a for p in parties for a in p.result.alerts],
         segments=[],
     )
 
 
 def _best(scores: dict[str, float]) -> tuple[str | None, float | None]:
-    candidates = [label for label in scores if predictable(label)]
+    candidates = [label for label in scores if is_answer_label(label)]
     if not candidates:
         return None, None
-    label = max(candidates, key=scores.get)
+    label = max(candidates, key=scores.__getitem__)
     return label, scores[label]
 
 
@@ -257,11 +262,7 @@ def resolve_labels(text: str | None, labels: list[str]) -> tuple[str, ...] | Non
     two, is an error that lists the model's labels."""
     if not text:
         return None
-    forms = {}
-    for label in labels:
-        if predictable(label) and not label.startswith("unuse"):
-            for form in (label, short_label(label), label.split("/", 1)[0]):
-                forms.setdefault(form.strip().lower(), short_label(label))
+    forms = answer_forms(labels)
     choices = ", ".join(dict.fromkeys(forms.values())) or "none: embeddings only"
     wanted = {item.strip().lower() for item in text.split(",") if item.strip()}
     unknown = sorted(w for w in wanted if w not in forms)
@@ -271,6 +272,17 @@ def resolve_labels(text: str | None, labels: list[str]) -> tuple[str, ...] | Non
     if len(keep) < 2:
         raise ValueError(f"--labels needs at least two of the model's labels ({choices})")
     return tuple(label for label in dict.fromkeys(forms.values()) if label in keep)
+
+
+def answer_forms(labels: list[str]) -> dict[str, str]:
+    """Every spelling of the model's answer labels, lower case (`生气/angry`, `angry`, `生气`)
+    -> its short form: how --labels, --map and data sets name them."""
+    forms: dict[str, str] = {}
+    for label in labels:
+        if is_answer_label(label):
+            for form in (label, short_label(label), label.split("/", 1)[0]):
+                forms.setdefault(form.strip().lower(), short_label(label))
+    return forms
 
 
 def restrict_scores(scores: dict[str, float], keep: tuple[str, ...]) -> dict[str, float]:

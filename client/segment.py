@@ -101,7 +101,7 @@ def parse_segment_mode(text: str) -> SegmentMode:
     """Parse "vad", "none" or "fixed:SECONDS" (0.025 <= SECONDS <= MAX_SEGMENT_S)."""
     value = text.strip().lower()
     if value in ("vad", "none"):
-        return SegmentMode(value)
+        return SegmentMode("vad" if value == "vad" else "none")
     name, _, seconds = value.partition(":")
     if name != "fixed":
         raise ValueError(f"unknown segment mode {text!r}: use 'vad', 'none' or 'fixed:SECONDS'")
@@ -149,10 +149,13 @@ class SegmentCutter:
         if not low <= max_segment_s <= MAX_SEGMENT_S:
             raise ValueError(f"max_segment_s must be between {low:g} and {MAX_SEGMENT_S:g} s")
         max_samples = round(max_segment_s * SAMPLE_RATE)
+        self._cuts: _VadCutter | _WholeCutter | _FixedCutter
         if mode.kind == "vad":
             self._cuts = _VadCutter(mode, max_samples, early)
+        elif mode.kind == "none":
+            self._cuts = _WholeCutter(mode, max_samples)
         else:
-            self._cuts = {"none": _WholeCutter, "fixed": _FixedCutter}[mode.kind](mode, max_samples)
+            self._cuts = _FixedCutter(mode, max_samples)
         self._buffer = _Buffer()
 
     @property
@@ -293,6 +296,7 @@ class _FixedCutter:
     """ "fixed:S": consecutive windows; see `fixed_windows` for the last one."""
 
     def __init__(self, mode: SegmentMode, max_samples: int) -> None:
+        assert mode.seconds is not None, "a fixed mode has its window (SegmentMode checks)"
         self.window = round(mode.seconds * SAMPLE_RATE)
         self.max_samples = max_samples
         if self.window > max_samples:
@@ -401,8 +405,9 @@ class _VadCutter:
             starts.append(self.merger.held.start)
         if self.padder.pending:
             starts.append(self.padder.pending[0])
-        if self.speaking():
-            starts.append(max(0, int(self.tracker.open_start - VAD_PARAMS.pad)))
+        open_start = self.tracker.open_start
+        if self.speaking() and open_start is not None:  # speaking: a region is open
+            starts.append(max(0, int(open_start - VAD_PARAMS.pad)))
         return min(starts) if starts else None
 
     def needed_from(self) -> int:

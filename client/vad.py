@@ -70,7 +70,7 @@ def silero_model_path() -> Path:
 
 
 def batched_model_paths() -> tuple[Path, Path]:
-    """The batched graph built from it (e2v/export/vad_graph.py): encoder, recurrent part."""
+    """The batched graph built from it (export/vad_graph.py): encoder, recurrent part."""
     folder = Path(__file__).parent / "silero"
     return folder / "silero_vad_16k_encoder.onnx", folder / "silero_vad_16k_recurrent.onnx"
 

@@ -28,11 +28,15 @@ import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from e2v.client.secrets import read_secret_file
 
 from e2v.contract import EVENT_FILE_ALERT, WEBHOOK_ID_HEADER, WEBHOOK_SIGNATURE_HEADER
+
+if TYPE_CHECKING:  # an optional dependency (the webhooks extra), imported when started
+    import aiohttp
 
 log = logging.getLogger("e2v.webhooks")
 
@@ -165,7 +169,7 @@ class WebhookSender:
         self.queue_bytes, self.queued_bytes = queue_bytes, 0
         self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(queue)
         self._tasks: list[asyncio.Task] = []
-        self._session = None
+        self._session: aiohttp.ClientSession | None = None
         self._open = False
 
     @property
@@ -201,6 +205,14 @@ class WebhookSender:
         self._queue.put_nowait((uuid.uuid4().hex, body))
         self.queued_bytes += len(body)
         return True
+
+    async def send(self, delivery_id: str, body: bytes) -> str | None:
+        """Deliver `body` now (after `start`), signed, with the retries a posted delivery gets,
+        under `delivery_id` (the bus's event id: the same on each redelivery, so receivers
+        drop duplicates); counted like them. None once delivered, else why it failed."""
+        error = await self._deliver(delivery_id, body)
+        self._count(error, delivery_id)
+        return error
 
     async def stop(self, drain_s: float = 0.0) -> None:
         """Stop taking deliveries, wait up to `drain_s` for the queued ones, then give up on
@@ -284,8 +296,10 @@ class WebhookSender:
             WEBHOOK_SIGNATURE_HEADER: sign(self.secret, int(time.time()), body),
             WEBHOOK_ID_HEADER: delivery_id,
         }
+        session = self._session
+        assert session is not None, "start() opens the session before any delivery"
         try:
-            async with self._session.post(
+            async with session.post(
                 self.url, data=body, headers=headers, allow_redirects=False
             ) as response:
                 status, retry_after = response.status, response.headers.get("Retry-After")

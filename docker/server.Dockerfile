@@ -75,6 +75,8 @@ CMD ["e2v-tritonserver", \
      "--allow-gpu-metrics=true", \
      "--log-verbose=0", \
      "--grpc-infer-allocation-pool-size=0", \
+     "--grpc-max-connection-age=60000", \
+     "--grpc-max-connection-age-grace=30000", \
      "--backend-config=python,shm-default-byte-size=16777216", \
      "--model-repository=/models", \
      "--http-port=8000", \

@@ -7,7 +7,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from e2v.contract import EXIT_INTERNAL
+from e2v.client.targets import TargetError
+from e2v.contract import EXIT_INTERNAL, EXIT_USAGE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except TargetError as exc:  # --url / --triton names no Triton the protocol can reach
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except BrokenPipeError:  # e.g. `e2v classify ... --json | head`
         sys.stderr.close()
         return 0

@@ -21,6 +21,33 @@ MAX_SEGMENT_S = 30.0  # attention is quadratic: longer audio is segmented by the
 # Longest recording a client accepts (e2v classify --max-duration-s, the gateway's limit).
 MAX_DURATION_S = 7200.0
 
+# Labels of the emotion2vec label set that are never an answer. FunASR's reference sets the
+# logits of `unuse*` placeholders to -inf before the softmax: they have no score at all
+# (export/network.py masks them the same way, and clients leave them out). `<unk>` keeps
+# its score (it is a class of the softmax) but is never an answer: not a file's or a
+# segment's emotion, a --labels choice, an evaluation target or a custom head's label.
+PLACEHOLDER_LABEL_PREFIX = "unuse"
+UNKNOWN_LABEL = "<unk>"
+
+
+def is_scored_label(label: str) -> bool:
+    """Whether a label has a score: every label but the `unuse*` placeholders."""
+    return not label.startswith(PLACEHOLDER_LABEL_PREFIX)
+
+
+def is_answer_label(label: str) -> bool:
+    """Whether a label may be an answer: a scored label other than `<unk>`."""
+    return is_scored_label(label) and label != UNKNOWN_LABEL
+
+
+# How a file's label comes from its segments' scores (`--aggregate`): the duration-weighted
+# mean of the scores, or the majority of the segments' labels.
+AGGREGATIONS = ("mean", "vote")
+
+# Confidence intervals of `e2v evaluate` and `e2v train-head` (--bootstrap): resamples.
+BOOTSTRAP_RESAMPLES = 1000
+MAX_BOOTSTRAP_RESAMPLES = 100_000
+
 # Clips are padded up to the next bucket so the dynamic batcher can group them.
 LENGTH_BUCKETS_S = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0)
 
@@ -46,6 +73,11 @@ EXIT_ALERT = 8  # an --alert fired
 HTTP_PORT = 8000
 GRPC_PORT = 8001
 METRICS_PORT = 8002
+# Clients of Triton (`e2v classify`, evaluate, train-head, gateway, the Python API).
+TRITON_URL = f"localhost:{GRPC_PORT}"  # --url: where a client finds Triton by default
+TRITON_PROTOCOLS = ("grpc", "http")  # --protocol
+TRITON_RETRIES = 12  # --retries: backoff doubles up to 5 s, ~40 s for a restarting server
+TRITON_REQUESTS_IN_FLIGHT = 16  # --concurrency: what the dynamic batcher needs to form batches
 HEALTH_READY_PATH = "/v2/health/ready"
 # Readiness of the served model itself: unlike the server's, it fails on an empty repository.
 MODEL_READY_PATH = f"/v2/models/{MODEL_NAME}/ready"
@@ -55,6 +87,9 @@ HEALTH_LIVE_PATH = "/v2/health/live"
 # enough for one maximum dynamic batch (8 rows x MAX_SAMPLES float32 = 15.4 MB), so that
 # normal traffic never grows it (a region never shrinks). See docs/deploy.md, "Memory".
 PYTHON_SHM_DEFAULT_BYTES = 16 * 2**20
+
+GRPC_MAX_CONNECTION_AGE_MS = 60_000
+GRPC_MAX_CONNECTION_AGE_GRACE_MS = 30_000
 
 # Flags every deployment passes to tritonserver (local `e2v serve`, compose, Kubernetes).
 # Model control off: the served models are fixed at start-up; nothing can load/unload
@@ -71,6 +106,12 @@ SERVER_FLAGS = (
     # No pooled gRPC request objects: a pooled one keeps its largest message (a refused
     # oversize request included) allocated for the life of the server.
     "--grpc-infer-allocation-pool-size=0",
+    # Each client connection is closed after a minute (GOAWAY; requests in flight get 30 s
+    # more): the clients' gRPC channels then ask DNS again, so a fleet's new replicas get
+    # traffic within about 75 s (client/targets.py, docs/deploy.md "A fleet of Triton
+    # replicas"). Reconnecting costs one TCP + HTTP/2 handshake a minute per client.
+    f"--grpc-max-connection-age={GRPC_MAX_CONNECTION_AGE_MS}",
+    f"--grpc-max-connection-age-grace={GRPC_MAX_CONNECTION_AGE_GRACE_MS}",
     f"--backend-config=python,shm-default-byte-size={PYTHON_SHM_DEFAULT_BYTES}",
 )
 
@@ -144,6 +185,8 @@ GATEWAY_PORT = 8080
 GATEWAY_LIVE_PATH = "/health"
 GATEWAY_READY_PATH = "/ready"  # 200 only while Triton's model is ready
 GATEWAY_METRICS_PATH = "/metrics"
+# Answered whatever the connection caps hold (client/gateway/server.py): GET only.
+GATEWAY_PROBE_PATHS = (GATEWAY_LIVE_PATH, GATEWAY_READY_PATH, GATEWAY_METRICS_PATH)
 GATEWAY_PREDICT_PATH = "/predict"
 GATEWAY_MAX_UPLOAD_MB = 200.0
 
@@ -204,3 +247,35 @@ CLOSE_TOO_FAST = 4429  # audio faster than real time beyond the allowed factor
 WEBHOOK_SIGNATURE_HEADER = "X-E2V-Signature"
 WEBHOOK_ID_HEADER = "X-E2V-Webhook-Id"  # one id per delivery, the same on every retry (dedupe)
 EVENT_FILE_ALERT = "file.alert"  # `e2v classify --webhook`: a finished file that crossed --alert
+
+# The event bus (`e2v gateway --bus nats://...`, client/live/nats_bus.py): live events, the
+# fleet-wide call registry and webhooks on NATS JetStream, shared by every gateway replica.
+# Without --bus each gateway keeps them in process (client/live/bus.py). docs/deploy.md,
+# "Live calls across replicas", sizes the retention; docs/events.schema.json is the event.
+BUS_SUBJECT_PREFIX = "e2v.calls"  # e2v.calls.<call token>.events.<event type>
+BUS_EVENTS_STREAM = "E2V_EVENTS"  # --bus-stream: every event of every live call
+BUS_CALLS_BUCKET = "e2v_calls"  # --bus-calls-bucket: KV, call token -> the call's record
+BUS_WEBHOOK_CONSUMER = "e2v_webhooks"  # --bus-webhook-consumer: durable, alerts and summaries
+BUS_MAX_AGE_S = 3600.0  # --bus-max-age-s: events older than this leave the stream
+BUS_MAX_BYTES = 1 << 30  # --bus-max-bytes: the stream's size; the oldest events leave first
+BUS_EVENTS_PER_CALL = 2000  # --bus-events-per-call: kept per call and event type
+BUS_CLAIM_TTL_S = 10.0  # --bus-claim-ttl-s: a call's claim expires this long after its owner
+BUS_EVENT_ID_HEADER = "Nats-Msg-Id"  # the event id: JetStream drops a republished duplicate
+CALLS_PATH = "/v1/calls"  # GET: the live calls (every replica's with --bus), ?alerting=true
+
+
+def bus_token(call_id: str) -> str:
+    """`call_id` as one NATS subject token and KV key: call ids may hold `.` and `:`, which
+    subjects and keys reserve or refuse; they are escaped as `=2E` and `=3A` (`=` is not a
+    call-id character, so the mapping is one to one)."""
+    return call_id.replace(".", "=2E").replace(":", "=3A")
+
+
+def call_events_subject(call_id: str, event_type: str = ">") -> str:
+    """The subject of `call_id`'s events of `event_type` (`>`: all of them, in order)."""
+    return f"{BUS_SUBJECT_PREFIX}.{bus_token(call_id)}.events.{event_type}"
+
+
+def all_calls_subject(event_type: str = ">") -> str:
+    """Every call's events of `event_type`, e.g. all_calls_subject(EVENT_ALERT)."""
+    return f"{BUS_SUBJECT_PREFIX}.*.events.{event_type}"

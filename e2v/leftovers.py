@@ -9,12 +9,14 @@ leftover (its owner is gone) from one in use by a live server:
   (`--backend-config=python,shm-region-prefix-name=...`);
 - `triton_python_backend_stub` processes, whose second argument is that region name.
 
-A region is only removed when no process has it open or mapped, so a live server's
-regions are never touched, whoever started it.
+A stale region is only removed when no process has it open or mapped, so a live server's
+regions are never touched, whoever started it. A run removes its own regions when it stops
+(`TritonServer.kill`), mapped or not: by then its server is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -156,6 +158,17 @@ def remove_regions(paths: list[Path]) -> list[Path]:
                 removed.append(path)
             except FileNotFoundError:
                 pass
+    return removed
+
+
+def unlink_regions(paths: list[Path]) -> list[Path]:
+    """Unlink `paths` whoever still maps them (only for regions of a run known to be over:
+    a process that maps one keeps its mapping); returns those removed."""
+    removed = []
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
     return removed
 
 

@@ -414,7 +414,15 @@ class TritonServer:
         return self.kill()
 
     def kill(self) -> int | None:
-        """Hard kill of the server and its stubs (tests use it to simulate a crash); cleanup."""
+        """Hard kill of the server and its stubs (tests use it to simulate a crash); cleanup.
+
+        The run's regions are removed by name even while a stub still maps one: tritonserver
+        creates them and removes them only when it stops gracefully, a stub removes its own
+        only when it outlives tritonserver and is not killed first, and a SIGKILLed stub may
+        still be exiting here (it is not our child: nothing here waits for it). Once it has
+        exited nobody else would remove them. Unlinking leaves existing mappings valid, and
+        the prefix belongs to this server alone.
+        """
         if self._cleaned:
             return self.process.returncode if self.process else None
         self._cleaned = True
@@ -423,7 +431,7 @@ class TritonServer:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
-        leftovers.remove_regions(leftovers.shm_regions(self.shm_prefix))
+        leftovers.unlink_regions(leftovers.shm_regions(self.shm_prefix))
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
         return self.process.returncode if self.process else None

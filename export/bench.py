@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from e2v.export.parity import funasr_model, pad_batch
 
-from e2v.contract import SAMPLE_RATE, bucket_samples
+from e2v.contract import INPUT_WAV, INPUT_WAV_LENS, SAMPLE_RATE, bucket_samples
 
 
 def call_centre_clips(count: int, seed: int = 0) -> list[np.ndarray]:
@@ -59,11 +59,11 @@ def time_onnx(onnx_path: Path, clips: list[np.ndarray], batch_size: int, threads
     session = ort.InferenceSession(
         str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
     )
-    session.run(None, dict(zip(("WAV", "WAV_LENS"), pad_batch([clips[0]]))))  # warm up
+    session.run(None, dict(zip((INPUT_WAV, INPUT_WAV_LENS), pad_batch([clips[0]]))))  # warm up
     batches = _batches(clips, batch_size)
     start = time.perf_counter()
     for wav, lens in batches:
-        session.run(None, {"WAV": wav, "WAV_LENS": lens})
+        session.run(None, {INPUT_WAV: wav, INPUT_WAV_LENS: lens})
     return time.perf_counter() - start
 
 

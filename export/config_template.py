@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from e2v.contract import UNKNOWN_LABEL
+
 # The published emotion2vec+ label set, in tokens.txt order.
 PUBLISHED_LABELS = (
     "生气/angry",
@@ -18,7 +20,7 @@ PUBLISHED_LABELS = (
     "其他/other",
     "难过/sad",
     "吃惊/surprised",
-    "<unk>",
+    UNKNOWN_LABEL,
 )
 
 
@@ -156,7 +158,7 @@ def model_config(size: ModelSize, with_head: bool = True) -> dict:
     }
     if with_head:
         config["tokenizer"] = "CharTokenizer"
-        config["tokenizer_conf"] = {"unk_symbol": "<unk>", "split_with_space": True}
+        config["tokenizer_conf"] = {"unk_symbol": UNKNOWN_LABEL, "split_with_space": True}
     return config
 
 

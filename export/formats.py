@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from e2v.export.network import BatchedEmotion2vec
 
-from e2v.contract import INPUT_WAV, INPUT_WAV_LENS, OUTPUT_EMBEDDING, OUTPUT_SCORES
+from e2v.contract import INPUT_WAV, INPUT_WAV_LENS, OUTPUT_EMBEDDING, OUTPUT_SCORES, SAMPLE_RATE
 
 ONNX_OPSET = 17
 ONNX_EXPORTER = "torch.onnx.export(dynamo=False)"
@@ -27,8 +27,8 @@ def output_names(net: BatchedEmotion2vec) -> list[str]:
 def example_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     """A padded batch: tracing must see rows with padding so the masking path is recorded."""
     generator = torch.Generator().manual_seed(0)
-    wav = torch.randn(2, 16000, generator=generator) * 0.1
-    lens = torch.tensor([16000, 9000], dtype=torch.int64)
+    wav = torch.randn(2, SAMPLE_RATE, generator=generator) * 0.1  # one second
+    lens = torch.tensor([SAMPLE_RATE, 9000], dtype=torch.int64)
     wav[1, 9000:] = 0
     return wav, lens
 

@@ -39,6 +39,7 @@ from e2v.contract import (
     OUTPUT_SCORES,
     ensemble_model_name,
     head_model_name,
+    is_answer_label,
 )
 
 HEAD_KINDS = ("logistic", "mlp")
@@ -265,8 +266,7 @@ def check_labels(labels: list[str]) -> None:
             or len(label) > MAX_LABEL_CHARS
             or "/" in label  # clients read "a/b" as a bilingual label and show "b"
             or any(not ch.isprintable() for ch in label)
-            or label.startswith("unuse")
-            or label == "<unk>"
+            or not is_answer_label(label)
         )
         if bad:
             raise HeadExportError(

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from e2v.contract import MIN_SAMPLES
+from e2v.contract import MIN_SAMPLES, is_scored_label
 
 
 class BatchedEmotion2vec(nn.Module):
@@ -41,7 +41,7 @@ class BatchedEmotion2vec(nn.Module):
         self.blocks = model.blocks
         self.final_norm = model.norm
         self.proj = model.proj
-        excluded = torch.tensor([label.startswith("unuse") for label in labels], dtype=torch.bool)
+        excluded = torch.tensor([not is_scored_label(label) for label in labels], dtype=torch.bool)
         self.register_buffer("excluded_labels", excluded)
 
     def forward(self, wav: torch.Tensor, wav_lens: torch.Tensor):

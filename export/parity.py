@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from e2v.contract import INPUT_WAV, INPUT_WAV_LENS, OUTPUT_EMBEDDING, OUTPUT_SCORES, is_scored_label
+
 # Lengths chosen to hit the edge cases: just over one frame, not a multiple of the
 # 320-sample stride, and long enough to span many attention positions.
 PARITY_CLIP_SAMPLES = (401, 16_000, 40_077, 97_123)
@@ -70,16 +72,16 @@ def compare(
     reference: list[dict], labels: list[str], scores: np.ndarray | None, embedding: np.ndarray
 ) -> dict[str, float]:
     """Max |diff| of SCORES (labels FunASR reports) and EMBEDDING against the reference."""
-    kept = [i for i, label in enumerate(labels) if not label.startswith("unuse")]
+    kept = [i for i, label in enumerate(labels) if is_scored_label(label)]
     score_diff, emb_diff = 0.0, 0.0
     for row, ref in enumerate(reference):
         emb_diff = max(emb_diff, float(np.abs(embedding[row] - ref["feats"]).max()))
         if scores is not None:
             ours = scores[row, kept]
             score_diff = max(score_diff, float(np.abs(ours - np.asarray(ref["scores"])).max()))
-    result = {"EMBEDDING": emb_diff}
+    result = {OUTPUT_EMBEDDING: emb_diff}
     if scores is not None:
-        result["SCORES"] = score_diff
+        result[OUTPUT_SCORES] = score_diff
     return result
 
 
@@ -91,9 +93,12 @@ def onnx_parity(onnx_path: Path, model_dir: Path, labels: list[str]) -> dict:
     wav, lens = pad_batch(clips)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    outputs = dict(zip(names, session.run(names, {"WAV": wav, "WAV_LENS": lens})))
+    outputs = dict(zip(names, session.run(names, {INPUT_WAV: wav, INPUT_WAV_LENS: lens})))
     diffs = compare(
-        funasr_reference(model_dir, clips), labels, outputs.get("SCORES"), outputs["EMBEDDING"]
+        funasr_reference(model_dir, clips),
+        labels,
+        outputs.get(OUTPUT_SCORES),
+        outputs[OUTPUT_EMBEDDING],
     )
     return {f"onnxruntime_batched_{k}": v for k, v in diffs.items()} | {
         "clip_samples": list(PARITY_CLIP_SAMPLES)
@@ -106,8 +111,8 @@ def torchscript_parity(ts_path: Path, model_dir: Path, labels: list[str]) -> dic
     diffs = compare(
         funasr_reference(model_dir, parity_clips()),
         labels,
-        outputs.get("SCORES"),
-        outputs["EMBEDDING"],
+        outputs.get(OUTPUT_SCORES),
+        outputs[OUTPUT_EMBEDDING],
     )
     return {f"torch_batched_{k}": v for k, v in diffs.items()} | {
         "clip_samples": list(PARITY_CLIP_SAMPLES)
@@ -139,5 +144,5 @@ def _run_torch(ts_path: Path, device: str, precision: str, clips: list) -> dict[
     runner = TorchRunner(str(ts_path), device=device, precision=precision)
     wav, lens = pad_batch(clips)
     outputs = runner.run([torch.from_numpy(wav)], [torch.from_numpy(lens)])
-    names = ["SCORES", "EMBEDDING"] if len(outputs) == 2 else ["EMBEDDING"]
+    names = [OUTPUT_SCORES, OUTPUT_EMBEDDING] if len(outputs) == 2 else [OUTPUT_EMBEDDING]
     return {name: out.numpy() for name, out in zip(names, outputs)}

@@ -19,12 +19,15 @@ import numpy as np
 from e2v.model_repository import TEMPLATES
 
 from e2v.contract import (
+    INPUT_WAV,
+    INPUT_WAV_LENS,
     LENGTH_BUCKETS_S,
     MAX_BATCH_SAMPLES,
     MAX_SAMPLES,
     MIN_SAMPLES,
     OUTPUT_EMBEDDING,
     OUTPUT_SCORES,
+    SAMPLE_RATE,
     bucket_lengths_samples,
 )
 
@@ -138,12 +141,12 @@ def _warmup(buckets_s: tuple[float, ...]) -> str:
     zero length is refused like any row shorter than one frame."""
     entries = []
     for seconds in buckets_s:
-        samples = int(seconds * 16_000)
+        samples = int(seconds * SAMPLE_RATE)
         entries.append(
             f'  {{ name: "bucket_{seconds:g}s" batch_size: 1\n'
-            f'    inputs {{ key: "WAV" value: {{ data_type: TYPE_FP32 dims: [ {samples} ] '
+            f'    inputs {{ key: "{INPUT_WAV}" value: {{ data_type: TYPE_FP32 dims: [ {samples} ] '
             "zero_data: true } }\n"
-            '    inputs { key: "WAV_LENS" value: { data_type: TYPE_INT64 dims: [ 1 ] '
+            f'    inputs {{ key: "{INPUT_WAV_LENS}" value: {{ data_type: TYPE_INT64 dims: [ 1 ] '
             f'input_data_file: "{_warmup_lens_file(samples)}" }} }} }}'
         )
     return "model_warmup [\n" + ",\n".join(entries) + "\n]"
@@ -158,7 +161,7 @@ def write_warmup_data(model_dir: Path, buckets_s: tuple[float, ...]) -> None:
     directory = model_dir / WARMUP_DIR
     directory.mkdir(exist_ok=True)
     for seconds in buckets_s:
-        samples = int(seconds * 16_000)
+        samples = int(seconds * SAMPLE_RATE)
         (directory / _warmup_lens_file(samples)).write_bytes(
             np.array([samples], dtype="<i8").tobytes()
         )
@@ -168,9 +171,9 @@ def _trt_profile(max_batch: int) -> dict[str, str]:
     longest = max(bucket_lengths_samples())
     opt_batch = max(1, max_batch // 2)
     return {
-        "trt_min_shapes": f"WAV:1x{MIN_SAMPLES},WAV_LENS:1",
-        "trt_opt_shapes": f"WAV:{opt_batch}x48000,WAV_LENS:{opt_batch}",
-        "trt_max_shapes": f"WAV:{max_batch}x{longest},WAV_LENS:{max_batch}",
+        "trt_min_shapes": f"{INPUT_WAV}:1x{MIN_SAMPLES},{INPUT_WAV_LENS}:1",
+        "trt_opt_shapes": f"{INPUT_WAV}:{opt_batch}x{3 * SAMPLE_RATE},{INPUT_WAV_LENS}:{opt_batch}",
+        "trt_max_shapes": f"{INPUT_WAV}:{max_batch}x{longest},{INPUT_WAV_LENS}:{max_batch}",
     }
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from e2v.contract import SAMPLE_RATE
+
 
 def load_model(model_dir: Path, device: str, threads: int):
     """FunASR's AutoModel as its README shows, with exactly `threads` torch threads
@@ -165,7 +167,7 @@ def measure_in_process(
         audio, count = audio + len(clip), count + 1
     elapsed = time.perf_counter() - start
     return {
-        "audio_s_per_s": audio / 16_000 / elapsed,
+        "audio_s_per_s": audio / SAMPLE_RATE / elapsed,
         "clips": count,
         "torch_threads": torch.get_num_threads(),
     }

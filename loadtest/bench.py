@@ -195,9 +195,13 @@ def _upload(url: str, path: Path) -> dict:
 def _triton_infer(target: Target, wav, lens) -> None:
     if target.user == "grpc":
         import tritonclient.grpc as client_module
+        from e2v.client.triton import grpc_channel_args
+
+        client = client_module.InferenceServerClient(target.url, channel_args=grpc_channel_args())
     else:
         import tritonclient.http as client_module
-    client = client_module.InferenceServerClient(target.url)
+
+        client = client_module.InferenceServerClient(target.url)
     try:
         client.infer(MODEL_NAME, triton_inputs(client_module, wav, lens))
     finally:

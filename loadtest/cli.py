@@ -1,15 +1,20 @@
 """`e2v loadtest`: bounded load tests of Triton, the gateway and live calls, with a report folder.
 
 Scenarios: the default one (`loadtest.plan`: Locust against Triton or, with `--gateway`,
-the gateway; `--compare` adds the FunASR baseline and ONNX Runtime alone) and `--live`
-(`loadtest.live_run`: concurrent calls through `/v1/live`). A scenario is a module with a
-`run_*(args) -> int` that writes its report and prints its path (loadtest/README.md).
+the gateway; `--compare` adds the FunASR baseline and ONNX Runtime alone), `--live`
+(`loadtest.live_run`: concurrent calls through `/v1/live`), `--live --replicas N --bus`
+(`loadtest.live_fleet_run`: gateway replicas sharing calls through NATS) and
+`--replicas-triton N` (`loadtest.triton_fleet_run`: one client over N Triton replicas
+against one). A scenario is a module with a `run_*(args) -> int` that writes its report and
+prints its path (loadtest/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from e2v.client.arguments import add_protocol_argument, add_url_argument
 
 DEFAULT_MODEL = "synthetic:base"
 
@@ -21,11 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.splitlines()[0],
     )
     target = parser.add_argument_group("target")
-    target.add_argument(
-        "--url",
-        help="Triton HOST:PORT to load; omitted: export --model and start a local tritonserver",
-    )
-    target.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    add_url_argument(target, omitted="export --model and start a local tritonserver")
+    add_protocol_argument(target)
     target.add_argument(
         "--stats-url",
         help="Triton HTTP HOST:PORT for statistics (default: "
@@ -124,6 +126,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     live.add_argument(
         "--gateway-pid", type=int, help="with --live-url on this machine: its CPU is measured"
     )
+    live.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="with --bus: N gateway replicas, calls spread over them, each call followed by "
+        "a subscriber on another replica (loadtest/live_fleet.py)",
+    )
+    live.add_argument(
+        "--bus",
+        action="store_true",
+        help="with --replicas: the replicas share calls through a local NATS server; the "
+        "same load without the bus (each replica alone) is run alongside, ABBA",
+    )
+    live.add_argument(
+        "--rounds", type=int, default=2, help="with --bus: bus/in-process pairs run (default 2)"
+    )
+    fleet = parser.add_argument_group("a Triton fleet (loadtest/triton_fleet_run.py)")
+    fleet.add_argument(
+        "--replicas-triton",
+        type=int,
+        metavar="N",
+        help="N local tritonservers, one core each, and the profile through one client "
+        "balancing over them (gRPC round_robin), against replica 0 alone in the same run; "
+        "requests per replica from each Triton's statistics",
+    )
+    fleet.add_argument(
+        "--fleet-rounds",
+        type=int,
+        default=2,
+        help="one-replica / N-replica pairs, run back to back (default 2)",
+    )
     output = parser.add_argument_group("report")
     output.add_argument("--report", type=Path, help="report folder (default runs/loadtest/...)")
     output.add_argument(
@@ -137,10 +170,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_loadtest(args: argparse.Namespace) -> int:
     """The scenario the arguments select."""
+    if args.live and (args.bus or args.replicas != 1):
+        from e2v.loadtest.live_fleet_run import run_fleet
+
+        return run_fleet(args)
     if args.live:
         from e2v.loadtest.live_run import run_live
 
         return run_live(args)
+    if args.replicas_triton is not None:
+        from e2v.loadtest.triton_fleet_run import run_fleet
+
+        return run_fleet(args)
     from e2v.loadtest.plan import run_plan
 
     return run_plan(args)

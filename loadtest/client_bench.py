@@ -27,6 +27,8 @@ from e2v.loadtest.profiles import clip_lengths, load_profile
 from e2v.loadtest.synth import speech_like
 from e2v.loadtest.workload import RECORDINGS, encode
 
+from e2v.contract import SAMPLE_RATE
+
 LONG_CALL_S = 300.0
 ROUNDS = 2  # current and previous path alternate; the best of each is kept
 TELEPHONY = ("wav", "pcm_mulaw", 8_000)
@@ -46,7 +48,7 @@ def build_sets(directory: Path, utterances: int = 48, long_calls: int = 3) -> li
     short, long_ = [], []
     for i, samples in enumerate(lengths):
         name, container, codec, rate = RECORDINGS[i % len(RECORDINGS)]
-        seconds = samples / 16_000
+        seconds = samples / SAMPLE_RATE
         wav = speech_like(seconds, rate, seed=100 + i)
         short.append(encode(directory / f"u{i:03d}-{name}", wav, rate, container, codec))
     for i in range(long_calls):
@@ -61,7 +63,7 @@ def build_sets(directory: Path, utterances: int = 48, long_calls: int = 3) -> li
     ]
     minutes = f"{LONG_CALL_S / 60:g} min"
     return [
-        AudioSet("utterances (call-centre profile)", short, float(lengths.sum()) / 16_000),
+        AudioSet("utterances (call-centre profile)", short, float(lengths.sum()) / SAMPLE_RATE),
         AudioSet(f"calls ({minutes}, WAV 8 kHz / MP3 / FLAC)", long_, long_calls * LONG_CALL_S),
         AudioSet(f"telephony calls ({minutes}, mu-law 8 kHz)", telephony, long_calls * LONG_CALL_S),
     ]
@@ -209,8 +211,8 @@ def run_bench_client(args) -> int:
                     "scaling": scaling,
                 }
             )
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.json_file:
+        Path(args.json_file).write_text(json.dumps(report, indent=2))
     return 0
 
 
@@ -225,5 +227,5 @@ def register_bench(bench_subparsers) -> None:
         default=",".join(str(n) for n in range(1, (os.cpu_count() or 1) + 1)),
         help="worker counts to compare, e.g. 1,2,4",
     )
-    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--json-file", metavar="FILE", help="also write the figures as JSON")
     parser.set_defaults(func=run_bench_client)

@@ -39,6 +39,9 @@ def command_line(args: argparse.Namespace) -> str:
     if getattr(args, "live", False):
         parts = [p for p in parts if not p.startswith(("--users", "--profile"))]
         parts += ["--live", f"--channels {args.channels}", f"--frame-ms {args.frame_ms:g}"]
+        parts += [f"--calls {args.calls}", f"--call-s {args.call_s:g}"]
+        if getattr(args, "bus", False):
+            parts += [f"--replicas {args.replicas}", "--bus", f"--rounds {args.rounds}"]
         if getattr(args, "protocols", "live") != "live":
             parts.append(f"--protocols {args.protocols}")
         if getattr(args, "cpu_profile", False):

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from e2v.client.arguments import add_url_argument
 from e2v.loadtest import triton_stats
 
 BENCH_NAME = "bench"
@@ -43,10 +44,13 @@ def register_bench(bench_subparsers) -> None:
     parser.add_argument("--requests", type=int, default=200, help="timed requests per model")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--workdir", type=Path, help="clips, cache, repository (kept for reruns)")
-    parser.add_argument("--url", help="gRPC HOST:PORT of a running e2v serve --hot-add")
+    add_url_argument(
+        parser,
+        omitted="export --model and serve it here; given: a running `e2v serve --hot-add`, gRPC",
+    )
     parser.add_argument("--http-url", help="its HTTP HOST:PORT (readiness)")
     parser.add_argument("--repo", type=Path, help="its repository (the head is written there)")
-    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--json-file", metavar="FILE", help="also write the figures as JSON")
     parser.set_defaults(func=run_bench_heads)
 
 
@@ -66,8 +70,8 @@ def run_bench_heads(args: argparse.Namespace) -> int:
     else:
         figures = _with_own_server(args, workdir)
     print(report(figures))
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+    if args.json_file:
+        Path(args.json_file).write_text(json.dumps(figures, indent=2))
     return 0
 
 
@@ -165,9 +169,8 @@ async def _embed(url: str, manifest: Path, cache_dir: Path):
     from e2v.client.segment import SegmentMode
     from e2v.client.triton import TritonEmotionClient
 
-    args = argparse.Namespace(url=url, protocol="grpc", model="emotion2vec")
     async with TritonEmotionClient(url) as client:
-        base = await _base_model(args)
+        base = await _base_model(client)
         identity = {
             "name": base.name,
             "version": base.version,

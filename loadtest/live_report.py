@@ -82,7 +82,7 @@ def write_live_report(
         "software": _software(settings),
         "target_p95_ms": P95_TARGET_MS,
         "triton_settings": settings,
-        "workload": _workload(calls, args),
+        "workload": workload_summary(calls, args),
         "levels": levels,
         "best": {
             "channels": best["channels"],
@@ -99,7 +99,7 @@ def write_live_report(
     return path
 
 
-def _workload(calls, args) -> dict:
+def workload_summary(calls, args) -> dict:
     return {
         "recordings": len(calls),
         "recording_s": round(calls[0].duration_s, 1) if calls else 0,

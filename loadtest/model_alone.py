@@ -19,7 +19,7 @@ from e2v.loadtest.bare_ort import in_flight_batches, stack
 from e2v.loadtest.workload import Workload
 from e2v.model_repository.python_backend.torch_model import TorchRunner
 
-from e2v.contract import SAMPLE_RATE
+from e2v.contract import INPUT_WAV, INPUT_WAV_LENS, OUTPUT_EMBEDDING, OUTPUT_SCORES, SAMPLE_RATE
 
 Emit = Callable[[dict], None]
 
@@ -94,7 +94,7 @@ def parity_outputs(runner: TorchRunner) -> dict[str, np.ndarray]:
     """Outputs for the exporter's parity clips, batched (the same clips as the model card)."""
     wav, lens = pad_batch(parity_clips())
     outputs = runner.run([torch.from_numpy(wav)], [torch.from_numpy(lens)])
-    names = ["SCORES", "EMBEDDING"] if len(outputs) == 2 else ["EMBEDDING"]
+    names = [OUTPUT_SCORES, OUTPUT_EMBEDDING] if len(outputs) == 2 else [OUTPUT_EMBEDDING]
     return {name: out.numpy() for name, out in zip(names, outputs)}
 
 
@@ -128,7 +128,7 @@ def workload_alone(
 
 def _run_clips(runner: TorchRunner, workload: Workload, indices: list[int]) -> None:
     feeds = stack(workload, indices)
-    runner.run([torch.from_numpy(feeds["WAV"])], [torch.from_numpy(feeds["WAV_LENS"])])
+    runner.run([torch.from_numpy(feeds[INPUT_WAV])], [torch.from_numpy(feeds[INPUT_WAV_LENS])])
 
 
 def cuda_graph_probe(runner: TorchRunner, batch: int, bucket_s: float, calls: int = 20) -> dict:

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 from e2v.loadtest.synth import speech_like
 
-SR = 16_000
+from e2v.contract import SAMPLE_RATE
+
+SR = SAMPLE_RATE
 CLASSES = ("hum", "noise", "clicks", "speech")
 
 

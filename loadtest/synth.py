@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from e2v.contract import SAMPLE_RATE
+
 # Formants (F1, F2, F3 in Hz) of eight English vowels.
 _VOWELS = np.array(
     [
@@ -26,7 +28,7 @@ _VOWELS = np.array(
 _FORMANT_BANDWIDTHS = (80.0, 100.0, 150.0)
 
 
-def speech_like(seconds: float, sr: int = 16_000, seed: int = 0) -> np.ndarray:
+def speech_like(seconds: float, sr: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:
     """Synthetic voiced speech that Silero VAD classifies as speech.
 
     Source-filter synthesis: a jittered glottal harmonic series (F0 ~120 Hz with

@@ -93,9 +93,11 @@ class TritonGrpcUser(ClipUser):
 
     def on_start(self) -> None:
         import tritonclient.grpc as grpcclient
+        from e2v.client.triton import grpc_channel_args
 
         self._module = grpcclient
-        self._client = grpcclient.InferenceServerClient(self.host)
+        # Every e2v client's channel: a list of replicas (`ipv4:A,B`) is balanced per request.
+        self._client = grpcclient.InferenceServerClient(self.host, channel_args=grpc_channel_args())
 
     def send(self, index: int) -> int:
         inputs = self.clips.inputs(self._module, index)

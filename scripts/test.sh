@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/python scripts/typecheck.py  # mypy: the library (client/*.py) and e2v's Python API
 set +e
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 status=$?

@@ -10,6 +10,11 @@ import pytest
 
 # Synthetic checkpoints are cached here across tests (and across runs in CI).
 os.environ.setdefault("E2V_CACHE", str(Path(__file__).resolve().parent.parent / "build" / "cache"))
+# hypothesis (tests/test_gateway_openapi.py, schemathesis) keeps its caches there, not in the tree.
+os.environ.setdefault(
+    "HYPOTHESIS_STORAGE_DIRECTORY",
+    str(Path(__file__).resolve().parent.parent / "build" / "hypothesis"),
+)
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,16 @@
-"""Helpers to run real Triton servers in tests on free loopback ports."""
+"""Helpers to run real Triton servers in tests on free loopback ports (and NATS: the load
+test's launcher, loadtest/nats_process.py)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from e2v.loadtest.nats_process import NatsServer
+
 from e2v.serve import ServerConfig, TritonServer, free_ports
 
-__all__ = ["free_ports", "server_config", "start_server"]
+__all__ = ["NatsServer", "free_ports", "server_config", "start_server"]
 
 
 def server_config(repo: Path, **overrides) -> ServerConfig:

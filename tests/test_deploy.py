@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from e2v.client.targets import parse_target
 
 from e2v import contract
 
@@ -46,6 +47,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "emotion2vec-dashboard.json"
 K8S_VERSION = "1.30.0"
 
 OVERLAYS = ("gpu", "cpu")
+HEADLESS = "emotion2vec-headless"  # the Service gRPC clients balance over (clusterIP None)
 OBJECT_STORAGE_COMPONENT = K8S_DIR / "components" / "object-storage"
 EXPORT_JOB = K8S_DIR / "export-job"
 GATEWAY = K8S_DIR / "gateway"
@@ -658,7 +660,7 @@ def test_service_and_monitoring_ports(overlay: str):
     container = _server_container(docs)
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == CONTRACT_PORTS
 
-    service = find(docs, "Service")
+    service = find(docs, "Service", "emotion2vec")
     assert service["spec"]["type"] == "ClusterIP"
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert {n: p["port"] for n, p in ports.items()} == CONTRACT_PORTS
@@ -691,6 +693,28 @@ def test_service_and_monitoring_ports(overlay: str):
     )
     (prometheus,) = rules[frozenset({contract.METRICS_PORT})]
     assert "namespaceSelector" in prometheus
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grpc_clients_see_every_triton_pod_through_the_headless_service(overlay: str):
+    """clusterIP None: DNS answers one record per ready Triton pod (the gRPC port only), so
+    clients balance per request; Triton closes connections after a while so that clients
+    ask DNS again and find new pods."""
+    docs = render_overlay(overlay)
+    headless = find(docs, "Service", HEADLESS)
+    spec = headless["spec"]
+    assert spec["clusterIP"] == "None" and not spec.get("publishNotReadyAddresses", False)
+    (port,) = spec["ports"]
+    assert port["port"] == contract.GRPC_PORT and port["name"] == "grpc"
+    assert _resolve_port(port["targetPort"], _server_container(docs)) == contract.GRPC_PORT
+    pod_labels = find(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert spec["selector"] == find(docs, "Service", "emotion2vec")["spec"]["selector"]
+    assert spec["selector"].items() <= pod_labels.items()
+    monitor = find(docs, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
+    assert not monitor.items() <= headless["metadata"]["labels"].items(), "scraped twice"
+    flags = split_server_args(deploy_server_args(overlay))[0]
+    age = f"--grpc-max-connection-age={contract.GRPC_MAX_CONNECTION_AGE_MS}"
+    assert age in flags
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -760,9 +784,11 @@ def test_batch_job_shards_match_and_reach_the_server():
     )
     assert "--resume" in args and _flag_value(args, "--jsonl").endswith("/")
     assert _flag_value(args, "--workers") == container["resources"]["requests"]["cpu"]
-    host, port = _flag_value(args, "--url").rsplit(":", 1)
+    url = _flag_value(args, "--url")
+    assert parse_target(url, "grpc").fleet, "the job balances over every Triton pod"
+    host, port = url.removeprefix("dns:///").rsplit(":", 1)
     server_docs = render_overlay("gpu")
-    service = find(server_docs, "Service")
+    service = find(server_docs, "Service", HEADLESS)
     assert int(port) == contract.GRPC_PORT
     assert host.split(".")[:2] == [service["metadata"]["name"], job["metadata"]["namespace"]]
     policy = find(server_docs, "NetworkPolicy")
@@ -846,7 +872,8 @@ def test_gateway_renders_and_validates():
 def test_gateway_args_are_flags_of_e2v_gateway():
     args = _gateway_args()
     assert args.host == "0.0.0.0" and args.port == contract.GATEWAY_PORT
-    assert args.triton == f"emotion2vec:{contract.GRPC_PORT}"
+    assert args.url == f"dns:///{HEADLESS}:{contract.GRPC_PORT}"
+    assert parse_target(args.url, args.protocol).fleet
     assert args.live_sessions >= 1 and args.live_drain_s > 0
 
 

@@ -726,6 +726,14 @@ def test_openapi_documents_the_upload(gateway):
         "parties",
     }
     assert set(spec["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    calls = spec["paths"]["/v1/calls"]["get"]
+    (alerting,) = calls["parameters"]
+    assert (alerting["name"], alerting["schema"]["type"]) == ("alerting", "boolean")
+    assert {"200", "401", "503"} <= set(calls["responses"])
+    row = spec["components"]["schemas"]["CallOut"]
+    assert {"call_id", "protocol", "parties", "started", "replica", "latest", "alerts"} <= set(
+        row["required"]
+    )
     assert request(gateway, "GET", "/docs")[0] == 200
 
 
@@ -796,6 +804,12 @@ def test_page_uploads_a_sample_and_draws_the_timeline(gateway, tmp_path):
         bars = browser.find_element(By.CSS_SELECTOR, ".scores").text
         assert "angry" in bars and "<unk>" not in bars, bars
         assert all("<unk>" not in s.get_attribute("title") for s in segments)
+        # The page's copy of the rule (app.js `predictable`) is contract's.
+        from e2v.contract import is_answer_label
+
+        labels = ["angry", "生气/angry", "<unk>", "unuse_0", "unused", "unk", "<UNK>", "x<unk>"]
+        page = browser.execute_script("return arguments[0].map(predictable)", labels)
+        assert page == [is_answer_label(label) for label in labels]
         errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert errors == []
         out = ROOT / "build"
@@ -847,8 +861,9 @@ def test_kubernetes_gateway_renders_validates_and_alone_reaches_triton():
     (container,) = template["spec"]["containers"]
     args = dict(a.removeprefix("--").split("=", 1) for a in container["args"])
     triton = render_overlay("gpu")
-    host, port = args["triton"].split(":")
-    assert host == find(triton, "Service")["metadata"]["name"]
+    host, port = args["triton"].removeprefix("dns:///").split(":")
+    headless = find(triton, "Service", host)  # every Triton pod: requests are balanced
+    assert headless["spec"]["clusterIP"] == "None"
     assert int(port) == contract.GRPC_PORT
     assert int(args["port"]) == contract.GATEWAY_PORT == container["ports"][0]["containerPort"]
     assert container["readinessProbe"]["httpGet"]["path"] == contract.GATEWAY_READY_PATH

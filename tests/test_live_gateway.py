@@ -32,6 +32,7 @@ from e2v.loadtest.synth import speech_like  # noqa: E402
 from e2v.contract import (  # noqa: E402
     CALL_EVENTS_PATH,
     CALL_EVENTS_WS_PATH,
+    CALLS_PATH,
     CLOSE_BAD_MESSAGE,
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
@@ -291,6 +292,77 @@ def test_an_sse_client_reconnecting_with_last_event_id_gets_what_it_missed(gatew
     events, replayed = asyncio.run(run())
     assert replayed == [e for e in events if e["seq"] > 2]
     assert replayed[0]["seq"] == 3 and replayed[-1]["type"] == EVENT_SUMMARY
+
+
+def calls_listing(gateway, query: str = "", headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        gateway.url + CALLS_PATH + query, headers={"X-API-Key": KEY} if headers is None else headers
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def feed(ws, audio: bytes, done: asyncio.Event, chunk: int = RATE) -> None:
+    """Audio in 0.5 s (mono) messages, 10 a second, until `done` or its end."""
+    for i in range(0, len(audio), chunk):
+        if done.is_set():
+            return
+        await ws.send(audio[i : i + chunk])
+        await asyncio.sleep(0.1)
+
+
+def test_calls_lists_this_gateways_live_calls_without_a_bus(gateway):
+    """The single-gateway default (no --bus): GET /v1/calls lists the calls live here, each
+    party's latest final and the alerts fired; ?alerting=true; the key applies."""
+
+    async def run():
+        async with (
+            websockets.connect(gateway.ws(), **AUTH) as quiet,
+            websockets.connect(gateway.ws(), **AUTH) as loud,
+        ):
+            await quiet.send(start(call_id="calls-quiet"))
+            labels = json.loads(await quiet.recv())["labels"]
+            label = next(x for x in labels if not x.startswith(("unuse", "<")))
+            await loud.send(start(call_id="calls-loud", channels=2, alerts=f"{label}=0.01"))
+            await loud.recv()
+            done = asyncio.Event()
+            feeders = [
+                asyncio.create_task(feed(quiet, speech(30), done)),
+                asyncio.create_task(feed(loud, speech(30, channels=2), done)),
+            ]
+            kinds = set()
+            while not {"alert", EVENT_UTTERANCE_END} <= kinds:
+                kinds.add(json.loads(await asyncio.wait_for(loud.recv(), 30))["type"])
+            listed = await asyncio.to_thread(calls_listing, gateway)
+            alerting = await asyncio.to_thread(calls_listing, gateway, "?alerting=true")
+            done.set()
+            await asyncio.gather(*feeders)
+            for ws in (quiet, loud):
+                await ws.send(json.dumps({"type": "stop"}))
+                await asyncio.wait_for(drain(ws), 60)
+        after = await asyncio.to_thread(calls_listing, gateway)
+        return label, listed, alerting, after
+
+    label, (status, body), (_, alerting), (_, after) = asyncio.run(run())
+    assert status == 200 and body["fleet"] is False
+    rows = {row["call_id"]: row for row in body["calls"]}
+    assert [row["call_id"] for row in body["calls"]][:2] == ["calls-loud", "calls-quiet"]
+    loud = rows["calls-loud"]
+    assert (loud["protocol"], loud["parties"], loud["state"]) == (
+        "live",
+        ["customer", "agent"],
+        "live",
+    )
+    assert loud["alerts"] and loud["alerts"][0]["label"] == label
+    assert any(latest["emotion"] for latest in loud["latest"].values())
+    assert rows["calls-quiet"]["alerts"] == [] and loud["replica"] == rows["calls-quiet"]["replica"]
+    assert [row["call_id"] for row in alerting["calls"]] == ["calls-loud"]
+    assert not {"calls-loud", "calls-quiet"} & {row["call_id"] for row in after["calls"]}
+    assert calls_listing(gateway, headers={})[0] == 401
+    assert calls_listing(gateway, "?alerting=maybe")[0] == 400
 
 
 # ------------------------------------------------------------------ keys

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from e2v.loadtest.gateway_process import GatewayProcess
 
-from e2v.contract import AUDIOHOOK_PARTIES, TWILIO_PARTIES
+from e2v.contract import AUDIOHOOK_PARTIES, AUDIOHOOK_PATH, LIVE_PATH, TWILIO_PARTIES, TWILIO_PATH
 
 pytest.importorskip("fastapi", reason="the gateway extra is not installed")
 pytest.importorskip("websockets", reason="the live extra is not installed")
@@ -253,6 +253,44 @@ def test_a_call_in_object_storage_plays_from_its_uri(gateway, key_file):
         assert code == 1 and events == [] and "no such object" in stderr, stderr
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("protocol", "path"),
+    [("live", LIVE_PATH), ("audiohook", AUDIOHOOK_PATH), ("twilio", TWILIO_PATH)],
+)
+def test_the_url_may_be_the_protocol_s_own_endpoint(gateway, key_file, protocol, path):
+    """The endpoint's URL, the first thing a user pastes, works like the gateway's base
+    (Twilio's subscription is on the same base: /v1/calls/{callSid}/events/ws)."""
+    code, events, stderr = live(
+        str(ROOT / "samples" / "thanks-8k-mulaw.wav"),
+        "--url",
+        ws_url(gateway) + path,
+        "--protocol",
+        protocol,
+        "--speed",
+        "20",
+        "--api-key-file",
+        str(key_file),
+    )
+    assert code == 0, stderr
+    assert events and events[-1]["type"] == "summary", events[-3:]
+
+
+@pytest.mark.parametrize(
+    ("protocol", "path", "right"),
+    [("live", AUDIOHOOK_PATH, LIVE_PATH), ("twilio", LIVE_PATH, TWILIO_PATH)],
+)
+def test_another_protocol_s_endpoint_is_a_usage_error_naming_the_right_one(protocol, path, right):
+    """Exit 2 before connecting (nothing listens on port 9: a try would fail with 1)."""
+    sample = str(ROOT / "samples" / "thanks-8k-mulaw.wav")
+    code, events, stderr = live(sample, "--url", f"ws://127.0.0.1:9{path}", "--protocol", protocol)
+    assert code == 2 and events == [], stderr
+    line = stderr.strip()
+    assert line.startswith("error:") and line.count("\n") == 0, stderr
+    assert f"ws://127.0.0.1:9{right}" in line and f"--protocol {protocol} connects to" in line
+    other = "audiohook" if path == AUDIOHOOK_PATH else "live"
+    assert f"pass --protocol {other}" in line
 
 
 # -------------------------------------------------------------------------- hostile cases

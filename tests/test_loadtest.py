@@ -342,3 +342,37 @@ def test_funasr_baseline_runs_the_threads_it_is_given(tiny_model_dir):
     assert out.stdout.split()[-1] == "1"
     with BaselineServer(tiny_model_dir, free_ports(1)[0], threads=1) as server:
         assert server.torch_threads == 1
+
+
+def test_fleet_load_test_spreads_the_profile_over_the_replicas(
+    tiny_cpu_repo, smoke_profile, tmp_path
+):
+    """`--replicas-triton 2`: the one-replica run leaves replica 1 idle, the two-replica run
+    gives each at least 35% of the requests, by each Triton's own statistics, which add up
+    to what the driver sent (+ the one warm-up request of the one length bucket)."""
+    from e2v.cli import main
+
+    report = tmp_path / "report"
+    args = ["loadtest", "--replicas-triton", "2", "--repo", str(tiny_cpu_repo)]
+    args += ["--profile", str(smoke_profile), "--users", "4", "--duration", "4"]
+    code = main([*args, "--fleet-rounds", "1", "--report", str(report)])
+    assert code == 0
+    one, both = json.loads((report / "summary.json").read_text())["runs"]
+    assert one["failures"] == both["failures"] == 0 and one["requests"] > 5
+    assert list(one["per_replica"].values())[1] == 0
+    assert sum(one["per_replica"].values()) == one["requests"] + 1
+    served = list(both["per_replica"].values())
+    assert sum(served) == both["requests"] + 1
+    assert all(n >= 0.35 * sum(served) for n in served), served
+    text = (report / "README.md").read_text()
+    assert "2 replicas / one replica" in text and "SYNTHETIC" not in text  # a given --repo
+
+
+@pytest.mark.parametrize(
+    "extra", [["--url", "127.0.0.1:8001"], ["--protocol", "http"], ["--replicas-triton", "1"]]
+)
+def test_fleet_arguments_that_cannot_work_exit_2(extra, capsys):
+    from e2v.cli import main
+
+    assert main(["loadtest", "--replicas-triton", "2", *extra]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

@@ -219,3 +219,50 @@ def test_stacks_are_charged_to_the_stage_of_their_innermost_named_frame():
     assert cpu[RECEIVE] == pytest.approx(3.0 * 11 / 20)
     assert cpu[TRITON] == pytest.approx(3.0 * 2 / 20 + 0.5)  # gRPC's own thread by name
     assert sum(cpu.values()) == pytest.approx(7.5)
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--replicas", "2"], "add --bus"),
+        (["--bus"], "--replicas must be in 2-16"),
+        (["--replicas", "2", "--bus", "--channels", "2,4"], "one --channels level"),
+        (["--replicas", "2", "--bus", "--rounds", "0"], "--rounds"),
+    ],
+)
+def test_fleet_arguments_that_cannot_work_exit_2(args, why, tmp_path, capsys):
+    from e2v.cli import main
+
+    assert main(["loadtest", "--live", "--report", str(tmp_path / "r"), *args]) == 2
+    assert why in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_fleet_load_test_spreads_calls_over_replicas_on_a_real_nats(tiny_server, tmp_path):
+    """`--replicas 2 --bus`: a local NATS server, two gateway replicas per arm; every event
+    a caller got reached its subscriber on the other replica (and, in process, on its own),
+    the added latency and each arm's CPU are reported."""
+    from e2v.cli import main
+
+    report = tmp_path / "report"
+    arguments = ["loadtest", "--live", "--replicas", "2", "--bus", "--rounds", "1"]
+    arguments += ["--url", tiny_server.config.grpc_url, "--stats-url", tiny_server.config.http_url]
+    arguments += ["--model", "synthetic:tiny", "--channels", "2", "--duration", "12"]
+    assert main([*arguments, "--calls", "2", "--call-s", "8", "--report", str(report)]) == 0
+    summary = json.loads((report / "summary.json").read_text())
+    assert [run["arm"] for run in summary["runs"]] == ["bus", "in process"]
+    for run in summary["runs"]:
+        bus = run["bus"]
+        assert run["sessions"]["failed"] == 0 and bus["calls_complete"] >= 2, run["sessions"]
+        assert bus["events_published"] > 0 and bus["events_lost"] == 0, bus
+        assert bus["events_delivered"] == bus["events_published"]
+        assert bus["subscribers_failed"] == 0
+        added = bus["added_latency_ms"]
+        assert added["count"] == bus["events_delivered"] and added["p50"] <= added["p95"]
+        assert run["gateway_cores"] > 0
+    assert summary["runs"][0]["bus_server_cores"] > 0  # NATS worked for the bus arm only
+    assert summary["runs"][1]["bus_server_cores"] is None
+    medians = summary["medians"]
+    assert medians["bus"]["events_lost"] == 0 and medians["bus"]["millicores_per_channel"] > 0
+    text = (report / "README.md").read_text()
+    assert "--replicas 2 --bus --rounds 1" in text and "| events lost (all runs) | 0 | 0 |" in text

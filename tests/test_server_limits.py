@@ -517,6 +517,107 @@ def test_killed_serve_takes_triton_down_and_next_start_cleans_up(tiny_cpu_repo):
     assert not run_dir.exists() and not fake_region.exists()
 
 
+class HeldAtExit:
+    """A process (not our child) held at its exit with its memory still mapped, as a killed
+    stub is until the kernel has finished tearing it down (on a busy machine, a while).
+
+    ptrace's exit stop (PTRACE_O_TRACEEXIT) comes before the process unmaps anything; it is
+    only left when `release()` lets it go on. The process is stopped (SIGSTOP) before it is
+    seized, so that none of its threads runs until it is killed.
+    """
+
+    _SEIZE, _CONT, _TRACEEXIT, _EVENT_EXIT = 0x4206, 7, 0x40, 6
+    _WALL = 0x40000000
+
+    def __init__(self, pid: int):
+        import ctypes
+
+        self.pid = pid
+        self._ptrace = ctypes.CDLL(None, use_errno=True).ptrace
+        self._ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+        os.kill(pid, signal.SIGSTOP)
+        if self._ptrace(self._SEIZE, pid, None, self._TRACEEXIT) != 0:
+            os.kill(pid, signal.SIGCONT)
+            pytest.skip(f"ptrace not permitted here (errno {ctypes.get_errno()})")
+
+    def wait_exiting(self, timeout_s: float = 30) -> None:
+        """Until it has been killed and sits in its exit stop."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG | self._WALL)
+            if pid and os.WIFSTOPPED(status) and status >> 16 == self._EVENT_EXIT:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"process {self.pid} was not killed")
+
+    def release(self) -> None:
+        """Let it finish exiting (killed first if a failed test had not killed it yet), and
+        collect its end as its tracer."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        while True:
+            self._ptrace(self._CONT, self.pid, None, None)
+            _, status = os.waitpid(self.pid, self._WALL)
+            if not os.WIFSTOPPED(status):
+                return
+
+
+def _mapped(pid: int, path: Path) -> bool:
+    return str(path) in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_kill_removes_the_regions_of_a_stub_still_exiting(tiny_cpu_repo):
+    """The leak a test run found: `kill()` only removed regions nobody mapped, right after
+    SIGKILL, while a stub (not our child, so not waited for) could still be exiting. Held
+    at its exit here, so the condition is met on every run, not by chance."""
+    server = start_server(tiny_cpu_repo, instances=1, threads=1)
+    try:
+        (stub,) = leftovers.stub_processes(server.shm_prefix)
+        (region,) = leftovers.shm_regions(server.shm_prefix)
+        held = HeldAtExit(stub)
+    except BaseException:
+        server.kill()
+        raise
+    try:
+        server.kill()
+        held.wait_exiting()
+        assert _mapped(stub, region), "the stub should still map its region"
+        assert not region.exists(), "kill() left the region of a stub still exiting"
+    finally:
+        held.release()
+    assert not _running(stub)
+
+
+def test_serve_whose_tritonserver_is_killed_leaves_nothing(tiny_cpu_repo):
+    """tritonserver SIGKILLed under `e2v serve` (as the OOM killer would): serve says so,
+    exits 1 and removes the run directory and the regions, also the one its stub, killed
+    by serve and still exiting, maps (the stub would have removed it, had it lived on)."""
+    proc, _, _ = _serve_on_free_ports(tiny_cpu_repo)
+    held = None
+    try:
+        (server,) = _children_of(proc.pid)
+        (stub,) = [p for p in leftovers.stub_processes() if p in _descendants(server)]
+        region = leftovers.SHM_DIR / leftovers.cmdline(stub)[2]
+        (run_dir,) = [d for d in leftovers.run_dirs() if leftovers.run_dir_owner(d).pid == proc.pid]
+        held = HeldAtExit(stub)
+        os.kill(server, signal.SIGKILL)
+        rest = proc.communicate(timeout=60)[0]
+        held.wait_exiting()
+        assert _mapped(stub, region)
+        assert proc.returncode == 1 and "tritonserver exited with code -9" in rest, rest
+        assert not region.exists(), "e2v serve left the region of its killed stub"
+        assert not run_dir.exists()
+    finally:
+        if held is not None:
+            held.release()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert not _running(stub)
+
+
 def test_bench_refuses_a_repository_without_the_model_before_running(tmp_path):
     """It used to run the whole benchmark, then die with a traceback."""
     start = time.monotonic()

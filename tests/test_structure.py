@@ -7,6 +7,8 @@ Imports are read with `ast` from the source folders, counting imports inside fun
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -157,3 +159,60 @@ def test_every_import_of_ours_is_through_the_namespace():
         if imported.split(".")[0] in tops
     ]
     assert stray == []
+
+
+# Modules that only run inside another program: Triton's Python backend (its stub provides
+# triton_python_backend_utils), Locust's gevent-patched processes, `python -m e2v`.
+NOT_IMPORTABLE_ALONE = (
+    "e2v.__main__",
+    "e2v.model_repository.python_backend.",
+    "e2v.loadtest.locustfile",
+    "e2v.loadtest.driver",
+    "e2v.loadtest.users",
+    "e2v.loadtest.shapes",
+)
+
+
+def test_every_module_imports():
+    """Each module imports, its lazy imports aside: a name moved away breaks here, at once,
+    not in the one test that happens to reach it (in a fresh interpreter: nothing of this
+    one's state helps)."""
+    names = [m for m in sorted(modules()) if not m.startswith(NOT_IMPORTABLE_ALONE)]
+    probe = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)"
+    result = subprocess.run(
+        [sys.executable, "-c", probe, *names], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_lazy_imports_name_what_exists():
+    """`from e2v.x import name` inside a function names a module or attribute that exists."""
+    known = modules()
+    missing = []
+    for module, path in known.items():
+        for imported, line in imported_names(path, module):
+            target, _, attribute = imported.rpartition(".")
+            if imported in known or target not in known or not attribute:
+                continue
+            tree = ast.parse(known[target].read_text())
+            defined = {
+                n.name
+                for n in ast.walk(tree)
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            }
+            defined |= {
+                t.id
+                for n in ast.walk(tree)
+                if isinstance(n, (ast.Assign, ast.AnnAssign))
+                for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                if isinstance(t, ast.Name)
+            }
+            defined |= {
+                (a.asname or a.name).split(".")[0]
+                for n in ast.walk(tree)
+                if isinstance(n, (ast.Import, ast.ImportFrom))
+                for a in n.names
+            }
+            if attribute not in defined:
+                missing.append(f"{path.relative_to(ROOT)}:{line}: {imported}")
+    assert missing == []

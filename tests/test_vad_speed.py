@@ -123,7 +123,7 @@ def test_bench_client_times_the_previous_path_in_the_same_run(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "-m", "e2v", "bench", "client", "--utterances", "3", "--calls", "1",
-         "--workers", "1", "--json", str(out)],
+         "--workers", "1", "--json-file", str(out)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr

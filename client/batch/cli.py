@@ -22,21 +22,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import replace
 from itertools import chain
 from pathlib import Path
 
+from e2v.client.arguments import add_json_argument, add_request_arguments, add_triton_arguments
 from e2v.client.parties import add_arguments as add_party_arguments
 
 from e2v.contract import (
+    AGGREGATIONS,
     EXIT_ALERT,
     EXIT_FILE_ERRORS,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
-    GRPC_PORT,
     MAX_DURATION_S,
-    MODEL_NAME,
 )
 
 
@@ -50,17 +50,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("paths", nargs="*", metavar="PATH", help="files, directories, globs, URIs")
     parser.add_argument("--from-list", metavar="FILE", help="one path or URI per line")
     parser.add_argument("--shard", metavar="K/N", help="only shard K of N (0-based), by name hash")
-    parser.add_argument("--url", default=f"localhost:{GRPC_PORT}", help="Triton HOST:PORT")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    parser.add_argument("--model", default=MODEL_NAME, help="model name on the server")
+    add_triton_arguments(parser)
     parser.add_argument("--segment", default="vad", help="vad | fixed:SECONDS | none")
     parser.add_argument(
         "--aggregate",
-        choices=("mean", "vote"),
+        choices=AGGREGATIONS,
         default="mean",
         help="file label: duration-weighted mean of segment scores, or majority vote",
     )
-    parser.add_argument("--json", action="store_true", help="JSON Lines on stdout")
+    add_json_argument(parser, "one result per input")
     parser.add_argument("--jsonl", metavar="DEST", help="JSON Lines into a file, URI or DIR/")
     parser.add_argument("--csv", metavar="DEST", help="one row per file into a file, URI or DIR/")
     parser.add_argument("--parquet", metavar="DEST", help="the CSV's columns as Parquet chunks")
@@ -98,20 +96,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip files already in the outputs (retrying server-side errors) and append",
     )
-    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    add_request_arguments(parser)
     parser.add_argument(
         "--workers",
         type=int,
         default=1,
         help="worker processes decoding and segmenting files (one per core of the pod: "
         "threads alone do not scale on short files, see README)",
-    )
-    parser.add_argument(
-        "--retries",
-        type=int,
-        default=12,
-        help="retries on transient errors (backoff doubles up to 5 s: the default waits "
-        "about 40 s for a restarting server)",
     )
     parser.add_argument(
         "--max-duration-s",
@@ -125,24 +116,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_classify(args: argparse.Namespace) -> int:
     from e2v.client.batch.shards import Shard, parse_shard
-    from e2v.client.classify import JobOptions
-    from e2v.client.parties import from_arguments
-    from e2v.client.results import parse_alerts
-    from e2v.client.segment import parse_segment_mode
+    from e2v.client.options import classify_request
     from e2v.client.webhooks import webhook_options
 
     try:
-        parties = from_arguments(args)
-        if parties is None and ":" in (args.alert or ""):
-            raise ValueError(f"--alert {args.alert}: PARTY:LABEL=P needs --channels split")
-        options = JobOptions(
+        request = classify_request(
             url=args.url,
             protocol=args.protocol,
             model=args.model,
-            segment=parse_segment_mode(args.segment),
+            segment=args.segment,
+            channels=args.channels,
+            parties=args.parties,
+            alert=args.alert,
+            labels=args.labels,
+            aggregate=args.aggregate,
             concurrency=args.concurrency,
-            thresholds=parse_alerts(args.alert) if parties is None else None,
-            parties=parties,
             retries=args.retries,
             max_duration_s=args.max_duration_s,
             processes=args.workers,
@@ -163,7 +151,7 @@ def run_classify(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return asyncio.run(_run(args, options, shard, outputs, webhook))
+    return asyncio.run(_run(args, request, shard, outputs, webhook))
 
 
 def _outputs(args: argparse.Namespace, shard) -> list:
@@ -183,16 +171,15 @@ def _outputs(args: argparse.Namespace, shard) -> list:
     return outputs
 
 
-async def _run(args, options, shard, outputs, webhook=None) -> int:
+async def _run(args, request, shard, outputs, webhook=None) -> int:
     from e2v.client.batch.output import EmbeddingWriter, OutputError, ResultWriter, previous_results
     from e2v.client.batch.workers import classify_in_processes
     from e2v.client.classify import classify_files
     from e2v.client.inputs import InputError
-    from e2v.client.parties import party_thresholds
-    from e2v.client.results import by_vote, resolve_alerts, resolve_labels, short_label
     from e2v.client.triton import ServerUnavailable, TritonEmotionClient
     from e2v.client.webhooks import file_alert
 
+    options = request.job
     client = TritonEmotionClient(
         options.url, options.protocol, options.model, retries=options.retries
     )
@@ -205,15 +192,8 @@ async def _run(args, options, shard, outputs, webhook=None) -> int:
     writer = embeddings = None
     done = {}
     try:
-        keep = resolve_labels(args.labels, info.labels)
-        model_labels = [x for x in info.labels if keep is None or short_label(x) in keep]
-        labels = [short_label(label) for label in model_labels if not label.startswith("unuse")]
-        thresholds = resolve_alerts(options.thresholds or {}, model_labels)
-        options = _with_thresholds(options, thresholds, keep)
+        options, labels = request.resolve(info)
         split = options.parties is not None
-        if split:
-            per_party = party_thresholds(args.alert, options.parties, model_labels)
-            options = replace(options, party_thresholds=per_party)
         if args.resume:
             done = previous_results(outputs, labels=labels, split=split)
         writer = ResultWriter(
@@ -249,8 +229,7 @@ async def _run(args, options, shard, outputs, webhook=None) -> int:
     sender = await _webhook_sender(webhook)
 
     def on_result(result) -> None:
-        if args.aggregate == "vote":
-            result = by_vote(result)
+        result = request.finish(result)
         if result.file not in plan.embeddings_only:
             writer.write(result)
             status["errors"] += not result.ok
@@ -268,9 +247,14 @@ async def _run(args, options, shard, outputs, webhook=None) -> int:
             progress.set_postfix_str(f"{progress.audio_s / 3600:.2f} h audio", refresh=False)
 
     code = 0
+    worker_requests: Counter = Counter()
     try:
-        run = classify_in_processes if options.processes > 1 else classify_files
-        await run(plan.items(), client, options, on_result, on_audio)
+        if options.processes > 1:
+            await classify_in_processes(
+                plan.items(), client, options, on_result, on_audio, worker_requests
+            )
+        else:
+            await classify_files(plan.items(), client, options, on_result, on_audio)
     except ServerUnavailable as exc:
         print(
             f"\nerror: {exc}\n{writer.results} row(s) written; rerun with --resume to finish.",
@@ -282,6 +266,7 @@ async def _run(args, options, shard, outputs, webhook=None) -> int:
         code = EXIT_USAGE
     finally:
         await client.close()
+        _report_requests(client, client.replica_requests() + worker_requests)
         if sender:
             await _stop_webhooks(sender)
         if progress:
@@ -366,8 +351,11 @@ async def _stop_webhooks(sender) -> None:
     )
 
 
-def _with_thresholds(options, thresholds, labels=None):
-    return replace(options, thresholds=thresholds, labels=labels)
+def _report_requests(client, requests: Counter) -> None:
+    """The job's Triton requests per replica, when --url names several (stderr)."""
+    if client.target.fleet and requests:
+        parts = ", ".join(f"{replica} {n}" for replica, n in sorted(requests.items()))
+        print(f"triton requests per replica: {parts}", file=sys.stderr)
 
 
 def _without_segments(row: dict) -> dict:

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import signal
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from itertools import count as counter
@@ -45,13 +45,15 @@ async def classify_in_processes(
     options,
     on_result: Callable[[FileResult], None],
     on_audio: Callable[[float], None] | None = None,
+    requests: Counter | None = None,
 ) -> None:
-    """`classify_files` with `options.processes` worker processes (see the module doc)."""
+    """`classify_files` with `options.processes` worker processes (see the module doc).
+    `requests` gets the workers' Triton requests per replica as their batches end."""
     batch_size = max(1, options.concurrency // options.processes)  # each worker's share
     worker_options = replace(options, processes=1, workers=1, concurrency=batch_size)
     settings = (client.url, client.protocol, client.model, client.retries, worker_options)
     source = SharedIterator(iter(items))
-    pool = _Pool(options.processes, settings)
+    pool = _Pool(options.processes, settings, requests if requests is not None else Counter())
 
     def report(result: FileResult) -> None:
         if on_audio and result.duration_s:
@@ -94,6 +96,7 @@ class _Worker:
     """One worker process, its pipe, and the batches it holds (in the order it runs them)."""
 
     def __init__(self, context, settings: tuple, events: asyncio.Queue):
+        self.requests: Counter = Counter()  # its Triton requests per replica, last reported
         here, there = context.Pipe()
         self.process = context.Process(target=_worker_main, args=(there, settings), daemon=True)
         self.process.start()
@@ -141,8 +144,9 @@ class _Worker:
 class _Pool:
     """`count` workers, replaced one by one as they die."""
 
-    def __init__(self, count: int, settings: tuple):
+    def __init__(self, count: int, settings: tuple, requests: Counter):
         self.count, self.settings = count, settings
+        self.requests = requests  # every worker's, dead ones' included
         self.context = multiprocessing.get_context("spawn")  # no fork of gRPC or decoder threads
         self.events: asyncio.Queue = asyncio.Queue()
         self.workers = [_Worker(self.context, settings, self.events) for _ in range(count)]
@@ -171,8 +175,10 @@ class _Pool:
             _forget(worker.batches.get(batch_id, []), result.file)
             report(result)
         elif kind == "end":
-            _, batch_id, unavailable = message
+            _, batch_id, unavailable, requests = message
             worker.batches.pop(batch_id, None)
+            self.requests.update(Counter(requests) - worker.requests)
+            worker.requests = Counter(requests)
             if unavailable:
                 raise ServerUnavailable(unavailable)
         elif kind == "died":
@@ -231,7 +237,8 @@ def _died(name: str) -> FileResult:
 
 def _worker_main(conn, settings: tuple) -> None:
     """A worker: one event loop, one connected Triton client, batches until told to stop.
-    Each row goes back as soon as its file is done, then ("end", id, unavailable)."""
+    Each row goes back as soon as its file is done, then ("end", id, unavailable, its
+    requests per replica so far)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     url, protocol, model, retries, options = settings
     loop = asyncio.new_event_loop()
@@ -254,7 +261,7 @@ def _worker_main(conn, settings: tuple) -> None:
                     loop.run_until_complete(job)
                 except ServerUnavailable as exc:
                     unavailable = str(exc)
-            conn.send(("end", batch_id, unavailable))
+            conn.send(("end", batch_id, unavailable, dict(client.replica_requests())))
     finally:
         loop.run_until_complete(client.close())
         loop.close()

@@ -21,9 +21,17 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from e2v.client.arguments import add_request_arguments, add_triton_arguments
 from e2v.client.parties import add_arguments as add_party_arguments
 
-from e2v.contract import EXIT_FILE_ERRORS, EXIT_UNAVAILABLE, EXIT_USAGE, GRPC_PORT, MODEL_NAME
+from e2v.contract import (
+    AGGREGATIONS,
+    BOOTSTRAP_RESAMPLES,
+    EXIT_FILE_ERRORS,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    MAX_BOOTSTRAP_RESAMPLES,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,9 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("data", metavar="DATA", help="manifest (.csv/.jsonl) or label folders")
-    parser.add_argument("--url", default=f"localhost:{GRPC_PORT}", help="Triton HOST:PORT")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    parser.add_argument("--model", default=MODEL_NAME, help="model name on the server")
+    add_triton_arguments(parser)
     parser.add_argument(
         "--segment",
         default="vad,fixed:3",
@@ -45,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--aggregate",
-        choices=("mean", "vote", "both"),
+        choices=(*AGGREGATIONS, "both"),
         default="both",
         help="file label from segments: duration-weighted mean, majority vote, or both",
     )
@@ -65,10 +71,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--report", type=Path, metavar="DIR", help="write the report here (else: summary only)"
     )
-    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples (0: none)")
+    parser.add_argument(
+        "--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES, help="resamples (0: none)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
-    parser.add_argument("--retries", type=int, default=12, help="retries on transient errors")
+    add_request_arguments(parser)
     parser.set_defaults(func=run_evaluate)
 
 
@@ -81,8 +88,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     try:
         methods = parse_methods(args.segment, args.aggregate)
         mapping = parse_map(args.map)
-        if not 0 <= args.bootstrap <= 100_000:
-            raise ValueError("--bootstrap must be between 0 and 100000")
+        if not 0 <= args.bootstrap <= MAX_BOOTSTRAP_RESAMPLES:
+            raise ValueError(f"--bootstrap must be between 0 and {MAX_BOOTSTRAP_RESAMPLES}")
         if args.report is not None and args.report.exists() and not args.report.is_dir():
             raise ValueError(f"--report {args.report} exists and is not a directory")
         dataset = read_labelled(args.data)

@@ -8,7 +8,9 @@ are not targets either.
 
 from __future__ import annotations
 
-from e2v.client.results import predictable, short_label
+from e2v.client.results import answer_forms, short_label
+
+from e2v.contract import is_answer_label
 
 
 class LabelError(ValueError):
@@ -32,12 +34,8 @@ class LabelMatcher:
     """Dataset label -> the model's short label, or None when the model lacks it."""
 
     def __init__(self, model_labels: list[str], mapping: dict[str, str] | None = None):
-        self.labels = [short_label(label) for label in model_labels if predictable(label)]
-        self._forms: dict[str, str] = {}
-        for label in model_labels:
-            if predictable(label):
-                for form in (label, short_label(label), label.split("/", 1)[0]):
-                    self._forms.setdefault(form.strip().lower(), short_label(label))
+        self.labels = [short_label(label) for label in model_labels if is_answer_label(label)]
+        self._forms = answer_forms(model_labels)
         self._map: dict[str, str] = {}
         for source, target in (mapping or {}).items():
             resolved = self._forms.get(target.lower())

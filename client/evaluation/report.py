@@ -18,7 +18,7 @@ import numpy as np
 from e2v.client.evaluation.metrics import CALIBRATION_BINS, CI_LEVEL, THRESHOLDS
 from e2v.client.evaluation.run import CONFIDENCE_DIGITS, Evaluation, Row
 from e2v.client.names import csv_safe
-from e2v.client.results import short_label
+from e2v.client.results import score_labels
 
 SYNTHETIC_LINE = (
     "> **SYNTHETIC MODEL (seeded random weights): every number and label in this report is "
@@ -101,7 +101,7 @@ def _prediction_cells(evaluation: Evaluation, row: Row) -> list:
 
 
 def _score_labels(evaluation: Evaluation) -> list[str]:
-    return [short_label(x) for x in evaluation.info.labels if not x.startswith("unuse")]
+    return score_labels(evaluation.info.labels)
 
 
 def _extra_columns(evaluation: Evaluation) -> list[str]:

@@ -22,7 +22,8 @@ from e2v.client.results import FileResult, by_vote
 from e2v.client.segment import SegmentMode, parse_segment_mode
 from e2v.client.triton import ModelInfo, TritonEmotionClient
 
-AGGREGATIONS = ("mean", "vote")
+from e2v.contract import AGGREGATIONS
+
 # Confidences are compared at the precision predictions.csv stores, so metrics
 # recomputed from that file are identical.
 CONFIDENCE_DIGITS = 6

@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Literal
 
+from e2v.client.gateway import parameters
 from e2v.client.gateway.auth import check_key
 from e2v.client.gateway.config import GatewayConfig
 from e2v.client.gateway.docs import add_docs_routes
@@ -37,10 +38,22 @@ from e2v.client.gateway.errors import (
     GatewayError,
     file_status,
 )
-from e2v.client.gateway.schemas import BatchOut, ErrorOut, FileOut, HealthOut, ReadyOut
+from e2v.client.gateway.schemas import (
+    BatchOut,
+    CallsOut,
+    ErrorOut,
+    FileOut,
+    HealthOut,
+    ReadyOut,
+)
 from e2v.client.gateway.server import client_key
 from e2v.client.gateway.service import Gateway
 from e2v.client.gateway.uploads import (
+    FIELD,
+    MAX_PART_HEADER_BYTES,
+    MAX_PART_HEADERS,
+    RAW_MEDIA_PREFIXES,
+    RAW_MEDIA_TYPES,
     BodyReader,
     UploadPool,
     Uploads,
@@ -54,6 +67,7 @@ from e2v.client.results import model_labels
 from e2v.contract import (
     CALL_EVENTS_PATH,
     CALL_ID_PATTERN,
+    CALLS_PATH,
     GATEWAY_LIVE_PATH,
     GATEWAY_METRICS_PATH,
     GATEWAY_PREDICT_PATH,
@@ -69,8 +83,14 @@ PAGE_HEADERS = {
     "media-src 'self' blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
     "Referrer-Policy": "no-referrer",
 }
-ENDPOINTS = {"/", GATEWAY_LIVE_PATH, GATEWAY_READY_PATH, GATEWAY_METRICS_PATH, GATEWAY_PREDICT_PATH}
-MAX_FILENAME_QUERY = 1024
+ENDPOINTS = {
+    "/",
+    GATEWAY_LIVE_PATH,
+    GATEWAY_READY_PATH,
+    GATEWAY_METRICS_PATH,
+    GATEWAY_PREDICT_PATH,
+    CALLS_PATH,
+}
 SSE_HEADERS = {"X-Accel-Buffering": "no"}  # nginx: do not buffer the event stream
 
 ERROR_RESPONSES = {
@@ -87,26 +107,43 @@ ERROR_RESPONSES = {
         503: "Triton unreachable or its model not ready (`unavailable`); see Retry-After",
     }.items()
 }
-PREDICT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
-                    },
-                    "required": ["file"],
-                }
+
+
+def predict_body(config: GatewayConfig) -> dict:
+    """The request body of POST /predict for the OpenAPI document (what FastAPI cannot
+    infer: the body is read by the handler itself, as it streams in)."""
+    raw = {"type": "string", "format": "binary"}
+    limit = f"at most {config.max_upload_bytes / 2**20:g} MiB (--max-upload-mb)"
+    files = {
+        "type": "array",
+        "items": raw,
+        "minItems": 1,
+        "maxItems": config.max_files,
+        "description": f"one to {config.max_files} files (--max-files), each part with at "
+        f"most {MAX_PART_HEADERS} headers of {MAX_PART_HEADER_BYTES} bytes",
+    }
+    multipart = {
+        "type": "object",
+        "properties": {FIELD: files},
+        "required": [FIELD],
+        "additionalProperties": False,
+    }
+    raw_types = [f"{prefix}*" for prefix in RAW_MEDIA_PREFIXES] + list(RAW_MEDIA_TYPES)
+    # What a part holds (the gateway reads its bytes whatever its own Content-Type says).
+    encoding = {FIELD: {"contentType": ", ".join(raw_types)}}
+    return {
+        "requestBody": {
+            "required": True,
+            "description": f"the recording(s), {limit} in all; any container FFmpeg reads",
+            "content": {
+                "multipart/form-data": {"schema": multipart, "encoding": encoding},
+                **{media: {"schema": raw} for media in raw_types},
             },
-            "audio/*": {"schema": {"type": "string", "format": "binary"}},
-            "video/*": {"schema": {"type": "string", "format": "binary"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
-    },
-    "security": [{"bearer": []}, {"apiKey": []}, {}],  # a key only with --api-key-file
-}
+        "security": [{"bearer": []}, {"apiKey": []}, {}],  # a key only with --api-key-file
+    }
+
+
 SECURITY_SCHEMES = {
     "bearer": {"type": "http", "scheme": "bearer"},
     "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
@@ -143,16 +180,23 @@ def create_app(config: GatewayConfig):
     app.state.uploads = upload_pool
 
     def openapi() -> dict:
-        if app.openapi_schema is None:
+        """Made again once the model's labels are known (they are in the alert pattern)."""
+        labels = tuple(gateway.info.labels) if gateway.info else None
+        if app.openapi_schema is None or app.state.openapi_labels != labels:
+            app.openapi_schema = None
             schema = FastAPI.openapi(app)
             schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+            predict = schema["paths"][GATEWAY_PREDICT_PATH]["post"]
+            parameters.publish(predict["parameters"], labels)
+            _drop_validation_errors(schema)
+            app.state.openapi_labels = labels
         return app.openapi_schema
 
     app.openapi = openapi
 
-    def error_response(exc: GatewayError) -> JSONResponse:
+    def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> JSONResponse:
         gateway.metrics.errors.labels(exc.kind).inc()
-        return JSONResponse(exc.body(), exc.status, headers=exc.headers())
+        return JSONResponse(exc.body(), exc.status, headers={**exc.headers(), **(headers or {})})
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(_request, exc: GatewayError):
@@ -168,9 +212,8 @@ def create_app(config: GatewayConfig):
     @app.exception_handler(HTTPException)
     async def _http_error(_request, exc: HTTPException):
         kinds = {404: NOT_FOUND, 405: METHOD_NOT_ALLOWED}
-        return error_response(
-            GatewayError(exc.status_code, kinds.get(exc.status_code, "http"), str(exc.detail))
-        )
+        error = GatewayError(exc.status_code, kinds.get(exc.status_code, "http"), str(exc.detail))
+        return error_response(error, allow_header(exc.headers))
 
     @app.exception_handler(Exception)
     async def _bug(_request, exc: Exception):  # a bug: JSON like every other answer
@@ -206,7 +249,7 @@ def create_app(config: GatewayConfig):
         if gateway.live.draining:
             raise GatewayError(503, UNAVAILABLE, "draining: the gateway is shutting down")
         if not await gateway.ready():
-            raise GatewayError(503, UNAVAILABLE, f"Triton's model is not ready at {config.triton}")
+            raise GatewayError(503, UNAVAILABLE, gateway.not_ready())
         info = gateway.info
         return {
             "status": "ready",
@@ -224,26 +267,23 @@ def create_app(config: GatewayConfig):
         GATEWAY_PREDICT_PATH,
         response_model=FileOut | BatchOut,
         responses=ERROR_RESPONSES,
-        openapi_extra=PREDICT_BODY,
+        openapi_extra=predict_body(config),
         tags=["predict"],
     )
     async def predict(
         request: Request,
-        segment: str = Query(
-            "vad", max_length=64, description="`vad`, `fixed:SECONDS` or `none` (one segment)"
-        ),
-        alert: str | None = Query(
-            None, max_length=1024, description="thresholds, e.g. `angry=0.7,sad=0.8`"
-        ),
+        # Patterns and descriptions of segment, alert and parties: client/gateway/parameters.py
+        segment: str = Query("vad", max_length=parameters.MAX_SEGMENT_CHARS),
+        alert: str | None = Query(None, max_length=parameters.MAX_QUERY_CHARS),
         embeddings: bool = Query(False, description="add each segment's embedding vector"),
         channels: Literal["mix", "split"] = Query(
             "mix", description="`split`: each channel its own party (`parties` list)"
         ),
-        parties: str | None = Query(
-            None, max_length=1024, description="channel names in order (implies `split`)"
-        ),
+        parties: str | None = Query(None, max_length=parameters.MAX_QUERY_CHARS),
         filename: str | None = Query(
-            None, max_length=MAX_FILENAME_QUERY, description="the name of a raw-body upload"
+            None,
+            max_length=parameters.MAX_QUERY_CHARS,
+            description="the name of a raw-body upload (any text; shown escaped to one line)",
         ),
     ):
         """Classify recordings: multipart field `file` (one or several files), or the raw
@@ -289,11 +329,34 @@ def create_app(config: GatewayConfig):
 def _add_live_routes(app, gateway: Gateway) -> None:
     """The live tier's WebSockets, and its Server-Sent Events route: an HTTP route, with
     the gateway's key check and errors."""
-    from e2v.client.live.routes import add_live_routes, event_stream, valid_call_id
-    from fastapi import Request
+    from e2v.client.live.routes import add_live_routes, after_seq, event_stream, valid_call_id
+    from fastapi import Path, Query, Request
     from fastapi.responses import StreamingResponse
 
     add_live_routes(app, gateway.live)
+
+    @app.get(
+        CALLS_PATH,
+        tags=["live"],
+        response_model=CallsOut,
+        responses={
+            401: ERROR_RESPONSES[401],
+            503: {"model": ErrorOut, "description": "the bus is unreachable (`unavailable`)"},
+        },
+    )
+    async def calls(
+        request: Request,
+        alerting: bool = Query(False, description="only calls that fired an alert"),
+    ):
+        """The live calls: with `--bus`, every replica's; else this gateway's. Each with
+        its protocol, parties, start, replica, each party's latest emotion and confidence,
+        and the alerts fired. Alerting calls come first, then the newest."""
+        check_key(request, gateway.config.api_key)
+        try:
+            rows = await gateway.live.calls(alerting)
+        except Exception as exc:  # noqa: BLE001 - the bus is down: a 503 that says so
+            raise GatewayError(503, UNAVAILABLE, f"the bus is unreachable: {exc!r}"[:300]) from None
+        return {"calls": rows, "fleet": gateway.live.bus.shared}
 
     @app.get(
         CALL_EVENTS_PATH,
@@ -301,21 +364,26 @@ def _add_live_routes(app, gateway: Gateway) -> None:
         response_class=StreamingResponse,
         responses={
             200: {"content": {"text/event-stream": {}}, "description": "events of the call"},
-            400: {"description": f"call_id is not {CALL_ID_PATTERN}"},
-            401: {"description": "API key missing or wrong"},
+            400: {"model": ErrorOut, "description": f"call_id is not {CALL_ID_PATTERN}"},
+            401: {"model": ErrorOut, "description": "API key missing or wrong"},
         },
     )
-    async def call_events(call_id: str, request: Request):
+    async def call_events(
+        request: Request,
+        # Published, and checked below (a 400 that names the rule): not validated twice.
+        call_id: str = Path(json_schema_extra={"pattern": f"^{CALL_ID_PATTERN}$"}),
+    ):
         """Server-Sent Events: every event of the live call `call_id` (`event:` is its
-        type, `id:` its seq, `data:` its JSON), until its summary; waits up to 30 s for a
-        call that has not started. A refusal or an overflow comes as an `error` event."""
+        type, `id:` its seq, `data:` its JSON), until its summary, wherever it runs (with
+        `--bus`); waits up to --live-subscribe-wait-s (30 s) for a call that has not
+        started. `Last-Event-ID: SEQ` resumes after that event. A refusal or an overflow
+        comes as an `error` event."""
         check_key(request, gateway.config.api_key)
         if not valid_call_id(call_id):
             raise GatewayError(400, BAD_PARAMETER, f"call_id must match {CALL_ID_PATTERN}")
-        after = request.headers.get("last-event-id", "")
-        after_seq = int(after) if after.isdigit() and len(after) < 12 else 0
+        after = after_seq(request.headers.get("last-event-id"))
         return StreamingResponse(
-            event_stream(gateway.live, call_id, after_seq),
+            event_stream(gateway.live, call_id, after),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
@@ -341,6 +409,28 @@ async def _disconnect(receive) -> None:
     """Returns when the client goes away (the body is fully read before this runs)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+def _drop_validation_errors(schema: dict) -> None:
+    """Remove FastAPI's default 422 (its validation errors are answered 400 here, as
+    `bad_parameter`) and the components only it used."""
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            default = operation.get("responses", {}).get("422", {})
+            if "HTTPValidationError" in str(default):
+                del operation["responses"]["422"]
+    components = schema.get("components", {}).get("schemas", {})
+    if "HTTPValidationError" not in str(schema["paths"]):
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+
+
+def allow_header(headers: dict[str, str] | None) -> dict[str, str]:
+    """The router's headers (a 405's `Allow`, which RFC 9110 requires), methods in order."""
+    headers = dict(headers or {})
+    if "Allow" in headers:
+        headers["Allow"] = ", ".join(sorted(m.strip() for m in headers["Allow"].split(",")))
+    return headers
 
 
 def _raw_name(filename: str | None) -> str:

@@ -1,6 +1,6 @@
 """`e2v gateway`: the upload API and web page in front of Triton (FastAPI on uvicorn).
 
-    e2v gateway --triton 127.0.0.1:8001          # then open http://127.0.0.1:8080/
+    e2v gateway --url 127.0.0.1:8001             # then open http://127.0.0.1:8080/
     curl -F file=@call.wav http://127.0.0.1:8080/predict
 
 Listens on loopback unless --host says otherwise. Needs the `gateway` extra
@@ -14,14 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from e2v.contract import (
-    EXIT_USAGE,
-    GATEWAY_MAX_UPLOAD_MB,
-    GATEWAY_PORT,
-    GRPC_PORT,
-    MAX_DURATION_S,
-    MODEL_NAME,
-)
+from e2v.client.arguments import add_triton_arguments
+
+from e2v.contract import EXIT_USAGE, GATEWAY_MAX_UPLOAD_MB, GATEWAY_PORT, MAX_DURATION_S
 
 GRACEFUL_SHUTDOWN_S = 30
 
@@ -33,11 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--triton", default=f"127.0.0.1:{GRPC_PORT}", metavar="HOST:PORT", help="Triton address"
-    )
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    parser.add_argument("--model", default=MODEL_NAME, help="model name on the server")
+    add_triton_arguments(parser)
     parser.add_argument(
         "--host", default="127.0.0.1", help="listen address (0.0.0.0 exposes it; default loopback)"
     )
@@ -134,18 +125,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "message signature (with --api-key-file, X-API-KEY must match too)",
     )
     add_live_arguments(parser)
+    from e2v.client.live.bus_options import add_bus_arguments
+
+    add_bus_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     parser.set_defaults(func=run_gateway)
 
 
 def run_gateway(args: argparse.Namespace) -> int:
     from e2v.client.gateway.config import GatewayConfig, read_api_key, read_audiohook_secret
+    from e2v.client.live.bus_options import bus_settings
     from e2v.client.webhooks import webhook_options
 
     try:
         webhook, secret = webhook_options(args.webhook, args.webhook_secret_file) or (None, None)
         config = GatewayConfig(
-            triton=args.triton,
+            triton=args.url,
             protocol=args.protocol,
             model=args.model,
             host=args.host,
@@ -168,6 +163,7 @@ def run_gateway(args: argparse.Namespace) -> int:
             audiohook_secret=read_audiohook_secret(args.audiohook_secret_file)
             if args.audiohook_secret_file
             else None,
+            bus=bus_settings(args),
         )
         if not 0 < args.port < 65536:
             raise ValueError(f"--port must be in 1-65535, not {args.port}")
@@ -266,6 +262,13 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"on SIGTERM, how long live sessions may go on before they are closed with "
         f"1001 (default {d.drain_s:g})",
     )
+    group.add_argument(
+        "--live-subscribe-wait-s",
+        type=float,
+        default=d.subscribe_wait_s,
+        help="how long an event subscription waits for a call that is not live yet "
+        f"(default {d.subscribe_wait_s:g}; then an error event, 4408)",
+    )
 
 
 def live_limits(args: argparse.Namespace):
@@ -278,4 +281,5 @@ def live_limits(args: argparse.Namespace):
         idle_s=args.live_idle_s,
         max_duration_s=args.live_max_duration_s,
         drain_s=args.live_drain_s,
+        subscribe_wait_s=args.live_subscribe_wait_s,
     )

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from e2v.client.live.bus_options import BusSettings
 from e2v.client.live.limits import LiveLimits
 from e2v.client.secrets import read_secret_file
+from e2v.client.targets import parse_target
 
-from e2v.contract import GATEWAY_MAX_UPLOAD_MB, GATEWAY_PORT, GRPC_PORT, MAX_DURATION_S, MODEL_NAME
+from e2v.contract import GATEWAY_MAX_UPLOAD_MB, GATEWAY_PORT, MAX_DURATION_S, MODEL_NAME, TRITON_URL
 
 if TYPE_CHECKING:  # server.py needs uvicorn (the gateway extra); config.py must not
     from e2v.client.gateway.server import ConnectionLimits
@@ -21,7 +23,7 @@ MAX_FILES = 16
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    triton: str = f"127.0.0.1:{GRPC_PORT}"
+    triton: str = TRITON_URL  # --url (alias --triton)
     protocol: str = "grpc"
     model: str = MODEL_NAME
     host: str = "127.0.0.1"
@@ -46,10 +48,13 @@ class GatewayConfig:
     webhook_secret: bytes | None = None  # their signing secret (--webhook-secret-file)
     # AudioHook client secret (--audiohook-secret-file): upgrades must be signed with it.
     audiohook_secret: bytes | None = None
+    # Live calls shared by replicas (--bus: NATS JetStream); default: in process.
+    bus: BusSettings = BusSettings()
 
     def __post_init__(self) -> None:
         if self.protocol not in ("grpc", "http"):
             raise ValueError(f"--protocol must be grpc or http, not {self.protocol!r}")
+        parse_target(self.triton, self.protocol)  # a TargetError says what --url takes
         if not 0 < self.max_upload_mb <= 100_000:
             raise ValueError(f"--max-upload-mb must be in (0, 100000], not {self.max_upload_mb}")
         if not 0 < self.max_duration_s <= 10 * MAX_DURATION_S:

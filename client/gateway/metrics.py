@@ -88,8 +88,10 @@ class GatewayMetrics:
     def _live_metrics(self, registry) -> None:
         """Live sessions (client/live/hub.py): counters kept here, gauges and the
         scheduler's and webhook sender's counters read from the hub (`bind_live`)."""
+        from e2v.client.live.bus_metrics import BusMetrics
         from prometheus_client import Counter, Histogram
 
+        self.bus = BusMetrics(registry)  # the live bus's (bound when the hub makes its bus)
         self.live_events = Counter(
             "e2v_live_events", "Live events published, by type", ["type"], registry=registry
         )
@@ -161,6 +163,10 @@ class GatewayMetrics:
         ).set_function(lambda: uploads.count)
         self.registry.register(_GuardCounters(guard, uploads))
 
+    def bind_triton(self, gateway) -> None:
+        """Requests per Triton replica and each one's readiness, read at each scrape."""
+        self.registry.register(_TritonReplicas(gateway))
+
     def observe_file(self, kind: str | None, audio_s: float | None, times) -> None:
         """One file's outcome and its stage times (a client.classify.StageTimes)."""
         self.files.labels("ok" if kind is None else "error").inc()
@@ -222,10 +228,15 @@ class _GuardCounters:
 
     REASONS = {  # label: (the guard's count, what it means)
         "evicted": ("evicted", "to make room for a new connection"),
-        "refused": ("refused", "at accept: every connection carried a request"),
+        "refused": ("refused", "over a cap full of requests at work, not a probe (503)"),
         "header_timeout": ("header_timeouts", "headers too slow (408)"),
         "drained": ("drained", "after an early answer (the rest of the body drained first)"),
         "slow_reader": ("slow_readers", "its answer not read for 30 s"),
+        "pushed_out": (
+            "pushed_out",
+            "a request at work of the address holding the most, for a newcomer from one "
+            "holding at least two fewer (total cap)",
+        ),
     }
 
     def __init__(self, guard, uploads):
@@ -251,3 +262,35 @@ class _GuardCounters:
             "Uploads that gave their place in a full pool to another client's (408 or 429)",
             value=float(self.uploads.evicted),
         )
+
+
+class _TritonReplicas:
+    """What the gateway's Triton client knows per replica (IP:PORT, or the URL as given)."""
+
+    def __init__(self, gateway):
+        self.gateway = gateway
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        requests = CounterMetricFamily(
+            "e2v_gateway_triton_requests",
+            "Requests sent to each Triton replica (gRPC: counted per subchannel of the "
+            "round_robin channel)",
+            labels=["replica"],
+        )
+        client = self.gateway.client
+        for replica, count in sorted((client.replica_requests() if client else {}).items()):
+            requests.add_metric([replica], float(count))
+        yield requests
+        ready = GaugeMetricFamily(
+            "e2v_gateway_triton_replica_ready",
+            "1 when the replica's model answered ready at the last /ready check, else 0",
+            labels=["replica"],
+        )
+        for replica, why in sorted(self.gateway.replicas.items()):
+            ready.add_metric([replica], float(why is None))
+        yield ready

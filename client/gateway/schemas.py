@@ -93,3 +93,40 @@ class ReadyOut(BaseModel):
     model: str
     synthetic: bool
     labels: list[str]
+
+
+class LatestOut(BaseModel):
+    """A party's latest final (utterance.end) of a live call."""
+
+    emotion: str | None
+    confidence: float | None
+    end_s: float | None = Field(description="when that utterance ended, in call time")
+
+
+class CallAlertOut(BaseModel):
+    party: str | None
+    label: str
+    score: float
+    threshold: float
+    end_s: float | None
+
+
+class CallOut(BaseModel):
+    """One live call, as its replica last wrote it (within ~1 s of a final or an alert)."""
+
+    call_id: str
+    protocol: str = Field(description="live, audiohook or twilio")
+    parties: list[str]
+    started: float = Field(description="when the call started, Unix seconds")
+    replica: str = Field(description="the gateway replica that holds the call")
+    state: str = Field(description="live; draining or moving while it moves to a replica")
+    seq: int = Field(description="the seq of the call's last event")
+    latest: dict[str, LatestOut] = Field(description="party -> its latest final")
+    alerts: list[CallAlertOut] = Field(description="alerts fired, the newest last (20 at most)")
+
+
+class CallsOut(BaseModel):
+    calls: list[CallOut] = Field(description="alerting calls first, then the newest first")
+    fleet: bool = Field(
+        description="true: every replica's calls (--bus); false: this gateway's only"
+    )

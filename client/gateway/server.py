@@ -13,9 +13,18 @@ adds three things on the hooks h11 exposes:
 - Connection caps, total and per client address (IPv6: per /64), apart from the requests at
   work. Admission order guarantees that a new connection is served: at a cap, the oldest
   connection that holds no request (idle, still sending headers, or lingering after an
-  answer) is closed to make room, and only when every counted connection carries a request
-  is the newcomer refused (503). /health and /metrics take no slot, so a probe's fresh
-  connection always gets its answer; one listener, so the probes test the port clients use.
+  answer) is closed to make room. A connection whose whole request head came with it holds
+  a request from the start (looked at, not read: a burst of connections accepted before it
+  is read cannot push it out). At the total cap with every connection at work, a newcomer
+  from an address holding at least two fewer than the address holding the most takes the
+  place of that address's newest request (WebSockets excepted), as uploads share their
+  places (uploads.py). Otherwise the newcomer is not counted but held apart, among at most
+  PROBE_ROOM such (a refused one, else the oldest, gives way), until its request line shows
+  what it asks: a probe (GET /health, /ready or /metrics, e2v.contract.GATEWAY_PROBE_PATHS)
+  is answered and the connection closed; any other request is refused (503, lingering
+  close). So the probes answer whatever the caps hold, also from an address that holds its
+  whole share (on one host every client is 127.0.0.1), and a request from an address below
+  its cap gets in; one listener, so the probes test the port clients use.
 - Lingering close. An answer sent before the request body is in (401, 413, 415, 429, 408)
   carries `Connection: close`; the gateway then shuts its sending side, reads and discards
   the rest of the body (at most LINGER_BYTES, for at most LINGER_S), and closes. Closing at
@@ -38,11 +47,14 @@ import ipaddress
 import json
 import logging
 import resource
+import socket
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from e2v.contract import GATEWAY_PROBE_PATHS
 
 log = logging.getLogger("e2v.gateway")
 
@@ -54,6 +66,11 @@ LINGER_S = 10.0
 MAX_HEADER_BYTES = 16 << 10
 # File descriptors kept apart from client sockets (spool files, Triton, logs, the listener).
 SPARE_FILES = 256
+# Connections over a cap held until their request line is in (only a probe is served).
+PROBE_ROOM = 64
+PROBE_LINES = frozenset(b"GET " + path.encode() for path in GATEWAY_PROBE_PATHS)
+# A request line longer than this, on a connection held over a cap, is not a probe's.
+MAX_PROBE_LINE = 1024
 
 
 @dataclass(frozen=True)
@@ -91,7 +108,7 @@ def client_key(client: tuple[str, int] | None) -> str:
 def raise_file_limit(limits: ConnectionLimits) -> None:
     """Raise the soft open-files limit to fit every allowed connection; ValueError if the
     hard limit is too low."""
-    needed = limits.max_connections + SPARE_FILES
+    needed = limits.max_connections + PROBE_ROOM + SPARE_FILES
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:
         if hard != resource.RLIM_INFINITY and hard < needed:
@@ -110,22 +127,61 @@ class ConnectionGuard:
         self.limits = limits
         self.count = 0
         self.per_client: Counter[str] = Counter()
+        self.members: dict[str, dict[GuardedProtocol, None]] = {}  # counted, in admission order
         self.idle: OrderedDict[GuardedProtocol, None] = OrderedDict()
         self.idle_by_client: dict[str, OrderedDict[GuardedProtocol, None]] = {}
-        # Closed by the guard: to make room, at accept, headers too slow; answered early.
+        # Over a cap: those waiting for their request line (the oldest gives way), and
+        # those whose probe is being answered.
+        self.held: OrderedDict[GuardedProtocol, None] = OrderedDict()
+        self.probing = 0
+        # Closed by the guard: to make room, over a cap (not a probe), headers too slow, and
+        # answered early; a request at work given up for another address's (total cap).
         self.evicted = self.refused = self.header_timeouts = self.drained = 0
+        self.pushed_out = 0
         self.slow_readers = 0  # closed: an answer not read within send_timeout_s
 
     def admit(self, conn: GuardedProtocol) -> bool:
+        """Count `conn`; False when a cap is full of requests at work (`hold` it then)."""
         key, cap = conn.client_key, self.limits.per_client
-        if cap and self.per_client[key] >= cap and not self._evict(self.idle_by_client.get(key)):
-            return False
-        if self.count >= self.limits.max_connections and not self._evict(self.idle):
+        if (
+            cap and self.per_client[key] >= cap and not self._evict(self.idle_by_client.get(key))
+        ) or (
+            self.count >= self.limits.max_connections
+            and not self._evict(self.idle)
+            and not self._push_out_for(key)
+        ):
             return False
         self.count += 1
         self.per_client[key] += 1
+        self.members.setdefault(key, {})[conn] = None
         self.set_idle(conn)
         return True
+
+    def _push_out_for(self, key: str) -> bool:
+        """Total cap, every connection at work: a newcomer whose address holds at least two
+        fewer than the address holding the most takes the place of that address's newest
+        request at work (as UploadPool shares upload places). WebSockets are never taken."""
+        if not self.per_client:
+            return False
+        fullest = max(self.per_client, key=self.per_client.__getitem__)
+        if self.per_client[fullest] < self.per_client[key] + 2:
+            return False
+        victims = [c for c in self.members.get(fullest, ()) if not c.upgraded]
+        if not victims:
+            return False
+        victims[-1].push_out()  # releases it at once: the newcomer takes its place
+        self.pushed_out += 1
+        return True
+
+    def hold(self, conn: GuardedProtocol) -> None:
+        """Keep `conn` apart, uncounted; when PROBE_ROOM are held, one gives way: the oldest
+        refused one (still lingering), else the one waiting longest for its request line."""
+        if conn in self.held:
+            return
+        if len(self.held) >= PROBE_ROOM:
+            refused = next((c for c in self.held if c.lingering), None)
+            self._evict(OrderedDict({refused: None}) if refused else self.held)
+        self.held[conn] = None
 
     def set_idle(self, conn: GuardedProtocol) -> None:
         self.idle[conn] = None
@@ -145,10 +201,13 @@ class ConnectionGuard:
         self.per_client[conn.client_key] -= 1
         if self.per_client[conn.client_key] <= 0:
             del self.per_client[conn.client_key]
+        mine = self.members.get(conn.client_key, {})
+        mine.pop(conn, None)
+        if not mine:
+            self.members.pop(conn.client_key, None)
 
     def _evict(self, candidates: OrderedDict | None) -> bool:
         if not candidates:
-            self.refused += 1
             return False
         victim = next(iter(candidates))
         victim.evict()  # releases it at once: the newcomer takes its place
@@ -210,6 +269,10 @@ class GuardedProtocol(H11Protocol):
         self.client_key = ""
         self.lingering = False
         self._counted = False
+        self.held = False  # over a cap: only a probe is served (see the module's docstring)
+        self.upgraded = False  # a WebSocket now
+        self._line: bytes | None = b""  # a held connection's request line until it is in
+        self._probing = False
         self._raw: asyncio.Transport | None = None
         self._header_timer: asyncio.TimerHandle | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
@@ -228,12 +291,20 @@ class GuardedProtocol(H11Protocol):
         super().connection_made(transport)
         self._raw, self.transport = transport, _Transport(transport, self)
         self.client_key = client_key(self.client)
-        if not self.guard.admit(self):
-            transport.write(REFUSED)
-            transport.close()
-            return
-        self._counted = True
+        self._counted = self.guard.admit(self)
+        self.held = not self._counted
         self._arm_header_timer()
+        # What came with the connection, as a prober's request does: looked at, not read,
+        # so that a burst of connections accepted before it is read cannot push it out.
+        waiting = self._waiting_bytes()
+        if self._counted:
+            if b"\r\n\r\n" in waiting:  # a whole request head: at work, never evicted
+                self.guard.set_busy(self)
+        elif b"\r\n" in waiting or len(waiting) > MAX_PROBE_LINE:
+            self._line = None
+            self._probe_or_refuse(waiting.split(b"\r\n", 1)[0])
+        else:
+            self.guard.hold(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
@@ -244,12 +315,22 @@ class GuardedProtocol(H11Protocol):
         if self._counted:
             self._counted = False
             self.guard.release(self)
+        self.guard.held.pop(self, None)
+        if self._probing:
+            self._probing = False
+            self.guard.probing -= 1
 
     def shutdown(self) -> None:
         if self.lingering:  # the answer is out: nothing left to finish
             self._raw.close()
         else:
             super().shutdown()
+
+    def push_out(self) -> None:
+        """Give this connection's place, request and all, to another address's newcomer."""
+        self._release()
+        self._cancel_timers()
+        self._raw.abort()
 
     def evict(self) -> None:
         """Make room for a newcomer: this connection holds no request."""
@@ -265,6 +346,10 @@ class GuardedProtocol(H11Protocol):
         if self.lingering:
             self._discard(len(data))
             return
+        if self.held and self._line is not None:
+            data = self._probe_line(data)
+            if data is None:
+                return
         if self.conn.their_state is h11.IDLE:
             self._partial = True
         super().data_received(data)
@@ -277,8 +362,53 @@ class GuardedProtocol(H11Protocol):
             self._partial = False
             self.guard.set_busy(self)  # a request is at work: never evicted
 
-    def handle_websocket_upgrade(self, event: h11.Request) -> None:
+    def _waiting_bytes(self) -> bytes:
+        """The first bytes the client sent, left unread (empty when none came yet)."""
+        sock = socket.socket(fileno=self._raw.get_extra_info("socket").fileno())
+        try:
+            return sock.recv(MAX_HEADER_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:
+            return b""
+        finally:
+            sock.detach()
+
+    def _probe_line(self, data: bytes) -> bytes | None:
+        """On a held connection: None until the request line is in, then everything read
+        so far if it is a probe's (a refusal otherwise)."""
+        self._line += data
+        end = self._line.find(b"\r\n")
+        if end < 0:
+            if len(self._line) > MAX_PROBE_LINE:
+                self._line = None
+                self._probe_or_refuse(b"")
+            return None
+        data, self._line = self._line, None
+        return data if self._probe_or_refuse(data[:end]) else None
+
+    def _probe_or_refuse(self, line: bytes) -> bool:
+        """Serve a probe's request line (True); refuse any other (503, lingering close)."""
+        method_and_path = line.split(b"?", 1)[0].rsplit(b" HTTP/", 1)[0]
+        if method_and_path in PROBE_LINES and self.guard.probing < PROBE_ROOM:
+            self.guard.held.pop(self, None)  # at work now: never closed to make room
+            self.guard.probing += 1
+            self._probing = True
+            return True
+        self.guard.refused += 1
         self._cancel_timers()
+        self._raw.write(REFUSED)
+        self.lingering = True
+        if self._raw.can_write_eof():
+            self._raw.write_eof()
+        self._linger_timer = self.loop.call_later(LINGER_S, self._raw.close)
+        self.guard.hold(self)  # the rest of its request is drained, or it gives way
+        return False
+
+    def handle_websocket_upgrade(self, event: h11.Request) -> None:
+        if self.held:  # a probe's path, but not a probe
+            self._probe_or_refuse(b"")
+            return
+        self._cancel_timers()
+        self.upgraded = True
         self.guard.set_busy(self)  # counted until the WebSocket closes (see __init__)
         self.transport = self._raw
         super().handle_websocket_upgrade(event)
@@ -340,13 +470,13 @@ class GuardedProtocol(H11Protocol):
     # -- lingering close
 
     def _closing_early(self, app):
-        """The ASGI app, adding `Connection: close` to answers sent before the body is in."""
+        """The ASGI app, adding `Connection: close` to answers sent before the body is in,
+        and to a probe's answer on a held connection."""
 
         async def app_closing_early(scope, receive, send):
             async def send_marked(message):
-                if (
-                    message["type"] == "http.response.start"
-                    and self.conn.their_state is h11.SEND_BODY
+                if message["type"] == "http.response.start" and (
+                    self.held or self.conn.their_state is h11.SEND_BODY
                 ):
                     headers = [*message.get("headers", []), (b"connection", b"close")]
                     message = {**message, "headers": headers}

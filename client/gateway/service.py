@@ -1,7 +1,8 @@
 """The gateway's work, apart from HTTP: one shared Triton client, admission, classification.
 
 One `TritonEmotionClient` is opened at start-up and shared by every request (its gRPC
-channel or HTTP pool reconnects by itself after a Triton restart). If Triton is not up
+channel or HTTP pool reconnects by itself after a Triton restart, and spreads requests
+over every Triton replica the --url target names). If Triton is not up
 yet, the gateway still starts: it keeps connecting in the background, `/ready` says 503
 and uploads get 503 until the model is there. Decoding and VAD run in a thread pool with
 one thread per slot, through `client.classify.classify_source`, the same code as
@@ -17,6 +18,7 @@ import logging
 from datetime import datetime, timezone
 
 from e2v.client.classify import JobOptions, StageTimes, classify_source
+from e2v.client.gateway import parameters
 from e2v.client.gateway.config import GatewayConfig
 from e2v.client.gateway.errors import BAD_PARAMETER, UNAVAILABLE, GatewayError
 from e2v.client.gateway.limits import Admission
@@ -46,7 +48,9 @@ class Gateway:
         self.config = config
         self.admission = Admission(config.slots, config.queue_size, config.queue_wait_s)
         self.metrics = GatewayMetrics(lambda: self.admission.active, lambda: self.admission.waiting)
+        self.metrics.bind_triton(self)
         self.client: TritonEmotionClient | None = None
+        self.replicas: dict[str, str | None] = {}  # each replica's readiness, last check
         self.requests: asyncio.Semaphore | None = None
         self.decoders: concurrent.futures.ThreadPoolExecutor | None = None
         self._connector: asyncio.Task | None = None
@@ -101,15 +105,20 @@ class Gateway:
             return
 
     async def ready(self) -> bool:
-        """True while Triton says the model is ready (one check, bounded in time)."""
-        ready = self.info is not None
-        if ready:
-            try:
-                ready = await asyncio.wait_for(self.client.is_ready(), READY_TIMEOUT_S)
-            except asyncio.TimeoutError:  # Python 3.10: not the builtin TimeoutError
-                ready = False
+        """True while at least one Triton replica says the model is ready (one check of
+        each, bounded in time); `replicas` keeps what each said."""
+        if self.client is None:
+            return False
+        self.replicas = await self.client.replica_readiness(READY_TIMEOUT_S)
+        ready = self.info is not None and any(why is None for why in self.replicas.values())
         self.metrics.triton_ready.set(int(ready))
         return ready
+
+    def not_ready(self) -> str:
+        """The /ready refusal: the target, and why each replica that is down is."""
+        down = ", ".join(f"{name} ({why})" for name, why in self.replicas.items() if why)
+        message = f"Triton's model is not ready at {self.config.triton}"
+        return f"{message}: {down}" if down else message
 
     def require_model(self) -> ModelInfo:
         if self.info is None:
@@ -140,6 +149,9 @@ class Gateway:
         except ValueError as exc:
             message = str(exc).replace("--alert", "alert")
             raise GatewayError(400, BAD_PARAMETER, message) from None
+        problem = parameters.check_query(segment, alert, parties, info.labels)
+        if problem:  # taken by the parsers, but not in the form the OpenAPI document states
+            raise GatewayError(400, BAD_PARAMETER, problem)
         return JobOptions(
             url=self.config.triton,
             protocol=self.config.protocol,
@@ -208,8 +220,10 @@ def file_json(result: FileResult, embeddings: bool) -> dict:
 
 def _live_hub(gateway: Gateway):
     """The live tier (client/live/), given what it needs through `LiveServices`: the Triton
-    client and model once started, metrics, slots, the key check, secrets, webhooks."""
+    client and model once started, metrics, slots, the key check, secrets, and the bus
+    (in process, or NATS with --bus) with the webhook sender."""
     from e2v.client.gateway.auth import key_problem
+    from e2v.client.live.bus_options import make_bus
     from e2v.client.live.hub import LiveHub
     from e2v.client.live.services import LiveServices
 
@@ -225,7 +239,7 @@ def _live_hub(gateway: Gateway):
         slots=config.slots,
         key_problem=functools.partial(key_problem, config.api_key),
         audiohook_secret=config.audiohook_secret,
-        webhook=webhook,
+        bus=make_bus(config.bus, webhook=webhook, metrics=gateway.metrics.bus),
     )
     hub = LiveHub(services, config.live)
     gateway.metrics.bind_live(hub)

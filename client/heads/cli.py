@@ -20,9 +20,16 @@ import os
 import sys
 from pathlib import Path
 
+from e2v.client.arguments import add_request_arguments, add_triton_arguments
 from e2v.client.parties import add_arguments as add_party_arguments
 
-from e2v.contract import EXIT_FILE_ERRORS, EXIT_UNAVAILABLE, EXIT_USAGE, GRPC_PORT, MODEL_NAME
+from e2v.contract import (
+    BOOTSTRAP_RESAMPLES,
+    EXIT_FILE_ERRORS,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    MAX_BOOTSTRAP_RESAMPLES,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,9 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--repo", type=Path, required=True, help="the model repository the server loads"
     )
-    parser.add_argument("--url", default=f"localhost:{GRPC_PORT}", help="Triton HOST:PORT")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    parser.add_argument("--model", default=MODEL_NAME, help="the served base model")
+    add_triton_arguments(parser, model_help="the served base model")
     parser.add_argument("--head", choices=("logistic", "mlp"), default="logistic")
     parser.add_argument(
         "--segment",
@@ -67,9 +72,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "~/.cache/emotion2vec-triton/embeddings)",
     )
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write it")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples (0: none)")
-    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
-    parser.add_argument("--retries", type=int, default=12, help="retries on transient errors")
+    parser.add_argument(
+        "--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES, help="resamples (0: none)"
+    )
+    add_request_arguments(parser)
     add_party_arguments(parser)
     parser.set_defaults(func=run_train_head)
 
@@ -89,8 +95,8 @@ def run_train_head(args: argparse.Namespace) -> int:
         mapping = parse_map(args.map)
         if args.cv < 2:
             raise ValueError(f"--cv must be at least 2, not {args.cv}")
-        if not 0 <= args.bootstrap <= 100_000:
-            raise ValueError("--bootstrap must be between 0 and 100000")
+        if not 0 <= args.bootstrap <= MAX_BOOTSTRAP_RESAMPLES:
+            raise ValueError(f"--bootstrap must be between 0 and {MAX_BOOTSTRAP_RESAMPLES}")
         if args.concurrency < 1 or args.retries < 0:
             raise ValueError("--concurrency must be >= 1 and --retries >= 0")
         _check_writable(args.repo)
@@ -122,7 +128,7 @@ async def _run(args, dataset, segment, mapping, group_by) -> int:
     client = TritonEmotionClient(args.url, args.protocol, args.model, retries=args.retries)
     try:
         info = await client.connect()
-        base = await _base_model(args)
+        base = await _base_model(client)
         _check_repo_base(args.repo, base)
         if info.synthetic:
             _say("note: the served model is SYNTHETIC (random weights): the head is meaningless")
@@ -167,28 +173,11 @@ async def _run(args, dataset, segment, mapping, group_by) -> int:
     return _train_and_export(args, dataset, rows, info, base, segment, group_by)
 
 
-async def _base_model(args):
+async def _base_model(client):
     """The served base model's config and versions (what the ensemble will chain to)."""
     from e2v.export.heads import BaseModel
 
-    if args.protocol == "grpc":
-        import tritonclient.grpc.aio as module
-    else:
-        import tritonclient.http.aio as module
-    from e2v.client.triton import ServerUnavailable
-
-    client = module.InferenceServerClient(url=args.url)
-    try:
-        if args.protocol == "grpc":
-            config = (await client.get_model_config(args.model, as_json=True))["config"]
-            metadata = await client.get_model_metadata(args.model, as_json=True)
-        else:
-            config = await client.get_model_config(args.model)
-            metadata = await client.get_model_metadata(args.model)
-    except Exception as exc:  # noqa: BLE001 - tritonclient raises several types
-        raise ServerUnavailable(f"cannot read the config of '{args.model}': {exc}") from exc
-    finally:
-        await client.close()
+    config, metadata = await client.model_config(), await client.model_metadata()
     return BaseModel.from_config(config, list(metadata.get("versions", [])))
 
 

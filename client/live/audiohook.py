@@ -20,10 +20,12 @@ the reference's own TypeScript client:
 - A failure is a `disconnect` (reason `error`, or `unauthorized` for a bad key or signature,
   info = the reason), the client's close transaction (`close` -> `closed`), then the
   WebSocket closes with the contract's code (`CLOSE_*`, the same as `/v1/live`'s).
-- Draining (SIGTERM): `reconnect` at once, so Genesys moves the stream to another instance;
-  a session still open DRAIN_MARGIN_S before the drain deadline is finished (finals,
-  summary), `disconnect`ed (reason `completed`) and closed with 1001, its slot held until
-  then so the server does not stop under it.
+- Draining (SIGTERM): `reconnect` at once, so the client opens the conversation on another
+  instance and then closes this session with reason `reconnect`: with a shared bus
+  (`--bus`) the call moves there (this session's finals, no summary; moves.py). A session
+  still open DRAIN_MARGIN_S before the drain deadline is finished (finals, summary),
+  `disconnect`ed (reason `completed`) and closed with 1001, its slot held until then so the
+  server does not stop under it.
 
 Admission, deadlines, message limits, pacing, the session and its finish are the session
 path's (connection.py), as for every protocol. Authentication: `X-API-KEY` must be the
@@ -172,6 +174,8 @@ class AudioHookWire(Wire):
         kind = item["type"]
         if kind == "close":
             self.state = "CLOSING"
+            # The client opened the conversation elsewhere (after our `reconnect`).
+            self.moving = item["parameters"].get("reason") == "reconnect"
             return True
         if kind == "paused":
             if self.state == "ACTIVE":

@@ -234,7 +234,7 @@ class Connection:
 
     async def _finish(self, session: LiveSession) -> None:
         try:  # shielded: a drain deadline meanwhile waits for this same finish
-            finishing = asyncio.shield(self.hub.finishing(session))
+            finishing = asyncio.shield(self.hub.finishing(session, move=self.wire.moving))
             await self.socket.outbox.guard(finishing, FINISH_S)
         except asyncio.TimeoutError:
             raise LiveError(

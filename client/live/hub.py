@@ -1,11 +1,16 @@
-"""The gateway's live sessions: the slot limit, each socket's bounded outbox, subscriptions
-by call id, webhooks, metrics and the drain on shutdown.
+"""The gateway's live sessions: the slot limit, each socket's bounded outbox, the call's
+claim on the bus, subscriptions by call id, metrics and the drain on shutdown.
 
 Every event a session publishes goes, without ever blocking, to
 - its socket's `Outbox` (bounded in events and bytes: a client that stops reading
   overflows it, and its session ends with CLOSE_SLOW_READER; no other session waits);
-- the subscribers of its call id (each with its own bounded queue, dropped the same way);
-- the webhook sender, for alerts and the summary (its queue is bounded too).
+- the bus, through the call's `Claim` (client/live/bus.py): subscribers of the call id on
+  any replica (each with its own bounded queue, dropped the same way), webhooks for alerts
+  and the summary, `GET /v1/calls`. The bus is in process by default (`LocalBus`), NATS
+  JetStream with `--bus` (nats_bus.py); the hub is the same for both.
+
+A call id is claimed on the bus when its session starts (a duplicate anywhere is refused
+with 4400). With a shared bus a draining gateway's calls move: moves.py says how.
 
 A socket takes a slot as soon as it is accepted (`admit`), before its first message, so
 sockets that never speak are bounded by the same limit and lose their slot after the
@@ -21,12 +26,14 @@ import contextlib
 import logging
 import secrets
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from e2v.client.live.bus import CallInUse, LocalBus, call_in_use, listing
 from e2v.client.live.errors import LiveError
 from e2v.client.live.limits import CLOSE_WAIT_S, LiveLimits
+from e2v.client.live.moves import CallEvents, hand_over
 from e2v.client.live.outbox import Outbox, error_event, event_json
 from e2v.client.live.scheduler import Scheduler
 from e2v.client.live.services import LiveServices
@@ -38,11 +45,12 @@ from e2v.contract import (
     CLOSE_NORMAL,
     CLOSE_TIMEOUT,
     CLOSE_TRY_AGAIN,
-    EVENT_ALERT,
     EVENT_RESULT,
-    EVENT_SUMMARY,
     EVENT_UTTERANCE_END,
 )
+
+if TYPE_CHECKING:
+    from e2v.client.live.bus import Claim
 
 log = logging.getLogger("e2v.live")
 
@@ -51,14 +59,16 @@ RETRY_AFTER_S = 5.0
 # After the drain deadline, a session still open gets this long to score what it holds
 # (open utterances become finals, the summary is sent) before it is closed.
 DRAIN_FINISH_S = 5.0
-# Subscribers per call, and how long one may wait for a call that is not live yet (a
-# Twilio subscriber may connect before the stream starts).
+# Subscribers of one call on this gateway (how long one waits for a call that is not live
+# yet is LiveLimits.subscribe_wait_s; the bus replays what Last-Event-ID asks for).
 SUBSCRIBERS_PER_CALL = 16
-SUBSCRIBE_WAIT_S = 30.0
-# Events of a live call kept for subscribers that join late or reconnect (Last-Event-ID).
-REPLAY_EVENTS = 64
 # Subscriptions in all, per session slot (each holds a bounded queue).
 SUBSCRIPTIONS_PER_SESSION = 2
+# A call moving away (shared bus): how long its old replica waits for the next one to take
+# it over before it ends the call here with the summary; and how long the drain waits for
+# the claims to say that they will move.
+HANDOVER_WAIT_S = 10.0
+CLAIM_WRITE_S = 2.0
 CLOSE_ABNORMAL = 1006  # the label of sessions that ended by an exception (a bug) in /metrics
 GOING_AWAY_REASON = "the gateway is shutting down: reconnect to another instance"
 # Events whose `lag_s` is the latency metric's sample, and the metric's label.
@@ -75,13 +85,11 @@ class _Call:
     outbox: Outbox
     started: float
     session: LiveSession | None = None
-    seq: int = 0
+    claim: Claim | None = None
+    events: CallEvents | None = None  # numbering (and the shift of a call moved here)
     ended: bool = False
+    moving: bool = False  # handed over (or being): its events go to the socket only
     finishing: asyncio.Task | None = None
-
-    def __post_init__(self) -> None:
-        self.subscribers: set[Outbox] = set()
-        self.recent: deque[tuple[dict, str]] = deque(maxlen=REPLAY_EVENTS)
 
 
 class LiveHub:
@@ -89,13 +97,15 @@ class LiveHub:
 
     def __init__(self, services: LiveServices, limits: LiveLimits):
         self.services, self.limits = services, limits
-        self.metrics, self.webhook = services.metrics, services.webhook
+        self.metrics = services.metrics
+        self.bus = services.bus or LocalBus()
+        self.webhook = self.bus.webhook
         self.scheduler: Scheduler | None = None
         self.draining = False
         self._sockets: set[Outbox] = set()  # every admitted socket (handshakes included)
         self._calls: dict[str, _Call] = {}
-        self._pending: dict[str, set[Outbox]] = {}  # subscribers waiting for their call
-        self._subscriptions = 0
+        self._subscribers: dict[Outbox, str] = {}  # subscription queue -> its call id
+        self._moves: set[asyncio.Task] = set()  # calls being handed over
         self._changed: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -104,8 +114,7 @@ class LiveHub:
         """After the application's start (the scheduler shares its Triton client)."""
         self.scheduler = Scheduler(self.services.client(), max_in_flight=self.in_flight_limit)
         self._changed = asyncio.Event()
-        if self.webhook is not None:
-            await self.webhook.start()
+        await self.bus.start()
 
     async def stop(self) -> None:
         """Close what is left (the server drained before it stopped, see shutdown.py)."""
@@ -114,8 +123,7 @@ class LiveHub:
         await self.drain(0)
         if self.scheduler is not None:
             await self.scheduler.close()
-        if self.webhook is not None:
-            await self.webhook.stop(DRAIN_FINISH_S)
+        await self.bus.stop(DRAIN_FINISH_S)
 
     @property
     def in_flight_limit(self) -> int:
@@ -134,7 +142,7 @@ class LiveHub:
 
     @property
     def subscriptions(self) -> int:
-        return self._subscriptions
+        return len(self._subscribers)
 
     # ------------------------------------------------------------------ sessions
 
@@ -175,7 +183,7 @@ class LiveHub:
         raised inside, or the outbox's stop reason, ends the session: it is published as
         the `error` event and re-raised; the caller then flushes the outbox and closes the
         socket with its code."""
-        call = self._open(call_id, fmt, settings, outbox, protocol)
+        call = await self._open(call_id, fmt, settings, outbox, protocol)
         timer = self.time_limit(outbox)
         code = CLOSE_NORMAL
         try:
@@ -190,7 +198,7 @@ class LiveHub:
             raise
         finally:
             timer.cancel()
-            self._close(call)
+            await self._close(call)
             self.metrics.live_ended.labels(protocol, str(code)).inc()
             self.metrics.live_duration.observe(time.monotonic() - call.started)
 
@@ -207,12 +215,12 @@ class LiveHub:
             ),
         )
 
-    def _open(self, call_id, fmt, settings, outbox: Outbox, protocol: str) -> _Call:
+    async def _open(self, call_id, fmt, settings, outbox: Outbox, protocol: str) -> _Call:
         if self.draining:
             raise LiveError(CLOSE_GOING_AWAY, "draining", GOING_AWAY_REASON)
         call_id = call_id or f"call-{secrets.token_hex(8)}"
         if call_id in self._calls:
-            raise LiveError(CLOSE_BAD_MESSAGE, "call_in_use", f"call_id {call_id} is already live")
+            raise call_in_use(call_id)
         info = self.services.model()
         if info is None:
             raise LiveError(
@@ -230,24 +238,50 @@ class LiveHub:
             info,
             lambda event: self._publish(call, event),
         )
+        try:
+            call.claim = await self.bus.claim(call_id, protocol, list(fmt.parties))
+        except CallInUse:
+            raise call_in_use(call_id) from None
+        if self.draining:  # began meanwhile: its claims are marked already, not this one
+            await call.claim.release()
+            raise LiveError(CLOSE_GOING_AWAY, "draining", GOING_AWAY_REASON)
+        call.events = CallEvents(call.claim)
+        call.claim.lost.add_done_callback(lambda lost: self._lost(call, lost.result()))
+        if call.events.waiting:
+            call.claim.taken.add_done_callback(lambda _: self._taken(call))
         self._calls[call_id] = call
-        for queue in self._pending.pop(call_id, set()):
-            self._attach(call, queue, 0)
         return call
 
-    def _close(self, call: _Call) -> None:
+    def _lost(self, call: _Call, why: str) -> None:
+        """The call is another replica's now (or never moved here): this session ends."""
+        if not call.ended:
+            call.outbox.stop(LiveError(CLOSE_BAD_MESSAGE, "call_in_use", why))
+
+    def _taken(self, call: _Call) -> None:
+        """The call moved here: what the session published meanwhile goes out now."""
+        if call.ended:
+            return
+        for event in call.events.take_over():
+            self._fan_out(call, event)
+
+    async def _close(self, call: _Call) -> None:
         call.ended = True
         if self._calls.get(call.call_id) is call:
             del self._calls[call.call_id]
-        for subscriber in call.subscribers:
-            subscriber.close()
+        if not call.moving:  # a moving call is released by its hand-over
+            await call.claim.release()
 
-    def finishing(self, session: LiveSession) -> asyncio.Task:
+    def finishing(self, session: LiveSession, move: bool = False) -> asyncio.Task:
         """`session.finish()` as one task however often it is asked for: a protocol awaits
-        it (shielded) on stop, and the drain's going-away close waits for the same one."""
+        it (shielded) on stop, and the drain's going-away close waits for the same one.
+        `move`: the call goes on on another replica (a shared bus only): the finals, but
+        no summary; the call is handed over (moves.py)."""
         call = next(c for c in self._calls.values() if c.session is session)
         if call.finishing is None:
-            call.finishing = asyncio.ensure_future(session.finish())
+            moving = move and self.bus.shared
+            call.finishing = asyncio.ensure_future(
+                self._finish_moving(call) if moving else session.finish()
+            )
             # Its failure is raised to whoever awaits it; none may (an abort came first).
             call.finishing.add_done_callback(lambda t: t.cancelled() or t.exception())
         return call.finishing
@@ -256,12 +290,24 @@ class LiveHub:
         """The id `started` names (one per session; the call id may come again later)."""
         return next(c.session_id for c in self._calls.values() if c.session is session)
 
+    async def _finish_moving(self, call: _Call) -> dict:
+        """Finals of what was heard here; the call is then handed over in the background
+        (the client reconnects elsewhere once this socket closes)."""
+        summary = await call.session.finish(publish_summary=False)
+        call.moving = True
+        task = asyncio.create_task(hand_over(call.claim, call.events, summary, HANDOVER_WAIT_S))
+        self._moves.add(task)
+        task.add_done_callback(self._moves.discard)
+        return summary
+
     async def _end_with(self, call: _Call, exc: LiveError) -> None:
-        """Going away (drain deadline): score what was heard first. Then stop the work
-        and publish the `error` event."""
+        """Going away (drain deadline): score what was heard first (with a shared bus the
+        call moves: no summary). Then stop the work and publish the `error` event (to the
+        socket only, for a call that moves)."""
         if exc.code == CLOSE_GOING_AWAY:
             try:
-                await asyncio.wait_for(asyncio.shield(self.finishing(call.session)), DRAIN_FINISH_S)
+                finishing = self.finishing(call.session, move=True)
+                await asyncio.wait_for(asyncio.shield(finishing), DRAIN_FINISH_S)
             except Exception as finish_error:  # noqa: BLE001 - closing anyway; log why
                 log.warning("call %s: not finished before close: %r", call.call_id, finish_error)
         await _quietly(call.session.abort())
@@ -273,9 +319,16 @@ class LiveHub:
         """Number `event` and fan it out; never blocks, never raises into the session."""
         if call.ended:
             return
-        call.seq += 1
-        event["seq"] = call.seq
         event.setdefault("call_id", call.call_id)
+        if call.moving:  # the call goes on elsewhere: only this socket hears (its close)
+            event["seq"] = call.events.seq + 1
+            self._fan_out(call, event, last, bus=False)
+            return
+        numbered = call.events.number(event)
+        if numbered is not None:  # else held until the call is handed over to us
+            self._fan_out(call, numbered, last)
+
+    def _fan_out(self, call: _Call, event: dict, last: bool = False, bus: bool = True) -> None:
         try:
             text = event_json(event)
         except (TypeError, ValueError) as exc:  # a bug upstream: one event lost, said loudly
@@ -285,90 +338,56 @@ class LiveHub:
         self.metrics.live_events.labels(kind).inc()
         if kind in LATENCY_KINDS:
             self._observe_latency(call, kind, event)
-        call.recent.append((event, text))
         call.outbox.put(event, text, last=last)
-        for subscriber in list(call.subscribers):
-            if not subscriber.put(event, text, last=last):
-                call.subscribers.discard(subscriber)
-        if self.webhook is not None and kind in (EVENT_ALERT, EVENT_SUMMARY):
-            self.webhook.post(event, text.encode())  # the same JSON, not made again
+        if bus:
+            call.claim.publish(event, text)
 
     def _observe_latency(self, call: _Call, kind: str, event: dict) -> None:
         """Interims carry `lag_s`; for finals it is the audio received past their end."""
         lag = event.get("lag_s")
         if lag is None and isinstance(event.get("end_s"), (int, float)):
-            lag = call.session.audio_s - event["end_s"]
+            lag = call.session.audio_s + call.events.offset_s - event["end_s"]
         if isinstance(lag, (int, float)) and lag >= 0:
             self.metrics.live_latency.labels(LATENCY_KINDS[kind]).observe(lag)
 
-    @contextlib.contextmanager
-    def subscription(self, call_id: str, after_seq: int = 0) -> Iterator[Outbox]:
-        """A queue of every event of `call_id` from now on (with those after `after_seq`
-        still kept), closed when the session ends. A call not live yet is waited for up
-        to SUBSCRIBE_WAIT_S. The queue is bounded like an outbox: a subscriber that falls
-        behind is stopped (`guard` raises CLOSE_SLOW_READER), as are those past the limits."""
+    @contextlib.asynccontextmanager
+    async def subscription(self, call_id: str, after_seq: int = 0) -> AsyncIterator[Outbox]:
+        """A queue of every event of `call_id` (on any replica, with a shared bus) after
+        `after_seq`, closed after the call's summary or error. A call not live yet is
+        waited for up to `limits.subscribe_wait_s`. The queue is bounded like an outbox: a
+        subscriber that falls behind is stopped (`guard` raises CLOSE_SLOW_READER); those
+        past the limits are refused (LiveError)."""
         if self.draining:
             raise LiveError(CLOSE_GOING_AWAY, "draining", GOING_AWAY_REASON)
-        if self._subscriptions >= SUBSCRIPTIONS_PER_SESSION * self.limits.sessions:
+        if len(self._subscribers) >= SUBSCRIPTIONS_PER_SESSION * self.limits.sessions:
             self.metrics.live_refused.labels("busy").inc()
             raise LiveError(
                 CLOSE_TRY_AGAIN,
                 "busy",
-                f"busy: {self._subscriptions} subscriptions; retry in {RETRY_AFTER_S:g} s",
+                f"busy: {len(self._subscribers)} subscriptions; retry in {RETRY_AFTER_S:g} s",
+                retry_after_s=RETRY_AFTER_S,
+            )
+        if sum(1 for c in self._subscribers.values() if c == call_id) >= SUBSCRIBERS_PER_CALL:
+            raise LiveError(
+                CLOSE_TRY_AGAIN,
+                "busy",
+                f"call {call_id} has {SUBSCRIBERS_PER_CALL} subscribers here already",
                 retry_after_s=RETRY_AFTER_S,
             )
         queue = Outbox(self.limits.outbox_events, self.limits.outbox_bytes)
-        call = self._calls.get(call_id)
-        timer = None
-        if call is not None:
-            self._attach(call, queue, after_seq)
-        else:
-            self._pending.setdefault(call_id, set()).add(queue)
-            timer = asyncio.get_running_loop().call_later(
-                SUBSCRIBE_WAIT_S, self._still_waiting, call_id, queue
-            )
-        self._subscriptions += 1
+        self._subscribers[queue] = call_id
         try:
-            yield queue
+            async with self.bus.subscription(
+                call_id, queue, after_seq, wait_s=self.limits.subscribe_wait_s
+            ):
+                yield queue
         finally:
-            self._subscriptions -= 1
-            if timer is not None:
-                timer.cancel()
-            pending = self._pending.get(call_id)
-            if pending is not None:
-                pending.discard(queue)
-                if not pending:
-                    del self._pending[call_id]
-            for live in self._calls.values():
-                live.subscribers.discard(queue)
+            del self._subscribers[queue]
 
-    def _still_waiting(self, call_id: str, queue: Outbox) -> None:
-        """SUBSCRIBE_WAIT_S after a subscription to a call not live then: stopped, unless
-        the call has started meanwhile (its subscribers then go until it ends)."""
-        if queue in self._pending.get(call_id, ()):
-            queue.stop(
-                LiveError(
-                    CLOSE_TIMEOUT,
-                    "no_such_call",
-                    f"no live call {call_id} within {SUBSCRIBE_WAIT_S:g} s",
-                )
-            )
-
-    def _attach(self, call: _Call, queue: Outbox, after_seq: int) -> None:
-        if len(call.subscribers) >= SUBSCRIBERS_PER_CALL:
-            queue.stop(
-                LiveError(
-                    CLOSE_TRY_AGAIN,
-                    "busy",
-                    f"call {call.call_id} has {SUBSCRIBERS_PER_CALL} subscribers already",
-                    retry_after_s=RETRY_AFTER_S,
-                )
-            )
-            return
-        for event, text in call.recent:
-            if event["seq"] > after_seq:
-                queue.put(event, text)
-        call.subscribers.add(queue)
+    async def calls(self, alerting: bool = False) -> list[dict]:
+        """The live calls (`GET /v1/calls`): the fleet's with a shared bus, else this
+        gateway's; alerting calls first, then the newest."""
+        return listing(await self.bus.calls(), alerting)
 
     # ------------------------------------------------------------------ drain
 
@@ -376,12 +395,13 @@ class LiveHub:
         """Refuse new sessions and subscriptions; let live sessions end by themselves for
         up to `deadline_s`, then stop each socket with CLOSE_GOING_AWAY (a started session
         is scored first, DRAIN_FINISH_S at most) and wait for them to close."""
+        first = not self.draining
         self.draining = True
+        if first and self.bus.shared:  # before AudioHook's `reconnect`: the claims say so
+            await self._claims_draining(deadline_s)
         for outbox in self._sockets:
             outbox.drain()
-        for pending in self._pending.values():
-            for queue in pending:
-                queue.stop(LiveError(CLOSE_GOING_AWAY, "draining", GOING_AWAY_REASON))
+        self._stop_subscribers(lambda call_id: call_id not in self._calls or self.bus.shared)
         if self._sockets:
             log.warning("draining %d live sessions (up to %g s)", len(self._sockets), deadline_s)
         await self._until_empty(deadline_s)
@@ -390,6 +410,28 @@ class LiveHub:
         await self._until_empty(DRAIN_FINISH_S + CLOSE_WAIT_S)
         if self._sockets:
             log.warning("%d live sockets still open after the drain", len(self._sockets))
+        if self._moves:
+            await asyncio.wait(set(self._moves), timeout=HANDOVER_WAIT_S + CLOSE_WAIT_S)
+        self._stop_subscribers(lambda call_id: True)
+
+    async def _claims_draining(self, deadline_s: float) -> None:
+        """Mark every call's claim as moving soon, so that another replica takes the call
+        over instead of refusing it (written before the sockets hear of the drain)."""
+        until = time.time() + deadline_s + DRAIN_FINISH_S + HANDOVER_WAIT_S
+        claims = [c.claim.draining(until) for c in self._calls.values()]
+        if claims:
+            done, pending = await asyncio.wait(
+                [asyncio.ensure_future(c) for c in claims], timeout=CLAIM_WRITE_S
+            )
+            for task in pending:
+                task.cancel()
+
+    def _stop_subscribers(self, which) -> None:
+        """Subscriptions still open (not yet closed by their call's end) whose call id
+        `which` picks get 1001: a subscriber reconnects elsewhere, with Last-Event-ID."""
+        for queue, call_id in self._subscribers.items():
+            if not queue.closed and which(call_id):
+                queue.stop(LiveError(CLOSE_GOING_AWAY, "draining", GOING_AWAY_REASON))
 
     async def _until_empty(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

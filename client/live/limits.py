@@ -35,6 +35,7 @@ class LiveLimits:
     outbox_events: int = 256  # events queued for one socket or subscriber...
     outbox_bytes: int = 1 << 20  # ...and their JSON bytes
     drain_s: float = 30.0  # --live-drain-s: on SIGTERM, how long live sessions may go on
+    subscribe_wait_s: float = 30.0  # --live-subscribe-wait-s: for a call not live yet
 
     def __post_init__(self) -> None:
         checks = {
@@ -48,6 +49,7 @@ class LiveLimits:
             "live outbox events": (self.outbox_events, 1, 1_000_000),
             "live outbox bytes": (self.outbox_bytes, 1024, 1 << 30),
             "--live-drain-s": (self.drain_s, 0, 3600),
+            "--live-subscribe-wait-s": (self.subscribe_wait_s, 0.1, 3600),
         }
         for name, (value, low, high) in checks.items():
             if not low <= value <= high:

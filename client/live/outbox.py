@@ -45,6 +45,11 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def closed(self) -> bool:
+        """No more puts (`close`): what is left is being read out."""
+        return self._closed
+
     def put(self, event: dict, text: str | None = None, *, last: bool = False) -> bool:
         """Queue `event` (its JSON `text`, made here if not given); False once closed or
         full. `last`: the error event before a close, let in past the bound."""

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from e2v.client.arguments import add_json_argument
 
 from e2v.contract import (
     AUDIOHOOK_ENTITY_TYPE,
@@ -52,11 +53,13 @@ from e2v.contract import (
     LIVE_START,
     LIVE_STARTED,
     LIVE_STOP,
+    SAMPLE_RATE,
     TWILIO_PATH,
 )
 
 EXIT_FAILED = EXIT_INTERNAL  # the call failed: no summary came back
 PROTOCOLS = ("live", "audiohook", "twilio")
+ENDPOINTS = {"live": LIVE_PATH, "audiohook": AUDIOHOOK_PATH, "twilio": TWILIO_PATH}
 # Audio per paced frame: ours ~100 ms (Hume's realtime API's size), AudioHook's reference
 # client sends 200 ms; Twilio sends 20 ms media messages, paced here in groups of 100 ms.
 FRAME_S = {"live": 0.1, "audiohook": 0.2, "twilio": 0.1}
@@ -93,7 +96,7 @@ class PlayOptions:
     api_key: str | None = None
     call_id: str | None = None
     encoding: str = "pcm_s16le"  # our protocol only; AudioHook and Twilio are mu-law 8 kHz
-    sample_rate: int = 16_000
+    sample_rate: int = SAMPLE_RATE
 
     @property
     def format(self) -> tuple[str, int]:
@@ -115,13 +118,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--url",
         default=PlayOptions.url,
-        help="the gateway, ws://HOST:PORT[/PREFIX] (the protocol's path is added)",
+        help="the gateway, ws://HOST:PORT[/PREFIX], or the protocol's own endpoint on it "
+        "(ws://HOST:PORT/v1/live for --protocol live); URL,URL2,...: where an AudioHook call "
+        "goes when a draining gateway asks it to reconnect (in turn; one URL behind a load "
+        "balancer)",
     )
     parser.add_argument("--protocol", choices=PROTOCOLS, default="live")
     parser.add_argument(
         "--speed", type=float, default=1.0, help="times real time (the gateway allows ~2)"
     )
-    parser.add_argument("--json", action="store_true", help="events as JSON Lines on stdout")
+    add_json_argument(parser, "one event per line")
     parser.add_argument(
         "--parties",
         metavar="NAME[,NAME]",
@@ -197,10 +203,10 @@ def _options(args: argparse.Namespace) -> PlayOptions:
             api_key = read_secret_file(args.api_key_file, "--api-key-file").decode("ascii")
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    rate = args.sample_rate or (16_000 if args.encoding == "pcm_s16le" else 8000)
+    rate = args.sample_rate or (SAMPLE_RATE if args.encoding == "pcm_s16le" else 8000)
     return PlayOptions(
         source=args.source,
-        url=args.url,
+        url=",".join(gateway_url(u.strip(), args.protocol) for u in args.url.split(",")),
         protocol=args.protocol,
         speed=args.speed,
         parties=parties,
@@ -209,6 +215,28 @@ def _options(args: argparse.Namespace) -> PlayOptions:
         encoding=args.encoding,
         sample_rate=rate,
     )
+
+
+def gateway_url(url: str, protocol: str) -> str:
+    """--url as the gateway's base: the base itself, or the endpoint of `protocol` on it
+    (what users paste: ws://HOST:PORT/v1/live). Another protocol's endpoint is a
+    UsageError that names the right one."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    own = ENDPOINTS[protocol]
+    if path.endswith(own):
+        return urlunsplit(parts._replace(path=path[: -len(own)]))
+    for other, endpoint in ENDPOINTS.items():
+        if path.endswith(endpoint):
+            base = urlunsplit(parts._replace(path=path[: -len(endpoint)]))
+            raise UsageError(
+                f"--url {url} is the {endpoint} endpoint of --protocol {other}; --protocol "
+                f"{protocol} connects to {base}{own} (give that, or the gateway's base URL "
+                f"{base}), or pass --protocol {other}"
+            )
+    return url
 
 
 # ------------------------------------------------------------------------- the player
@@ -320,9 +348,11 @@ class Client:
     def default_call_id(self) -> str:
         return str(uuid.uuid4())
 
-    def url(self, path: str) -> str:
-        """--url (the gateway, with any path prefix of a proxy) + `path`; http(s) is ws(s)."""
-        base = self.options.url.rstrip("/")
+    def url(self, path: str, index: int = 0) -> str:
+        """--url (the gateway, with any path prefix of a proxy) + `path`; http(s) is ws(s).
+        Of a list (`URL,URL2`), the `index`th (round): where a moved call goes next."""
+        urls = [u.strip() for u in self.options.url.split(",") if u.strip()] or [""]
+        base = urls[index % len(urls)].rstrip("/")
         for old, new in (("http://", "ws://"), ("https://", "wss://")):
             base = new + base[len(old) :] if base.startswith(old) else base
         if not base.startswith(("ws://", "wss://")):
@@ -514,39 +544,26 @@ class NativeClient(Client):
 class AudioHookClient(Client):
     """`/v1/audiohook`, as Genesys Cloud speaks AudioHook v2: `open` with one media offer,
     `opened`, PCMU frames, `close`/`closed`; results come back in `event` messages. A
-    `disconnect` from the gateway is answered with `close`, as the protocol asks."""
+    `disconnect` from the gateway is answered with `close`, as the protocol asks.
+
+    `reconnect` from a draining gateway moves the conversation: a new session opens on
+    the next --url (or the same one, behind a load balancer that has taken the draining
+    instance out) with `continuedSessions` naming this one; once it is `opened` the audio
+    goes on there, frame after frame, and this session is closed with reason `reconnect`
+    (its last finals still arrive on it)."""
 
     CHANNELS = {1: ["external"], 2: ["external", "internal"]}  # customer, agent
+    MAX_MOVES = 8
     frame_s = FRAME_S["audiohook"]
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
         if not _is_uuid(self.call_id):
             raise UsageError("--call-id must be a UUID for AudioHook (its conversationId)")
-        self.session_id = str(uuid.uuid4())
         self.organization_id = str(uuid.uuid5(uuid.NAMESPACE_DNS, "e2v-live"))
-        self.seq, self.serverseq = 0, 0
-        self.opened = self.closed = False
-        self.disconnect: dict | None = None  # the gateway's `disconnect` parameters
+        self.moves = 0
 
-    def headers(self) -> dict[str, str]:
-        headers = {
-            "Audiohook-Organization-Id": self.organization_id,
-            "Audiohook-Session-Id": self.session_id,
-            "Audiohook-Correlation-Id": str(uuid.uuid4()),
-        }
-        if self.options.api_key:
-            headers["X-API-KEY"] = self.options.api_key
-        return headers
-
-    def message(self, type_: str, parameters: dict) -> str:
-        self.seq += 1
-        message = {"version": "2", "id": self.session_id, "type": type_, "seq": self.seq}
-        position = f"PT{self.audio.sent_s:.3f}S"
-        message |= {"serverseq": self.serverseq, "position": position, "parameters": parameters}
-        return json.dumps(message)
-
-    async def run(self) -> dict:
+    def opening(self, continued: list[dict] | None) -> dict:
         media = {"type": "audio", "format": "PCMU", "rate": 8000}
         media["channels"] = self.CHANNELS[self.audio.channels]
         participant = {"id": str(uuid.uuid4()), "ani": "+15550100", "aniName": "e2v live"}
@@ -557,58 +574,75 @@ class AudioHookClient(Client):
             "media": [media],
             "language": "en-US",
         }
-        ws = await self.connect(self.url(AUDIOHOOK_PATH), self.headers())
-        async with ws:
-            await self.send(ws, self.message("open", opening))
-            reader = asyncio.create_task(self.drain(ws))
-            try:
-                await self.stream(ws, reader)
-                await reader
-            finally:
-                reader.cancel()
-            if self.disconnect is not None:
-                info = f"{self.disconnect.get('reason')}: {self.disconnect.get('info', '')}"
-                raise PlayError(f"{self.closed_reason(ws)} (AudioHook disconnect {info})")
-            if not self.closed:
-                raise self.gateway_closed(ws, "before 'closed'")
-            if self.summary is None:
-                raise PlayError("AudioHook: 'closed' came without a summary event")
-            return self.summary
+        if continued:
+            opening["continuedSessions"] = continued
+        return opening
 
-    async def stream(self, ws, reader: asyncio.Task) -> None:
-        """PCMU frames once `opened` has come, then `close` (unless the gateway ended it)."""
+    async def run(self) -> dict:
+        async with contextlib.AsyncExitStack() as stack:
+            leg = await self.open_leg(stack, None)
+            left: list[_Leg] = []
+            async for frame in self.audio.frames(self.frame_s):
+                if leg.reader.done() or self.stopped_at is not None:
+                    break
+                if leg.reconnect and self.moves < self.MAX_MOVES:
+                    cut_s = self.audio.sent_s - frame.shape[1] / self.audio.rate
+                    leg = await self.move(stack, leg, cut_s)
+                    left.append(leg.previous)
+                if not await self.send(leg.ws, _encode(frame, "mulaw")):
+                    break
+            if self.stopped_at is None and not leg.reader.done():
+                await self.send(leg.ws, leg.message("close", {"reason": "end"}))
+            self.stop()
+            for each in [*left, leg]:
+                await each.reader
+            return self.finished_leg(leg)
+
+    async def open_leg(
+        self, stack: contextlib.AsyncExitStack, previous: _Leg | None, start_s: float = 0.0
+    ) -> _Leg:
+        """A session of the conversation from `start_s` of the audio, `opened` (PlayError
+        otherwise)."""
+        leg = _Leg(self, previous, start_s)
+        leg.ws = await stack.enter_async_context(
+            await self.connect(self.url(AUDIOHOOK_PATH, self.moves), leg.headers())
+        )
+        continued = previous and [previous.continued()]
+        await self.send(leg.ws, leg.message("open", self.opening(continued)))
+        leg.reader = asyncio.create_task(leg.drain())
+        stack.callback(leg.reader.cancel)
         deadline = time.monotonic() + ANSWER_TIMEOUT_S
-        while not self.opened and not reader.done():
+        while not leg.opened and not leg.reader.done():
             if time.monotonic() > deadline:
                 raise PlayError(f"no 'opened' from the gateway within {ANSWER_TIMEOUT_S:g} s")
             await asyncio.sleep(0.02)
-        if self.opened:
-            async for frame in self.audio.frames(self.frame_s):
-                if reader.done() or self.stopped_at is not None:
-                    break
-                if not await self.send(ws, _encode(frame, "mulaw")):
-                    break
-        if self.stopped_at is None and not reader.done():
-            await self.send(ws, self.message("close", {"reason": "end"}))
-        self.stop()
+        if not leg.opened:
+            await leg.reader
+            self.finished_leg(leg)  # raises: why it ended before `opened`
+        return leg
 
-    async def drain(self, ws) -> None:
-        async for message in self.messages(ws):
-            self.serverseq = message.get("seq", self.serverseq)
-            kind = message.get("type")
-            if kind == "opened":
-                self.opened = True
-            elif kind == "event":
-                self.on_event(message)
-            elif kind == "disconnect":  # the gateway ends the session: close, as asked
-                self.disconnect = message.get("parameters") or {}
-                self.stop()
-                await self.send(ws, self.message("close", {"reason": "disconnect"}))
-            elif kind == "closed":
-                self.closed = True
-                if self.disconnect is None:
-                    return  # the client ends the socket after `closed`, as Genesys does
-                # after a disconnect the gateway closes with its code: read it
+    async def move(self, stack: contextlib.AsyncExitStack, leg: _Leg, cut_s: float) -> _Leg:
+        """The gateway asked to reconnect: open the next session (its audio from `cut_s`
+        on), then close this one."""
+        self.moves += 1
+        print(
+            f"note: the gateway asked to reconnect at {cut_s:.3f} s of audio; the call "
+            f"moves to {self.url('', self.moves)}",
+            file=sys.stderr,
+        )
+        new = await self.open_leg(stack, leg, cut_s)
+        await self.send(leg.ws, leg.message("close", {"reason": "reconnect"}))
+        return new
+
+    def finished_leg(self, leg: _Leg) -> dict:
+        if leg.disconnect is not None:
+            info = f"{leg.disconnect.get('reason')}: {leg.disconnect.get('info', '')}"
+            raise PlayError(f"{self.closed_reason(leg.ws)} (AudioHook disconnect {info})")
+        if not leg.closed:
+            raise self.gateway_closed(leg.ws, "before 'closed'")
+        if self.summary is None:
+            raise PlayError("AudioHook: 'closed' came without a summary event")
+        return self.summary
 
     def on_event(self, message: dict) -> None:
         for entity in message.get("parameters", {}).get("entities", []):
@@ -617,6 +651,63 @@ class AudioHookClient(Client):
             data = entity.get("data")
             if isinstance(data, dict) and data.get("type") in LIVE_EVENT_TYPES:
                 self.event(data)
+
+
+class _Leg:
+    """One AudioHook session (one WebSocket) of a conversation: its id, sequence numbers
+    and state, read by its own reader task."""
+
+    def __init__(self, client: AudioHookClient, previous: _Leg | None, start_s: float):
+        self.client, self.previous = client, previous
+        self.session_id = str(uuid.uuid4())
+        self.seq = self.serverseq = 0
+        self.start_s = start_s  # the conversation's audio before this session
+        self.opened = self.closed = self.reconnect = False
+        self.disconnect: dict | None = None  # the gateway's `disconnect` parameters
+        self.ws = self.reader = None
+
+    def headers(self) -> dict[str, str]:
+        headers = {
+            "Audiohook-Organization-Id": self.client.organization_id,
+            "Audiohook-Session-Id": self.session_id,
+            "Audiohook-Correlation-Id": str(uuid.uuid4()),
+        }
+        if self.client.options.api_key:
+            headers["X-API-KEY"] = self.client.options.api_key
+        return headers
+
+    def message(self, type_: str, parameters: dict) -> str:
+        self.seq += 1
+        message = {"version": "2", "id": self.session_id, "type": type_, "seq": self.seq}
+        position = f"PT{self.client.audio.sent_s - self.start_s:.3f}S"
+        message |= {"serverseq": self.serverseq, "position": position, "parameters": parameters}
+        return json.dumps(message)
+
+    def continued(self) -> dict:
+        """This session as the next one's `continuedSessions` entry names it."""
+        return {"id": self.session_id, "serverseq": self.serverseq, "clientseq": self.seq}
+
+    async def drain(self) -> None:
+        client = self.client
+        async for message in client.messages(self.ws):
+            self.serverseq = message.get("seq", self.serverseq)
+            kind = message.get("type")
+            if kind == "opened":
+                self.opened = True
+            elif kind == "event":
+                client.on_event(message)
+            elif kind == "reconnect":
+                self.reconnect = True
+            elif kind == "disconnect":  # the gateway ends the session: close, as asked
+                self.disconnect = message.get("parameters") or {}
+                client.stop()
+                await client.send(self.ws, self.message("close", {"reason": "disconnect"}))
+            elif kind == "closed":
+                self.closed = True
+                if self.disconnect is None:  # the client ends the socket, as Genesys does
+                    await self.ws.close()
+                    return
+                # after a disconnect the gateway closes with its code: read it
 
 
 class TwilioClient(Client):

@@ -7,9 +7,11 @@ errors) around `event_stream`.
     WS  /v1/calls/{call_id}/events/ws     the events of one call as JSON text frames
     GET /v1/calls/{call_id}/events        the same as Server-Sent Events (`event_stream`)
 
-Subscriptions take the gateway's key in a header (Authorization: Bearer or X-API-Key).
+Subscriptions take the gateway's key in a header (Authorization: Bearer or X-API-Key); the
+WebSocket also as `?key=` (a browser's, which cannot set headers).
 The SSE stream numbers events by `seq` (`id:`), so a client that reconnects with
-Last-Event-ID gets the recent events it missed.
+Last-Event-ID gets the events it missed (`?after=SEQ` on the WebSocket), within what the
+bus keeps (client/live/bus.py: the last 64 in process, the stream's retention with --bus).
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the route signatures.
@@ -56,7 +58,8 @@ def add_live_routes(app, hub: LiveHub) -> None:
         app.add_api_websocket_route(path, _endpoint(hub, wire))
 
     async def call_events_ws(websocket: WebSocket, call_id: str):
-        await _subscription_socket(websocket, hub, call_id)
+        after = after_seq(websocket.query_params.get("after"))
+        await _subscription_socket(websocket, hub, call_id, after)
 
     app.add_api_websocket_route(CALL_EVENTS_WS_PATH, call_events_ws)
 
@@ -74,12 +77,19 @@ def valid_call_id(call_id: str) -> bool:
     return CALL_ID.fullmatch(call_id) is not None
 
 
+def after_seq(text: str | None) -> int:
+    """The seq a subscriber resumes after: SSE's Last-Event-ID, the WebSocket's `?after=`
+    (anything else: from the call's start)."""
+    text = text or ""
+    return int(text) if text.isdigit() and len(text) < 12 else 0
+
+
 async def event_stream(hub: LiveHub, call_id: str, after_seq: int) -> AsyncIterator[str]:
     """Server-Sent Events of `call_id` (after `after_seq`) until its session ends; a
     refusal or an overflow as one `error` event."""
     yield f"retry: {SSE_RETRY_MS}\n\n"
     try:
-        with hub.subscription(call_id, after_seq) as queue:
+        async with hub.subscription(call_id, after_seq) as queue:
             while True:
                 try:
                     item = await queue.guard(queue.get(), KEEPALIVE_S)
@@ -94,17 +104,17 @@ async def event_stream(hub: LiveHub, call_id: str, after_seq: int) -> AsyncItera
         yield f"event: error\ndata: {event_json(error_event(exc, call_id))}\n\n"
 
 
-async def _subscription_socket(websocket, hub: LiveHub, call_id: str) -> None:
+async def _subscription_socket(websocket, hub: LiveHub, call_id: str, after: int = 0) -> None:
     """Events of `call_id` as text frames until the call ends (close 1000). The client
     sends nothing: a message from it, or its close, ends the subscription."""
     socket = Socket(websocket, SUBSCRIBER_MESSAGE_BYTES)
     error = None
     try:
-        await socket.accept()
-        authorize(hub.services, socket.headers, missing=MISSING_KEY)
+        await socket.accept(query_key=True)  # the page's Calls view: browsers set no headers
+        authorize(hub.services, socket.headers, socket.query_key, missing=MISSING_KEY)
         if not valid_call_id(call_id):
             raise bad("call_id", CALL_ID_RULE)
-        with hub.subscription(call_id) as queue:
+        async with hub.subscription(call_id, after) as queue:
             socket.attach(queue, _as_text)
             await _until_done(socket, queue)
     except LiveError as exc:

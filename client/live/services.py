@@ -3,7 +3,8 @@ is built: the live tier reaches for nothing else (docs/live.md).
 
     services = LiveServices(client=lambda: gateway.client, model=lambda: gateway.info,
                             metrics=gateway.metrics, slots=config.slots,
-                            key_problem=partial(key_problem, config.api_key))
+                            key_problem=partial(key_problem, config.api_key),
+                            bus=make_bus(config.bus, webhook=sender, metrics=...))
     hub = LiveHub(services, config.live)
 """
 
@@ -18,8 +19,8 @@ from e2v.client.live.errors import LiveError
 from e2v.contract import CLOSE_POLICY
 
 if TYPE_CHECKING:
+    from e2v.client.live.bus import Bus
     from e2v.client.triton import ModelInfo, TritonEmotionClient
-    from e2v.client.webhooks import WebhookSender
 
 # Why a request's API key is refused: none came, or another one.
 KeyProblem = Literal["missing", "wrong"]
@@ -50,7 +51,9 @@ class LiveServices:
       (or none is configured): `X-API-Key`, else `Authorization: Bearer`, else `fallback`
       (a browser's `?key=`, Twilio's customParameters);
     - `audiohook_secret`: AudioHook upgrades must be signed with it (None: not checked);
-    - `webhook`: alerts and summaries are POSTed through it (None: no webhooks).
+    - `bus`: where calls are claimed, their events published and followed, and alerts
+      and summaries sent to the webhook (client/live/bus.py; None: in process, no
+      webhooks). The hub starts and stops it.
     """
 
     client: Callable[[], TritonEmotionClient]
@@ -59,7 +62,7 @@ class LiveServices:
     slots: int
     key_problem: Callable[[Mapping[str, str], str | None], KeyProblem | None]
     audiohook_secret: bytes | None = None
-    webhook: WebhookSender | None = None
+    bus: Bus | None = None
 
 
 def authorize(

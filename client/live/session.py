@@ -231,8 +231,9 @@ class LiveSession:
     def resume(self) -> None:
         self.paused = False
 
-    async def finish(self) -> dict:
-        """Flush every party, wait for every final, publish and return the summary."""
+    async def finish(self, publish_summary: bool = True) -> dict:
+        """Flush every party, wait for every final, publish and return the summary (only
+        return it, without `seq`, when the call goes on elsewhere: client/live/moves.py)."""
         self._check_open()
         self.state = "finishing"
         self._audio_done = asyncio.get_running_loop().create_future()
@@ -244,7 +245,9 @@ class LiveSession:
             raise LiveError(CLOSE_INTERNAL, "aborted", "the session was aborted")
         if any(isinstance(o, BaseException) for o in outcomes):
             raise LiveError(CLOSE_INTERNAL, "internal", "an utterance's final failed")
-        summary = self._emit(self._summary())
+        summary = self._summary()
+        if publish_summary:
+            summary = self._emit(summary)
         self.state = "done"
         return summary
 

@@ -58,6 +58,7 @@ class Wire:
     audio = "audio"  # what the idle bound names
     query_key = False  # `?key=` counts (browsers cannot set headers)
     drain_margin_s: float | None = None  # end our own session this long before the drain
+    moving = False  # the client's end moves the call to another replica (moves.py)
 
     def __init__(self, socket: Socket, limits: LiveLimits, services: LiveServices):
         self.socket, self.limits, self.services = socket, limits, services

@@ -128,8 +128,9 @@ function card(result) {
   return node;
 }
 
-// Labels the model can never answer (`<unk>`, `unuse*`): left out of what the page shows,
-// as client/results.py's `predictable` rules; the JSON and CSV keep every column.
+// Labels the model can never answer (`<unk>`, `unuse*`): left out of what the page shows;
+// the JSON and CSV keep every column. A copy of e2v/contract.py's `is_answer_label` (the
+// page test checks that they agree).
 function predictable(label) {
   return !(label.startsWith("unuse") || label === "<unk>");
 }
@@ -493,6 +494,192 @@ function alertItem(alert) {
   return item;
 }
 
+// Calls view: the live calls (GET /v1/calls: every replica's with --bus), polled every
+// few seconds, each party's latest emotion, alerting calls first (the gateway's order).
+// A click follows one call: its events over the subscription WebSocket, a lane per party.
+const CALLS_EVERY_MS = 2000;
+let callsTimer = null;
+let followed = null;
+
+function keyHeaders() {
+  const key = $("key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+function toggleCalls() {
+  const section = $("calls");
+  section.hidden = !section.hidden;
+  $("calls-toggle").classList.toggle("on", !section.hidden);
+  clearInterval(callsTimer);
+  callsTimer = null;
+  if (section.hidden) {
+    if (followed) followed.close();
+    return;
+  }
+  refreshCalls();
+  callsTimer = setInterval(refreshCalls, CALLS_EVERY_MS);
+}
+
+async function refreshCalls() {
+  const status = $("calls-status");
+  let data;
+  try {
+    const response = await fetch("v1/calls", { headers: keyHeaders() });
+    data = await response.json();
+    if (!response.ok) throw new Error(`${data.error} (${data.error_kind}, HTTP ${response.status})`);
+  } catch (error) {
+    status.textContent = `Calls: ${error.message || error}`;
+    status.classList.add("error");
+    return;
+  }
+  status.classList.remove("error");
+  const alerting = data.calls.filter((call) => call.alerts.length).length;
+  const where = data.fleet ? "across the fleet" : "on this gateway";
+  status.textContent = `${data.calls.length} live call(s) ${where}` +
+    (alerting ? `, ${alerting} alerting` : "");
+  $("calls-body").replaceChildren(...data.calls.map(callRow));
+}
+
+function callRow(call) {
+  const row = document.createElement("tr");
+  row.className = call.alerts.length ? "call alerting" : "call";
+  if (followed && followed.callId === call.call_id) row.classList.add("followed");
+  row.dataset.callId = call.call_id;
+  row.tabIndex = 0;
+  const cell = (...content) => {
+    const td = document.createElement("td");
+    td.append(...content);
+    row.append(td);
+    return td;
+  };
+  const id = document.createElement("span");
+  id.className = "call-id";
+  id.textContent = call.call_id;
+  cell(id, ` (${call.protocol}${call.state === "live" ? "" : `, ${call.state}`})`);
+  cell(...call.parties.map((party) => partyChip(party, call.latest[party])));
+  const last = call.alerts[call.alerts.length - 1];
+  cell(last ? `${call.alerts.length}: ${last.party ?? ""} ${last.label} ${pct(last.score)}` : "-")
+    .className = "alerts-cell";
+  cell(call.replica);
+  const age = Math.max(0, Date.now() / 1000 - call.started);
+  cell(`${age < 60 ? age.toFixed(0) + " s" : (age / 60).toFixed(0) + " min"} ago`);
+  const follow = () => followCall(call.call_id);
+  row.addEventListener("click", follow);
+  row.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") follow();
+  });
+  return row;
+}
+
+function partyChip(party, latest) {
+  const chip = document.createElement("span");
+  chip.className = "party-chip";
+  chip.dataset.party = party;
+  chip.dataset.emotion = latest?.emotion ?? "";
+  chip.textContent = latest ? `${party}: ${latest.emotion ?? "-"} ${pct(latest.confidence)}`
+    : `${party}: -`;
+  if (latest?.emotion) chip.style.background = colour(latest.emotion);
+  return chip;
+}
+
+function followCall(callId) {
+  if (followed) followed.close();
+  followed = new FollowedCall(callId);
+  for (const row of document.querySelectorAll("tr.call")) {
+    row.classList.toggle("followed", row.dataset.callId === callId);
+  }
+}
+
+class FollowedCall {
+  constructor(callId) {
+    this.callId = callId;
+    this.finals = [];
+    this.interims = new Map(); // party -> its latest interim window
+    this.alerts = [];
+    this.parties = [];
+    this.end = 0;
+    this.card = $("result-template").content.firstElementChild.cloneNode(true);
+    this.card.classList.add("followed-call");
+    this.card.dataset.callId = callId;
+    this.card.querySelector(".filename").textContent = `Call ${callId}`;
+    this.card.querySelector(".download").hidden = true;
+    this.card.querySelector(".emotion").textContent = "following...";
+    $("call-follow").replaceChildren(this.card);
+    const url = new URL(`v1/calls/${encodeURIComponent(callId)}/events/ws`, window.location.href);
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    const key = $("key").value.trim();
+    if (key) url.searchParams.set("key", key);
+    this.socket = new WebSocket(url.href);
+    this.socket.addEventListener("message", (event) => this.onEvent(JSON.parse(event.data)));
+    this.socket.addEventListener("close", (event) => this.onClose(event));
+  }
+
+  onEvent(event) {
+    for (const party of [event.party, ...(event.parties || []).map((p) => p.party)]) {
+      if (party && !this.parties.includes(party)) this.parties.push(party);
+    }
+    this.end = Math.max(this.end, Number(event.end_s) || 0);
+    if (event.type === "result") this.interims.set(event.party, { ...event, interim: true });
+    if (event.type === "utterance.end") {
+      this.finals.push(event);
+      const interim = this.interims.get(event.party);
+      if (interim && interim.utterance === event.utterance) this.interims.delete(event.party);
+    }
+    if (event.type === "alert") this.alerts.push(event);
+    if (event.type === "summary") this.summary = event;
+    if (event.type === "error") this.error = event;
+    this.card.dataset.seq = event.seq;
+    this.draw();
+  }
+
+  draw() {
+    const q = (selector) => this.card.querySelector(selector);
+    const span = LIVE_MIN_SPAN_S * Math.ceil((this.end + 0.5) / LIVE_MIN_SPAN_S);
+    const segments = [...this.finals, ...this.interims.values()];
+    const parties = this.parties.map((party) => ({
+      party,
+      segments: segments.filter((s) => s.party === party),
+    }));
+    const lanesNode = document.createElement("div");
+    lanesNode.className = "lanes";
+    for (const { party, segments: own } of parties) {
+      const lane = document.createElement("div");
+      lane.className = "lane";
+      lane.dataset.party = party;
+      const name = document.createElement("span");
+      name.className = "lane-name";
+      const latest = own.filter((s) => !s.interim).pop() ?? own[own.length - 1];
+      name.textContent = `${party}: ${latest?.emotion ?? "-"} ${pct(latest?.confidence)}`;
+      const track = document.createElement("div");
+      track.className = "timeline";
+      timeline(track, q(".segment-detail"), { segments: own, duration_s: span });
+      lane.append(name, track);
+      lanesNode.append(lane);
+    }
+    (q(".lanes") || q(".timeline")).replaceWith(lanesNode);
+    q(".axis .end").textContent = `${span.toFixed(0)} s`;
+    q(".alerts").replaceChildren(...this.alerts.map(alertItem));
+    const legendNode = q(".legend");
+    legendNode.replaceChildren();
+    legend(legendNode, { segments });
+    const ended = this.summary ? ", ended" : this.error ? `, ${this.error.error_kind}` : "";
+    q(".emotion").textContent = `${this.finals.length} final(s)${ended}`;
+    q(".duration").textContent = `${this.end.toFixed(1)} s`;
+  }
+
+  onClose(event) {
+    if (this.closed) return;
+    const why = this.summary ? "the call ended" : this.error ? this.error.message
+      : `the subscription closed (${event.code}${event.reason ? `: ${event.reason}` : ""})`;
+    this.card.querySelector(".segment-detail").textContent = `Not following: ${why}`;
+  }
+
+  close() {
+    this.closed = true;
+    if (this.socket.readyState <= WebSocket.OPEN) this.socket.close(1000);
+  }
+}
+
 function init() {
   const drop = $("drop");
   $("file").addEventListener("change", (event) => {
@@ -517,6 +704,7 @@ function init() {
   });
   $("record").addEventListener("click", toggleRecording);
   $("live").addEventListener("click", toggleLive);
+  $("calls-toggle").addEventListener("click", toggleCalls);
   $("origin").textContent = window.location.origin;
 }
 
