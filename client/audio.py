@@ -289,15 +289,16 @@ class Resampler:
     soxr keeps the filter state between pushes, so any chunking gives the samples of one
     whole-run resampling; `flush` returns the filter's tail. The batch decoder and live
     calls share it (emotion2vec is sensitive to resampling artefacts: one resampler, one
-    set of samples). A stream already at `target` passes through untouched.
+    set of samples). A stream already at `target` passes through untouched. `quality`
+    other than VHQ is for live interim windows' newest samples only (client/live/party.py).
     """
 
-    def __init__(self, source: int, target: int = SAMPLE_RATE) -> None:
+    def __init__(self, source: int, target: int = SAMPLE_RATE, quality: str = "VHQ") -> None:
         self.source, self.target = source, target
         self._stream = None
         self._flushed = False
         if source != target:
-            self._stream = soxr.ResampleStream(source, target, 1, dtype="float32", quality="VHQ")
+            self._stream = soxr.ResampleStream(source, target, 1, dtype="float32", quality=quality)
 
     def push(self, chunk: np.ndarray) -> np.ndarray:
         """Resampled samples now available for `chunk` (mono float32 at `source` Hz)."""

@@ -27,6 +27,7 @@ from e2v.client.vad import (
     SpeechTracker,
     StreamingVad,
     VadParams,
+    feed_streams,
     silero_model_path,
 )
 
@@ -162,17 +163,26 @@ class SegmentCutter:
         """Samples pushed so far."""
         return self._buffer.end
 
-    def push(self, chunk: np.ndarray) -> list[tuple[Segment, np.ndarray]]:
-        """The segments that became final with `chunk` (16 kHz mono float32)."""
+    def push(
+        self, chunk: np.ndarray, probs: np.ndarray | None = None
+    ) -> list[tuple[Segment, np.ndarray]]:
+        """The segments that became final with `chunk` (16 kHz mono float32). `probs`:
+        the VAD's probabilities of `chunk`, computed beforehand (`push_cutters`)."""
         if chunk.ndim != 1:
             raise ValueError(f"expected 1-D mono audio, got shape {chunk.shape}")
         if not len(chunk):
             return []
         buffer = self._buffer
         buffer.append(chunk)
-        out = [(s, buffer.take(s.start, s.end)) for s in self._cuts.feed(chunk, buffer.end)]
+        cut = self._cuts.feed(chunk, buffer.end, probs)
+        out = [(s, buffer.take(s.start, s.end)) for s in cut]
         buffer.release(self._cuts.needed_from())
         return out
+
+    @property
+    def batchable(self) -> bool:
+        """ "vad" without early (live calls): its VAD can run batched with others'."""
+        return isinstance(self._cuts, _VadCutter) and self._cuts.early is None
 
     def finish(self) -> list[tuple[Segment, np.ndarray]]:
         """The remaining segments. Raises AudioError("too_short") below one model frame."""
@@ -215,6 +225,19 @@ def segment_audio(
     return [segment for segment, _ in segment_stream([wav], mode, max_segment_s)]
 
 
+def vad_probs(cutters: list[SegmentCutter], chunks: list[np.ndarray]) -> list[np.ndarray | None]:
+    """The VAD's probabilities of each chunk for its cutter (to pass to `push`), those of
+    every batchable cutter (live streams) in one batched call (`vad.feed_streams`: each
+    stream's own probabilities, the same bits as alone); None for the others."""
+    batch = [i for i, c in enumerate(cutters) if c.batchable and len(chunks[i])]
+    probs: list[np.ndarray | None] = [None] * len(cutters)
+    if batch:
+        vads = [cutters[i]._cuts.vad for i in batch]
+        for i, found in zip(batch, feed_streams(vads, [chunks[i] for i in batch]), strict=True):
+            probs[i] = found
+    return probs
+
+
 class _Buffer:
     """The stream's samples from `start` to `end`, kept as the chunks that arrived."""
 
@@ -253,7 +276,7 @@ class _WholeCutter:
     def __init__(self, mode: SegmentMode, max_samples: int) -> None:
         self.max_samples = max_samples
 
-    def feed(self, chunk: np.ndarray, end: int) -> list[Segment]:
+    def feed(self, chunk: np.ndarray, end: int, probs=None) -> list[Segment]:
         if end > self.max_samples:
             raise AudioError(
                 "too_long",
@@ -284,7 +307,7 @@ class _FixedCutter:
         self.next_start = 0
         self.held: Segment | None = None  # the last full window: a tiny tail may join it
 
-    def feed(self, chunk: np.ndarray, end: int) -> list[Segment]:
+    def feed(self, chunk: np.ndarray, end: int, probs=None) -> list[Segment]:
         out = []
         while self.next_start + self.window <= end:
             if self.held:
@@ -332,7 +355,9 @@ class _VadCutter:
         self.skipped: list[np.ndarray] = []  # audio the VAD has not seen (early, speech sure)
         self.kept_start: int | None = None  # the open region's start, once it will be kept
 
-    def feed(self, chunk: np.ndarray, end: int) -> list[Segment]:
+    def feed(self, chunk: np.ndarray, end: int, probs: np.ndarray | None = None) -> list[Segment]:
+        if probs is not None:  # computed with other streams' (live: no early, nothing skipped)
+            return self._release_early(self._regions_of(probs) + self._settle(), end)
         if self.early is not None and end <= self.max_samples:
             # Fits one segment so far: run the VAD a second at a time, until speech is sure.
             for start in range(0, len(chunk), _EARLY_STEP):
@@ -349,7 +374,9 @@ class _VadCutter:
         return self._release_early(out, end)
 
     def _vad(self, chunk: np.ndarray) -> list[Segment]:
-        probs = self.vad.feed(chunk)
+        return self._regions_of(self.vad.feed(chunk))
+
+    def _regions_of(self, probs: np.ndarray) -> list[Segment]:
         first = self.tracker.frame
         regions = self.tracker.push(probs)
         self._note_kept(probs, first)

@@ -335,23 +335,31 @@ class TritonEmotionClient:
             labels[int(index)] = label
         return labels
 
-    async def predict(self, segment: np.ndarray, size: int | None = None) -> Prediction:
+    async def predict(
+        self, segment: np.ndarray, size: int | None = None, embedding: bool = True
+    ) -> Prediction:
         """Scores and embedding for one segment, padded here to its length bucket (or to
-        the bucket `size`, so that windows of different lengths share one shape)."""
+        the bucket `size`, so that windows of different lengths share one shape).
+        `embedding=False`: scores only, when the model has them (live calls send no
+        embeddings; the embedding is then empty)."""
         info = self.info if self.info is not None else await self.connect()
         size = info.bucket(max(len(segment), size or 0))
         wav = np.zeros((1, size), dtype=np.float32)
         wav[0, : len(segment)] = segment
+        scores_only = not embedding and bool(info.labels)
         names = [OUTPUT_SCORES, OUTPUT_EMBEDDING] if info.labels else [OUTPUT_EMBEDDING]
+        names = [OUTPUT_SCORES] if scores_only else names
         result = await self._with_retries(
             lambda: self._infer(wav, np.array([[len(segment)]], dtype=np.int64), names)
         )
         scores = result.as_numpy(OUTPUT_SCORES)[0] if info.labels else None
-        embedding = result.as_numpy(OUTPUT_EMBEDDING)[0]
-        for name, values in ((OUTPUT_SCORES, scores), (OUTPUT_EMBEDDING, embedding)):
+        embedding_values = (
+            np.zeros(0, np.float32) if scores_only else result.as_numpy(OUTPUT_EMBEDDING)[0]
+        )
+        for name, values in ((OUTPUT_SCORES, scores), (OUTPUT_EMBEDDING, embedding_values)):
             if values is not None and not np.isfinite(values).all():
                 raise ServerError(f"the server returned non-finite {name}")
-        return Prediction(scores=scores, embedding=embedding)
+        return Prediction(scores=scores, embedding=embedding_values)
 
     async def _infer(
         self, wav: np.ndarray, lens: np.ndarray, names: list[str], class_count: int = 0

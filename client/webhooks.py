@@ -187,10 +187,15 @@ class WebhookSender:
         self._tasks = [asyncio.create_task(self._work()) for _ in range(self.workers)]
         self._open = True
 
-    def post(self, payload: Mapping) -> bool:
+    def post(self, payload: Mapping, body: bytes | None = None) -> bool:
         """Queue `payload` as one delivery; False (counted as dropped) when the queue is full,
-        the sender is not running, or the payload is not JSON or over MAX_BODY_BYTES."""
-        body = self._encode(payload) if self._open else None
+        the sender is not running, or the payload is not JSON or over MAX_BODY_BYTES.
+        `body`: the payload's JSON already made (live events are serialised once)."""
+        if body is not None and len(body) > MAX_BODY_BYTES:
+            body = None
+        elif body is None and self._open:
+            body = self._encode(payload)
+        body = body if self._open else None
         if body is None:
             self._drop("sender not running" if not self._open else "not JSON or too large")
             return False

@@ -109,6 +109,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--call-s", type=float, default=60.0, help="length of each recording (default 60)"
     )
     live.add_argument(
+        "--protocols",
+        default="live",
+        help="live protocols to load, each level once per protocol, one after the other: a "
+        "comma list of live (/v1/live), twilio, audiohook (default live)",
+    )
+    live.add_argument(
+        "--cpu-profile",
+        action="store_true",
+        help="sample the gateway with py-spy over each level's measured window: its CPU per "
+        "channel-second by stage in the report, the stacks beside it",
+    )
+    live.add_argument(
         "--live-url", help="load this running gateway (ws://HOST:PORT) instead of a local one"
     )
     live.add_argument(

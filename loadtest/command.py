@@ -42,6 +42,10 @@ def command_line(args: argparse.Namespace) -> str:
         parts += [f"--calls {args.calls}", f"--call-s {args.call_s:g}"]
         if getattr(args, "bus", False):
             parts += [f"--replicas {args.replicas}", "--bus", f"--rounds {args.rounds}"]
+        if getattr(args, "protocols", "live") != "live":
+            parts.append(f"--protocols {args.protocols}")
+        if getattr(args, "cpu_profile", False):
+            parts.append("--cpu-profile")
     if args.gateway:
         parts.append("--gateway")
         if args.gateway_rounds != 2:

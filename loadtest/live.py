@@ -1,10 +1,12 @@
-"""`e2v loadtest --live`: N concurrent calls at real time through `/v1/live`, measured.
+"""`e2v loadtest --live`: N concurrent calls at real time through a live protocol, measured.
 
 Each channel is one telephony line: it plays stereo 8 kHz mu-law call recordings
-(`loadtest.calls`, two parties each) into the gateway back to back, one `/v1/live`
-session per call, in frames of `--frame-ms` sent when their last sample is due (a phone
-system cannot send audio before it has been spoken). Channels start spread over the
-ramp; at the end of the level every call in progress sends `stop`.
+(`loadtest.calls`, two parties each) into the gateway back to back, one session per call
+of the level's protocol (`/v1/live`, `/v1/twilio` or `/v1/audiohook`), in frames of
+`--frame-ms` sent when their last sample is due (a phone system cannot send audio before
+it has been spoken; Twilio's frames are 20 ms media messages per track, sent in groups of
+`--frame-ms`). Channels start spread over the ramp; at the end of the level every call
+in progress ends as its protocol ends a call (`stop`, `close`).
 
 Measured per level (the window after the ramp):
 - interim latency: from the moment the last sample of an event's window reached the
@@ -18,13 +20,15 @@ Measured per level (the window after the ramp):
 - coalesced windows (the `coalesced` field of results) and lost finals: the offline
   utterances of the audio each session received (`loadtest.calls.offline_utterances`)
   without a final that covers them;
-- the gateway process's CPU time (/proc/PID/stat), so channels per core;
+- the gateway process's CPU time (/proc/PID/stat), so channels per core, and with
+  `--cpu-profile` where it goes (`loadtest.cpu_profile`);
 - Triton's executions by batch size (`loadtest.triton_stats`).
 
-Each call is `e2v live`'s own client (`client.live.player.NativeClient`: its connection,
-bounded waits and event reading), given the recording's mu-law bytes paced as above. One
-asyncio event loop holds hundreds of paced sockets in one process (not Locust), with
-little CPU taken from the gateway it measures.
+Each call is `e2v live`'s own client of its protocol (`client.live.player`: its
+connection, messages, bounded waits and event reading; Twilio's results come from the
+call's event subscription), given the recording paced as above. One asyncio event loop
+holds hundreds of paced sockets in one process (not Locust), with little CPU taken from
+the gateway it measures.
 """
 
 from __future__ import annotations
@@ -32,17 +36,34 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
-from e2v.client.live.player import NativeClient, PlayError, PlayOptions
+from e2v.client.live import codecs
+from e2v.client.live.player import (
+    AudioHookClient,
+    NativeClient,
+    PlayError,
+    PlayOptions,
+    TwilioClient,
+)
 from e2v.client.segment import MERGE_GAP_S, VAD_SPEECH_PAD_MS
 from e2v.loadtest.calls import PARTIES, RATE, CallRecording, offline_utterances
+from e2v.loadtest.cpu_profile import (
+    compress,
+    per_channel_ms,
+    stage_cpu,
+    start_recording,
+    thread_cpu,
+)
 from e2v.loadtest.machine import process_cpu_s
 from e2v.loadtest.metrics import percentiles
 
 from e2v.contract import (
+    AUDIOHOOK_PARTIES,
     CLOSE_NORMAL,
     EVENT_RESULT,
     EVENT_SUMMARY,
@@ -51,6 +72,7 @@ from e2v.contract import (
     LIVE_PATH,
     LIVE_WINDOW_S,
     SAMPLE_RATE,
+    TWILIO_PARTIES,
 )
 
 MATCH_SHARE = 0.5  # a final covers an offline utterance when it overlaps half of it
@@ -67,6 +89,7 @@ class LiveLoad:
     ramp_s: float = 5.0  # channels start spread over this; measured from its end
     window_s: float = LIVE_WINDOW_S
     hop_s: float = LIVE_HOP_S
+    protocol: str = "live"  # live (/v1/live), twilio or audiohook: the player's clients
 
     @property
     def measure_s(self) -> float:
@@ -101,17 +124,33 @@ class CallLog:
 # ----------------------------------------------------------------------------- driver
 
 
-async def drive(url: str, calls: list[CallRecording], load: LiveLoad, pid: int | None) -> dict:
-    """Run one level; returns the call logs and the gateway CPU over the measured window."""
+async def drive(
+    url: str,
+    calls: list[CallRecording],
+    load: LiveLoad,
+    pid: int | None,
+    profile: Path | None = None,
+) -> dict:
+    """Run one level; returns the call logs and the gateway CPU over the measured window
+    (with `profile`, py-spy's stacks of the gateway go there: `loadtest.cpu_profile`)."""
     start = time.monotonic()
     deadline = start + load.duration_s
     cpu: dict = {}
 
     async def sample_cpu() -> None:
         await asyncio.sleep(load.ramp_s)
+        recorder = None
+        if profile is not None and pid is not None:
+            cpu["threads_start"] = thread_cpu(pid)
+            recorder = await start_recording(pid, deadline - time.monotonic(), profile)
         cpu["start"] = (time.monotonic(), process_cpu_s(pid), time.process_time())
         await asyncio.sleep(max(0.0, deadline - time.monotonic()))
         cpu["end"] = (time.monotonic(), process_cpu_s(pid), time.process_time())
+        if recorder is not None:
+            cpu["threads_end"] = thread_cpu(pid)
+            _, errors = await recorder.communicate()
+            if recorder.returncode:
+                cpu["profile_error"] = errors.decode(errors="replace").strip()[-300:]
 
     sampler = asyncio.create_task(sample_cpu())
     channels = [
@@ -120,7 +159,7 @@ async def drive(url: str, calls: list[CallRecording], load: LiveLoad, pid: int |
     ]
     logs = [log for logs in await asyncio.gather(*channels) for log in logs]
     await sampler
-    return {"logs": logs, "start": start, "deadline": deadline, "cpu": cpu}
+    return {"logs": logs, "start": start, "deadline": deadline, "cpu": cpu, "profile": profile}
 
 
 async def channel(
@@ -142,12 +181,12 @@ async def channel(
 async def call(
     url: str, recording: CallRecording, load: LiveLoad, deadline: float, log: CallLog
 ) -> None:
-    """One `/v1/live` session: start, paced frames until the recording or level ends, stop.
-    Whatever fails stays in `log`: the line goes on."""
+    """One session of `load.protocol`: opened, paced frames until the recording or level
+    ends, the protocol's end. Whatever fails stays in `log`: the line goes on."""
     from websockets.exceptions import WebSocketException
 
     try:
-        await LoadCall(url, recording, load, deadline, log).run()
+        await LOAD_CALLS[load.protocol](url, recording, load, deadline, log).run()
         log.close_code = CLOSE_NORMAL  # the player returns only after a normal close
     except PlayError as exc:
         if exc.close_code is None:  # the client's side: connect, timeouts, protocol
@@ -157,12 +196,43 @@ async def call(
         log.error = f"{type(exc).__name__}: {exc}"[:300]
 
 
-class LoadCall(NativeClient):
-    """`e2v live`'s client for one call of the load: the recording's interleaved mu-law
-    bytes in frames of `load.frame_s`, each sent when its last sample is due, until the
-    recording or the level ends; every event logged with its arrival time."""
+class LoadAudio:
+    """A call recording as the player's clients read it (`player.Recording`'s face): the
+    parties' mu-law samples in frames, each yielded when its last sample is due (a phone
+    system cannot send audio before it has been spoken), until the recording or the level
+    ends; each frame's send time goes to the call's log."""
 
-    compression = None  # as a telephony platform streams: no per-message deflate
+    rate = RATE
+
+    def __init__(self, recording: CallRecording, deadline: float, log: CallLog):
+        samples = codecs.decode(recording.payload, "mulaw")
+        self.tracks = np.stack(codecs.deinterleave(samples, len(PARTIES)))
+        self.channels = len(PARTIES)
+        self.deadline, self.log = deadline, log
+        self.sent_s = 0.0
+
+    async def frames(self, frame_s: float) -> AsyncIterator[np.ndarray]:
+        size = self.log.frame_samples = round(frame_s * RATE)
+        t0 = time.monotonic()
+        for k, offset in enumerate(range(0, self.tracks.shape[1] - size + 1, size)):
+            due = t0 + (k + 1) * frame_s
+            if due >= self.deadline:
+                return
+            await asyncio.sleep(due - time.monotonic())
+            self.sent_s += size / RATE
+            self.log.sent.append(time.monotonic())
+            yield self.tracks[:, offset : offset + size]
+
+    def close(self) -> None:
+        """Nothing to release (the player's Recording closes its decoder here)."""
+
+
+class LoadClient:
+    """What every protocol's load call adds to `e2v live`'s own client: its options, the
+    paced recording, no per-message deflate (telephony platforms stream without it), every
+    event logged with its arrival time, no note of the model (the report names it)."""
+
+    compression = None
 
     def __init__(
         self, url: str, recording: CallRecording, load: LiveLoad, deadline: float, log: CallLog
@@ -170,41 +240,60 @@ class LoadCall(NativeClient):
         options = PlayOptions(
             source=str(recording.path),
             url=url.removesuffix(LIVE_PATH),
-            call_id=log.call_id,
-            parties=PARTIES,
+            protocol=load.protocol,
+            call_id=self.load_call_id(log.call_id),
+            parties=PARTIES if load.protocol == "live" else None,
             encoding="mulaw",
             sample_rate=RATE,
         )
-        super().__init__(options, recording, self.arrived)  # the player reads its `channels`
-        self.recording, self.load, self.deadline, self.log = recording, load, deadline, log
-        log.frame_samples = round(load.frame_s * RATE)
+        self.frame_s, self.load, self.log = load.frame_s, load, log
+        super().__init__(options, LoadAudio(recording, deadline, log), self.arrived)
+
+    @staticmethod
+    def load_call_id(call_id: str) -> str:
+        return call_id
 
     def arrived(self, event: dict) -> None:
         self.log.events.append((time.monotonic(), event))
+
+    def event(self, event: dict) -> None:
+        """The player's, without its note of a synthetic model (the report has it)."""
+        self.emit(event)
+        if event.get("type") == EVENT_SUMMARY:
+            self.summary = event
+
+    def note_model(self, started: dict) -> None:
+        """Silent: a load of many calls names its model in the report."""
+
+
+class NativeLoadCall(LoadClient, NativeClient):
+    """`/v1/live`, with the load's interim window and hop in `start`."""
 
     def start_message(self) -> dict:
         windows = {"window_s": self.load.window_s, "hop_s": self.load.hop_s}
         return super().start_message() | windows
 
-    async def payloads(self) -> AsyncIterator[bytes]:
-        step = len(PARTIES) * self.log.frame_samples
-        payload = self.recording.payload
-        t0 = time.monotonic()
-        for k, offset in enumerate(range(0, len(payload) - step + 1, step)):
-            due = t0 + (k + 1) * self.load.frame_s
-            if due >= self.deadline:
-                return
-            await asyncio.sleep(due - time.monotonic())
-            yield payload[offset : offset + step]
 
-    async def send(self, ws, message: str | bytes) -> bool:
-        sent = await super().send(ws, message)
-        if sent and isinstance(message, bytes):
-            self.log.sent.append(time.monotonic())
-        return sent
+class TwilioLoadCall(LoadClient, TwilioClient):
+    """`/v1/twilio`: 20 ms media messages per track, sent in groups of `--frame-ms`, the
+    results read from the call's event subscription (Twilio carries none back)."""
 
-    def note_model(self, started: dict) -> None:
-        """Silent: a load of many calls names its model in the report."""
+
+class AudioHookLoadCall(LoadClient, AudioHookClient):
+    """`/v1/audiohook`: PCMU frames of `--frame-ms`; the conversation id is a UUID."""
+
+    @staticmethod
+    def load_call_id(call_id: str) -> str:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, call_id))
+
+
+LOAD_CALLS = {"live": NativeLoadCall, "twilio": TwilioLoadCall, "audiohook": AudioHookLoadCall}
+# The parties of each protocol's events, in the recording's channel order.
+PROTOCOL_PARTIES = {
+    "live": PARTIES,
+    "twilio": tuple(TWILIO_PARTIES.values()),
+    "audiohook": tuple(AUDIOHOOK_PARTIES.values()),
+}
 
 
 # ----------------------------------------------------------------------------- measures
@@ -235,9 +324,11 @@ def measure(run: dict, calls: list[CallRecording], load: LiveLoad) -> dict:
             else:
                 since_end.append(arrived - log.sent_at(end_s))
                 since_due.append(arrived - log.sent_at(min(end_s + FINAL_DUE_S, last_s)))
-    cpu = _cpu(run["cpu"], load.channels)
+    cpu = _cpu(run["cpu"], load.channels, _streamed(logs, run["cpu"]))
+    profile = _profile(run["cpu"], run.get("profile"), load.channels)
     return {
         "channels": load.channels,
+        "protocol": load.protocol,
         "sessions": _sessions(logs),
         "interim_latency_ms": _percentiles_ms(interim),
         "final_latency_ms": _percentiles_ms(since_due),
@@ -250,8 +341,9 @@ def measure(run: dict, calls: list[CallRecording], load: LiveLoad) -> dict:
         "coalesced": coalesced,
         "coalesced_share": round(coalesced / (results + coalesced), 4) if results else 0.0,
         "stale": stale,
-        "finals": finals_check(logs, calls),
+        "finals": finals_check(logs, calls, PROTOCOL_PARTIES[load.protocol]),
         **cpu,
+        **profile,
     }
 
 
@@ -270,7 +362,9 @@ def _sessions(logs: list[CallLog]) -> dict:
     return {"calls": len(logs), "ok": ok, "failed": len(logs) - ok, "closes": closes}
 
 
-def finals_check(logs: list[CallLog], calls: list[CallRecording]) -> dict:
+def finals_check(
+    logs: list[CallLog], calls: list[CallRecording], parties: tuple[str, ...] = PARTIES
+) -> dict:
     """Finals against the offline utterances of the audio each completed session sent, and
     interim results per second of that speech (1 / hop_s when none is lost to overload)."""
     cache: dict[tuple[int, int, int], list] = {}
@@ -283,7 +377,7 @@ def finals_check(logs: list[CallLog], calls: list[CallRecording]) -> dict:
             continue
         n = log.samples_sent * SAMPLE_RATE // RATE
         audio_s += log.samples_sent / RATE
-        for p, party in enumerate(PARTIES):
+        for p, party in enumerate(parties):
             key = (log.recording, p, n)
             if key not in cache:
                 cache[key] = offline_utterances(calls[log.recording].tracks[p][:n])
@@ -315,16 +409,55 @@ def _covered(segment, finals: list[tuple[float, float]]) -> bool:
     return any(min(e, segment.end_s) - max(s, segment.start_s) >= need for s, e in finals)
 
 
-def _cpu(cpu: dict, channels: int) -> dict:
+def _streamed(logs: list[CallLog], cpu: dict) -> float | None:
+    """Seconds of call audio (per channel, both parties together) sent over the CPU window:
+    `channels` x its length when every line kept up, less when the gateway pushed back."""
+    if "end" not in cpu:
+        return None
+    low, high = cpu["start"][0], cpu["end"][0]
+    frames = sum(log.frame_samples * sum(low < t <= high for t in log.sent) for log in logs)
+    return frames / RATE
+
+
+def _cpu(cpu: dict, channels: int, streamed_s: float | None = None) -> dict:
     if "end" not in cpu:
         return {"gateway_cores": None, "channels_per_core": None, "client_cores": None}
     (t0, g0, c0), (t1, g1, c1) = cpu["start"], cpu["end"]
     wall = max(t1 - t0, 1e-9)
     cores = None if g0 is None or g1 is None else (g1 - g0) / wall
+    per_audio = None
+    if cores and streamed_s:  # CPU per second of call audio the gateway was sent
+        per_audio = round(1000 * (g1 - g0) / streamed_s, 3)
     return {
         "gateway_cores": round(cores, 3) if cores is not None else None,
         "channels_per_core": round(channels / cores, 1) if cores else None,
+        "channels_streamed": round(streamed_s / wall, 1) if streamed_s else None,
+        "ms_per_channel_s": per_audio,
         "client_cores": round((c1 - c0) / wall, 3),
+    }
+
+
+def _profile(cpu: dict, path: Path | None, channels: int) -> dict:
+    """The gateway's CPU per channel-second by stage, where the level was profiled."""
+    if path is None or "threads_end" not in cpu:
+        return {}
+    if "profile_error" in cpu or not path.exists():
+        return {"cpu_profile_error": cpu.get("profile_error", "py-spy wrote nothing")}
+    wall = max(cpu["end"][0] - cpu["start"][0], 1e-9)
+    before, after = cpu["threads_start"], cpu["threads_end"]
+    seconds = stage_cpu(path.read_text(), before, after)
+    path = compress(path)
+    threads = {
+        str(tid): [name, round(used - before.get(tid, (name, 0.0))[1], 3)]
+        for tid, (name, used) in after.items()
+    }
+    return {
+        "cpu_profile": {
+            "file": path.name,
+            "seconds": round(wall, 2),
+            "threads": threads,  # CPU seconds of each thread over the window
+            "stages": per_channel_ms(seconds, wall, channels),
+        }
     }
 
 

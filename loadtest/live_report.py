@@ -13,17 +13,57 @@ from e2v.loadtest.report import SYNTHETIC_NOTE
 
 from e2v.contract import LIVE_HOP_S, LIVE_WINDOW_S
 
+# Every protocol's gateway CPU per channel within this share of native's at the same level.
+PROTOCOL_TOLERANCE = 0.2
+PATHS = {"live": "/v1/live", "twilio": "/v1/twilio", "audiohook": "/v1/audiohook"}
+
+
+def _first_protocol(levels: list[dict]) -> list[dict]:
+    """The levels of the first protocol run (native when it ran): the headline figures."""
+    first = levels[0].get("protocol", "live") if levels else "live"
+    return [lv for lv in levels if lv.get("protocol", "live") == first]
+
+
+def _cpu_ms(level: dict) -> float:
+    """Gateway CPU ms per second of call audio streamed (per wall second and channel where
+    the audio streamed is not known)."""
+    return level.get("ms_per_channel_s") or 1000 * level["gateway_cores"] / level["channels"]
+
 
 def best_level(levels: list[dict]) -> dict | None:
     """The level with the most channels per gateway core among those within the target."""
-    good = [lv for lv in levels if lv["within_target"] and lv.get("channels_per_core")]
+    good = [lv for lv in _first_protocol(levels) if lv["within_target"]]
+    good = [lv for lv in good if lv.get("channels_per_core")]
     return max(good, key=lambda lv: lv["channels_per_core"], default=None)
 
 
 def capacity(levels: list[dict]) -> dict | None:
     """The most channels kept up in real time (`live_run.sustained`)."""
-    kept = [lv for lv in levels if lv["sustained"]]
+    kept = [lv for lv in _first_protocol(levels) if lv["sustained"]]
     return max(kept, key=lambda lv: lv["channels"], default=None)
+
+
+def protocol_comparison(levels: list[dict]) -> list[dict]:
+    """Per level of channels, each protocol's gateway CPU per channel against native's."""
+    native = {lv["channels"]: lv for lv in levels if lv.get("protocol", "live") == "live"}
+    rows = []
+    for lv in levels:
+        base = native.get(lv["channels"])
+        if base is None or not base.get("gateway_cores") or not lv.get("gateway_cores"):
+            continue
+        ms, base_ms = _cpu_ms(lv), _cpu_ms(base)
+        ratio = ms / base_ms
+        rows.append(
+            {
+                "channels": lv["channels"],
+                "protocol": lv.get("protocol", "live"),
+                "channels_streamed": lv.get("channels_streamed"),
+                "ms_per_channel_s": round(ms, 3),
+                "vs_native": round(ratio, 3),
+                "within": ratio <= 1 + PROTOCOL_TOLERANCE,
+            }
+        )
+    return rows
 
 
 def write_live_report(
@@ -51,6 +91,7 @@ def write_live_report(
         if best
         else None,
         "capacity_channels": top["channels"] if (top := capacity(levels)) else None,
+        "protocols": protocol_comparison(levels),
     }
     (directory / "summary.json").write_text(json.dumps(summary, indent=2))
     path = directory / "README.md"
@@ -82,7 +123,9 @@ def _ms(figures: dict, key: str) -> str:
 
 
 def _markdown(s: dict) -> list[str]:
-    title = f"# Live load test: `{s['model']}`, concurrent calls through `/v1/live`"
+    paths = dict.fromkeys(PATHS[lv.get("protocol", "live")] for lv in s["levels"])
+    through = ", ".join(f"`{p}`" for p in paths) or "`/v1/live`"
+    title = f"# Live load test: `{s['model']}`, concurrent calls through {through}"
     if s["synthetic"]:
         title += " (SYNTHETIC model: random weights)"
     w = s["workload"]
@@ -102,8 +145,11 @@ def _markdown(s: dict) -> list[str]:
         f"Each channel is one phone line playing {w['recordings']} stereo call recordings "
         f"({w['encoding']}, {w['recording_s']:g} s each, two parties taking turns, speech "
         f"from `loadtest/synth.py`; each party speaks {100 * w['speech_share']:.0f}% of the "
-        f"time) back to back, one `/v1/live` session per call, in {w['frame_ms']:g} ms "
-        f"frames sent when their last sample is due. Interim window {w['window_s']:g} s "
+        f"time) back to back, one session per call, in {w['frame_ms']:g} ms "
+        "frames sent when their last sample is due (Twilio: 20 ms media messages per track, "
+        "sent in groups of a frame; its results read from the call's event subscription), "
+        "through `e2v live`'s own client of each protocol. "
+        f"Interim window {w['window_s']:g} s "
         f"every {w['hop_s']:g} s of speech. Channels start spread over the ramp; measured "
         "from its end to the end of the level, when calls in progress send `stop`.",
         "",
@@ -115,12 +161,13 @@ def _markdown(s: dict) -> list[str]:
         "| avg Triton batch | load avg | within target | kept up |",
         "|" + " --- |" * 15,
     ]
+    several = len({lv.get("protocol", "live") for lv in s["levels"]}) > 1
     for lv in s["levels"]:
         i, f, e = lv["interim_latency_ms"], lv["final_latency_ms"], lv["final_since_end_ms"]
         fin, ses = lv["finals"], lv["sessions"]
         batch = lv.get("triton", {}).get("avg_batch_size")
         lines.append(
-            f"| {lv['channels']} | {ses['ok']} / {ses['failed']} "
+            f"| {_level(lv, several)} | {ses['ok']} / {ses['failed']} "
             f"| {_ms(i, 'p50')} / {_ms(i, 'p95')} / {_ms(i, 'p99')} "
             f"| {_ms(f, 'p50')} / {_ms(f, 'p95')} / {_ms(f, 'p99')} "
             f"| {_ms(e, 'p50')} / {_ms(e, 'p95')} "
@@ -181,8 +228,70 @@ def _markdown(s: dict) -> list[str]:
         "(audio seconds received after the window's end when the event was published).",
         "",
     ]
+    lines += _protocols(s["protocols"])
+    lines += _profiles(s["levels"])
     lines += _batches(s["levels"])
     return lines
+
+
+def _protocols(rows: list[dict]) -> list[str]:
+    if not any(r["protocol"] != "live" for r in rows):
+        return []
+    lines = [
+        "## Protocols",
+        "",
+        "| channels | protocol | channels streamed | gateway CPU ms per channel-second "
+        f"| vs native | within {100 * PROTOCOL_TOLERANCE:.0f}% |",
+        "|" + " --- |" * 6,
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['channels']} | {r['protocol']} | {_num(r['channels_streamed'], 1)} "
+            f"| {r['ms_per_channel_s']:.2f} | {r['vs_native']:.2f} "
+            f"| {'yes' if r['within'] else 'no'} |"
+        )
+    return lines + [
+        "",
+        "Each protocol at the same number of channels, one level after the other on the same "
+        "gateway: its CPU seconds (/proc) over the measured window per second of call audio "
+        "the lines streamed in it (channels streamed: that audio per wall second, the "
+        "channels when every line kept real time).",
+        "",
+    ]
+
+
+def _profiles(levels: list[dict]) -> list[str]:
+    profiled = [lv for lv in levels if lv.get("cpu_profile")]
+    if not profiled:
+        return []
+    head = [f"{lv.get('protocol', 'live')}, {lv['channels']} ch" for lv in profiled]
+    lines = [
+        "## Where the gateway's CPU goes",
+        "",
+        "| stage | " + " | ".join(head) + " |",
+        "|" + " --- |" * (len(head) + 1),
+    ]
+    stages = list(profiled[0]["cpu_profile"]["stages"])
+    for stage in [*stages, "total"]:
+        cells = []
+        for lv in profiled:
+            figures = lv["cpu_profile"]["stages"]
+            if stage == "total":
+                cells.append(f"**{sum(v['ms_per_channel_s'] for v in figures.values()):.2f}**")
+            else:
+                v = figures[stage]
+                cells.append(f"{v['ms_per_channel_s']:.2f} ({100 * v['share']:.0f}%)")
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    files = ", ".join(f"`{lv['cpu_profile']['file']}`" for lv in profiled)
+    return lines + [
+        "",
+        "Gateway CPU milliseconds per channel-second (share of the gateway's CPU), from py-spy "
+        "samples over the measured window (`loadtest/cpu_profile.py`): each thread's CPU "
+        "seconds (/proc) split by the stages of its own samples, each stack charged to its "
+        "innermost frame that names a stage; gRPC's C threads count as Triton. The stacks: "
+        f"{files} (py-spy raw format, gzipped: one stack and its count per line).",
+        "",
+    ]
 
 
 def _cost_line(levels: list[dict]) -> list[str]:
@@ -211,15 +320,17 @@ def _batches(levels: list[dict]) -> list[str]:
     lines = [
         "## Triton batch sizes",
         "",
-        "| channels | requests | req/s | executions | avg batch | executions by batch size "
-        "| queue ms | infer ms | calls' demand req/s per call | ceiling calls |",
-        "|" + " --- |" * 10,
+        "| channels | protocol | requests | req/s | executions | avg batch "
+        "| executions by batch size | queue ms | infer ms | calls' demand req/s per call "
+        "| ceiling calls |",
+        "|" + " --- |" * 11,
     ]
     for lv in rows:
         t = lv["triton"]
         sizes = ", ".join(f"{k}: {v}" for k, v in t["executions_by_batch_size"].items())
         lines.append(
-            f"| {lv['channels']} | {t['success']} | {_num(lv.get('triton_requests_per_s'), 1)} "
+            f"| {lv['channels']} | {lv.get('protocol', 'live')} | {t['success']} "
+            f"| {_num(lv.get('triton_requests_per_s'), 1)} "
             f"| {t['execution_count']} | {t['avg_batch_size']:.2f} | {sizes} "
             f"| {t['avg_ms']['queue']:.1f} | {t['avg_ms']['compute_infer']:.1f} "
             f"| {_num(lv['finals'].get('requests_per_call_s'), 2)} "
@@ -233,6 +344,15 @@ def _batches(levels: list[dict]) -> list[str]:
         "time; it means that only where Triton was saturated (its queue time growing).",
         "",
     ]
+
+
+def _level(level: dict, several: bool) -> str:
+    """The channels, and the protocol where a run loaded several."""
+    return (
+        f"{level['channels']} {level.get('protocol', 'live')}"
+        if several
+        else str(level["channels"])
+    )
 
 
 def _num(value, digits: int) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import sys
 import tempfile
 import time
@@ -19,7 +20,8 @@ from pathlib import Path
 
 from e2v.loadtest import triton_stats
 from e2v.loadtest.command import command_line, log
-from e2v.loadtest.live import LiveLoad, drive, measure, ws_url
+from e2v.loadtest.cpu_profile import py_spy
+from e2v.loadtest.live import LOAD_CALLS, LiveLoad, drive, measure, ws_url
 from e2v.loadtest.machine import load_average
 from e2v.loadtest.metrics import P95_TARGET_MS
 from e2v.loadtest.targets import parse_configs, triton_server
@@ -27,6 +29,7 @@ from e2v.loadtest.targets import parse_configs, triton_server
 from e2v.contract import LIVE_HOP_S
 from e2v.serve import ServeError
 
+PROTOCOLS = tuple(LOAD_CALLS)
 SESSION_HEADROOM = 8  # --live-sessions above the channels: the limit is not what is measured
 SUSTAIN_FINAL_S = 3.0  # "kept up": finals within this of being due (p95)...
 SUSTAIN_INTERIM_SHARE = 0.5  # ...and at least this share of the interim windows answered
@@ -60,13 +63,14 @@ def live_stack(args: argparse.Namespace, workdir: Path, channels: int) -> Iterat
             }
 
 
-def run_level(stack: dict, calls: list, load: LiveLoad) -> dict:
-    """One level: the load, Triton's counters around it, the load average before and after."""
+def run_level(stack: dict, calls: list, load: LiveLoad, profile: Path | None = None) -> dict:
+    """One level: the load, Triton's counters around it, the load average before and after
+    (with `profile`, py-spy's stacks of the gateway over the measured window go there)."""
     stats_url = stack.get("stats_url")
     load_before = load_average()
     before = triton_stats.snapshot(stats_url) if stats_url else None
     started = time.monotonic()
-    run = asyncio.run(drive(stack["url"], calls, load, stack.get("pid")))
+    run = asyncio.run(drive(stack["url"], calls, load, stack.get("pid"), profile))
     wall_s = time.monotonic() - started
     figures = measure(run, calls, load)
     if stats_url:
@@ -112,6 +116,14 @@ def sustained(level: dict) -> bool:
     )
 
 
+def parse_protocols(text: str) -> list[str]:
+    protocols = [p.strip() for p in str(text).split(",") if p.strip()]
+    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    if not protocols or unknown or len(set(protocols)) != len(protocols):
+        raise ValueError(f"--protocols: a comma list of {', '.join(PROTOCOLS)}, each once")
+    return protocols
+
+
 def parse_channels(text: str) -> list[int]:
     try:
         levels = [int(v) for v in str(text).split(",") if v.strip()]
@@ -129,6 +141,9 @@ def run_live(args: argparse.Namespace) -> int:
 
     try:
         levels = parse_channels(args.channels)
+        protocols = parse_protocols(args.protocols)
+        if args.cpu_profile and not (py_spy() and (args.gateway_pid or not args.live_url)):
+            raise ValueError("--cpu-profile needs py-spy (loadtest extra) and the gateway pid")
         if args.duration <= 5 or not 20 <= args.frame_ms <= 1000:
             raise ValueError("--duration must be > 5 s and --frame-ms in 20-1000")
         if not 1 <= args.calls <= 64 or not 5 <= args.call_s <= 3600:
@@ -149,10 +164,16 @@ def run_live(args: argparse.Namespace) -> int:
         calls = make_calls(workdir / "calls", args.calls, args.call_s)
         try:
             with live_stack(args, workdir, max(levels)) as stack:
-                for channels in levels:
-                    load = LiveLoad(channels, args.duration, args.frame_ms / 1000, ramp_s)
-                    log(f"{channels} channels for {args.duration:g} s ({stack['url']})")
-                    levels_out.append(run_level(stack, calls, load))
+                for channels, protocol in itertools.product(levels, protocols):
+                    load = LiveLoad(
+                        channels, args.duration, args.frame_ms / 1000, ramp_s, protocol=protocol
+                    )
+                    log(f"{channels} channels of {protocol} for {args.duration:g} s")
+                    profile = None
+                    if args.cpu_profile:
+                        report_dir.mkdir(parents=True, exist_ok=True)
+                        profile = report_dir / f"cpu-profile-{protocol}-{channels}ch.txt"
+                    levels_out.append(run_level(stack, calls, load, profile))
                     log_level(levels_out[-1])
                 settings = stack.get("settings", {})
         except (ServeError, RuntimeError, OSError) as exc:  # servers, export: one message
@@ -175,3 +196,9 @@ def log_level(level: dict) -> None:
         f"{level['finals']['arrived']}/{level['finals']['expected']} "
         f"(lost {level['finals']['lost']}); gateway {level['gateway_cores']} cores"
     )
+    stages = level.get("cpu_profile", {}).get("stages", {})
+    if stages:
+        log(
+            "  ms per channel-second: "
+            + ", ".join(f"{name} {v['ms_per_channel_s']}" for name, v in stages.items())
+        )

@@ -61,6 +61,7 @@ def test_frame_times_and_percentiles():
         ["--frame-ms", "5"],
         ["--gateway"],
         ["--configs", "2y1"],
+        ["--protocols", "live,sip"],
     ],
 )
 def test_bad_arguments_exit_2(args, tmp_path, capsys):
@@ -142,6 +143,82 @@ def test_calls_the_gateway_refuses_are_counted_with_its_close_code(tiny_server, 
     assert refused and all(k.startswith("1013 ") for k in refused), sessions
     assert level["finals"]["expected"] >= 1 and level["finals"]["lost"] == 0, level["finals"]
     assert level["gateway_cores"] > 0
+
+
+def test_every_protocol_is_loaded_and_profiled_in_one_run(tiny_server, tmp_path):
+    """--protocols: each level once per protocol through the player's own clients (Twilio's
+    results from the call's subscription); --cpu-profile: py-spy's stacks of the gateway,
+    its CPU per channel-second by stage adding up to what /proc measured."""
+    from e2v.loadtest.cpu_profile import STAGES, read_stacks
+
+    from e2v.cli import main
+
+    report = tmp_path / "report"
+    arguments = ["loadtest", "--live", "--url", tiny_server.config.grpc_url, "--stats-url"]
+    arguments += [tiny_server.config.http_url, "--model", "synthetic:tiny", "--channels", "2"]
+    arguments += ["--duration", "12", "--calls", "1", "--call-s", "9", "--cpu-profile"]
+    code = main([*arguments, "--protocols", "live,twilio,audiohook", "--report", str(report)])
+    assert code == 0
+    summary = json.loads((report / "summary.json").read_text())
+    assert [lv["protocol"] for lv in summary["levels"]] == ["live", "twilio", "audiohook"]
+    for level in summary["levels"]:
+        assert level["sessions"]["failed"] == 0 and level["sessions"]["ok"] >= 2, level
+        assert level["finals"]["expected"] >= 2 and level["finals"]["lost"] == 0, level["finals"]
+        profile = level["cpu_profile"]
+        assert read_stacks(report / profile["file"]).count("thread (") > 10
+        stages = profile["stages"]
+        assert list(stages) == list(STAGES) and stages["VAD"]["ms_per_channel_s"] > 0
+        measured = 1000 * level["gateway_cores"] / level["channels"]
+        total = sum(v["ms_per_channel_s"] for v in stages.values())
+        assert total == pytest.approx(measured, rel=0.25)  # threads vs process, same window
+    assert {r["protocol"] for r in summary["protocols"]} == {"live", "twilio", "audiohook"}
+    text = (report / "README.md").read_text()
+    assert "`/v1/live`, `/v1/twilio`, `/v1/audiohook`" in text.splitlines()[0]
+    assert "## Protocols" in text and "## Where the gateway's CPU goes" in text
+
+
+def test_stacks_are_charged_to_the_stage_of_their_innermost_named_frame():
+    from e2v.loadtest.cpu_profile import (
+        AUDIO,
+        EVENTS,
+        RECEIVE,
+        REST,
+        TRITON,
+        VAD,
+        WAIT,
+        stage_cpu,
+        thread_samples,
+    )
+
+    loop = "thread (7): MainThread;run_forever (asyncio/base_events.py:607)"
+    audio = "thread (8): e2v-live_0;run_tick (client/live/ticks.py:120)"
+    raw = "\n".join(
+        [
+            f"{loop};EpollSelector.select (selectors.py:468) 10",
+            f"{loop};TwilioWire.message (client/live/twilio.py:200);loads (json/__init__.py:346) 5",
+            f"{loop};Outbox.put (client/live/outbox.py:60);dumps (json/__init__.py:238) 3",
+            f"{loop};TritonEmotionClient.predict (client/triton.py:211) 2",
+            f"{loop};WebSocket.send (starlette/websockets.py:80);"
+            "WebSocketsSansIOProtocol.send (uvicorn/protocols/websockets/x.py:439) 4",
+            f"{loop};WebSocketsSansIOProtocol.data_received "
+            "(uvicorn/protocols/websockets/x.py:188) 6",
+            f"{audio};push_parties (client/live/party.py:200);"
+            "feed_streams (client/vad.py:207);Session.run (onnxruntime/capi/x.py:402) 30",
+            f"{audio};LiveSession.prepare (client/live/session.py:380);"
+            "decode (client/live/codecs.py:60) 10",
+        ]
+    )
+    samples = thread_samples(raw)
+    assert samples[7] == {WAIT: 10, RECEIVE: 11, EVENTS: 7, TRITON: 2}
+    assert samples[8] == {VAD: 30, AUDIO: 10}
+    before = {7: ("MainThread", 1.0), 8: ("e2v-live_0", 2.0), 9: ("grpc_global_tim", 0.0)}
+    after = {7: ("MainThread", 4.0), 8: ("e2v-live_0", 6.0), 9: ("grpc_global_tim", 0.5)}
+    cpu = stage_cpu(raw, before, after)
+    assert cpu[VAD] == pytest.approx(3.0) and cpu[AUDIO] == pytest.approx(1.0)
+    assert cpu[REST] == 0  # the loop's poll is waiting, not work: no share of its CPU
+    assert cpu[RECEIVE] == pytest.approx(3.0 * 11 / 20)
+    assert cpu[TRITON] == pytest.approx(3.0 * 2 / 20 + 0.5)  # gRPC's own thread by name
+    assert sum(cpu.values()) == pytest.approx(7.5)
 
 
 @pytest.mark.parametrize(

@@ -153,7 +153,9 @@ def error_event(exc: Exception, call_id: str | None, seq: int = 1) -> dict:
 
 
 def event_json(event: dict) -> str:
-    """Compact JSON; numpy scalars and arrays become numbers and lists."""
+    """Compact JSON, ASCII (so its length is its size in bytes); numpy scalars and arrays
+    become numbers and lists. Made once per event: every socket, subscriber, webhook (its
+    bytes) and protocol frame carries this same text."""
     return json.dumps(event, separators=(",", ":"), allow_nan=False, default=_plain)
 
 

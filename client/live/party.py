@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from e2v.client.audio import AudioError, Resampler
-from e2v.client.segment import Segment, SegmentCutter, SegmentMode
+from e2v.client.segment import Segment, SegmentCutter, SegmentMode, vad_probs
 
 from e2v.contract import MAX_SEGMENT_S, SAMPLE_RATE
 
@@ -65,6 +65,7 @@ class PartyStream:
         max_segment_s: float = MAX_SEGMENT_S,
     ) -> None:
         self.resampler = Resampler(source_rate, SAMPLE_RATE)
+        self.tail = _RawTail(source_rate) if source_rate != SAMPLE_RATE else None
         self.cutter = SegmentCutter(SegmentMode("vad"), max_segment_s, early=False)
         self.window = round(window_s * SAMPLE_RATE)
         self.hop = round(hop_s * SAMPLE_RATE)
@@ -77,8 +78,27 @@ class PartyStream:
         """16 kHz samples of the party's stream so far (its audio time)."""
         return self.cutter.end
 
+    @property
+    def heard(self) -> int:
+        """16 kHz samples received, those the exact resampler still holds back included."""
+        return self.cutter.end if self.tail is None else max(self.cutter.end, self.tail.end)
+
+    def resample(self, chunk: np.ndarray) -> np.ndarray:
+        """The exact 16 kHz samples `chunk` releases (the raw tail keeps it too)."""
+        if self.tail is not None:
+            self.tail.push(chunk)
+        return self.resampler.push(chunk)
+
     def push(self, chunk: np.ndarray) -> list[Action]:
-        return self._cut(self.resampler.push(chunk))
+        (actions,) = push_parties([self], [chunk])
+        if isinstance(actions, Exception):
+            raise actions
+        return actions
+
+    def cut(self, samples: np.ndarray, probs: np.ndarray | None = None) -> list[Action]:
+        """The actions of 16 kHz `samples` (resampled already; `probs`: the VAD's
+        probabilities of them, computed with other streams')."""
+        return self._after(samples, self.cutter.push(samples, probs))
 
     def pause(self) -> list[Action]:
         """No audio for a while: BREAK_S of silence, so the open utterance ends here."""
@@ -96,11 +116,18 @@ class PartyStream:
         return actions + self._finals(finals)
 
     def _cut(self, samples: np.ndarray) -> list[Action]:
-        if not len(samples):
-            return []
-        actions = self._finals(self.cutter.push(samples))
-        if self.open is None and (start := self.cutter.open_start) is not None:
-            actions.append(self._start(start))
+        return self._after(samples, self.cutter.push(samples))
+
+    def _after(self, samples: np.ndarray, cut: list[tuple[Segment, np.ndarray]]) -> list[Action]:
+        """The actions of 16 kHz `samples` just pushed, which cut the segments `cut` (with
+        none, the raw tail may still have made a window due)."""
+        actions: list[Action] = []
+        if len(samples):
+            if self.tail is not None:
+                self.tail.release(self.cutter.end)
+            actions = self._finals(cut)
+            if self.open is None and (start := self.cutter.open_start) is not None:
+                actions.append(self._start(start))
         if self.open is not None:
             if self.cutter.speaking:
                 actions += self._windows()
@@ -125,14 +152,14 @@ class PartyStream:
 
     def _pass_silence(self) -> None:
         """No window is due while the utterance pauses: the grid moves past the pause."""
-        end = self.cutter.end
+        end = self.heard
         if end >= self.next_window:
             self.next_window += ((end - self.next_window) // self.hop + 1) * self.hop
 
     def _windows(self) -> list[Action]:
         """Windows due in the audio just pushed: the newest of them, carrying how many
         older ones it stands for (a push of more than `hop_s`: the session was behind)."""
-        end = self.cutter.end
+        end = self.heard
         if end < self.next_window:
             return []
         skipped = (end - self.next_window) // self.hop
@@ -140,4 +167,74 @@ class PartyStream:
         self.next_window = due + self.hop
         retained_from = self.cutter.end - self.cutter.retained
         start = max(self.open, due - self.window, retained_from)
-        return [Window(self.utterance, start, due, self.cutter.window(start, due), skipped)]
+        return [Window(self.utterance, start, due, self._read(start, due), skipped)]
+
+    def _read(self, start: int, end: int) -> np.ndarray:
+        """Samples [start, end): the exact ones, then the raw tail's past them."""
+        exact = self.cutter.end
+        if end <= exact:
+            return self.cutter.window(start, end)
+        head = self.cutter.window(start, exact) if start < exact else np.zeros(0, np.float32)
+        return np.concatenate((head, self.tail.read(max(start, exact), end)))
+
+
+class _RawTail:
+    """The newest source samples of a party, for the 16 kHz samples the exact resampler
+    (soxr VHQ) still holds back: soxr releases its output in blocks, 17-111 ms behind the
+    audio received (at 8 kHz). Read by linear interpolation on soxr's time base (16 kHz
+    sample k is the source's instant k / ratio), and only when an interim window reaches
+    past the exact samples: at most ~0.1 s of a 3 s window, read about once a second. The
+    VAD and finals use the exact samples alone, so finals stay those of `e2v classify`."""
+
+    KEEP = 4  # source samples kept before the exact resampler's end (interpolation's left)
+
+    def __init__(self, source_rate: int) -> None:
+        self.ratio = SAMPLE_RATE / source_rate
+        self.start = 0  # source index of the first sample kept
+        self.chunks: list[np.ndarray] = []
+        self.received = 0  # source samples so far
+
+    @property
+    def end(self) -> int:
+        """16 kHz samples the received audio covers."""
+        return int(self.received * self.ratio)
+
+    def push(self, chunk: np.ndarray) -> None:
+        if len(chunk):
+            self.chunks.append(chunk)
+            self.received += len(chunk)
+
+    def release(self, exact_end: int) -> None:
+        """Forget whole chunks the exact resampler has released (all before `exact_end`)."""
+        keep_from = int(exact_end / self.ratio) - self.KEEP
+        while self.chunks and self.start + len(self.chunks[0]) <= keep_from:
+            self.start += len(self.chunks.pop(0))
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        """16 kHz samples [start, end) (start past the exact resampler's end)."""
+        source = np.concatenate(self.chunks) if len(self.chunks) > 1 else self.chunks[0]
+        times = np.arange(start, end) / self.ratio - self.start
+        return np.interp(times, np.arange(len(source)), source).astype(np.float32)
+
+
+def push_parties(
+    parties: list[PartyStream], chunks: list[np.ndarray]
+) -> list[list[Action] | Exception]:
+    """`party.push(chunk)` for each pair (distinct parties): resampled each, the VAD of all
+    of them in one batched call (`segment.vad_probs`), then each party's cuts. A party
+    whose resampling or cutting raises gets the exception instead of its actions (its
+    session fails alone); the batched VAD raising raises."""
+    resampled = [_attempt(party.resample, chunk) for party, chunk in zip(parties, chunks)]
+    alive = [i for i, samples in enumerate(resampled) if not isinstance(samples, Exception)]
+    probs = vad_probs([parties[i].cutter for i in alive], [resampled[i] for i in alive])
+    out: list = list(resampled)
+    for i, found in zip(alive, probs, strict=True):
+        out[i] = _attempt(parties[i].cut, resampled[i], found)
+    return out
+
+
+def _attempt(step, *args):
+    try:
+        return step(*args)
+    except Exception as exc:  # noqa: BLE001 - handed to the party's session
+        return exc

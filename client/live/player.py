@@ -337,6 +337,7 @@ class Client:
     """What every protocol shares: connect, read events until the end, bounded waits."""
 
     compression: str | None = "deflate"  # websockets' default; a load test turns it off
+    frame_s = FRAME_S["live"]  # audio per paced frame (a load test sets its own)
 
     def __init__(self, options: PlayOptions, audio: Recording, emit: Callable[[dict], None]):
         self.options, self.audio, self.emit = options, audio, emit
@@ -520,7 +521,7 @@ class NativeClient(Client):
     async def payloads(self) -> AsyncIterator[bytes]:
         """The audio as the wire carries it: frames encoded, each once its time has come."""
         encoding = self.options.format[0]
-        async for frame in self.audio.frames(FRAME_S["live"]):
+        async for frame in self.audio.frames(self.frame_s):
             yield _encode(frame, encoding)
 
     def note_model(self, started: dict) -> None:
@@ -553,6 +554,7 @@ class AudioHookClient(Client):
 
     CHANNELS = {1: ["external"], 2: ["external", "internal"]}  # customer, agent
     MAX_MOVES = 8
+    frame_s = FRAME_S["audiohook"]
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
@@ -580,7 +582,7 @@ class AudioHookClient(Client):
         async with contextlib.AsyncExitStack() as stack:
             leg = await self.open_leg(stack, None)
             left: list[_Leg] = []
-            async for frame in self.audio.frames(FRAME_S["audiohook"]):
+            async for frame in self.audio.frames(self.frame_s):
                 if leg.reader.done() or self.stopped_at is not None:
                     break
                 if leg.reconnect and self.moves < self.MAX_MOVES:
@@ -714,6 +716,7 @@ class TwilioClient(Client):
     from the call's event subscription, opened first so that none is missed."""
 
     TRACKS = ("inbound", "outbound")
+    frame_s = FRAME_S["twilio"]  # media messages of 20 ms, sent in groups of this
 
     def default_call_id(self) -> str:
         return "CA" + uuid.uuid4().hex  # a Twilio callSid
@@ -767,7 +770,7 @@ class TwilioClient(Client):
         start |= {"tracks": tracks, "customParameters": custom, "mediaFormat": media_format}
         yield message("start", start=start)
         size, chunk = round(TWILIO_MEDIA_S * 8000), 0
-        async for frame in self.audio.frames(FRAME_S["twilio"]):
+        async for frame in self.audio.frames(self.frame_s):
             for offset in range(0, frame.shape[1], size):
                 chunk += 1
                 timestamp = str(round((self.audio.sent_s * 8000 - frame.shape[1] + offset) / 8))

@@ -1,6 +1,7 @@
 """Windows of every live session -> Triton, through the gateway's one TritonEmotionClient.
 
-Each window is an ordinary request of a contract bucket shape, and many are in flight at
+Each window is an ordinary request of a contract bucket shape (scores only: live events
+carry no embedding), and many are in flight at
 once (bounded), so Triton's dynamic batcher groups windows of different calls. Under
 overload the scheduler degrades visibly, never silently:
 - a final (an utterance's whole segment) is never dropped: it waits for a slot ahead of
@@ -100,7 +101,7 @@ class Scheduler:
         while True:
             await self._acquire()
             try:
-                prediction = await self.client.predict(samples)
+                prediction = await self.client.predict(samples, embedding=False)
             except InferenceError:
                 raise
             except ServerError:
@@ -197,7 +198,7 @@ class Scheduler:
             left = self.interim_timeout_s - (time.monotonic() - window.since)
             if left > 0:
                 prediction = await asyncio.wait_for(
-                    self.client.predict(window.samples, window.size), left
+                    self.client.predict(window.samples, window.size, embedding=False), left
                 )
         except asyncio.CancelledError:
             raise

@@ -5,9 +5,10 @@
     await session.feed(payload)       # interleaved frames, any length
     summary = await session.finish()  # open utterances end, every final is sent
 
-Audio work (decode, resample, VAD) runs in a shared thread pool, one batch at a time per
-session so each session's chunks stay in order; chunks that queue up while a batch runs go
-in the next batch together, so a busy gateway makes fewer, larger steps. `feed` awaits
+Audio work (decode, resample, VAD, cutting) runs in ticks on a shared thread pool
+(ticks.py): each tick takes what every session received since the last one, and runs the
+VAD of all their party streams in one batched call; a session's chunks stay in order, and
+a busy gateway makes fewer, larger steps. `feed` awaits
 when a session has more than `QUEUE_AUDIO_S` of audio (or `QUEUE_ITEMS` messages)
 waiting: back-pressure on that stream only.
 
@@ -32,8 +33,8 @@ from e2v.client.alerts import MAX_ALERT_WINDOWS
 from e2v.client.live import codecs
 from e2v.client.live.errors import LiveError, bad
 from e2v.client.live.party import BREAK_S, Final, PartyStream, Start, Window
-from e2v.client.live.pump import audio_executor, pump_for
 from e2v.client.live.scheduler import Scheduler
+from e2v.client.live.ticks import audio_executor, ticks_for
 from e2v.client.parties import MAX_PARTY_CHARS, overlap_s, parse_parties, speech_s
 from e2v.client.results import FileResult, SegmentResult, aggregate, segment_result
 from e2v.client.segment import Segment
@@ -175,12 +176,14 @@ class LiveSession:
         self._last_final: list[asyncio.Task | None] = [None] * fmt.channels
         self._finals: list[list[SegmentResult]] = [[] for _ in fmt.parties]
         self._final_tasks: set[asyncio.Task] = set()
-        self._queue: asyncio.Queue = asyncio.Queue()  # bounded by the bytes below
-        self._queued_bytes = 0
+        self._items: list[tuple] = []  # for the next tick, bounded by the bytes below
+        self._ticking = 0  # items taken by the tick in progress
+        self._queued_bytes = 0  # audio bytes queued or in a tick
         self._queue_limit = round(QUEUE_AUDIO_S * fmt.sample_rate) * fmt.frame_bytes
         self._room = asyncio.Event()
         self._room.set()
-        self._worker: asyncio.Task | None = None
+        self._ticks = ticks_for(self._executor)
+        self._audio_done: asyncio.Future | None = None  # the finish item's tick
         self._error: LiveError | None = None
         self.state = "open"  # open -> finishing -> done | aborted
         self.paused = False
@@ -233,9 +236,9 @@ class LiveSession:
         return it, without `seq`, when the call goes on elsewhere: client/live/moves.py)."""
         self._check_open()
         self.state = "finishing"
+        self._audio_done = asyncio.get_running_loop().create_future()
         self._put((_FINISH,))
-        if self._worker is not None:
-            await asyncio.gather(self._worker, return_exceptions=True)
+        await asyncio.shield(self._audio_done)
         self._raise_error()
         outcomes = await asyncio.gather(*list(self._final_tasks), return_exceptions=True)
         if self.state == "aborted":
@@ -253,7 +256,9 @@ class LiveSession:
         if self.state in ("done", "aborted"):
             return
         self.state = "aborted"
-        tasks = [t for t in (self._worker, *self._final_tasks) if t is not None]
+        self._ticks.forget(self)
+        self._items = []
+        tasks = list(self._final_tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -288,13 +293,15 @@ class LiveSession:
         self._received[index] += samples
         self._stream_s[index] += samples / self.fmt.sample_rate
 
+    def _full(self) -> bool:
+        return self._error is None and (
+            self._queued_bytes >= self._queue_limit
+            or len(self._items) + self._ticking >= QUEUE_ITEMS
+        )
+
     async def _enqueue(self, item: tuple) -> None:
         """Queue audio, waiting while QUEUE_AUDIO_S of it or QUEUE_ITEMS are queued."""
-        while (
-            self._error is None
-            and self.state == "open"
-            and (self._queued_bytes >= self._queue_limit or self._queue.qsize() >= QUEUE_ITEMS)
-        ):
+        while self.state == "open" and self._full():
             self._room.clear()
             await self._room.wait()
         self._check_open()  # it may have failed or ended while this waited
@@ -302,68 +309,97 @@ class LiveSession:
         self._put(item)
 
     def _put(self, item: tuple) -> None:
-        """Queue an item at once (pause and finish never wait behind the bound)."""
-        if self._worker is None:
-            self._worker = asyncio.create_task(self._work())
-        self._queue.put_nowait(item)
+        """Queue an item for the next tick at once (pause and finish never wait)."""
+        if not self._items:
+            self._ticks.wake(self)
+        self._items.append(item)
 
-    async def _work(self) -> None:
-        pump = pump_for(self._executor)
-        try:
-            while True:
-                items = [await self._queue.get()]
-                while not self._queue.empty():
-                    items.append(self._queue.get_nowait())
-                actions = await pump.run(self._process, items)
-                self._queued_bytes -= sum(len(i[-1]) for i in items if i[0] in _AUDIO)
-                self._room.set()
-                for index, action in actions:
-                    self._act(index, action)
-                if items[-1][0] == _FINISH:
-                    return
-        except asyncio.CancelledError:
-            raise
-        except LiveError as exc:
+    def take_items(self) -> list[tuple]:
+        """The ticks take what is queued (ticks.py): nothing once failed or aborted."""
+        items, self._items = self._items, []
+        if self._error is not None or self.state == "aborted":
+            return []
+        self._ticking = len(items)
+        return items
+
+    def ticked(self, items: list[tuple], result: list | BaseException) -> None:
+        """The tick that took `items` is done: act on its actions, or fail the session."""
+        self._ticking = 0
+        self._queued_bytes -= sum(len(i[-1]) for i in items if i[0] in _AUDIO)
+        self._room.set()
+        if self.state == "aborted":
+            return
+        if isinstance(result, BaseException):
+            self._fail(result)
+        else:
+            for index, action in result:
+                self._act(index, action)
+        if items[-1][0] == _FINISH or self._error is not None:
+            self._audio_finished()
+
+    def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, LiveError):
             self._error = exc
-        except Exception as exc:  # noqa: BLE001 - one session's failure is its own close
+        else:
             self._error = LiveError(
                 CLOSE_INTERNAL, "internal", f"audio processing failed: {type(exc).__name__}"
             )
-        finally:
-            self._wake_feeders()
+        self._items = []
+        self._wake_feeders()
+
+    def _audio_finished(self) -> None:
+        if self._audio_done is not None and not self._audio_done.done():
+            self._audio_done.set_result(None)
 
     def _wake_feeders(self) -> None:
         """No more audio will be taken: feeds waiting for room raise instead of hanging."""
         self._queued_bytes = 0
         self._room.set()
+        self._audio_finished()
 
-    def _process(self, items: list[tuple]) -> list[tuple[int, object]]:
-        """Executor side: decode, deinterleave and push every queued item, in order."""
-        out: list[tuple[int, object]] = []
-        audio: list[bytes] = []
+    def prepare(self, items: list[tuple]) -> tuple[list[tuple[int, np.ndarray]], list[tuple]]:
+        """Audio thread: each party's audio of `items` up to the first pause or finish,
+        decoded (one chunk per party: its VAD runs batched with other streams'), and the
+        items left (ticks.py)."""
+        cut = next((i for i, item in enumerate(items) if item[0] not in _AUDIO), len(items))
+        parts: list[list[np.ndarray]] = [[] for _ in self.parties]
+        interleaved: list[bytes] = []
 
         def flush() -> None:
-            if audio:
-                samples = codecs.decode(b"".join(audio), self.fmt.encoding)
+            if interleaved:
+                samples = codecs.decode(b"".join(interleaved), self.fmt.encoding)
                 for i, channel in enumerate(codecs.deinterleave(samples, self.fmt.channels)):
-                    out.extend((i, a) for a in self.parties[i].push(channel))
-                audio.clear()
+                    parts[i].append(channel)
+                interleaved.clear()
 
-        for item in items:
+        channel_bytes: dict[int, list[bytes]] = {}
+        for item in items[:cut]:
             if item[0] == "audio":
-                audio.append(item[1])
-                continue
-            flush()
-            if item[0] == "channel":
-                samples = codecs.decode(item[2], self.fmt.encoding)
-                out.extend((item[1], a) for a in self.parties[item[1]].push(samples))
-            elif item[0] == _PAUSE:
+                if channel_bytes:  # keep each party's order: what came first goes first
+                    _decode_channels(channel_bytes, parts, self.fmt.encoding)
+                interleaved.append(item[1])
+            else:
+                flush()
+                channel_bytes.setdefault(item[1], []).append(item[2])
+        flush()
+        _decode_channels(channel_bytes, parts, self.fmt.encoding)
+        pushes = [(i, p[0] if len(p) == 1 else np.concatenate(p)) for i, p in enumerate(parts) if p]
+        return pushes, items[cut:]
+
+    def process(self, items: list[tuple]) -> list[tuple[int, object]]:
+        """Audio thread: decode, deinterleave and push every item, in order, one at a time
+        (a tick's items from a pause or a finish on; ticks.py)."""
+        out: list[tuple[int, object]] = []
+        for item in items:
+            pushes, rest = self.prepare([item]) if item[0] in _AUDIO else ([], [item])
+            for index, samples in pushes:
+                out.extend((index, a) for a in self.parties[index].push(samples))
+            if rest and rest[0][0] == _PAUSE:
                 for i, party in enumerate(self.parties):
                     out.extend((i, a) for a in party.pause())
-            elif item[0] == _FINISH:
+            elif rest and rest[0][0] == _FINISH:
                 for i, party in enumerate(self.parties):
                     out.extend((i, a) for a in party.finish())
-        flush()
         return out
 
     # ----------------------------------------------------------------- events
@@ -499,6 +535,15 @@ class LiveSession:
             "model": self.info.name,
             "synthetic": self.info.synthetic,
         }
+
+
+def _decode_channels(
+    channel_bytes: dict[int, list[bytes]], parts: list[list[np.ndarray]], encoding: str
+) -> None:
+    """Each channel's queued bytes (one party's own frames), decoded onto its part."""
+    for index, chunks in channel_bytes.items():
+        parts[index].append(codecs.decode(b"".join(chunks), encoding))
+    channel_bytes.clear()
 
 
 def _fields(result: SegmentResult) -> dict:

@@ -1,5 +1,5 @@
-"""A live WebSocket, whatever its protocol: accepted, messages in bounded and read ahead by
-one reader task, events out through a writer task, other messages sent bounded in time,
+"""A live WebSocket, whatever its protocol: accepted, messages in bounded and read by the
+session's own task, events out through a writer task, other messages sent bounded in time,
 closed with a code and a reason. The session path (connection.py) drives it.
 
 Refusals are sent after the accept, as the protocol words them and a close code, because
@@ -53,9 +53,12 @@ class Socket:
         self.outbox: Outbox | None = None
         self.gone = False
         self.writer: asyncio.Task | None = None
-        self._inbox: asyncio.Queue | None = None
-        self._reader: asyncio.Task | None = None
+        self._waiting: asyncio.Task | None = None  # the task in `next`, while it waits
+        self._interrupted: object | None = None  # why `next` was woken: _TIMEOUT or _WAKE
         self._lock = asyncio.Lock()  # one message at a time on the wire, in order
+        self._deadline: float | None = None  # of the `next` waiting now (loop time)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self.query_key: str | None = None  # `?key=`, when the protocol takes one
 
     @property
@@ -106,50 +109,58 @@ class Socket:
         """`receive`, unless `timeout_s` passes first (asyncio.TimeoutError), the session
         is stopped (its reason is raised; not when `stoppable` is False: a close
         transaction), or the gateway starts draining (WOKEN, once). The hot path of every
-        message: a reader task reads one message ahead into a one-place queue, so no task
-        is made per message."""
-        if self._inbox is None:
-            self._start_reader()
+        message: the caller's task reads the socket itself (no reader task, no queue hop);
+        the socket's one timer, its stop and the drain interrupt that read, which loses no
+        message (uvicorn's queue keeps it for the next read)."""
         outbox = self.outbox if stoppable else None
         if outbox is not None and outbox.stopped.done():
             raise outbox.stopped.result()
-        timer = None
-        if timeout_s is not None:
-            loop = asyncio.get_running_loop()
-            timer = loop.call_later(max(0.0, timeout_s), self._wake, _TIMEOUT)
+        loop = asyncio.get_running_loop()
+        self._deadline = None if timeout_s is None else loop.time() + max(0.0, timeout_s)
+        if self._deadline is not None and (self._timer is None or self._timer_at > self._deadline):
+            self._arm(self._deadline)
+        self._waiting = asyncio.current_task()
         try:
-            item = await self._inbox.get()
+            item = await self.receive()
+        except asyncio.CancelledError:
+            item, self._interrupted = self._interrupted, None
+            if item is None:
+                raise  # cancelled from outside: the session ends
+            _uncancel(self._waiting)
         finally:
-            if timer is not None:
-                timer.cancel()
+            self._waiting, self._deadline = None, None  # no timeout between calls
         if outbox is not None and outbox.stopped.done():
             raise outbox.stopped.result()
         if item is _TIMEOUT:
             raise asyncio.TimeoutError
         if item is _WAKE:
             return WOKEN
-        if isinstance(item, LiveError):
-            raise item
         return item
 
-    def _start_reader(self) -> None:
-        self._inbox = asyncio.Queue(1)
-        self._reader = asyncio.create_task(self._read())
+    def _arm(self, at: float) -> None:
+        """One timer per socket, moved only when a deadline comes earlier: a message moves
+        the idle deadline later, and the timer re-arms itself when it fires early."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = asyncio.get_running_loop().call_at(at, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._deadline is None:
+            return
+        if self._deadline > asyncio.get_running_loop().time():
+            self._arm(self._deadline)  # a message came meanwhile: the deadline moved
+        else:
+            self._deadline = None
+            self._wake(_TIMEOUT)
 
     def _wake(self, marker: object) -> None:
-        if self._inbox is not None and self._inbox.empty():
-            self._inbox.put_nowait(marker)  # else a message waits: it is taken first
-
-    async def _read(self) -> None:
-        """Messages (and refusals of one message: too big) until the client has gone."""
-        while True:
-            try:
-                item = await self.receive()
-            except LiveError as exc:
-                item = exc
-            await self._inbox.put(item)
-            if item is None:
-                return
+        """Interrupt a `next` waiting for a message, with `marker` as its answer."""
+        waiting = self._waiting
+        if waiting is not None and self._interrupted is None:
+            self._interrupted = marker
+            waiting.cancel()
 
     # ------------------------------------------------------------------ sending
 
@@ -219,14 +230,21 @@ class Socket:
         """Stop reading, then the close frame (unless the client has gone), bounded: 1000,
         or `error`'s code and reason."""
         code, reason = (CLOSE_NORMAL, "done") if error is None else (error.code, str(error))
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        self._deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
         if self.gone:
             return
         self.gone = True  # closed once
         with contextlib.suppress(asyncio.TimeoutError, *_GONE):
             await asyncio.wait_for(self.ws.close(code, close_reason(reason)), CLOSE_WAIT_S)
+
+
+def _uncancel(task: asyncio.Task) -> None:
+    """Take back our own interruption (Python 3.11+ counts cancellations)."""
+    uncancel = getattr(task, "uncancel", None)
+    if uncancel is not None:
+        uncancel()
 
 
 def close_reason(text: str) -> str:

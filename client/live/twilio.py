@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import re
 
 from e2v.client.alerts import MAX_ALERT_WINDOWS
@@ -51,13 +50,18 @@ MAX_PARAMETER_CHARS = 4096
 EVENTS = ("connected", "start", "media", "stop", "mark", "dtmf")
 MISSING_KEY = "API key required: customParameters api_key (or X-API-Key)"
 
+try:  # 100 media messages a second per call: orjson parses them ~4x faster than json
+    from orjson import loads as json_loads
+except ImportError:  # the gateway extra installs it
+    from json import loads as json_loads
+
 
 # ------------------------------------------------------------------------ parsing
 
 
 def parse_message(text: str) -> dict:
     try:
-        message = json.loads(text)
+        message = json_loads(text)
     except (ValueError, RecursionError):
         raise bad("malformed", "a text message that is not JSON") from None
     if not isinstance(message, dict) or not isinstance(message.get("event"), str):
@@ -72,6 +76,8 @@ def _number(message: dict, *keys: str) -> int:
     value = message
     for key in keys:
         value = value.get(key) if isinstance(value, dict) else None
+    if type(value) is str and len(value) <= 12 and value.isascii() and value.isdigit():
+        return int(value)  # the usual case, without the pattern: 100 messages a second
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str) or not DIGITS.fullmatch(value):
