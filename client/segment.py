@@ -232,10 +232,16 @@ def vad_probs(cutters: list[SegmentCutter], chunks: list[np.ndarray]) -> list[np
     batch = [i for i, c in enumerate(cutters) if c.batchable and len(chunks[i])]
     probs: list[np.ndarray | None] = [None] * len(cutters)
     if batch:
-        vads = [cutters[i]._cuts.vad for i in batch]
+        vads = [_vad_of(cutters[i]) for i in batch]
         for i, found in zip(batch, feed_streams(vads, [chunks[i] for i in batch]), strict=True):
             probs[i] = found
     return probs
+
+
+def _vad_of(cutter: SegmentCutter):
+    cuts = cutter._cuts
+    assert isinstance(cuts, _VadCutter)  # batchable
+    return cuts.vad
 
 
 class _Buffer:
