@@ -556,7 +556,9 @@ def test_an_audiohook_call_moves_to_another_replica_when_its_replica_drains(
         assert_finals_equal(after, offline[f"{party}-after"], cut_s)
         if party == "customer":  # the utterance cut by the move: a final on each side
             assert abs(before[-1]["end_s"] - cut_s) < 0.1, (before[-1], cut_s)
-            assert 0 <= after[0]["start_s"] - cut_s < 0.5, (after[0], cut_s)
+            # B's VAD starts fresh at the cut, as classify's does on the same piece
+            # (asserted above): up to ~0.7 s in, where the cut falls among syllables.
+            assert 0 <= after[0]["start_s"] - cut_s < 1.0, (after[0], cut_s)
         utterances = [f["utterance"] for f in finals]
         assert utterances == sorted(set(utterances))  # numbered on across the move
         (row,) = [p for p in summary["parties"] if p["party"] == party]
