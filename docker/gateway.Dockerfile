@@ -2,7 +2,7 @@
 #
 #   docker build -f docker/gateway.Dockerfile -t emotion2vec-triton/gateway:0.1.0 .
 #   docker run --rm --read-only --tmpfs /tmp -p 127.0.0.1:8080:8080 \
-#       emotion2vec-triton/gateway:0.1.0 --triton triton-host:8001
+#       emotion2vec-triton/gateway:0.1.0 --url triton-host:8001
 #
 # CPU only and small: the client pipeline and the `gateway` extra, not the exporter's torch
 # or tritonserver (docker/gateway-requirements.txt). It runs as a non-root user with a
@@ -51,4 +51,4 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
 ENTRYPOINT ["e2v", "gateway"]
 # Listen on every interface inside the container; publish the port on loopback or behind a
 # proxy. `server:8001` is Triton's gRPC port in docker/docker-compose.yml.
-CMD ["--host", "0.0.0.0", "--port", "8080", "--triton", "server:8001"]
+CMD ["--host", "0.0.0.0", "--port", "8080", "--url", "server:8001"]

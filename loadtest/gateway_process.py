@@ -16,7 +16,7 @@ from e2v.contract import GATEWAY_LIVE_PATH, GATEWAY_READY_PATH
 
 
 class GatewayProcess:
-    """`python -m e2v gateway --triton URL ...`; `url` is its http://127.0.0.1:PORT."""
+    """`python -m e2v gateway --url URL ...`; `url` is its http://127.0.0.1:PORT."""
 
     def __init__(
         self,
@@ -35,7 +35,7 @@ class GatewayProcess:
             "-m",
             "e2v",
             "gateway",
-            "--triton",
+            "--url",
             triton,
             "--protocol",
             protocol,

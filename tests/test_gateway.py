@@ -912,7 +912,7 @@ def test_gateway_image_and_compose_service():
     compose = yaml.safe_load((DOCKER_DIR / "docker-compose.yml").read_text())["services"]
     service = compose["gateway"]
     command = service["command"]
-    assert command[command.index("--triton") + 1] == f"server:{contract.GRPC_PORT}"
+    assert command[command.index("--url") + 1] == f"server:{contract.GRPC_PORT}"
     assert service["ports"] == [f"127.0.0.1:{contract.GATEWAY_PORT}:{contract.GATEWAY_PORT}"]
     assert service["read_only"] is True and any(t.startswith("/tmp") for t in service["tmpfs"])
 

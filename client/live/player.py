@@ -1,6 +1,6 @@
 """`e2v live FILE|URI`: play a recording into a gateway as a telephony client would.
 
-    e2v gateway --triton 127.0.0.1:8001 &
+    e2v gateway --url 127.0.0.1:8001 &
     e2v live samples/call-8k-stereo.wav                      # our protocol, /v1/live
     e2v live call.wav --protocol audiohook --json            # Genesys AudioHook v2
     e2v live s3://bucket/call.mp3 --protocol twilio --speed 2
