@@ -252,6 +252,7 @@ EVENT_FILE_ALERT = "file.alert"  # `e2v classify --webhook`: a finished file tha
 # fleet-wide call registry and webhooks on NATS JetStream, shared by every gateway replica.
 # Without --bus each gateway keeps them in process (client/live/bus.py). docs/deploy.md,
 # "Live calls across replicas", sizes the retention; docs/events.schema.json is the event.
+NATS_PORT = 4222  # NATS clients' port (deploy/k8s/bus: the Service `nats:4222`)
 BUS_SUBJECT_PREFIX = "e2v.calls"  # e2v.calls.<call token>.events.<event type>
 BUS_EVENTS_STREAM = "E2V_EVENTS"  # --bus-stream: every event of every live call
 BUS_CALLS_BUCKET = "e2v_calls"  # --bus-calls-bucket: KV, call token -> the call's record

@@ -861,7 +861,7 @@ def test_kubernetes_gateway_renders_validates_and_alone_reaches_triton():
     (container,) = template["spec"]["containers"]
     args = dict(a.removeprefix("--").split("=", 1) for a in container["args"])
     triton = render_overlay("gpu")
-    host, port = args["triton"].removeprefix("dns:///").split(":")
+    host, port = args["url"].removeprefix("dns:///").split(":")
     headless = find(triton, "Service", host)  # every Triton pod: requests are balanced
     assert headless["spec"]["clusterIP"] == "None"
     assert int(port) == contract.GRPC_PORT
@@ -880,7 +880,8 @@ def test_kubernetes_gateway_renders_validates_and_alone_reaches_triton():
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
 
     # Triton admits the gateway's pods (by label) on its inference ports, and no pod
-    # without that label; the gateway itself may only reach Triton and DNS.
+    # without that label; the gateway itself may only reach Triton, DNS and the bus (the
+    # shipped gateway runs with --bus: deploy/k8s/components/bus).
     labels = template["metadata"]["labels"]
     server_policy = find(triton, "NetworkPolicy")
     inference = [
@@ -894,7 +895,7 @@ def test_kubernetes_gateway_renders_validates_and_alone_reaches_triton():
     own = find(docs, "NetworkPolicy")["spec"]
     assert set(own["policyTypes"]) == {"Ingress", "Egress"}
     allowed = {p["port"] for rule in own["egress"] for p in rule["ports"]}
-    assert allowed == {contract.GRPC_PORT, contract.HTTP_PORT, 53}
+    assert allowed == {contract.GRPC_PORT, contract.HTTP_PORT, 53, contract.NATS_PORT}
 
 
 def test_gateway_image_and_compose_service():

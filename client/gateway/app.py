@@ -340,6 +340,7 @@ def _add_live_routes(app, gateway: Gateway) -> None:
         tags=["live"],
         response_model=CallsOut,
         responses={
+            400: {"model": ErrorOut, "description": "`alerting` is not a boolean"},
             401: ERROR_RESPONSES[401],
             503: {"model": ErrorOut, "description": "the bus is unreachable (`unavailable`)"},
         },
