@@ -67,6 +67,9 @@ def test_schemathesis_finds_nothing(gateway, recordings, tmp_path):
     command = [str(SCHEMATHESIS), "run", f"{gateway.url}/openapi.json", "--checks", "all"]
     command += ["--seed", str(SEED), "--max-examples", str(EXAMPLES), "--workers", "1"]
     command += ["--generation-database", "none", "--request-timeout", "60", "--no-color"]
+    # No stateful phase: its one link (GET /v1/calls -> a call's events) only ever finds no
+    # live call here, a 0.5 s wait per scenario (3.5 min); test_fleet.py follows real calls.
+    command += ["--phases", "examples,coverage,fuzzing"]
     run = subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
@@ -74,7 +77,7 @@ def test_schemathesis_finds_nothing(gateway, recordings, tmp_path):
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     (generated, passed) = re.search(r"(\d+) generated, (\d+) passed", run.stdout).groups()
     assert generated == passed and int(generated) >= 2 * EXAMPLES, run.stdout[-2000:]
-    assert "Operations:       4 selected / 4 total" in run.stdout
+    assert "Operations:       5 selected / 5 total" in run.stdout
 
 
 def _status(url: str, method: str = "GET") -> tuple[int, dict]:
