@@ -25,6 +25,7 @@ from pathlib import Path
 from e2v.loadtest.command import command_line, log
 from e2v.loadtest.live import LiveLoad, ws_url
 from e2v.loadtest.live_fleet import drive_fleet, measure_fleet
+from e2v.loadtest.live_run import check_live_options
 from e2v.loadtest.machine import load_average, machine_description, software
 from e2v.loadtest.report import SYNTHETIC_NOTE
 from e2v.loadtest.targets import parse_configs, triton_server
@@ -94,13 +95,7 @@ def _check(args: argparse.Namespace) -> int:
     levels = [int(v) for v in str(args.channels).split(",") if v.strip()]
     if len(levels) != 1 or not 1 <= levels[0] <= 10_000:
         raise ValueError("--replicas: one --channels level (1-10000)")
-    if args.duration <= 5 or not 20 <= args.frame_ms <= 1000:
-        raise ValueError("--duration must be > 5 s and --frame-ms in 20-1000")
-    if not 1 <= args.calls <= 64 or not 5 <= args.call_s <= 3600:
-        raise ValueError("--calls must be in 1-64 and --call-s in 5-3600")
-    if args.gateway or args.compare or args.ramp:
-        raise ValueError("--live: drop --gateway, --compare and --ramp")
-    parse_configs(args.configs)
+    check_live_options(args)
     return levels[0]
 
 

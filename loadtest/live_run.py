@@ -35,6 +35,17 @@ SUSTAIN_FINAL_S = 3.0  # "kept up": finals within this of being due (p95)...
 SUSTAIN_INTERIM_SHARE = 0.5  # ...and at least this share of the interim windows answered
 
 
+def check_live_options(args: argparse.Namespace) -> None:
+    """The checks every `--live` scenario shares (ValueError says what is wrong)."""
+    if args.duration <= 5 or not 20 <= args.frame_ms <= 1000:
+        raise ValueError("--duration must be > 5 s and --frame-ms in 20-1000")
+    if not 1 <= args.calls <= 64 or not 5 <= args.call_s <= 3600:
+        raise ValueError("--calls must be in 1-64 and --call-s in 5-3600")
+    if args.gateway or args.compare or args.ramp:
+        raise ValueError("--live: drop --gateway, --compare and --ramp")
+    parse_configs(args.configs)
+
+
 @contextmanager
 def live_stack(args: argparse.Namespace, workdir: Path, channels: int) -> Iterator[dict]:
     """The gateway to load: {url, pid, stats_url, settings}."""
@@ -144,13 +155,7 @@ def run_live(args: argparse.Namespace) -> int:
         protocols = parse_protocols(args.protocols)
         if args.cpu_profile and not (py_spy() and (args.gateway_pid or not args.live_url)):
             raise ValueError("--cpu-profile needs py-spy (loadtest extra) and the gateway pid")
-        if args.duration <= 5 or not 20 <= args.frame_ms <= 1000:
-            raise ValueError("--duration must be > 5 s and --frame-ms in 20-1000")
-        if not 1 <= args.calls <= 64 or not 5 <= args.call_s <= 3600:
-            raise ValueError("--calls must be in 1-64 and --call-s in 5-3600")
-        if args.gateway or args.compare or args.ramp:
-            raise ValueError("--live: drop --gateway, --compare and --ramp")
-        parse_configs(args.configs)
+        check_live_options(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

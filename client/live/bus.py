@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from e2v.client.live.errors import LiveError
+from e2v.client.live.outbox import error_event
 
 from e2v.contract import (
     CLOSE_BAD_MESSAGE,
@@ -111,17 +112,7 @@ def event_id(token: str, seq: int) -> str:
 
 def bus_error(call_id: str, seq: int, code: int, kind: str, message: str) -> dict:
     """An `error` event the bus adds to a call (a lost replica, an aborted session)."""
-    return {
-        "type": EVENT_ERROR,
-        "call_id": call_id,
-        "seq": seq,
-        "party": None,
-        "start_s": None,
-        "end_s": None,
-        "code": code,
-        "error_kind": kind,
-        "message": message,
-    }
+    return error_event(LiveError(code, kind, message), call_id, seq)
 
 
 def to_json(event: dict) -> str:
